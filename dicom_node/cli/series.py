@@ -1,0 +1,9 @@
+"""``omnimri-node`` commands of the ``series`` group."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this group's commands to ``app``."""

@@ -1,0 +1,1 @@
+"""Pure functions that turn inference ``Results`` and the source series into DICOM datasets."""
