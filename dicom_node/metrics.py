@@ -1,0 +1,252 @@
+"""Prometheus metrics of the node, in one registry (:data:`REGISTRY`), served at ``/metrics``.
+
+Every part of the node records through the small functions below; none of them raises.
+
+Calling API::
+
+    from dicom_node import metrics
+
+    metrics.record_instance(nbytes)                 # listener, per stored instance
+    metrics.record_association("accepted")          # listener: accepted | rejected | aborted
+    metrics.association_started() / metrics.association_ended()   # live associations gauge
+    metrics.record_series_completed("quiet")        # tracker: quiet | expected_count | forced
+    with metrics.time_stage("inference"):           # worker: completion_wait | volume |
+        ...                                         #   inference | export | dispatch
+    metrics.observe_stage("completion_wait", seconds)
+    metrics.record_dispatch_failure("pacs")         # dispatcher, per failed delivery attempt
+    metrics.bind_node(settings)                     # once at start: jobs table + spool disk
+    body, content_type = metrics.render()           # the /metrics answer
+
+Jobs by state and pipeline, and disk usage of the spool, are read when Prometheus scrapes (a
+custom collector reads the ``jobs`` table of the node database if it exists, and
+:func:`shutil.disk_usage` of the spool folder), so they are right even after a restart.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from dicom_node.logs import get_logger
+
+if TYPE_CHECKING:
+    from dicom_node.config import NodeSettings
+
+log = get_logger("metrics")
+
+REGISTRY: Final = CollectorRegistry(auto_describe=True)
+"""The node's own registry (not the process-global default, so tests and embeds stay clean)."""
+
+STAGES: Final = ("completion_wait", "volume", "inference", "export", "dispatch")
+"""Stages with a latency histogram (label ``stage``)."""
+
+ASSOCIATION_RESULTS: Final = ("accepted", "rejected", "aborted")
+"""Values of the ``result`` label of :data:`ASSOCIATIONS`."""
+
+_LATENCY_BUCKETS: Final = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+
+INSTANCES_RECEIVED: Final = Counter(
+    "omnimri_instances_received", "DICOM instances stored (C-STORE success).",
+    registry=REGISTRY,
+)
+BYTES_RECEIVED: Final = Counter(
+    "omnimri_received_bytes", "Bytes of DICOM instances stored, bytes.", registry=REGISTRY
+)
+ASSOCIATIONS: Final = Counter(
+    "omnimri_associations", "DICOM associations by result.", ["result"], registry=REGISTRY
+)
+ACTIVE_ASSOCIATIONS: Final = Gauge(
+    "omnimri_associations_active", "DICOM associations open now.", registry=REGISTRY
+)
+SERIES_COMPLETED: Final = Counter(
+    "omnimri_series_completed", "Series the tracker declared complete, by reason.", ["reason"],
+    registry=REGISTRY,
+)
+STAGE_SECONDS: Final = Histogram(
+    "omnimri_stage_duration_seconds", "Latency of each processing stage, seconds.", ["stage"],
+    buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)
+DISPATCH_FAILURES: Final = Counter(
+    "omnimri_dispatch_failures", "Failed delivery attempts, by destination.", ["destination"],
+    registry=REGISTRY,
+)
+
+for _r in ASSOCIATION_RESULTS:
+    ASSOCIATIONS.labels(result=_r)
+for _s in STAGES:
+    STAGE_SECONDS.labels(stage=_s)
+
+
+def record_instance(nbytes: int) -> None:
+    """Count one stored instance of ``nbytes`` bytes."""
+    INSTANCES_RECEIVED.inc()
+    if nbytes > 0:
+        BYTES_RECEIVED.inc(nbytes)
+
+
+def record_association(result: str) -> None:
+    """Count one association by ``result``: ``accepted``, ``rejected`` or ``aborted``."""
+    if result not in ASSOCIATION_RESULTS:
+        log.warning("metrics_unknown_association_result", result=result)
+        return
+    ASSOCIATIONS.labels(result=result).inc()
+
+
+def association_started() -> None:
+    """One more association is open (pair with :func:`association_ended`)."""
+    ACTIVE_ASSOCIATIONS.inc()
+
+
+def association_ended() -> None:
+    """One association closed."""
+    ACTIVE_ASSOCIATIONS.dec()
+
+
+def record_series_completed(reason: str = "quiet") -> None:
+    """Count a completed series; ``reason`` is ``quiet``, ``expected_count`` or ``forced``."""
+    SERIES_COMPLETED.labels(reason=reason).inc()
+
+
+def observe_stage(stage: str, seconds: float) -> None:
+    """Record that ``stage`` (one of :data:`STAGES`) took ``seconds`` seconds."""
+    if stage not in STAGES:
+        log.warning("metrics_unknown_stage", stage=stage)
+        return
+    STAGE_SECONDS.labels(stage=stage).observe(max(0.0, seconds))
+
+
+@contextmanager
+def time_stage(stage: str) -> Iterator[None]:
+    """Context manager timing its body into the ``stage`` histogram (also when it raises)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        observe_stage(stage, time.perf_counter() - start)
+
+
+def record_dispatch_failure(destination: str) -> None:
+    """Count one failed delivery attempt to ``destination`` (its name in the config)."""
+    DISPATCH_FAILURES.labels(destination=destination).inc()
+
+
+class NodeStateCollector(Collector):
+    """Scrape-time gauges read from the node's database and spool folder.
+
+    * ``omnimri_jobs{state,pipeline}``: rows of the ``jobs`` table (when it exists).
+    * ``omnimri_spool_disk_bytes{kind=total|used|free}``: the file system holding the spool.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.database: Path | None = None
+        self.spool: Path | None = None
+
+    def bind(self, database: Path | None, spool: Path | None) -> None:
+        """Point the collector at a node database and spool folder (``None`` to unbind)."""
+        with self._lock:
+            self.database, self.spool = database, spool
+
+    def describe(self) -> Iterable[Metric]:
+        """Nothing to pre-describe: families depend on what exists at scrape time."""
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        """Build the gauges now (called on each scrape)."""
+        with self._lock:
+            database, spool = self.database, self.spool
+        jobs = GaugeMetricFamily(
+            "omnimri_jobs", "Jobs in the queue by state and pipeline.",
+            labels=["state", "pipeline"],
+        )
+        for (state, pipeline), n in sorted(job_counts(database).items()):
+            jobs.add_metric([state, pipeline], n)
+        yield jobs
+        disk = GaugeMetricFamily(
+            "omnimri_spool_disk_bytes", "File system of the spool, bytes.", labels=["kind"]
+        )
+        usage = spool_disk_usage(spool)
+        if usage is not None:
+            for kind, value in usage.items():
+                disk.add_metric([kind], value)
+        yield disk
+
+
+def job_counts(database: Path | None) -> dict[tuple[str, str], int]:
+    """``{(state, pipeline): count}`` from the ``jobs`` table; empty when it does not exist.
+
+    The column holding the state may be called ``state`` or ``status``.
+    """
+    if database is None or not Path(database).exists():
+        return {}
+    try:
+        conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=2.0)
+    except sqlite3.Error:
+        return {}
+    try:
+        cols = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+        state_col = "state" if "state" in cols else "status" if "status" in cols else None
+        if state_col is None:
+            return {}
+        pipe_expr = "pipeline" if "pipeline" in cols else "''"
+        rows = conn.execute(
+            f"SELECT {state_col}, {pipe_expr}, COUNT(*) FROM jobs GROUP BY 1, 2"  # noqa: S608
+        ).fetchall()
+        return {(str(s), str(p or "")): int(n) for s, p, n in rows}
+    except sqlite3.Error as err:
+        log.warning("metrics_jobs_unreadable", error=str(err))
+        return {}
+    finally:
+        conn.close()
+
+
+def spool_disk_usage(spool: Path | None) -> dict[str, int] | None:
+    """``{"total", "used", "free"}`` bytes of the file system holding ``spool`` (or its parent)."""
+    if spool is None:
+        return None
+    p = Path(spool)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        u = shutil.disk_usage(p)
+    except OSError:
+        return None
+    return {"total": u.total, "used": u.used, "free": u.free}
+
+
+NODE_STATE: Final = NodeStateCollector()
+"""The scrape-time collector; point it at a node with :func:`bind_node`."""
+REGISTRY.register(NODE_STATE)
+
+
+def bind_node(settings: NodeSettings) -> None:
+    """Read jobs and spool disk usage of this node's database and spool on each scrape."""
+    NODE_STATE.bind(settings.storage.database_path, settings.storage.path)
+
+
+def render() -> tuple[bytes, str]:
+    """The Prometheus text exposition of :data:`REGISTRY` and its content type."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def sample(name: str, labels: dict[str, str] | None = None) -> float:
+    """The current value of one sample (``0.0`` when absent); handy for tests and status pages."""
+    value = REGISTRY.get_sample_value(name, labels or {})
+    return 0.0 if value is None else float(value)
