@@ -31,7 +31,8 @@ from tests.fixtures.net import free_port, wait_for_port
 
 DCMTK = Path("/usr/bin")
 needs_dcmtk = pytest.mark.skipif(
-    not (DCMTK / "storescu").exists(), reason="Debian dcmtk is not installed (apt-get install dcmtk)"
+    not (DCMTK / "storescu").exists(),
+    reason="Debian dcmtk is not installed (apt-get install dcmtk)",
 )
 
 
