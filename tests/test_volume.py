@@ -243,7 +243,8 @@ def test_mixed_sizes(tmp_path: Path, image: npt.NDArray[np.float32]) -> None:
     series_uid = generate_uid(prefix=UID_PREFIX)
     big = make_mr_series(image, axial_affine(), series_uid=series_uid)
     small = make_mr_series(image[:, :10, :10], axial_affine(), series_uid=series_uid)
-    with pytest.raises(VolumeError, match=r"mixed image sizes \(rows, columns\) \[\(10, 10\), \(20, 24\)\]"):
+    msg = r"mixed image sizes \(rows, columns\) \[\(10, 10\), \(20, 24\)\]"
+    with pytest.raises(VolumeError, match=msg):
         build_volume(_write([*big[:5], *small[5:]], tmp_path))
 
 
