@@ -340,6 +340,25 @@ class RuleConfig(_Section):
     stop: bool = False
     """Stop evaluating later rules when this one fires."""
 
+    @field_validator("when")
+    @classmethod
+    def _when_parses(cls, v: str) -> str:
+        from dicom_node.rules.parser import check_condition  # lazy: rules imports config
+
+        return check_condition(v)
+
+    @field_validator("required_series")
+    @classmethod
+    def _required_parse(cls, v: list[str]) -> list[str]:
+        from dicom_node.rules.parser import ConditionSyntaxError, check_condition
+
+        for i, text in enumerate(v):
+            try:
+                check_condition(text)
+            except ConditionSyntaxError as err:
+                raise ValueError(f"entry {i}: {err}") from None
+        return v
+
 
 class ModelsConfig(_Section):
     """Where model packages live and how engines are chosen."""
