@@ -1,0 +1,508 @@
+"""The SQLite index of received instances, series and series-completion events.
+
+Three tables live in the node database (``storage.database_path``, opened with
+:func:`dicom_node.db.connect`):
+
+``instances``
+    One row per SOP Instance UID: where the file is, its UIDs, size, transfer syntax, arrival
+    (``rowid`` order), the association it came on, and ``revision``: the first revision of its
+    series that holds it.
+``series``
+    One row per Series Instance UID: ``revision`` (the revision now receiving, or the last one
+    completed), ``state`` (``receiving`` | ``complete``), counts and times.
+``series_events``
+    One durable row per completed revision (``UNIQUE(series_instance_uid, revision)``, so a
+    revision completes exactly once); ``routed_at`` is NULL until the router consumed it.
+
+Times are stored as UNIX epoch seconds (REAL, UTC) and returned as aware ``datetime``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from dicom_node.db import connect
+from dicom_node.series import Series, StoredInstance
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS series (
+    series_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid  TEXT NOT NULL,
+    modality            TEXT NOT NULL DEFAULT '',
+    series_description  TEXT NOT NULL DEFAULT '',
+    revision            INTEGER NOT NULL DEFAULT 1,
+    state               TEXT NOT NULL DEFAULT 'receiving',
+    instance_count      INTEGER NOT NULL DEFAULT 0,
+    expected_count      INTEGER,
+    first_received_at   REAL NOT NULL,
+    last_received_at    REAL NOT NULL,
+    completed_at        REAL,
+    calling_ae          TEXT NOT NULL DEFAULT '',
+    called_ae           TEXT NOT NULL DEFAULT '',
+    peer_host           TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS series_by_state ON series(state, last_received_at);
+CREATE INDEX IF NOT EXISTS series_by_study ON series(study_instance_uid);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid    TEXT PRIMARY KEY,
+    series_instance_uid TEXT NOT NULL,
+    study_instance_uid  TEXT NOT NULL,
+    sop_class_uid       TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    path                TEXT NOT NULL,
+    size_bytes          INTEGER NOT NULL,
+    received_at         REAL NOT NULL,
+    revision            INTEGER NOT NULL,
+    instance_number     INTEGER,
+    number_of_frames    INTEGER NOT NULL DEFAULT 1,
+    calling_ae          TEXT NOT NULL DEFAULT '',
+    called_ae           TEXT NOT NULL DEFAULT '',
+    peer_host           TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_instance_uid);
+CREATE TABLE IF NOT EXISTS series_events (
+    id                  INTEGER PRIMARY KEY,
+    series_instance_uid TEXT NOT NULL,
+    revision            INTEGER NOT NULL,
+    completed_at        REAL NOT NULL,
+    reason              TEXT NOT NULL,
+    routed_at           REAL,
+    instance_count      INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (series_instance_uid, revision)
+);
+CREATE INDEX IF NOT EXISTS series_events_unrouted ON series_events(id) WHERE routed_at IS NULL;
+"""
+
+CompletionReason = Literal["quiet", "expected_count"]
+
+
+def _dt(epoch: float | None) -> datetime:
+    return datetime.fromtimestamp(epoch or 0.0, tz=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionEvent:
+    """A durable "series revision complete" row of ``series_events``."""
+
+    event_id: int
+    series_instance_uid: str
+    revision: int
+    completed_at: datetime
+    reason: str
+    """``quiet`` or ``expected_count``."""
+    instance_count: int = 0
+    """Instances in this revision."""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """What the listener tells the index about one durable instance."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    path: Path
+    transfer_syntax_uid: str
+    size_bytes: int
+    received_at: float
+    """UNIX epoch seconds."""
+    replaced: bool = False
+    """The bytes replace those of an instance already indexed (``duplicate_policy: replace``)."""
+    modality: str = ""
+    series_description: str = ""
+    instance_number: int | None = None
+    number_of_frames: int = 1
+    expected_count: int | None = None
+    """Instances the whole series is expected to have, when the header says so."""
+    calling_ae: str = ""
+    called_ae: str = ""
+    peer_host: str = ""
+
+
+@dataclass(slots=True)
+class RecordOutcome:
+    """What :meth:`SeriesIndex.record` did with a batch."""
+
+    new: list[bool] = field(default_factory=list)
+    """Per record: a new row (``False``: the SOP Instance UID was already indexed)."""
+    new_revisions: list[tuple[str, int]] = field(default_factory=list)
+    """(series UID, revision) started by a late instance after completion."""
+    completed: list[CompletionEvent] = field(default_factory=list)
+    """Revisions completed at once because their expected instance count was reached."""
+
+
+class SeriesIndex:
+    """Access to the ``instances``, ``series`` and ``series_events`` tables.
+
+    Safe to share between threads: each thread gets its own SQLite connection.
+
+    Args:
+        db_path: The node database (``storage.database_path``); created if missing.
+    """
+
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = Path(db_path)
+        self._local = threading.local()
+        self.conn.executescript(SCHEMA)
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """The calling thread's connection to the node database."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.db_path)
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        """Close this thread's connection (others close when their thread ends)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @contextmanager
+    def _write(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        """A write transaction (``BEGIN IMMEDIATE``), or the caller's open one."""
+        if conn is not None:
+            yield conn
+            return
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            yield c
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
+
+    # -- the listener's side ---------------------------------------------------------------
+
+    def lookup_instance(self, sop_instance_uid: str) -> tuple[Path, int] | None:
+        """Path and size of an indexed instance, or ``None``."""
+        row = self.conn.execute(
+            "SELECT path, size_bytes FROM instances WHERE sop_instance_uid = ?",
+            (sop_instance_uid,),
+        ).fetchone()
+        return None if row is None else (Path(row["path"]), int(row["size_bytes"]))
+
+    def record(self, batch: Sequence[InstanceRecord], *, use_expected_count: bool = True
+               ) -> RecordOutcome:
+        """Index durable instances in one transaction (the group commit).
+
+        New instances of a complete series start its next revision. Series whose expected
+        instance count is now reached are completed in the same transaction.
+        """
+        out = RecordOutcome()
+        touched: dict[str, None] = {}
+        with self._write() as c:
+            for rec in batch:
+                is_new, late = self._record_one(c, rec)
+                out.new.append(is_new)
+                if late is not None:
+                    out.new_revisions.append((rec.series_instance_uid, late))
+                touched[rec.series_instance_uid] = None
+            if use_expected_count:
+                for uid in touched:
+                    row = c.execute(
+                        "SELECT state, instance_count, expected_count, last_received_at "
+                        "FROM series WHERE series_instance_uid = ?", (uid,)).fetchone()
+                    if (row["state"] == "receiving" and row["expected_count"]
+                            and row["instance_count"] == row["expected_count"]):
+                        ev = self._complete(c, uid, "expected_count", time.time())
+                        if ev is not None:
+                            out.completed.append(ev)
+        return out
+
+    def _record_one(self, c: sqlite3.Connection, rec: InstanceRecord) -> tuple[bool, int | None]:
+        srow = c.execute(
+            "SELECT revision, state, expected_count FROM series WHERE series_instance_uid = ?",
+            (rec.series_instance_uid,),
+        ).fetchone()
+        exists = c.execute(
+            "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (rec.sop_instance_uid,)
+        ).fetchone() is not None
+        if exists and not rec.replaced:
+            return False, None
+        late: int | None = None
+        if srow is None:
+            revision = 1
+            c.execute(
+                "INSERT INTO series (series_instance_uid, study_instance_uid, modality,"
+                " series_description, revision, state, instance_count, expected_count,"
+                " first_received_at, last_received_at, calling_ae, called_ae, peer_host)"
+                " VALUES (?, ?, ?, ?, 1, 'receiving', 0, ?, ?, ?, ?, ?, ?)",
+                (rec.series_instance_uid, rec.study_instance_uid, rec.modality,
+                 rec.series_description, rec.expected_count, rec.received_at, rec.received_at,
+                 rec.calling_ae, rec.called_ae, rec.peer_host),
+            )
+        else:
+            revision = int(srow["revision"])
+            if srow["state"] == "complete":
+                revision += 1
+                late = revision
+            expected = srow["expected_count"]
+            if rec.expected_count is not None and expected != rec.expected_count:
+                # Headers disagree on the expected count: do not trust it (quiet period only).
+                expected = rec.expected_count if expected is None else -1
+            c.execute(
+                "UPDATE series SET revision = ?, state = 'receiving', last_received_at = ?,"
+                " expected_count = ?, calling_ae = ?, called_ae = ?, peer_host = ?,"
+                " modality = CASE WHEN modality = '' THEN ? ELSE modality END,"
+                " series_description = CASE WHEN series_description = '' THEN ?"
+                " ELSE series_description END"
+                " WHERE series_instance_uid = ?",
+                (revision, rec.received_at, expected, rec.calling_ae, rec.called_ae,
+                 rec.peer_host, rec.modality, rec.series_description, rec.series_instance_uid),
+            )
+        values = (rec.series_instance_uid, rec.study_instance_uid, rec.sop_class_uid,
+                  rec.transfer_syntax_uid, str(rec.path), rec.size_bytes, rec.received_at,
+                  revision, rec.instance_number, rec.number_of_frames, rec.calling_ae,
+                  rec.called_ae, rec.peer_host)
+        if exists:
+            c.execute(
+                "UPDATE instances SET series_instance_uid = ?, study_instance_uid = ?,"
+                " sop_class_uid = ?, transfer_syntax_uid = ?, path = ?, size_bytes = ?,"
+                " received_at = ?, revision = ?, instance_number = ?, number_of_frames = ?,"
+                " calling_ae = ?, called_ae = ?, peer_host = ? WHERE sop_instance_uid = ?",
+                (*values, rec.sop_instance_uid),
+            )
+            return False, late
+        c.execute(
+            "INSERT INTO instances (sop_instance_uid, series_instance_uid, study_instance_uid,"
+            " sop_class_uid, transfer_syntax_uid, path, size_bytes, received_at, revision,"
+            " instance_number, number_of_frames, calling_ae, called_ae, peer_host)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (rec.sop_instance_uid, *values),
+        )
+        c.execute(
+            "UPDATE series SET instance_count = instance_count + 1 WHERE series_instance_uid = ?",
+            (rec.series_instance_uid,),
+        )
+        return True, late
+
+    # -- the tracker's side ----------------------------------------------------------------
+
+    def _complete(self, c: sqlite3.Connection, series_uid: str, reason: str, now: float
+                  ) -> CompletionEvent | None:
+        row = c.execute(
+            "SELECT revision, state, instance_count FROM series WHERE series_instance_uid = ?",
+            (series_uid,),
+        ).fetchone()
+        if row is None or row["state"] != "receiving":
+            return None
+        cur = c.execute(
+            "INSERT OR IGNORE INTO series_events (series_instance_uid, revision, completed_at,"
+            " reason, instance_count) VALUES (?, ?, ?, ?, ?)",
+            (series_uid, row["revision"], now, reason, row["instance_count"]),
+        )
+        c.execute(
+            "UPDATE series SET state = 'complete', completed_at = ? WHERE series_instance_uid = ?",
+            (now, series_uid),
+        )
+        if cur.rowcount != 1:
+            return None  # this revision already completed (cannot happen, but never twice)
+        return CompletionEvent(int(cur.lastrowid or 0), series_uid, int(row["revision"]),
+                               _dt(now), reason, int(row["instance_count"]))
+
+    def complete_quiet(self, quiet_s: float, now: float | None = None) -> list[CompletionEvent]:
+        """Complete every receiving series whose last instance is ``quiet_s`` seconds old.
+
+        Each completion is one ``series_events`` row written in the same transaction that
+        marks the series complete, so a revision completes exactly once, even across restarts.
+        """
+        now = time.time() if now is None else now
+        due = [r[0] for r in self.conn.execute(
+            "SELECT series_instance_uid FROM series WHERE state = 'receiving'"
+            " AND last_received_at <= ?", (now - quiet_s,))]
+        events: list[CompletionEvent] = []
+        for uid in due:
+            with self._write() as c:
+                row = c.execute(
+                    "SELECT last_received_at FROM series WHERE series_instance_uid = ?"
+                    " AND state = 'receiving'", (uid,)).fetchone()
+                if row is None or row[0] > now - quiet_s:
+                    continue  # an instance arrived meanwhile
+                ev = self._complete(c, uid, "quiet", now)
+            if ev is not None:
+                events.append(ev)
+        return events
+
+    def next_quiet_deadline(self, quiet_s: float) -> float | None:
+        """Epoch seconds at which the next receiving series becomes quiet, or ``None``."""
+        row = self.conn.execute(
+            "SELECT MIN(last_received_at) FROM series WHERE state = 'receiving'").fetchone()
+        return None if row is None or row[0] is None else float(row[0]) + quiet_s
+
+    def receiving_series(self) -> list[tuple[str, int, float]]:
+        """(series UID, revision, last received epoch seconds) of series not yet complete."""
+        return [(r[0], int(r[1]), float(r[2])) for r in self.conn.execute(
+            "SELECT series_instance_uid, revision, last_received_at FROM series"
+            " WHERE state = 'receiving' ORDER BY last_received_at")]
+
+    # -- the router's side -----------------------------------------------------------------
+
+    def pending_events(self) -> list[CompletionEvent]:
+        """Completion events not yet routed (``routed_at`` NULL), oldest first."""
+        return [self._event(r) for r in self.conn.execute(
+            "SELECT * FROM series_events WHERE routed_at IS NULL ORDER BY id")]
+
+    def events(self, series_uid: str | None = None) -> list[CompletionEvent]:
+        """All completion events (of one series when given), oldest first."""
+        if series_uid is None:
+            rows = self.conn.execute("SELECT * FROM series_events ORDER BY id")
+        else:
+            rows = self.conn.execute(
+                "SELECT * FROM series_events WHERE series_instance_uid = ? ORDER BY id",
+                (series_uid,))
+        return [self._event(r) for r in rows]
+
+    @staticmethod
+    def _event(r: sqlite3.Row) -> CompletionEvent:
+        return CompletionEvent(int(r["id"]), r["series_instance_uid"], int(r["revision"]),
+                               _dt(r["completed_at"]), r["reason"], int(r["instance_count"]))
+
+    def mark_routed(self, event_id: int, conn: sqlite3.Connection | None = None) -> None:
+        """Mark a completion event consumed.
+
+        Args:
+            event_id: ``CompletionEvent.event_id``.
+            conn: A connection to the same database with a transaction the caller opened and
+                will commit (so routing and marking are atomic); ``None`` commits on its own.
+        """
+        with self._write(conn) as c:
+            c.execute("UPDATE series_events SET routed_at = ? WHERE id = ? AND routed_at IS NULL",
+                      (time.time(), event_id))
+
+    def load_series(self, series_uid: str, revision: int) -> Series:
+        """A completed revision of a series, instances in arrival order.
+
+        Raises:
+            KeyError: No such series, or that revision is not complete.
+        """
+        c = self.conn
+        srow = c.execute("SELECT * FROM series WHERE series_instance_uid = ?",
+                         (series_uid,)).fetchone()
+        ev = c.execute("SELECT * FROM series_events WHERE series_instance_uid = ? AND revision = ?",
+                       (series_uid, revision)).fetchone()
+        if srow is None or ev is None:
+            raise KeyError(f"no completed revision {revision} of series {series_uid}")
+        rows = c.execute(
+            "SELECT * FROM instances WHERE series_instance_uid = ? AND revision <= ?"
+            " ORDER BY rowid", (series_uid, revision)).fetchall()
+        instances = tuple(self._instance(r) for r in rows)
+        last = instances[-1] if instances else None
+        return Series(
+            series_instance_uid=series_uid,
+            study_instance_uid=srow["study_instance_uid"],
+            revision=revision,
+            instances=instances,
+            completed_at=_dt(ev["completed_at"]),
+            modality=srow["modality"],
+            series_description=srow["series_description"],
+            calling_ae=last.calling_ae if last else srow["calling_ae"],
+            called_ae=last.called_ae if last else srow["called_ae"],
+            peer_host=last.peer_host if last else srow["peer_host"],
+            completion_reason=ev["reason"],
+        )
+
+    @staticmethod
+    def _instance(r: sqlite3.Row) -> StoredInstance:
+        return StoredInstance(
+            sop_instance_uid=r["sop_instance_uid"],
+            sop_class_uid=r["sop_class_uid"],
+            series_instance_uid=r["series_instance_uid"],
+            study_instance_uid=r["study_instance_uid"],
+            path=Path(r["path"]),
+            transfer_syntax_uid=r["transfer_syntax_uid"],
+            size_bytes=int(r["size_bytes"]),
+            received_at=_dt(r["received_at"]),
+            instance_number=r["instance_number"],
+            number_of_frames=int(r["number_of_frames"]),
+            calling_ae=r["calling_ae"],
+            called_ae=r["called_ae"],
+            peer_host=r["peer_host"],
+        )
+
+    def series_in_study(self, study_uid: str) -> list[Series]:
+        """The latest complete revision of each series of a study (series without one skipped)."""
+        out: list[Series] = []
+        for r in self.conn.execute(
+            "SELECT series_instance_uid, MAX(revision) AS rev FROM series_events"
+            " WHERE series_instance_uid IN"
+            " (SELECT series_instance_uid FROM series WHERE study_instance_uid = ?)"
+            " GROUP BY series_instance_uid ORDER BY MIN(id)", (study_uid,)).fetchall():
+            out.append(self.load_series(r["series_instance_uid"], int(r["rev"])))
+        return out
+
+    # -- people and scripts ----------------------------------------------------------------
+
+    def list_series(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The most recently active series as plain dicts (for ``series list`` and the API).
+
+        Keys: ``series_instance_uid``, ``study_instance_uid``, ``modality``,
+        ``series_description``, ``instance_count``, ``expected_count``, ``state``
+        (``receiving`` | ``complete``), ``revision``, ``first_received_at``,
+        ``last_received_at``, ``completed_at`` (ISO 8601 UTC or ``None``), ``calling_ae``,
+        ``called_ae``, ``peer_host``.
+        """
+        rows = self.conn.execute(
+            "SELECT * FROM series ORDER BY last_received_at DESC LIMIT ?", (limit,)).fetchall()
+        return [self._series_dict(r) for r in rows]
+
+    def get_series(self, series_uid: str) -> dict[str, Any] | None:
+        """One series as in :meth:`list_series`, plus ``events`` (its completion events)."""
+        r = self.conn.execute("SELECT * FROM series WHERE series_instance_uid = ?",
+                              (series_uid,)).fetchone()
+        if r is None:
+            return None
+        d = self._series_dict(r)
+        d["events"] = [
+            {"event_id": e.event_id, "revision": e.revision,
+             "completed_at": e.completed_at.isoformat(), "reason": e.reason,
+             "instance_count": e.instance_count}
+            for e in self.events(series_uid)
+        ]
+        return d
+
+    @staticmethod
+    def _series_dict(r: sqlite3.Row) -> dict[str, Any]:
+        def iso(v: float | None) -> str | None:
+            return None if v is None else _dt(v).isoformat()
+
+        return {
+            "series_instance_uid": r["series_instance_uid"],
+            "study_instance_uid": r["study_instance_uid"],
+            "modality": r["modality"],
+            "series_description": r["series_description"],
+            "instance_count": int(r["instance_count"]),
+            "expected_count": r["expected_count"],
+            "state": r["state"],
+            "revision": int(r["revision"]),
+            "first_received_at": iso(r["first_received_at"]),
+            "last_received_at": iso(r["last_received_at"]),
+            "completed_at": iso(r["completed_at"]),
+            "calling_ae": r["calling_ae"],
+            "called_ae": r["called_ae"],
+            "peer_host": r["peer_host"],
+        }
+
+    def instances_of(self, series_uid: str) -> list[StoredInstance]:
+        """Every indexed instance of a series (all revisions), in arrival order."""
+        return [self._instance(r) for r in self.conn.execute(
+            "SELECT * FROM instances WHERE series_instance_uid = ? ORDER BY rowid",
+            (series_uid,))]
+
+    def count_instances(self) -> int:
+        """Number of indexed instances."""
+        return int(self.conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+
