@@ -118,6 +118,10 @@ def read_header(path: Path) -> InstanceHeader:
                 raise InstanceRejected(status.CANNOT_UNDERSTAND,
                                        "truncated: an element runs past the end of the data")
             if ts and not ts.is_deflated:
+                if pos >= size:
+                    # Stopped at the end without pixel data: walk the whole data set, so a
+                    # cut inside the header is told apart from a complete non-image object.
+                    pos = _dataset_start(f)
                 _check_tail(f, pos, size, ts.is_implicit_VR, ts.is_little_endian)
     except InstanceRejected:
         raise
@@ -144,6 +148,16 @@ def read_header(path: Path) -> InstanceHeader:
                                                   if 0x00200105 in ds else None),
         number_of_slices=_int_or_none(ds.get(0x00540081).value if 0x00540081 in ds else None),
     )
+
+
+def _dataset_start(f: IO[bytes]) -> int:
+    """Offset of the data set after the preamble and file meta (group length required)."""
+    f.seek(128)
+    head = f.read(16)
+    if head[:4] != b"DICM" or head[4:8] != b"\x02\x00\x00\x00":
+        raise InstanceRejected(status.CANNOT_UNDERSTAND, "no file meta group length")
+    (length,) = struct.unpack("<L", head[12:16])
+    return 144 + int(length)
 
 
 def _check_tail(f: IO[bytes], pos: int, size: int, implicit: bool, little: bool) -> None:
