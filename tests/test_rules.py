@@ -418,3 +418,52 @@ def test_unreadable_series_is_an_error(tmp_path: Path) -> None:
         attributes_for_file(bad)
     with pytest.raises(FileNotFoundError):
         attributes_for_file(tmp_path / "absent.dcm")
+
+
+# ----------------------------------------------------------------------------- the docs
+
+
+def _doc_yaml_blocks() -> list[object]:
+    import re
+
+    import yaml
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "rules.md").read_text(encoding="utf-8")
+    return [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", doc, re.S)]
+
+
+def test_docs_examples_are_valid() -> None:
+    from dicom_node.config import parse_config
+
+    blocks = _doc_yaml_blocks()
+    assert len(blocks) == 3
+    base = {
+        "pipelines": {"brain": {"kind": "preview", "model": None}, "preview": {"kind": "preview"}},
+        "destinations": {"pacs": {"kind": "dimse", "ae_title": "PACS", "host": "h", "port": 104}},
+    }
+    for block in blocks[:2]:
+        assert isinstance(block, dict)
+        settings = parse_config({**base, **block}, Path.cwd())
+        RuleSet.from_settings(settings)
+    examples = blocks[2]
+    assert isinstance(examples, list) and len(examples) == 6
+    conds = [parse_condition(e["when"]) for e in examples]
+    thin_t1 = SeriesAttributes.from_mapping(
+        {**HEADERS["T1"], "SeriesDescription": "sag 3D MPRAGE", "SliceThickness": "0.9"}
+    )
+    dwi = SeriesAttributes.from_mapping(
+        {"Modality": "MR", "ImageType": "ORIGINAL\\PRIMARY\\DIFFUSION\\NONE"}
+    )
+    no_body_part = SeriesAttributes.from_mapping({"Modality": "MR"})
+    assert evaluate(conds[0], thin_t1).result
+    assert not evaluate(conds[0], SeriesAttributes.from_mapping(HEADERS["FLAIR_C"])).result
+    assert evaluate(conds[1], SeriesAttributes.from_mapping(HEADERS["FLAIR_C"])).result
+    assert evaluate(conds[4], no_body_part).result
+    assert not evaluate(conds[4], SeriesAttributes.from_mapping(HEADERS["KNEE"])).result
+    assert evaluate(conds[5], dwi).result
+    assert evaluate(
+        conds[5], SeriesAttributes.from_mapping({"SeriesDescription": "AX DWI b1000"})
+    ).result
+    assert not evaluate(
+        conds[5], SeriesAttributes.from_mapping({"SeriesDescription": "ADCx"})
+    ).result
