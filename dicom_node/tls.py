@@ -6,7 +6,7 @@
 * :func:`client_context` for a ``dimse`` destination with ``tls: true``: the peer is verified
   against ``tls_ca_certificates`` (or the system store); a client certificate is presented when
   ``tls_certificate``/``tls_private_key`` are set. Pass it to
-  ``AE.associate(..., tls_args=(ctx, None))``.
+  ``AE.associate(..., tls_args=client_tls_args(dest))``.
 
 Both refuse TLS below 1.2. Host-name checking is off for DICOM peers by default: PACS and
 modality certificates rarely name the address they are reached by; the chain is verified. Turn
@@ -105,11 +105,14 @@ def client_context(dest: DimseDestination, *, check_hostname: bool = False) -> s
     return ctx
 
 
-def client_tls_args(dest: DimseDestination) -> tuple[ssl.SSLContext, str | None] | None:
-    """``tls_args`` for ``AE.associate`` (``None`` when the destination is plain TCP)."""
+def client_tls_args(dest: DimseDestination) -> tuple[ssl.SSLContext, str] | None:
+    """``tls_args`` for ``AE.associate`` (``None`` when the destination is plain TCP).
+
+    The server host name is ``dest.host`` (sent as SNI when it is a name, not an address).
+    """
     if not dest.tls:
         return None
-    return client_context(dest), None
+    return client_context(dest), dest.host
 
 
 def _load_ca(ctx: ssl.SSLContext, path: Path, key: str) -> None:
