@@ -467,3 +467,20 @@ def test_docs_examples_are_valid() -> None:
     assert not evaluate(
         conds[5], SeriesAttributes.from_mapping({"SeriesDescription": "ADCx"})
     ).result
+
+
+def test_warnings_flag_unreachable_and_incomplete_rules() -> None:
+    rules = RuleSet(
+        [
+            _rule("study-no-req", "true", trigger="study", destinations=["pacs"]),
+            _rule("catch-all", "true", stop=True, destinations=["pacs"]),
+            _rule("never", 'Modality == "MR"', destinations=["pacs"]),
+            _rule("fb", "true", fallback=True),
+        ]
+    )
+    assert rules.warnings() == [
+        "rules.0: trigger study without required_series",
+        "rules.2: never evaluated: rule 'catch-all' stops at every series",
+        "rules.3: no destinations: results stay on the node",
+    ]
+    assert RuleSet([_rule("ok", 'Modality == "MR"', destinations=["sender"])]).warnings() == []

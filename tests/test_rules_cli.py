@@ -179,3 +179,14 @@ def test_explain_stored_series_uid(tmp_path: Path) -> None:
     assert out["rules"][1]["trace"]["children"][0]["values"] == ["OMNI_BRAIN"]
     res = runner.invoke(app, ["rules", "explain", uid, "--config", str(cfg), "--revision", "7"])
     assert res.exit_code == 1 and "no completed revision 7" in res.output
+
+
+def test_check_prints_warnings(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["rules", "check", "--config", str(_config(tmp_path))])
+    assert res.exit_code == 0
+    warnings = [line for line in res.output.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: rules.2: no destinations: results stay on the node",
+        "warning: rules.3: no destinations: results stay on the node",
+        "warning: rules.4: no destinations: results stay on the node",
+    ]

@@ -165,7 +165,11 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(EXIT_CONFIG)
         if as_json:
             json.dump(
-                {"valid": True, "rules": [r.model_dump(mode="json") for r in settings.rules]},
+                {
+                    "valid": True,
+                    "rules": [r.model_dump(mode="json") for r in settings.rules],
+                    "warnings": RuleSet(settings.rules).warnings(),
+                },
                 sys.stdout,
                 indent=2,
             )
@@ -174,6 +178,8 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"{config}: valid, {len(settings.rules)} rule(s)")
         for line in _describe(settings):
             typer.echo(line)
+        for warning in RuleSet(settings.rules).warnings():
+            typer.echo(f"warning: {warning}")
 
     @group.command("explain")
     def explain(

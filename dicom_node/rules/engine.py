@@ -25,7 +25,7 @@ from typing import Any
 from dicom_node.config import NodeSettings, RuleConfig
 from dicom_node.rules.attributes import SeriesAttributes
 from dicom_node.rules.evaluate import Trace, evaluate
-from dicom_node.rules.parser import Condition, parse_condition
+from dicom_node.rules.parser import Condition, Const, parse_condition
 
 
 @dataclass(slots=True)
@@ -192,6 +192,29 @@ class RuleSet:
     def condition(self, index: int) -> Condition:
         """The parsed ``when`` of rule ``index``."""
         return self._when[index]
+
+    def warnings(self) -> list[str]:
+        """Likely mistakes that are still valid configuration, as ``rules.N: message`` lines.
+
+        Flags rules that can never be reached (after an always-true ``stop``/``discard`` rule),
+        study-trigger rules without required series, and route rules without destinations.
+        """
+        out: list[str] = []
+        blocker: str | None = None
+        for i, (r, cond) in enumerate(zip(self.rules, self._when, strict=True)):
+            if not r.enabled:
+                continue
+            always = isinstance(cond.root, Const) and cond.root.value
+            if blocker is not None and not r.fallback:
+                out.append(f"rules.{i}: never evaluated: {blocker}")
+            if r.trigger == "study" and not r.required_series:
+                out.append(f"rules.{i}: trigger study without required_series")
+            if r.action == "route" and not r.destinations:
+                out.append(f"rules.{i}: no destinations: results stay on the node")
+            if always and not r.fallback and (r.stop or r.action == "discard") and not blocker:
+                what = "discards" if r.action == "discard" else "stops at"
+                blocker = f"rule {r.name!r} {what} every series"
+        return out
 
     def evaluate(self, attrs: SeriesAttributes) -> Decision:
         """Decide which rules fire for a series, with an explanation for every rule."""
