@@ -340,12 +340,14 @@ class RuleConfig(_Section):
     stop: bool = False
     """Stop evaluating later rules when this one fires."""
 
-    @field_validator("when")
+    @field_validator("when", mode="before")
     @classmethod
-    def _when_parses(cls, v: str) -> str:
+    def _when_parses(cls, v: Any) -> Any:
         from dicom_node.rules.parser import check_condition  # lazy: rules imports config
 
-        return check_condition(v)
+        if isinstance(v, bool):  # YAML `when: true` (unquoted) is a boolean
+            v = "true" if v else "false"
+        return check_condition(v) if isinstance(v, str) else v
 
     @field_validator("required_series")
     @classmethod

@@ -484,3 +484,17 @@ def test_warnings_flag_unreachable_and_incomplete_rules() -> None:
         "rules.3: no destinations: results stay on the node",
     ]
     assert RuleSet([_rule("ok", 'Modality == "MR"', destinations=["sender"])]).warnings() == []
+
+
+def test_unquoted_yaml_boolean_condition(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(
+        "pipelines:\n  p: {kind: preview, model: null}\n"
+        "rules:\n  - {name: all, when: true, pipelines: [p]}\n"
+        "  - {name: none, when: false, pipelines: [p]}\n",
+        encoding="utf-8",
+    )
+    settings = load_config(cfg)
+    assert [r.when for r in settings.rules] == ["true", "false"]
+    decision = RuleSet(settings.rules).evaluate(SeriesAttributes.from_mapping({}))
+    assert [r.name for r in decision.fired] == ["all"]
