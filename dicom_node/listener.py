@@ -19,6 +19,7 @@ import contextlib
 import functools
 import ipaddress
 import itertools
+import ssl
 import threading
 import time
 import uuid
@@ -41,6 +42,7 @@ from dicom_node.index import InstanceRecord, RecordOutcome, SeriesIndex
 from dicom_node.logs import get_logger
 from dicom_node.series_tracker import SeriesTracker, expected_count
 from dicom_node.spool import GroupCommit, InstanceRejected, Spool, read_header, same_bytes
+from dicom_node.tls import TLSConfigError, server_context
 
 log = get_logger("listener")
 
@@ -112,7 +114,46 @@ class CallerPolicy:
         return False
 
 
+REJECT_PLAIN_WHEN_TLS_REQUIRED = (status.REJECT_PERMANENT, status.SOURCE_SERVICE_USER, 0x01)
+"""A-ASSOCIATE-RJ (rejected-permanent, service-user, no-reason-given) for a plain TCP
+association while ``node.tls.required`` is on."""
+
+
+def _is_tls(assoc: Any) -> bool:
+    """Whether the association runs over a TLS socket."""
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    return isinstance(sock, ssl.SSLSocket)
+
+
 _original_negotiate = pnd_acse.ACSE._negotiate_as_acceptor
+_original_negotiate_contexts = pnd_acse.negotiate_as_acceptor
+_in_node_negotiation = threading.local()
+
+
+def _negotiate_contexts_in_requestor_order(rq_contexts: Any, ac_contexts: Any,
+                                           roles: Any = None) -> Any:
+    """pynetdicom's context negotiation, but each context gets the *requestor's* first
+    proposed transfer syntax we support (pynetdicom picks in the acceptor's order, which
+    would turn an Explicit VR Little Endian sender into an Implicit VR one)."""
+    result, ac_roles = _original_negotiate_contexts(rq_contexts, ac_contexts, roles)
+    if not getattr(_in_node_negotiation, "active", False):
+        return result, ac_roles
+    supported = {str(cx.abstract_syntax): {str(t) for t in cx.transfer_syntax}
+                 for cx in ac_contexts}
+    proposed = {cx.context_id: cx for cx in rq_contexts}
+    for cx in result:
+        rq = proposed.get(cx.context_id)
+        if cx.result != 0x00 or rq is None:
+            continue
+        ok = supported.get(str(cx.abstract_syntax), set())
+        for ts in rq.transfer_syntax:
+            if str(ts) in ok:
+                cx.transfer_syntax = [ts]
+                break
+    return result, ac_roles
+
+
+pnd_acse.negotiate_as_acceptor = _negotiate_contexts_in_requestor_order
 
 
 def _negotiate_with_policy(self: pnd_acse.ACSE) -> None:
@@ -128,8 +169,14 @@ def _negotiate_with_policy(self: pnd_acse.ACSE) -> None:
     host = str(self.assoc.requestor.address)
     active = len([a for a in self.assoc.ae.active_associations if a.is_acceptor])
     verdict = listener.policy.check(calling, called, host, active)
+    if verdict is None and listener.tls_required and not _is_tls(self.assoc):
+        verdict = REJECT_PLAIN_WHEN_TLS_REQUIRED, "TLS required: plain association refused"
     if verdict is None:
-        _original_negotiate(self)
+        _in_node_negotiation.active = True
+        try:
+            _original_negotiate(self)
+        finally:
+            _in_node_negotiation.active = False
         return
     (result, source, reason), why = verdict
     log.warning("association_rejected", calling_ae=calling, called_ae=called, peer_host=host,
@@ -163,6 +210,9 @@ class Listener:
         self._ids = itertools.count(1)
         self._prefix = uuid.uuid4().hex[:6]
         self._server: AssociationServer | None = None
+        self._tls_server: AssociationServer | None = None
+        self.tls_required = settings.node.tls.required
+        """Refuse associations that do not run over TLS (``node.tls.required``)."""
         self._active = 0
         self._active_lock = threading.Lock()
         self.committer: GroupCommit[tuple[InstanceRecord, set[Path]], bool] = GroupCommit(
@@ -211,14 +261,40 @@ class Listener:
             (evt.EVT_RELEASED, self._on_end),
             (evt.EVT_ABORTED, self._on_end),
         ]
-        self._server = self.ae.start_server((node.host, node.port), block=False,
-                                            evt_handlers=handlers)
+        # DICOM TLS: on node.port itself, or on a separate node.tls.port next to plain TCP.
+        if node.tls.required and not node.tls.enabled:
+            raise TLSConfigError("node.tls.required: needs node.tls.enabled")
+        tls_ctx = server_context(node.tls) if node.tls.enabled else None
+        tls_port = node.tls.port if node.tls.enabled else None
+        self._server = self.ae.start_server(
+            (node.host, node.port), block=False, evt_handlers=handlers,
+            ssl_context=tls_ctx if tls_port is None else None)
+        if tls_port is not None:
+            self._tls_server = self.ae.start_server(
+                (node.host, tls_port), block=False, evt_handlers=handlers, ssl_context=tls_ctx)
         log.info("listening", ae_title=node.ae_title, aliases=node.aliases, host=node.host,
                  port=self.port, max_associations=node.max_associations,
-                 max_pdu_bytes=node.max_pdu_bytes, pynetdicom=pynetdicom.__version__)
+                 max_pdu_bytes=node.max_pdu_bytes, pynetdicom=pynetdicom.__version__,
+                 tls=node.tls.enabled, tls_port=self.tls_port, tls_required=node.tls.required,
+                 verify_client=node.tls.verify_client)
+
+    @property
+    def tls_port(self) -> int | None:
+        """The bound TLS port (``None`` without TLS).
+
+        The separate ``node.tls.port``, or :attr:`port` when the main port speaks TLS.
+        """
+        if not self.settings.node.tls.enabled:
+            return None
+        if self._tls_server is not None:
+            return int(self._tls_server.server_address[1])
+        return self.settings.node.tls.port or self.port
 
     def stop(self) -> None:
         """Stop accepting, let running handlers finish, and close the server."""
+        if self._tls_server is not None:
+            self._tls_server.shutdown()
+            self._tls_server = None
         if self._server is not None:
             self._server.shutdown()
             self._server = None

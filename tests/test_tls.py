@@ -267,3 +267,97 @@ def test_hostname_check_is_available(pki: TestPKI, mr_file: Path,
     assoc = ae.associate("127.0.0.1", port, ae_title="PACS", tls_args=(ctx, "127.0.0.1"))
     assert assoc.is_established
     assoc.release()
+
+
+# ---- the node's listener with TLS (H1's Listener, wired with server_context) -----------
+
+
+def _node_settings(tmp_path: Path, pki: TestPKI, **tls: Any) -> Any:
+    from dicom_node.config import parse_config
+
+    return parse_config({
+        "node": {"ae_title": "OMNIMRI", "host": "127.0.0.1", "port": free_port(),
+                 "tls": {"enabled": True, "certificate": str(pki.server_cert),
+                         "private_key": str(pki.server_key),
+                         "ca_certificates": str(pki.ca_cert), **tls}},
+        "storage": {"path": "spool", "fsync": False, "min_free_bytes": 0,
+                    "min_free_percent": 0},
+        "completion": {"quiet_seconds": 30},
+        "audit": {"path": None},
+    }, tmp_path)
+
+
+@pytest.fixture
+def node_factory() -> Iterator[Any]:
+    from dicom_node.runtime import Node
+
+    nodes: list[Any] = []
+
+    def make(settings: Any) -> Any:
+        node = Node(settings)
+        node.start()
+        nodes.append(node)
+        return node
+
+    yield make
+    for n in nodes:
+        n.stop()
+
+
+@needs_dcmtk
+def test_listener_tls_on_its_port_stores_from_dcmtk(
+    tmp_path: Path, pki: TestPKI, mr_file: Path, node_factory: Any
+) -> None:
+    node = node_factory(_node_settings(tmp_path, pki, verify_client=True, required=True))
+    port = node.listener.port
+    assert node.listener.tls_port == port
+    ok = _run(DCMTK / "storescu", "-aec", "OMNIMRI", "+tls", pki.client_key, pki.client_cert,
+              "+cf", pki.ca_cert, "127.0.0.1", port, mr_file)
+    assert ok.returncode == 0, ok.stderr
+    assert node.index.count_instances() == 1
+    plain = _run(DCMTK / "echoscu", "-to", "5", "-aec", "OMNIMRI", "127.0.0.1", port)
+    assert plain.returncode != 0
+    no_cert = _run(DCMTK / "echoscu", "-aec", "OMNIMRI", "+tla", "+cf", pki.ca_cert,
+                   "127.0.0.1", port)
+    assert no_cert.returncode != 0
+
+
+@needs_dcmtk
+def test_listener_separate_tls_port_and_required_rejects_plain(
+    tmp_path: Path, pki: TestPKI, mr_file: Path, node_factory: Any
+) -> None:
+    tls_port = free_port()
+    node = node_factory(_node_settings(tmp_path, pki, port=tls_port, required=True))
+    assert node.listener.tls_port == tls_port
+    ok = _run(DCMTK / "storescu", "-aec", "OMNIMRI", "+tls", pki.client_key, pki.client_cert,
+              "+cf", pki.ca_cert, "127.0.0.1", tls_port, mr_file)
+    assert ok.returncode == 0, ok.stderr
+    plain = _run(DCMTK / "storescu", "-aec", "OMNIMRI", "127.0.0.1", node.listener.port,
+                 mr_file)
+    assert plain.returncode != 0
+    assert "Association Rejected" in plain.stderr + plain.stdout
+    assert node.index.count_instances() == 1
+
+
+@needs_dcmtk
+def test_listener_separate_tls_port_keeps_plain_port_when_not_required(
+    tmp_path: Path, pki: TestPKI, node_factory: Any
+) -> None:
+    tls_port = free_port()
+    node = node_factory(_node_settings(tmp_path, pki, port=tls_port))
+    plain = _run(DCMTK / "echoscu", "-aec", "OMNIMRI", "127.0.0.1", node.listener.port)
+    assert plain.returncode == 0, plain.stderr
+    tls = _run(DCMTK / "echoscu", "-aec", "OMNIMRI", "+tla", "+cf", pki.ca_cert,
+               "127.0.0.1", tls_port)
+    assert tls.returncode == 0, tls.stderr
+
+
+def test_required_without_enabled_is_refused(tmp_path: Path, pki: TestPKI) -> None:
+    from dicom_node.runtime import Node
+
+    settings = _node_settings(tmp_path, pki, required=True)
+    settings.node.tls.enabled = False
+    node = Node(settings)
+    with pytest.raises(TLSConfigError, match="node.tls.required: needs node.tls.enabled"):
+        node.listener.start()
+    node.stop()
