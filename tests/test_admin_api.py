@@ -366,7 +366,7 @@ def test_destination_tests(env: Env) -> None:
     ok = env.send("POST", "/api/v1/destinations/archive/test").json()
     assert ok["ok"] is True and "writable" in ok["detail"]
     dead = env.send("POST", "/api/v1/destinations/pacs/test").json()
-    assert dead["ok"] is False and "no association" in dead["detail"]
+    assert dead["ok"] is False and "pacs" in dead["detail"]
     assert env.send("POST", "/api/v1/destinations/nope/test").status_code == 404
     assert [(a["target"], a["status"]) for a in env.audit()] == [
         ("archive", "ok"), ("pacs", "failed")]
@@ -384,7 +384,7 @@ def test_destination_test_c_echo_to_dcmtk(env: Env) -> None:
         proc.terminate()
         proc.wait(timeout=5)
     assert res["ok"] is True, res
-    assert res["detail"].startswith("C-ECHO success from PACS@127.0.0.1")
+    assert res["detail"].startswith("C-ECHO to PACS@127.0.0.1")
 
 
 # ---- metrics, OpenAPI, audit, PHI sweep -------------------------------------------------

@@ -13,7 +13,6 @@ import binascii
 import datetime as dt
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -546,15 +545,26 @@ class AdminBackend:
         return out
 
     def test_destination(self, who: Principal, name: str) -> dict[str, Any]:
-        """Check that a destination answers: C-ECHO (dimse), an HTTP request, a writable folder.
+        """Check that a destination answers, with the destination's own ``test()``.
+
+        That is a C-ECHO for ``dimse``, an HTTP request for ``dicomweb``/``orthanc`` and a
+        write probe for ``folder``.
 
         Returns ``{"name", "ok", "detail", "elapsed_ms"}``; the attempt is audited.
         """
         dest = self.settings.destinations.get(name)
         if dest is None:
             raise AdminError(404, f"no destination {name!r}")
+        from dicom_node.destinations import DestinationError, make_destination
+
         t0 = time.perf_counter()
-        ok, detail = _probe(dest, self.settings.node.ae_title)
+        try:
+            detail = make_destination(name, dest, self.settings).test()
+            ok = True
+        except DestinationError as err:
+            ok, detail = False, str(err)
+        except Exception as err:  # a broken peer must not break the API
+            ok, detail = False, f"{type(err).__name__}: {err}"
         elapsed = round((time.perf_counter() - t0) * 1000, 1)
         self._audit(who, "destination_test", name, status="ok" if ok else "failed")
         return {"name": name, "kind": dest.kind, "ok": ok, "detail": detail,
@@ -571,72 +581,6 @@ class AdminBackend:
         if self.audit.path is None:
             return []
         return list(deque(read_audit(self.audit.path, event=event), maxlen=limit))
-
-
-def _probe(dest: Any, calling_ae: str) -> tuple[bool, str]:
-    if isinstance(dest, DimseDestination):
-        return _echo(dest, calling_ae)
-    if isinstance(dest, DicomwebDestination | OrthancDestination):
-        import httpx
-
-        auth = (dest.username, dest.password or "") if dest.username else None
-        headers = {}
-        if isinstance(dest, DicomwebDestination) and dest.bearer_token:
-            headers["Authorization"] = f"Bearer {dest.bearer_token}"
-        url = dest.url.rstrip("/") + ("/system" if isinstance(dest, OrthancDestination)
-                                      else "/studies?limit=1")
-        try:
-            r = httpx.get(url, auth=auth, headers=headers, timeout=min(dest.timeout_s, 10.0))
-        except httpx.HTTPError as err:
-            return False, f"HTTP request failed: {type(err).__name__}: {err}"
-        return (r.status_code < 400 or r.status_code == 404 and "studies" in url,
-                f"HTTP {r.status_code} from {url}")
-    if isinstance(dest, FolderDestination):
-        p = dest.path
-        try:
-            p.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=p, prefix=".probe-"):
-                pass
-        except OSError as err:
-            return False, f"folder not writable: {err.strerror}"
-        return True, f"folder {p} is writable"
-    return False, f"unknown destination kind {getattr(dest, 'kind', '?')}"
-
-
-def _echo(dest: DimseDestination, calling_ae: str) -> tuple[bool, str]:
-    from pynetdicom import AE
-
-    verification = "1.2.840.10008.1.1"  # Verification SOP Class
-
-    from dicom_node.tls import TLSConfigError, client_tls_args
-
-    ae = AE(ae_title=dest.calling_ae_title or calling_ae)
-    ae.add_requested_context(verification)
-    timeout = min(dest.timeout_s, 10.0)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    try:
-        tls_args = client_tls_args(dest)
-    except TLSConfigError as err:
-        return False, f"TLS settings: {err}"
-    where = f"{dest.ae_title}@{dest.host}:{dest.port}" + (" (TLS)" if dest.tls else "")
-    try:
-        socket.getaddrinfo(dest.host, dest.port)
-    except OSError:
-        return False, f"cannot resolve host {dest.host}"
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
-    if assoc.is_rejected:
-        return False, f"association rejected by {where}"
-    if not assoc.is_established:
-        return False, f"no association with {where} (refused, aborted or timed out)"
-    try:
-        status = assoc.send_c_echo()
-    finally:
-        assoc.release()
-    code = int(getattr(status, "Status", -1)) if status else -1
-    if code == 0:
-        return True, f"C-ECHO success from {where}"
-    return False, f"C-ECHO to {where} answered status 0x{code & 0xFFFF:04X}" if code >= 0 else (
-        f"no C-ECHO response from {where}")
 
 
 def _phi_values(decision: Any) -> list[str]:
