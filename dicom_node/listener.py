@@ -132,9 +132,11 @@ _in_node_negotiation = threading.local()
 
 def _negotiate_contexts_in_requestor_order(rq_contexts: Any, ac_contexts: Any,
                                            roles: Any = None) -> Any:
-    """pynetdicom's context negotiation, but each context gets the *requestor's* first
-    proposed transfer syntax we support (pynetdicom picks in the acceptor's order, which
-    would turn an Explicit VR Little Endian sender into an Implicit VR one)."""
+    """Negotiate contexts; each gets the *requestor's* first proposed syntax we support.
+
+    pynetdicom alone picks in the acceptor's order, which would turn an Explicit VR Little
+    Endian sender into an Implicit VR one.
+    """
     result, ac_roles = _original_negotiate_contexts(rq_contexts, ac_contexts, roles)
     if not getattr(_in_node_negotiation, "active", False):
         return result, ac_roles

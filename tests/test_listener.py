@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
-import pytest
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     HTJ2KLossless,
