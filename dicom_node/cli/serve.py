@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
@@ -25,13 +26,40 @@ _REJECT_REASONS = {
 }
 
 
-def run_node(settings: NodeSettings) -> None:
-    """Configure logging and run a :class:`~dicom_node.runtime.Node` until SIGTERM/SIGINT."""
+def run_node(settings: NodeSettings, config_path: Path | None = None) -> None:
+    """Configure logging and run a :class:`~dicom_node.runtime.Node` until SIGTERM/SIGINT.
+
+    With ``admin.enabled`` the admin API and console (:class:`~dicom_node.admin.AdminServer`)
+    run as a service of the node; ``config_path`` is the file its rule editor rewrites.
+    """
+    from dicom_node import metrics
+    from dicom_node.audit import configure_audit
     from dicom_node.logs import configure_logging
     from dicom_node.runtime import Node
 
     configure_logging(settings.logging.level, settings.logging.format)
-    Node(settings).serve_forever()
+    configure_audit(settings.audit.path)
+    metrics.bind_node(settings)
+    node = Node(settings)
+    if settings.admin.enabled:
+        from dicom_node.admin import AdminServer
+
+        node.add_service(AdminServer(settings, config_path=config_path,
+                                     ready_check=lambda: _listener_ready(node)))
+    node.serve_forever()
+
+
+def _listener_ready(node: Any) -> tuple[bool, str]:
+    """Readiness of the DICOM listener (its port accepts TCP connections)."""
+    import socket
+
+    host = node.settings.node.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    try:
+        with socket.create_connection((host, node.listener.port), timeout=0.5):
+            return True, f"listening on port {node.listener.port}"
+    except OSError:
+        return False, f"DICOM port {node.listener.port} not accepting connections"
 
 
 def echo_peer(host: str, port: int, aet: str, aec: str, timeout_s: float) -> tuple[bool, str]:
@@ -77,7 +105,7 @@ def register(app: typer.Typer) -> None:
     def serve(config: ConfigOption = DEFAULT_CONFIG_PATH) -> None:
         """Run the node: DICOM listener, series tracker and the services configured."""
         settings = load_or_exit(config)
-        run_node(settings)
+        run_node(settings, config_path=config if config.exists() else None)
 
     @app.command("echo")
     def echo(
