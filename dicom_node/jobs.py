@@ -580,6 +580,12 @@ class JobQueue:
                 [(job_id, o.sop_instance_uid, o.sop_class_uid, str(o.path)) for o in outputs],
             )
 
+    def forget_outputs(self, job_id: str) -> None:
+        """Drop the output list of a job whose files vanished, so its pipeline runs again."""
+        with self.transaction() as c:
+            c.execute("DELETE FROM job_outputs WHERE job_id = ?", (job_id,))
+        log.warning("job outputs forgotten; the pipeline runs again", job_id=job_id)
+
     def record_deliveries(self, job_id: str, destination: str,
                           sop_instance_uids: Sequence[str], detail: str = "") -> None:
         """Record that ``destination`` acknowledged these output instances (idempotent)."""

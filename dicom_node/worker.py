@@ -1,0 +1,298 @@
+"""The worker pool: threads that run jobs and deliver their outputs exactly once.
+
+Each worker takes a job from the queue, runs the pipeline, stores the outputs durably and
+dispatches them to each destination.
+
+One job, one worker thread::
+
+    claim (lease) ─▶ running: pipeline.run(series, job_id)
+                  ─▶ exporting: outputs fsync'd to <spool>/results/<job_id>/, listed in the DB
+                  ─▶ dispatching: per destination, send what is not yet recorded as delivered,
+                     record each acknowledged SOP Instance UID
+                  ─▶ done
+
+A pipeline error or an undelivered output is a failed attempt: the job goes back to the queue
+with a backoff (and to ``failed`` when its attempts are spent); the next attempt resumes where
+the last one stopped (stored outputs are not computed again, delivered ones not sent again).
+A heartbeat thread renews the leases of the jobs being worked on, so only a dead process
+loses its jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pydicom
+
+from dicom_node import metrics
+from dicom_node.config import NodeSettings
+from dicom_node.destinations import DestinationError, destination_for
+from dicom_node.destinations.folder import write_atomic
+from dicom_node.jobs import LEASE_S, Job, JobError, JobOutput, JobQueue, LeaseLost, results_dir
+from dicom_node.logs import get_logger
+from dicom_node.pipelines import Pipeline, PipelineError, get_pipeline
+
+log = get_logger(__name__)
+
+STOP_TIMEOUT_S = 10.0
+"""How long :meth:`WorkerPool.stop` waits for busy workers, seconds; a job still running then
+is taken again by the next start. Default 10."""
+
+
+class DispatchIncomplete(Exception):
+    """Some outputs were not acknowledged by some destination (the attempt failed)."""
+
+
+def _run_with_timeout(fn: Callable[[], list[pydicom.Dataset]], timeout_s: float,
+                      what: str) -> list[pydicom.Dataset]:
+    """Run ``fn`` on a helper thread and wait at most ``timeout_s`` seconds.
+
+    A pipeline that overruns is abandoned (Python cannot kill a thread): the attempt fails and
+    the helper thread finishes in the background, its result discarded.
+    """
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the worker thread
+            box["error"] = exc
+
+    t = threading.Thread(target=target, name=f"pipeline-{what}", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        raise PipelineError(f"{what} did not finish within {timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["result"]  # type: ignore[return-value]
+
+
+class WorkerPool:
+    """``jobs.workers`` threads working the job queue (a node service: ``start``/``stop``).
+
+    Args:
+        settings: The node configuration.
+        queue: The queue to work; default one on ``storage.database_path``.
+    """
+
+    def __init__(self, settings: NodeSettings, queue: JobQueue | None = None) -> None:
+        self.settings = settings
+        self.queue = queue or JobQueue(settings)
+        self._own_queue = queue is None
+        self._stop = threading.Event()
+        self._wake = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._held: dict[str, str] = {}
+        """job id → worker thread name, for the heartbeat."""
+        self._held_lock = threading.Lock()
+        self._pipelines: dict[str, Pipeline] = {}
+        self._pipelines_lock = threading.Lock()
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Release the jobs of a dead previous process, then start the workers and heartbeat."""
+        self._stop.clear()
+        self.queue.recover_orphans()
+        n = self.settings.jobs.workers
+        for k in range(n):
+            t = threading.Thread(target=self._work, name=f"job-worker-{k}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        hb = threading.Thread(target=self._heartbeat, name="job-heartbeat", daemon=True)
+        hb.start()
+        self._threads.append(hb)
+        log.info("worker pool started", workers=n, queued=self.queue.counts().get("queued", 0))
+
+    def stop(self) -> None:
+        """Stop taking jobs; wait up to :data:`STOP_TIMEOUT_S` for the busy ones."""
+        self._stop.set()
+        self.wake()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for t in self._threads:
+            t.join(max(deadline - time.monotonic(), 0.0))
+        busy = [t.name for t in self._threads if t.is_alive()]
+        if busy:
+            log.warning("workers still busy at stop; their jobs run again at next start",
+                        workers=busy)
+        self._threads.clear()
+        if self._own_queue and not busy:
+            self.queue.close()
+        log.info("worker pool stopped")
+
+    def wake(self) -> None:
+        """Tell idle workers that a job may be due (the router calls this after enqueueing)."""
+        with self._wake:
+            self._wake.notify_all()
+
+    def apply_settings(self, settings: NodeSettings) -> None:
+        """Use a reloaded configuration for jobs claimed from now on (pipelines, destinations)."""
+        with self._pipelines_lock:
+            self.settings = settings
+            self._pipelines.clear()
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self.queue.claim()
+            except Exception:  # noqa: BLE001 - database trouble: log, wait, try again
+                log.exception("claiming a job failed")
+                job = None
+            if job is None:
+                with self._wake:
+                    self._wake.wait(self.settings.jobs.poll_interval_s)
+                continue
+            with self._held_lock:
+                self._held[job.id] = threading.current_thread().name
+            try:
+                self.process(job)
+            finally:
+                with self._held_lock:
+                    self._held.pop(job.id, None)
+
+    def _heartbeat(self) -> None:
+        interval = LEASE_S / 4
+        while not self._stop.wait(interval):
+            with self._held_lock:
+                held = list(self._held)
+            for jid in held:
+                try:
+                    self.queue.renew(jid)
+                except LeaseLost:
+                    log.info("job no longer held (cancelled?)", job_id=jid)
+                except Exception:  # noqa: BLE001
+                    log.exception("lease renewal failed", job_id=jid)
+
+    # -- one job ----------------------------------------------------------------------------
+
+    def process(self, job: Job) -> None:
+        """Take one claimed job as far as it goes; failures are recorded on the job."""
+        t0 = time.perf_counter()
+        try:
+            if job.state == "running":
+                self._run_pipeline(job)
+            outputs = self._stored_outputs(job)
+            with metrics.time_stage("dispatch"):
+                self._dispatch(job, outputs)
+            self.queue.complete(job.id)
+            log.info("job finished", job_id=job.id, outputs=len(outputs),
+                     seconds=round(time.perf_counter() - t0, 3))
+        except LeaseLost as exc:
+            log.warning("job dropped by this worker", job_id=job.id, reason=str(exc))
+        except PipelineError as exc:
+            self._fail(job, f"pipeline {job.pipeline}: {exc}", permanent=exc.permanent)
+        except (DestinationError, DispatchIncomplete) as exc:
+            self._fail(job, str(exc))
+        except Exception as exc:  # noqa: BLE001 - any other error is one failed attempt
+            log.exception("job attempt crashed", job_id=job.id)
+            self._fail(job, f"{exc.__class__.__name__}: {exc}")
+
+    def _fail(self, job: Job, error: str, permanent: bool = False) -> None:
+        try:
+            self.queue.fail(job.id, error, permanent=permanent)
+        except (LeaseLost, JobError) as exc:
+            log.warning("could not record the failure", job_id=job.id, reason=str(exc))
+
+    def _pipeline(self, name: str) -> Pipeline:
+        with self._pipelines_lock:
+            p = self._pipelines.get(name)
+            if p is None:
+                cfg = self.settings.pipelines.get(name)
+                if cfg is None:
+                    err = PipelineError(f"no pipeline {name!r} is configured")
+                    err.permanent = True
+                    raise err
+                p = get_pipeline(name, cfg, self.settings)
+                self._pipelines[name] = p
+            return p
+
+    def _run_pipeline(self, job: Job) -> None:
+        pipeline = self._pipeline(job.pipeline)
+        cfg = self.settings.pipelines[job.pipeline]
+        series = job.series
+        with metrics.time_stage("inference"):
+            datasets = _run_with_timeout(lambda: pipeline.run(series, job.id), cfg.timeout_s,
+                                         f"pipeline {job.pipeline}")
+        self.queue.set_state(job.id, "exporting")
+        with metrics.time_stage("export"):
+            outputs = self._write_outputs(job, datasets)
+        self.queue.store_outputs(job.id, outputs)
+        log.info("job outputs stored", job_id=job.id, outputs=len(outputs))
+
+    def _write_outputs(self, job: Job, datasets: Sequence[pydicom.Dataset]) -> list[JobOutput]:
+        """Write (fsync) each output to ``<spool>/results/<job_id>/<SOPInstanceUID>.dcm``."""
+        folder = results_dir(self.settings) / job.id
+        folder.mkdir(parents=True, exist_ok=True)
+        outputs: list[JobOutput] = []
+        seen: set[str] = set()
+        for ds in datasets:
+            uid = str(ds.get("SOPInstanceUID", ""))
+            if not uid or uid in seen:
+                raise PipelineError(f"output without a unique SOP Instance UID ({uid or 'none'})")
+            seen.add(uid)
+            path = folder / f"{uid}.dcm"
+            write_atomic(ds, path)
+            outputs.append(JobOutput(uid, str(ds.SOPClassUID), path))
+        for stale in folder.iterdir():
+            if stale.is_file() and stale.name not in {f"{u}.dcm" for u in seen}:
+                stale.unlink()
+        return outputs
+
+    def _stored_outputs(self, job: Job) -> list[JobOutput]:
+        outputs = self.queue.outputs(job.id)
+        missing = [o for o in outputs if not o.path.exists()]
+        if missing:
+            self.queue.forget_outputs(job.id)
+            raise PipelineError(
+                f"{len(missing)} stored output file(s) vanished; the pipeline runs again"
+            )
+        return outputs
+
+    def _dispatch(self, job: Job, outputs: Sequence[JobOutput]) -> None:
+        problems: list[str] = []
+        for name in job.destinations:
+            done = self.queue.delivered(job.id, name)
+            todo = [o for o in outputs if o.sop_instance_uid not in done]
+            if not todo:
+                continue
+            try:
+                dest = destination_for(name, self.settings)
+                results = dest.send([o.path for o in todo])
+            except DestinationError as exc:
+                metrics.record_dispatch_failure(name)
+                problems.append(str(exc))
+                continue
+            ok = [r.sop_instance_uid for r in results if r.ok]
+            self.queue.record_deliveries(job.id, name, ok)
+            failed = [r for r in results if not r.ok]
+            if failed or len(results) < len(todo):
+                metrics.record_dispatch_failure(name)
+                problems.append(
+                    f"destination {name}: {len(todo) - len(ok)} of {len(todo)} not delivered"
+                    f" ({failed[0].detail if failed else 'no answer'})"
+                )
+            else:
+                log.info("job outputs delivered", job_id=job.id, destination=name,
+                         count=len(ok))
+        if problems:
+            raise DispatchIncomplete("; ".join(problems))
+
+
+def remove_results(settings: NodeSettings, job_id: str) -> None:
+    """Delete the stored outputs of a finished job (for retention clean-up)."""
+    folder: Path = results_dir(settings) / job_id
+    if folder.is_dir():
+        shutil.rmtree(folder)
+        dfd = os.open(folder.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)

@@ -1,0 +1,187 @@
+"""The router: completion events from the real series index × rules → jobs, atomically."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from dicom_node.config import NodeSettings, parse_config
+from dicom_node.index import InstanceRecord, SeriesIndex
+from dicom_node.jobs import JobQueue
+from dicom_node.router import Router, resolve_sender
+from dicom_node.samples import synthetic_series, write_series
+
+STUDY = "1.2.826.0.1.3680043.10.1526.777"
+
+
+def base_config(rules: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "storage": {"path": "spool", "fsync": False},
+        "pipelines": {
+            "preview": {"kind": "preview", "model": None, "outputs": ["sc"]},
+            "other": {"kind": "preview", "model": None, "outputs": ["sc"]},
+        },
+        "destinations": {
+            "pacs": {"kind": "dimse", "ae_title": "PACS", "host": "10.0.0.1", "port": 104},
+            "scanner": {"kind": "dimse", "ae_title": "SCANNER1", "host": "127.0.0.1",
+                        "port": 11113},
+            "archive": {"kind": "folder", "path": "results"},
+        },
+        "rules": rules,
+    }
+    cfg.update(extra)
+    return cfg
+
+
+class Env:
+    def __init__(self, tmp: Path, rules: list[dict[str, Any]]) -> None:
+        self.tmp = tmp
+        self.settings: NodeSettings = parse_config(base_config(rules), tmp)
+        self.index = SeriesIndex(self.settings.storage.database_path)
+        self.queue = JobQueue(self.settings)
+        self.wakes = 0
+        self.router = Router(self.settings, self.queue, self.index, on_enqueued=self._woke)
+        self.n = 0
+
+    def _woke(self) -> None:
+        self.wakes += 1
+
+    def receive(self, description: str, *, calling_ae: str = "SCANNER1", called_ae: str = "OMNIMRI",
+                slices: int = 2, **tags: Any) -> str:
+        """Store a small series, index it and complete it; returns its Series Instance UID."""
+        self.n += 1
+        datasets = synthetic_series(slices, 16, 16, seed=self.n, study_uid=STUDY,
+                                    series_number=self.n, description=description)
+        for ds in datasets:
+            for k, v in tags.items():
+                setattr(ds, k, v)
+        paths = write_series(datasets, self.tmp / f"s{self.n}")
+        now = time.time()
+        self.index.record([
+            InstanceRecord(ds.SOPInstanceUID, ds.SOPClassUID, ds.SeriesInstanceUID,
+                           ds.StudyInstanceUID, p, ds.file_meta.TransferSyntaxUID,
+                           p.stat().st_size, now, modality=ds.Modality,
+                           series_description=description, instance_number=k + 1,
+                           calling_ae=calling_ae, called_ae=called_ae, peer_host="127.0.0.1")
+            for k, (ds, p) in enumerate(zip(datasets, paths, strict=True))
+        ], use_expected_count=False)
+        events = self.index.complete_quiet(0.0, now=now + 1)
+        assert len(events) == 1
+        return str(datasets[0].SeriesInstanceUID)
+
+    def jobs(self) -> list[tuple[str, str, tuple[str, ...], str]]:
+        return sorted((j.series_uid, j.pipeline, j.destinations, j.priority)
+                      for j in self.queue.list_jobs())
+
+
+def test_series_rule_enqueues_once_and_marks_routed(tmp_path: Path) -> None:
+    env = Env(tmp_path, [{"name": "mr", "when": 'Modality == "MR"',
+                          "pipelines": ["preview", "other"], "destinations": ["pacs"]}])
+    uid = env.receive("T1 AXIAL")
+    assert env.router.route_pending() == 2
+    assert env.jobs() == [(uid, "other", ("pacs",), "normal"), (uid, "preview", ("pacs",), "normal")]
+    assert env.index.pending_events() == [] and env.wakes == 1
+    # Routing the same event again (a crash before the caller noticed) adds nothing.
+    [event] = env.index.events(uid)
+    assert env.router.route_event(event) == 0
+    assert len(env.queue.list_jobs()) == 2
+    job = env.queue.list_jobs()[0]
+    assert job.series.series_instance_uid == uid and len(job.series.instances) == 2
+    assert job.rule == "mr" and job.event_id == str(event.event_id)
+
+
+def test_discard_and_non_matching(tmp_path: Path) -> None:
+    env = Env(tmp_path, [
+        {"name": "no-localizers", "when": 'SeriesDescription contains "loc"', "action": "discard"},
+        {"name": "thin", "when": "SliceThickness < 2", "pipelines": ["preview"],
+         "destinations": ["archive"]},
+    ])
+    env.receive("LOCALIZER", SliceThickness=1.0)
+    env.receive("T2 thick", SliceThickness=5.0)
+    thin = env.receive("T1 thin", SliceThickness=1.0)
+    assert env.router.route_pending() == 1
+    assert env.jobs() == [(thin, "preview", ("archive",), "normal")]
+    assert env.index.pending_events() == []
+
+
+def test_sender_is_resolved_by_calling_ae(tmp_path: Path, caplog: Any) -> None:
+    env = Env(tmp_path, [{"name": "back", "when": "true", "pipelines": ["preview"],
+                          "destinations": ["sender", "archive"]}])
+    known = env.receive("A", calling_ae="SCANNER1")
+    unknown = env.receive("B", calling_ae="MYSTERY")
+    assert env.router.route_pending() == 2
+    assert env.jobs() == sorted([(known, "preview", ("scanner", "archive"), "normal"),
+                                 (unknown, "preview", ("archive",), "normal")])
+    series = env.index.load_series(known, 1)
+    assert resolve_sender(series, env.settings) == "scanner"
+
+
+def test_two_rules_one_pipeline_merge(tmp_path: Path) -> None:
+    env = Env(tmp_path, [
+        {"name": "a", "when": 'Modality == "MR"', "pipelines": ["preview"],
+         "destinations": ["pacs"], "priority": "low"},
+        {"name": "b", "when": 'CalledAE == "OMNI_BRAIN"', "pipelines": ["preview"],
+         "destinations": ["archive"], "priority": "urgent"},
+    ])
+    uid = env.receive("T1", called_ae="OMNI_BRAIN")
+    other = env.receive("T1", called_ae="OMNIMRI")
+    env.router.route_pending()
+    assert env.jobs() == sorted([(uid, "preview", ("pacs", "archive"), "urgent"),
+                                 (other, "preview", ("pacs",), "low")])
+
+
+def test_study_trigger_waits_for_required_series(tmp_path: Path) -> None:
+    env = Env(tmp_path, [{
+        "name": "brain-study", "when": 'Modality == "MR"', "trigger": "study",
+        "required_series": ['SeriesDescription matches "(?i)^t1"', 'SeriesDescription contains "flair"'],
+        "pipelines": ["preview"], "destinations": ["pacs"],
+    }])
+    t1 = env.receive("T1 MPRAGE")
+    assert env.router.route_pending() == 0  # FLAIR missing
+    assert env.index.pending_events() == []
+    env.receive("DWI")
+    assert env.router.route_pending() == 0
+    flair = env.receive("AX FLAIR")
+    assert env.router.route_pending() == 2
+    assert env.jobs() == sorted([(t1, "preview", ("pacs",), "normal"),
+                                 (flair, "preview", ("pacs",), "normal")])
+
+
+def test_enqueue_and_routed_mark_are_one_transaction(tmp_path: Path, monkeypatch: Any) -> None:
+    env = Env(tmp_path, [{"name": "mr", "when": "true", "pipelines": ["preview", "other"],
+                          "destinations": ["pacs"]}])
+    env.receive("T1")
+    real = env.queue.enqueue
+    calls = {"n": 0}
+
+    def crash_on_second(job: Any, conn: Any = None) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash mid-routing")
+        return real(job, conn)
+
+    monkeypatch.setattr(env.queue, "enqueue", crash_on_second)
+    with pytest.raises(RuntimeError):
+        env.router.route_pending()
+    assert env.queue.list_jobs() == [] and len(env.index.pending_events()) == 1
+    monkeypatch.setattr(env.queue, "enqueue", real)
+    assert env.router.route_pending() == 2 and env.index.pending_events() == []
+
+
+def test_router_service_routes_in_background(tmp_path: Path) -> None:
+    env = Env(tmp_path, [{"name": "mr", "when": "true", "pipelines": ["preview"],
+                          "destinations": ["archive"]}])
+    env.router.start()
+    try:
+        env.receive("T1")
+        deadline = time.monotonic() + 10
+        while not env.queue.list_jobs() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        env.router.stop()
+    assert len(env.queue.list_jobs()) == 1
+    assert pydicom  # the stored files are real DICOM (read by the rules' attribute sampler)
