@@ -83,7 +83,8 @@ def test_series_rule_enqueues_once_and_marks_routed(tmp_path: Path) -> None:
                           "pipelines": ["preview", "other"], "destinations": ["pacs"]}])
     uid = env.receive("T1 AXIAL")
     assert env.router.route_pending() == 2
-    assert env.jobs() == [(uid, "other", ("pacs",), "normal"), (uid, "preview", ("pacs",), "normal")]
+    assert env.jobs() == [(uid, "other", ("pacs",), "normal"),
+                          (uid, "preview", ("pacs",), "normal")]
     assert env.index.pending_events() == [] and env.wakes == 1
     # Routing the same event again (a crash before the caller noticed) adds nothing.
     [event] = env.index.events(uid)
@@ -137,7 +138,8 @@ def test_two_rules_one_pipeline_merge(tmp_path: Path) -> None:
 def test_study_trigger_waits_for_required_series(tmp_path: Path) -> None:
     env = Env(tmp_path, [{
         "name": "brain-study", "when": 'Modality == "MR"', "trigger": "study",
-        "required_series": ['SeriesDescription matches "(?i)^t1"', 'SeriesDescription contains "flair"'],
+        "required_series": ['SeriesDescription matches "(?i)^t1"',
+                            'SeriesDescription contains "flair"'],
         "pipelines": ["preview"], "destinations": ["pacs"],
     }])
     t1 = env.receive("T1 MPRAGE")
