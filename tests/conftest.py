@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.node",
     "tests.fixtures.orthanc",
     "tests.fixtures.dcmtk",
+    "tests.fixtures.tiny_model",
 ]

@@ -1,0 +1,174 @@
+"""Engines: one small Protocol, four implementations (ONNX Runtime, TensorRT, PyTorch, Triton).
+
+An engine runs a package's encoder graph on named numpy tensors. Pick one with
+:func:`select_engine`, which tries engines in order, logs once which engine and provider it
+chose and why each earlier one was not usable, and returns an instance that is safe to share
+between worker threads.
+
+Modules import their optional dependencies (``tensorrt``, ``torch``, ``tritonclient``) lazily;
+a missing dependency or device raises :class:`EngineUnavailable` with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy.typing as npt
+import structlog
+
+from inference.package import ModelPackage
+
+_log = structlog.get_logger(__name__)
+
+ENGINE_NAMES = ("tensorrt", "onnxruntime", "torch", "triton")
+"""Every engine kind, in the usual order of preference."""
+
+DEFAULT_ORDER = ("tensorrt", "onnxruntime", "torch")
+"""Order tried for ``auto`` (Triton only when asked for: it needs a server)."""
+
+Tensors = dict[str, npt.NDArray[Any]]
+"""Named tensors in and out of an engine."""
+
+
+class EngineUnavailable(RuntimeError):
+    """An engine cannot run here; the message says why (missing package, no GPU, no file)."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Runs one model graph. Implementations are thread-safe for :meth:`run`."""
+
+    name: str
+    """Engine kind: ``onnxruntime``, ``tensorrt``, ``torch`` or ``triton``."""
+    provider: str
+    """What actually executes: ORT provider, ``cuda:0``, ``cpu``, the Triton URL."""
+
+    @property
+    def input_names(self) -> list[str]:
+        """Graph input names."""
+        ...
+
+    @property
+    def output_names(self) -> list[str]:
+        """Graph output names."""
+        ...
+
+    def run(self, inputs: Tensors) -> Tensors:
+        """Run one batch; returns every graph output as a numpy array (float outputs float32)."""
+        ...
+
+    def close(self) -> None:
+        """Release sessions, GPU memory and connections."""
+        ...
+
+
+def create_engine(
+    name: str,
+    package: ModelPackage,
+    *,
+    version: int | None = None,
+    intra_op_threads: int = 0,
+    triton_url: str | None = None,
+    build_plan: bool = True,
+) -> Engine:
+    """Create one engine of kind ``name`` for ``package`` or raise :class:`EngineUnavailable`.
+
+    Args:
+        name: One of :data:`ENGINE_NAMES`.
+        package: The loaded model package.
+        version: Package version folder; the highest when ``None``.
+        intra_op_threads: CPU threads per inference (0 = library default, all cores).
+        triton_url: ``host:port`` of a Triton server (``http://`` or ``grpc://`` prefix picks
+            the protocol; HTTP by default). Needed for ``triton``.
+        build_plan: ``tensorrt`` only: build the plan for this GPU if it is missing.
+    """
+    if name == "onnxruntime":
+        from inference.engines.onnxruntime import OnnxRuntimeEngine
+
+        path = package.onnx_path(version)
+        if not path.is_file():
+            raise EngineUnavailable(f"package {package.name!r} has no {path.name}")
+        return OnnxRuntimeEngine(
+            path, cache_dir=package.engine_cache_dir(version), intra_op_threads=intra_op_threads
+        )
+    if name == "tensorrt":
+        from inference.engines.tensorrt import TensorRTEngine
+
+        return TensorRTEngine.for_package(package, version=version, build=build_plan)
+    if name == "torch":
+        from inference.engines.torch import TorchEngine
+
+        return TorchEngine.for_package(package, version=version, intra_op_threads=intra_op_threads)
+    if name == "triton":
+        from inference.engines.triton import TritonEngine
+
+        if not triton_url:
+            raise EngineUnavailable("no Triton server configured (models.triton_url)")
+        return TritonEngine.for_package(package, triton_url, version=version)
+    raise EngineUnavailable(f"unknown engine {name!r}; known: {', '.join(ENGINE_NAMES)}")
+
+
+def select_engine(
+    package: ModelPackage,
+    preference: str | Sequence[str] = "auto",
+    triton_url: str | None = None,
+    *,
+    version: int | None = None,
+    intra_op_threads: int = 0,
+    build_plan: bool = True,
+) -> Engine:
+    """The first engine in ``preference`` that works here; logs the choice and reasons once.
+
+    Args:
+        package: The model package.
+        preference: ``"auto"`` (:data:`DEFAULT_ORDER`), one engine name, or an ordered list
+            (e.g. the config's ``models.engine_order``).
+        triton_url: Triton server for ``triton``.
+        version: Package version folder.
+        intra_op_threads: CPU threads per inference (0 = default).
+        build_plan: Let ``tensorrt`` build a missing plan (minutes) instead of skipping it.
+
+    Raises:
+        EngineUnavailable: None of the engines can run; the message lists every reason.
+    """
+    if isinstance(preference, str):
+        order = list(DEFAULT_ORDER) if preference == "auto" else [preference]
+    else:
+        order = list(preference) or list(DEFAULT_ORDER)
+    skipped: dict[str, str] = {}
+    for name in order:
+        try:
+            engine = create_engine(
+                name, package, version=version, intra_op_threads=intra_op_threads,
+                triton_url=triton_url, build_plan=build_plan,
+            )
+        except EngineUnavailable as err:
+            skipped[name] = str(err)
+            continue
+        _log.info(
+            "engine selected", model=package.name, engine=engine.name, provider=engine.provider,
+            not_used=skipped or None,
+        )
+        return engine
+    reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items())
+    _log.error("no engine available", model=package.name, reasons=reasons)
+    raise EngineUnavailable(f"no engine can run model {package.name!r} here ({reasons})")
+
+
+def engine_availability() -> dict[str, str]:
+    """For each engine kind, ``"ok: <detail>"`` or the reason it cannot run on this machine."""
+    out: dict[str, str] = {}
+    from inference.engines.onnxruntime import available_providers
+
+    out["onnxruntime"] = "ok: " + ", ".join(available_providers())
+    from inference.engines.tensorrt import tensorrt_status
+
+    out["tensorrt"] = tensorrt_status()
+    from inference.engines.torch import torch_status
+
+    out["torch"] = torch_status()
+    from inference.engines.triton import triton_status
+
+    out["triton"] = triton_status()
+    return out

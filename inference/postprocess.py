@@ -1,0 +1,187 @@
+"""Post-processing driven by a package's output spec: back onto the source grid, labels, components.
+
+* :func:`to_source_grid` inverts :func:`inference.preprocess.to_model_grid` (resampling with the
+  inverse cell-centred mapping, then the exact inverse permutation/flips).
+* :func:`activate`, :func:`label_map`: softmax/sigmoid, argmax/threshold.
+* :func:`connected_components`: components of a mask with their centroid (index and LPS mm),
+  bounding box, diameter (mm) and volume (ml).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+from inference.preprocess import GridTransform
+
+Array = npt.NDArray[np.float32]
+
+
+def to_source_grid(
+    array: npt.NDArray[np.floating], t: GridTransform, order: int = 1
+) -> Array:
+    """Map a model-grid array ``[..., D, H, W]`` back onto the source grid ``[..., K, J, I]``.
+
+    Leading axes (channels) are mapped one by one. ``order`` is the spline order (1 = linear,
+    0 = nearest for label maps).
+    """
+    arr = np.asarray(array, dtype=np.float32)
+    if arr.ndim > 3:
+        lead = arr.shape[:-3]
+        flat = arr.reshape((-1, *arr.shape[-3:]))
+        out = np.stack([to_source_grid(c, t, order) for c in flat])
+        return out.reshape((*lead, *t.source_shape))
+    if tuple(arr.shape) != t.model_shape:
+        raise ValueError(f"array shape {arr.shape} is not the model grid {t.model_shape}")
+    if t.resampled:
+        inv = 1.0 / np.asarray(t.scale)
+        arr = np.asarray(
+            ndimage.affine_transform(
+                arr, matrix=inv, offset=0.5 * inv - 0.5, output_shape=t.reoriented_shape,
+                order=order, mode="nearest", prefilter=order > 1,
+            ),
+            dtype=np.float32,
+        )
+    for a, f in enumerate(t.flips):
+        if f:
+            arr = np.flip(arr, axis=a)
+    inverse_axes = tuple(int(a) for a in np.argsort(t.axes))
+    return np.ascontiguousarray(np.transpose(arr, inverse_axes), dtype=np.float32)
+
+
+def activate(logits: Array, activation: str, axis: int = 0) -> Array:
+    """``softmax`` over ``axis``, ``sigmoid`` elementwise, or ``none``; float32."""
+    x = np.asarray(logits, dtype=np.float32)
+    if activation == "softmax":
+        m = x.max(axis=axis, keepdims=True)
+        e = np.exp(x - m)
+        return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
+    if activation == "sigmoid":
+        return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+    return x
+
+
+def label_map(
+    probabilities: Array, activation: str, values: list[int], threshold: float = 0.5
+) -> npt.NDArray[np.uint16]:
+    """Per-voxel label value from channel probabilities ``[C, K, J, I]``.
+
+    ``softmax``: the argmax channel (voxels whose argmax is an unlisted channel, e.g.
+    background 0, get 0). ``sigmoid``: among the listed channels whose probability is at least
+    ``threshold``, the most probable; 0 where none is.
+    """
+    out = np.zeros(probabilities.shape[1:], dtype=np.uint16)
+    if activation == "softmax":
+        am = np.argmax(probabilities, axis=0)
+        for v in values:
+            out[am == v] = v
+        return out
+    best = np.zeros(probabilities.shape[1:], dtype=np.float32)
+    for v in values:
+        p = probabilities[v]
+        win = (p >= threshold) & (p > best)
+        out[win] = v
+        best[win] = p[win]
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Component:
+    """One connected component of a mask on the source grid."""
+
+    label_value: int
+    """The label value (channel) it belongs to."""
+    centroid_index: tuple[float, float, float]
+    """Centroid as fractional indices ``(k, j, i)``."""
+    centroid_lps_mm: tuple[float, float, float]
+    """Centroid in patient LPS, millimetres."""
+    bbox_index: tuple[int, int, int, int, int, int]
+    """``(k0, j0, i0, k1, j1, i1)``, half-open, indices."""
+    diameter_mm: float
+    """Largest in-plane extent (over slices), centre-to-centre plus one pixel, mm."""
+    volume_ml: float
+    """Volume in millilitres."""
+    voxels: int
+    """Number of voxels."""
+    probability: float
+    """Mean probability over the component (1.0 when no probability map was given)."""
+
+
+def _max_inplane_extent(points_mm: npt.NDArray[np.float64]) -> float:
+    """Largest distance between 2-D points (convex hull + pairwise), mm."""
+    from scipy.spatial import ConvexHull, QhullError
+    from scipy.spatial.distance import pdist
+
+    if len(points_mm) < 2:
+        return 0.0
+    pts = points_mm
+    if len(pts) > 3:
+        with contextlib.suppress(QhullError, ValueError):  # collinear points: keep all
+            pts = pts[ConvexHull(pts).vertices]
+    if len(pts) > 2000:  # degenerate hull failed on a huge line: use its end points
+        lo, hi = pts.min(axis=0), pts.max(axis=0)
+        return float(np.linalg.norm(hi - lo))
+    return float(pdist(pts).max())
+
+
+def connected_components(
+    mask: npt.NDArray[np.bool_],
+    affine: npt.NDArray[np.float64],
+    *,
+    label_value: int = 1,
+    probability: npt.NDArray[np.floating] | None = None,
+    connectivity: int = 26,
+    min_volume_mm3: float = 0.0,
+    min_diameter_mm: float = 0.0,
+) -> list[Component]:
+    """Connected components of a ``[K, J, I]`` mask, largest first.
+
+    Args:
+        mask: Boolean mask on the source grid.
+        affine: The grid's 4x4 LPS affine (mm).
+        label_value: Recorded in each component.
+        probability: Optional probability map (same shape) for the mean probability.
+        connectivity: 6, 18 or 26 neighbours.
+        min_volume_mm3: Smaller components are dropped.
+        min_diameter_mm: Components with a smaller in-plane extent are dropped.
+    """
+    rank = {6: 1, 18: 2, 26: 3}[connectivity]
+    structure = ndimage.generate_binary_structure(3, rank)
+    labels, n = ndimage.label(mask, structure=structure)
+    if n == 0:
+        return []
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    voxel_mm3 = float(np.prod(spacing))
+    out: list[Component] = []
+    for idx, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        comp = labels[sl] == idx
+        nvox = int(comp.sum())
+        volume_mm3 = nvox * voxel_mm3
+        if volume_mm3 < min_volume_mm3:
+            continue
+        kji = np.argwhere(comp).astype(np.float64) + [s.start for s in sl]
+        diameter = 0.0
+        for k in np.unique(kji[:, 0]):
+            pts = kji[kji[:, 0] == k][:, 1:] * spacing[1:]
+            diameter = max(diameter, _max_inplane_extent(pts))
+        diameter += float(max(spacing[1], spacing[2]))
+        if diameter < min_diameter_mm:
+            continue
+        centroid = kji.mean(axis=0)
+        lps = affine[:3, :3] @ centroid + affine[:3, 3]
+        prob = 1.0 if probability is None else float(np.asarray(probability[sl])[comp].mean())
+        out.append(Component(
+            label_value=label_value,
+            centroid_index=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
+            centroid_lps_mm=(float(lps[0]), float(lps[1]), float(lps[2])),
+            bbox_index=(sl[0].start, sl[1].start, sl[2].start, sl[0].stop, sl[1].stop, sl[2].stop),
+            diameter_mm=diameter, volume_ml=volume_mm3 / 1000.0, voxels=nvox, probability=prob,
+        ))
+    out.sort(key=lambda c: -c.voxels)
+    return out

@@ -1,0 +1,337 @@
+"""Run a model package on a volume with any engine: everything generic between the two.
+
+:func:`run_model` prepares the volume as the package's ``input`` spec says, runs the engine over
+sliding windows in batches, aggregates window outputs (Gaussian-weighted for dense outputs,
+averaged for global ones), maps dense outputs back onto the source grid, applies activations,
+label maps, connected components and greedy text decoding, and returns :class:`RawOutputs`.
+Model-specific interpretation (lobe names, report sections, ...) builds
+:class:`inference.results.Results` from it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from inference.engines import Engine
+from inference.package import (
+    ClassificationOutput,
+    ClassSpec,
+    ImageOutput,
+    LabelSpec,
+    ModelPackage,
+    SegmentationOutput,
+    TextOutput,
+)
+from inference.postprocess import (
+    Component,
+    activate,
+    connected_components,
+    label_map,
+    to_source_grid,
+)
+from inference.preprocess import (
+    GridTransform,
+    Window,
+    batches,
+    extract_batch,
+    gaussian_importance,
+    pad_to_patch,
+    prepare,
+    sliding_windows,
+)
+from inference.volume import Volume
+
+_log = structlog.get_logger(__name__)
+
+Array = npt.NDArray[np.float32]
+
+
+@dataclass(slots=True)
+class SegmentationResult:
+    """One ``segmentation`` output on the source grid."""
+
+    probabilities: Array
+    """``[C, K, J, I]`` float32 after the activation (C = logit channels)."""
+    labels: list[LabelSpec]
+    activation: str
+    threshold: float
+    label_map: npt.NDArray[np.uint16]
+    """``[K, J, I]``: label value per voxel (0 = none); see :func:`postprocess.label_map`."""
+    components: dict[int, list[Component]] = field(default_factory=dict)
+    """Label value → connected components (only when the output declares ``detection``)."""
+
+    def mask(self, value: int) -> npt.NDArray[np.bool_]:
+        """Boolean ``[K, J, I]`` mask of one label (``sigmoid`` labels may overlap)."""
+        if self.activation == "sigmoid":
+            return np.asarray(self.probabilities[value] >= self.threshold)
+        return np.asarray(self.label_map == value)
+
+
+@dataclass(slots=True)
+class ClassificationResult:
+    """One ``classification`` output: window-averaged logits, then activated."""
+
+    classes: list[ClassSpec]
+    probabilities: dict[str, float]
+    """Class name → probability."""
+
+    @property
+    def best(self) -> ClassSpec:
+        """The most probable class."""
+        return max(self.classes, key=lambda c: self.probabilities[c.name])
+
+
+@dataclass(slots=True)
+class RawOutputs:
+    """Everything generic a run produced; all arrays lie on the source grid ``[K, J, I]``."""
+
+    segmentation: dict[str, SegmentationResult] = field(default_factory=dict)
+    classification: dict[str, ClassificationResult] = field(default_factory=dict)
+    image: dict[str, Array] = field(default_factory=dict)
+    """Image outputs, ``[K, J, I]`` (or ``[C, K, J, I]``), denormalised if the spec says so."""
+    text: dict[str, str] = field(default_factory=dict)
+    features: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
+    """Window-averaged non-dense engine outputs (e.g. a text decoder's memory)."""
+    transform: GridTransform | None = None
+    engine: str = ""
+    provider: str = ""
+    windows: int = 0
+    timings_s: dict[str, float] = field(default_factory=dict)
+    """``preprocess``, ``inference``, ``postprocess``, ``decode`` in seconds."""
+    instructions: list[str] = field(default_factory=list)
+
+
+DecoderFactory = Callable[[Path], Engine]
+"""Makes the engine that runs a text decoder graph (default: ONNX Runtime)."""
+
+
+def _default_decoder(path: Path) -> Engine:
+    from inference.engines.onnxruntime import OnnxRuntimeEngine
+
+    return OnnxRuntimeEngine(path)
+
+
+def warm_up(package: ModelPackage, engine: Engine) -> float:
+    """Run one zero batch through ``engine`` (allocations, kernel selection); returns seconds."""
+    spec = package.spec.input
+    shape = (spec.batch_size, spec.channels, *spec.patch_size)
+    t0 = time.perf_counter()
+    engine.run({spec.name: np.zeros(shape, dtype=np.dtype(spec.dtype))})
+    return time.perf_counter() - t0
+
+
+def run_model(
+    package: ModelPackage,
+    volume: Volume,
+    engine: Engine,
+    instructions: list[str] | None = None,
+    *,
+    decoder_factory: DecoderFactory = _default_decoder,
+) -> RawOutputs:
+    """Run ``package`` on ``volume`` with ``engine`` for the given instructions.
+
+    Args:
+        package: The model package (its spec drives everything).
+        volume: Source volume.
+        engine: Any :class:`~inference.engines.Engine` loaded with the package's graph.
+        instructions: Instructions from ``package.spec.tasks``; ``None``/empty = all outputs.
+        decoder_factory: Builds the engine for ``text`` decoders.
+
+    Raises:
+        PackageError: An instruction the package does not support.
+        ValueError: The engine's outputs do not match the package spec (names or shapes).
+    """
+    spec = package.spec
+    wanted = spec.outputs_for(instructions)
+    outs = [spec.output(n) for n in wanted]
+    engine_needed = [o.name for o in outs if not isinstance(o, TextOutput)]
+    missing = [n for n in engine_needed if n not in engine.output_names]
+    if missing:
+        raise ValueError(
+            f"engine {engine.name} graph lacks outputs {missing} declared in {package.name}'s "
+            f"model.yaml (graph outputs: {engine.output_names})"
+        )
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    prepared = prepare(volume.array, volume.affine, spec.input)
+    t = prepared.transform
+    padded = pad_to_patch(prepared.array, spec.input)
+    windows = sliding_windows(t.model_shape, spec.input)
+    timings["preprocess"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    dense_names = {
+        o.name for o in outs if isinstance(o, SegmentationOutput | ImageOutput)
+    }
+    agg = _Aggregator(padded.shape, spec.input.layout, dense_names)
+    for group in batches(windows, spec.input.batch_size):
+        batch = extract_batch(padded, group, spec.input)
+        result = engine.run({spec.input.name: batch})
+        agg.add_weights(group)
+        for name in engine_needed:
+            agg.add(name, np.asarray(result[name]), group)
+    timings["inference"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    raw = RawOutputs(
+        transform=t, engine=engine.name, provider=engine.provider, windows=len(windows),
+        instructions=list(instructions or []),
+    )
+    ms = t.model_shape
+    for o in outs:
+        if isinstance(o, SegmentationOutput):
+            logits = agg.dense(o.name)[:, : ms[0], : ms[1], : ms[2]]
+            if logits.shape[0] < o.channels:
+                raise ValueError(
+                    f"output {o.name!r} has {logits.shape[0]} channels; labels need {o.channels}"
+                )
+            probs = to_source_grid(activate(logits, o.activation, axis=0), t, order=1)
+            values = [lab.value for lab in o.labels]
+            seg = SegmentationResult(
+                probabilities=probs, labels=list(o.labels), activation=o.activation,
+                threshold=o.threshold,
+                label_map=label_map(probs, o.activation, values, o.threshold),
+            )
+            if o.detection is not None:
+                for lab in o.labels:
+                    seg.components[lab.value] = connected_components(
+                        seg.mask(lab.value), volume.affine, label_value=lab.value,
+                        probability=probs[lab.value], connectivity=o.detection.connectivity,
+                        min_volume_mm3=o.detection.min_volume_mm3,
+                        min_diameter_mm=o.detection.min_diameter_mm,
+                    )
+            raw.segmentation[o.name] = seg
+        elif isinstance(o, ImageOutput):
+            img = agg.dense(o.name)[:, : ms[0], : ms[1], : ms[2]]
+            if o.denormalise:
+                img = prepared.normalisation.invert(img)
+            src = to_source_grid(img, t, order=1)
+            raw.image[o.name] = src[0] if src.shape[0] == 1 else src
+        elif isinstance(o, ClassificationOutput):
+            logits = agg.mean(o.name).reshape(-1)
+            if logits.shape[0] != len(o.classes):
+                raise ValueError(
+                    f"output {o.name!r} has {logits.shape[0]} logits; {len(o.classes)} classes"
+                )
+            p = activate(logits, o.activation, axis=0)
+            raw.classification[o.name] = ClassificationResult(
+                classes=list(o.classes),
+                probabilities={c.name: float(p[i]) for i, c in enumerate(o.classes)},
+            )
+    for name in engine_needed:
+        if name not in dense_names:
+            raw.features[name] = agg.mean(name)
+    timings["postprocess"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for o in outs:
+        if isinstance(o, TextOutput):
+            raw.text[o.name] = _greedy_decode(package, o, raw.features[o.memory_output],
+                                              decoder_factory)
+    if any(isinstance(o, TextOutput) for o in outs):
+        timings["decode"] = time.perf_counter() - t0
+    raw.timings_s = {k: round(v, 4) for k, v in timings.items()}
+    _log.info(
+        "model run", model=package.name, engine=engine.name, provider=engine.provider,
+        windows=len(windows), outputs=wanted, timings_s=raw.timings_s,
+    )
+    return raw
+
+
+class _Aggregator:
+    """Accumulates window outputs: weighted sums for dense outputs, plain sums for the rest."""
+
+    def __init__(
+        self, padded_shape: tuple[int, ...], layout: str, dense: set[str]
+    ) -> None:
+        self._shape = (int(padded_shape[0]), int(padded_shape[1]), int(padded_shape[2]))
+        self._layout = layout
+        self._dense_names = dense
+        self._sums: dict[str, Array] = {}
+        self._weights: Array | None = None
+        self._gauss: Array | None = None
+        self._count: dict[str, int] = {}
+
+    def _weights_for(self, size: tuple[int, int, int]) -> Array:
+        if self._gauss is None or self._gauss.shape != size:
+            self._gauss = gaussian_importance(size)
+        return self._gauss
+
+    def add(self, name: str, out: npt.NDArray[np.generic], group: list[Window]) -> None:
+        out = np.asarray(out, dtype=np.float32)
+        if out.shape[0] != len(group):
+            raise ValueError(f"output {name!r} has batch {out.shape[0]}, sent {len(group)}")
+        if name not in self._dense_names:
+            s = out.sum(axis=0)
+            self._sums[name] = s if name not in self._sums else self._sums[name] + s
+            self._count[name] = self._count.get(name, 0) + len(group)
+            return
+        size = group[0].size
+        want = size if self._layout == "NCDHW" else size[1:]
+        if out.ndim != 2 + len(want) or tuple(out.shape[2:]) != tuple(want):
+            raise ValueError(
+                f"dense output {name!r} has shape {list(out.shape)}; expected "
+                f"[N, C, {', '.join(map(str, want))}] for layout {self._layout}"
+            )
+        if name not in self._sums:
+            self._sums[name] = np.zeros((out.shape[1], *self._shape), dtype=np.float32)
+        w = self._weights_for(size)
+        acc = self._sums[name]
+        for n, win in enumerate(group):
+            piece = out[n] if self._layout == "NCDHW" else out[n][:, None]
+            acc[(slice(None), *win.slices)] += piece * w
+
+    def add_weights(self, group: list[Window]) -> None:
+        """Count each window's weights once (shared by every dense output)."""
+        if not self._dense_names:
+            return
+        if self._weights is None:
+            self._weights = np.zeros(self._shape, dtype=np.float32)
+        for win in group:
+            self._weights[win.slices] += self._weights_for(win.size)
+
+    def dense(self, name: str) -> Array:
+        """Weighted average over windows, ``[C, *padded_shape]``."""
+        assert self._weights is not None
+        w = np.maximum(self._weights, 1e-8)
+        return (self._sums[name] / w).astype(np.float32)
+
+    def mean(self, name: str) -> npt.NDArray[np.float32]:
+        """Mean over all windows of a non-dense output (batch axis kept as 1)."""
+        return (self._sums[name] / max(self._count.get(name, 1), 1))[None].astype(np.float32)
+
+
+def _greedy_decode(
+    package: ModelPackage, out: TextOutput, memory: npt.NDArray[np.float32],
+    factory: DecoderFactory,
+) -> str:
+    """Greedy decoding: feed ``memory`` and the tokens so far, append the argmax until EOS."""
+    path = package.decoder_path(out)
+    if not path.is_file():
+        raise ValueError(f"text output {out.name!r}: decoder {path.name} is missing")
+    vocab = package.vocabulary(out)
+    dec = factory(path)
+    try:
+        if set(dec.input_names) != {"memory", "tokens"} or "logits" not in dec.output_names:
+            raise ValueError(
+                f"decoder {path.name} must take (memory, tokens) and return logits; it takes "
+                f"{dec.input_names} and returns {dec.output_names}"
+            )
+        tokens = [out.bos_id]
+        for _ in range(out.max_tokens):
+            logits = dec.run({"memory": memory, "tokens": np.asarray([tokens], dtype=np.int64)})
+            nxt = int(np.argmax(np.asarray(logits["logits"])[0, -1]))
+            if nxt == out.eos_id:
+                break
+            tokens.append(nxt)
+    finally:
+        dec.close()
+    words = [vocab[i] for i in tokens[1:] if i != out.pad_id and 0 <= i < len(vocab)]
+    return out.join.join(words)
