@@ -169,10 +169,11 @@ def _negotiate_with_policy(self: pnd_acse.ACSE) -> None:
     calling = str(rq.calling_ae_title).strip()
     called = str(rq.called_ae_title).strip()
     host = str(self.assoc.requestor.address)
-    active = len([a for a in self.assoc.ae.active_associations if a.is_acceptor])
-    verdict = listener.policy.check(calling, called, host, active)
-    if verdict is None and listener.tls_required and not _is_tls(self.assoc):
+    verdict = None
+    if listener.tls_required and not _is_tls(self.assoc):
         verdict = REJECT_PLAIN_WHEN_TLS_REQUIRED, "TLS required: plain association refused"
+    if verdict is None:
+        verdict = listener.reserve(self.assoc, calling, called, host)
     if verdict is None:
         _in_node_negotiation.active = True
         try:
@@ -221,6 +222,26 @@ class Listener:
             self._commit, settings.storage.group_commit_ms / 1000.0, lambda: self._active)
         self.ae = self._make_ae()
 
+    def reserve(self, assoc: Any, calling: str, called: str, host: str
+                ) -> tuple[tuple[int, int, int], str] | None:
+        """Apply the policy; on acceptance count the association until its connection closes.
+
+        Counting here (not pynetdicom's ``active_associations``, which also counts bare TCP
+        probes still being torn down) makes ``max_associations`` exact.
+        """
+        with self._active_lock:
+            verdict = self.policy.check(calling, called, host, self._active + 1)
+            if verdict is None:
+                self._active += 1
+                assoc._omnimri_reserved = True
+        return verdict
+
+    def _on_close(self, event: Any) -> None:
+        if getattr(event.assoc, "_omnimri_reserved", False):
+            event.assoc._omnimri_reserved = False
+            with self._active_lock:
+                self._active -= 1
+
     # -- set-up ----------------------------------------------------------------------------
 
     def _make_ae(self) -> AE:
@@ -262,6 +283,7 @@ class Listener:
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_RELEASED, self._on_end),
             (evt.EVT_ABORTED, self._on_end),
+            (evt.EVT_CONN_CLOSE, self._on_close),
         ]
         # DICOM TLS: on node.port itself, or on a separate node.tls.port next to plain TCP.
         if node.tls.required and not node.tls.enabled:
@@ -319,16 +341,12 @@ class Listener:
         return st
 
     def _on_established(self, event: Any) -> None:
-        with self._active_lock:
-            self._active += 1
         st = self._stats(event)
         log.info("association_accepted", assoc_id=st.assoc_id, calling_ae=st.calling_ae,
                  called_ae=st.called_ae, peer_host=st.peer_host, peer_port=st.peer_port,
                  contexts=len(event.assoc.accepted_contexts))
 
     def _on_end(self, event: Any) -> None:
-        with self._active_lock:
-            self._active = max(0, self._active - 1)
         st = self._stats(event)
         dt = time.perf_counter() - st.started
         log.info("association_released" if event.event is evt.EVT_RELEASED
