@@ -45,7 +45,8 @@ def test_caller_policy_rules() -> None:
 
 def test_allow_list_and_called_ae(node_factory: Callable[..., NodeProcess], dcmtk: None) -> None:
     node = node_factory(node={"aliases": ["OMNI_BRAIN"], "allowed_callers": [
-        {"ae_title": "GOODSCU", "host": "127.0.0.1"}, {"ae_title": "FARSCU", "host": "10.0.0.0/8"}]})
+        {"ae_title": "GOODSCU", "host": "127.0.0.1"},
+        {"ae_title": "FARSCU", "host": "10.0.0.0/8"}]})
     assert echoscu(node.port, "OMNIMRI", aet="GOODSCU").returncode == 0
     assert echoscu(node.port, "OMNI_BRAIN", aet="GOODSCU").returncode == 0
     r = echoscu(node.port, "OMNIMRI", aet="BADSCU")
