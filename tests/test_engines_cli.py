@@ -1,0 +1,74 @@
+"""``omnimri-node engines list | build | verify`` on the tiny package (CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dicom_node.cli import app
+from inference.package import ModelPackage
+from tests.fixtures.tiny_model import TINY_PATCH, make_tiny_net
+
+
+@pytest.fixture()
+def models_config(tmp_path: Path, tiny_package: ModelPackage) -> Path:
+    models = tmp_path / "models"
+    shutil.copytree(tiny_package.folder, models / "omnimri-tiny-test")
+    (models / "broken").mkdir()
+    (models / "broken" / "model.yaml").write_text("name: broken\n")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"models:\n  path: {models}\n  intra_op_threads: 1\n")
+    return cfg
+
+
+def test_list_engines_and_packages(models_config: Path) -> None:
+    result = CliRunner().invoke(app, ["engines", "list", "-c", str(models_config), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    engines = {e["engine"]: e for e in data["engines"]}
+    assert engines["onnxruntime"]["usable"] and "CPUExecutionProvider" in engines[
+        "onnxruntime"]["detail"]
+    assert not engines["triton"]["usable"] and "no models.triton_url" in engines["triton"]["detail"]
+    valid = [p for p in data["packages"] if p["valid"]]
+    assert [(p["name"], p["versions"], p["torchscript"]) for p in valid] == [("tiny", "1", True)]
+    broken = [p for p in data["packages"] if not p["valid"]]
+    assert len(broken) == 1 and "version: Field required" in broken[0]["problem"]
+
+
+def test_build_refuses_without_tensorrt(models_config: Path) -> None:
+    from inference.engines.tensorrt import tensorrt_status
+
+    if tensorrt_status().startswith("ok"):
+        pytest.skip("TensorRT usable here; tests/gpu covers engines build")
+    result = CliRunner().invoke(app, ["engines", "build", "tiny", "-c", str(models_config)])
+    assert result.exit_code == 3
+    assert "cannot build a TensorRT plan here:" in result.stderr
+
+
+def test_unknown_model(models_config: Path) -> None:
+    result = CliRunner().invoke(app, ["engines", "verify", "nope", "-c", str(models_config)])
+    assert result.exit_code == 3 and "no model package 'nope'" in result.stderr
+
+
+def test_verify_agrees_then_catches_a_wrong_engine(models_config: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["engines", "verify", "omnimri-tiny-test", "-c",
+                                 str(models_config), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["engine"]: r for r in json.loads(result.stdout)}
+    assert rows["onnxruntime"]["status"] == "ran" and rows["torch"]["status"] == "ran"
+    assert rows["torch"]["ok"] and float(rows["torch"]["max_abs_diff"]) < 1e-3
+    assert rows["tensorrt"]["status"].startswith("skipped: ") or rows["tensorrt"]["ok"]
+    # replace the TorchScript by a net with other weights: verify must fail
+    import torch
+
+    folder = models_config.parent / "models" / "omnimri-tiny-test"
+    wrong = torch.jit.trace(make_tiny_net(seed=1), torch.zeros((1, 1, *TINY_PATCH)))
+    torch.jit.save(wrong, str(folder / "1" / "model.pt"))
+    result = runner.invoke(app, ["engines", "verify", "tiny", "-c", str(models_config)])
+    assert result.exit_code == 1
+    assert "outputs differ by more than 0.001" in result.stderr
