@@ -16,10 +16,13 @@ from typing import Protocol
 
 from dicom_node.config import NodeSettings
 from dicom_node.index import SeriesIndex
+from dicom_node.jobs import JobQueue
 from dicom_node.listener import Listener
 from dicom_node.logs import get_logger
+from dicom_node.router import Router
 from dicom_node.series_tracker import SeriesTracker
 from dicom_node.spool import Spool
+from dicom_node.worker import WorkerPool
 
 log = get_logger("runtime")
 
@@ -53,7 +56,11 @@ class Node:
         self.index = SeriesIndex(settings.storage.database_path)
         self.tracker = SeriesTracker(self.index, settings.completion)
         self.listener = Listener(settings, self.index, self.spool, self.tracker)
-        self._services: list[Service] = []
+        # Jobs (H3): the worker pool and the router that feeds it (stopped before the tracker).
+        self.jobs = JobQueue(settings)
+        self.workers = WorkerPool(settings, self.jobs)
+        self.router = Router(settings, self.jobs, self.index, on_enqueued=self.workers.wake)
+        self._services: list[Service] = [self.workers, self.router]
         self._started: list[Service] = []
         self._stop_requested = threading.Event()
         self._running = False

@@ -1,0 +1,172 @@
+"""End to end with real processes: ``omnimri-node serve`` + Debian's Orthanc as the PACS.
+
+* A series sent to the node comes back to Orthanc as one preview SC.
+* PACS outage: Orthanc is down while the jobs dispatch and comes back ~30 s later; every
+  preview arrives exactly once.
+* kill -9: the node is SIGKILLed while jobs run and while they dispatch, then restarted; every
+  job finishes and Orthanc holds each preview exactly once.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dicom_node.pipelines.preview import SERIES_DESCRIPTION, preview_uids
+from dicom_node.samples import synthetic_series, write_series
+from tests.fixtures.node import NodeProcess, store_files
+from tests.fixtures.orthanc import OrthancServer
+
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+OUTAGE_S = 30.0
+"""How long the PACS stays down in the outage test, seconds (the issue asks for ~30 s)."""
+
+
+def node_sections(orthanc: OrthancServer, destinations: list[str], **jobs: Any) -> dict[str, Any]:
+    return {
+        "jobs": {"workers": 2, "max_attempts": 30, "backoff_initial_s": 1, "backoff_max_s": 5,
+                 "poll_interval_s": 0.1, **jobs},
+        "destinations": {
+            "pacs": {"kind": "dimse", "ae_title": orthanc.ae_title, "host": "127.0.0.1",
+                     "port": orthanc.dicom_port, "timeout_s": 5},
+            "pacs_rest": {"kind": "orthanc", "url": orthanc.url, "timeout_s": 5},
+            "pacs_web": {"kind": "dicomweb", "url": orthanc.dicomweb_url, "timeout_s": 5},
+        },
+        "pipelines": {"preview": {"kind": "preview", "model": None, "outputs": ["sc"]}},
+        "rules": [{"name": "mr-preview", "when": 'Modality == "MR"', "pipelines": ["preview"],
+                   "destinations": destinations}],
+        "storage": {"fsync": True},
+    }
+
+
+def make_series(tmp: Path, count: int, slices: int = 6, size: int = 64) -> list[list[Path]]:
+    study = None
+    out = []
+    for k in range(count):
+        ds = synthetic_series(slices, size, size, seed=k, series_number=k + 1, study_uid=study,
+                              description=f"T1 {k}")
+        study = ds[0].StudyInstanceUID
+        out.append(write_series(ds, tmp / f"series{k}"))
+    return out
+
+
+def jobs_of(node: NodeProcess) -> list[dict[str, Any]]:
+    if not node.db_path.exists():
+        return []
+    conn = sqlite3.connect(f"file:{node.db_path}?mode=ro", uri=True, timeout=5)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(
+            "SELECT id, state, attempts, last_error, series_uid FROM jobs")]
+    except sqlite3.OperationalError:
+        return []  # table not created yet
+    finally:
+        conn.close()
+
+
+def deliveries_of(node: NodeProcess) -> list[tuple[str, str, str]]:
+    conn = sqlite3.connect(f"file:{node.db_path}?mode=ro", uri=True, timeout=5)
+    try:
+        return [tuple(r) for r in conn.execute(
+            "SELECT job_id, sop_instance_uid, destination FROM deliveries")]
+    finally:
+        conn.close()
+
+
+def wait_until(pred: Callable[[], Any], timeout_s: float, what: str, step: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached in {timeout_s} s")
+        time.sleep(step)
+
+
+def all_done(node: NodeProcess, n: int) -> bool:
+    jobs = jobs_of(node)
+    return len(jobs) == n and all(j["state"] == "done" for j in jobs)
+
+
+def assert_previews_once(orthanc: OrthancServer, node: NodeProcess, n_series: int) -> None:
+    jobs = jobs_of(node)
+    assert len(jobs) == n_series and {j["state"] for j in jobs} == {"done"}, jobs
+    expected = sorted(preview_uids(j["id"])[1] for j in jobs)
+    found = orthanc.sop_uids(SOPClassUID=SC_CLASS)
+    assert found == expected  # each output exactly once (sorted list keeps duplicates)
+    for uid in expected:
+        assert orthanc.instance_tags(uid)["SeriesDescription"] == SERIES_DESCRIPTION
+
+
+@pytest.mark.slow
+def test_series_to_preview_in_orthanc(orthanc: OrthancServer, node_factory: Any,
+                                      tmp_path: Path) -> None:
+    node = node_factory(**node_sections(orthanc, ["pacs", "pacs_rest", "pacs_web"]))
+    [files] = make_series(tmp_path, 1)
+    assert store_files(node.port, files) == [0] * len(files)
+    wait_until(lambda: all_done(node, 1), 30, "job done")
+    assert_previews_once(orthanc, node, 1)
+    # Delivered once per destination kind (the same UID, so Orthanc holds one instance).
+    assert sorted(d[2] for d in deliveries_of(node)) == ["pacs", "pacs_rest", "pacs_web"]
+
+
+@pytest.mark.slow
+def test_pacs_outage_every_result_arrives_once(orthanc: OrthancServer, node_factory: Any,
+                                               tmp_path: Path) -> None:
+    n = 3
+    node = node_factory(**node_sections(orthanc, ["pacs", "pacs_rest"]))
+    series = make_series(tmp_path, n)
+    orthanc.stop()
+    down_at = time.monotonic()
+    for files in series:
+        assert store_files(node.port, files) == [0] * len(files)
+    # Every job has tried to dispatch at least twice while the PACS is down.
+    wait_until(lambda: len(jobs_of(node)) == n
+               and all(j["attempts"] >= 2 and j["state"] != "done" for j in jobs_of(node)),
+               OUTAGE_S, "failed dispatch attempts")
+    errors = {j["last_error"] for j in jobs_of(node)}
+    assert all("pacs" in e for e in errors), errors
+    time.sleep(max(OUTAGE_S - (time.monotonic() - down_at), 0))
+    orthanc.start()
+    wait_until(lambda: all_done(node, n), 30, "all jobs done after the outage")
+    assert_previews_once(orthanc, node, n)
+    assert sorted(d[2] for d in deliveries_of(node)) == ["pacs"] * n + ["pacs_rest"] * n
+    assert not node.events("job failed (dead letter)")
+
+
+@pytest.mark.slow
+def test_kill9_while_running_and_dispatching(orthanc: OrthancServer, node_factory: Any,
+                                             tmp_path: Path) -> None:
+    n = 6
+    node = node_factory(**node_sections(orthanc, ["pacs", "pacs_rest"], workers=1))
+    series = make_series(tmp_path, n, slices=24, size=128)
+    for files in series:
+        assert store_files(node.port, files) == [0] * len(files)
+
+    def state_seen(state: str) -> bool:
+        return any(j["state"] == state for j in jobs_of(node))
+
+    killed_in = []
+    for state in ("running", "dispatching"):
+        try:
+            wait_until(lambda s=state: state_seen(s), 20, f"a job {state}", step=0.003)
+        except TimeoutError:
+            if all_done(node, n):
+                break
+            raise
+        node.kill9()
+        killed_in.append({j["id"]: j["state"] for j in jobs_of(node)})
+        node.restart()
+    print("job states at each kill -9:", killed_in)
+    assert killed_in and "running" in killed_in[0].values()
+    wait_until(lambda: all_done(node, n), 60, "all jobs done after kill -9")
+    assert_previews_once(orthanc, node, n)
+    deliveries = deliveries_of(node)
+    assert len(deliveries) == len(set(deliveries)) == 2 * n
+    assert node.events("jobs of a dead worker released")
