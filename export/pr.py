@@ -1,0 +1,143 @@
+"""Grayscale Softcopy Presentation State: the detections drawn over the source images.
+
+One GSPS instance applying to the whole source series (every slice is referenced, with a VOI
+window from the volume's 0.5-99.5 percentiles). On every slice a detection covers, an ELLIPSE
+(PIXEL units) circles its in-plane extent on that slice and a text says what it is; the layer is
+``AI_DETECTIONS`` (red). Without detections, the key slices get a text "no detection".
+PACS viewers that support GSPS show these as overlays over the original images.
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+import structlog
+from pydicom.dataset import Dataset
+
+from export import uids
+from export.common import (
+    NOT_FOR_DIAGNOSIS,
+    contributing_equipment,
+    finish,
+    key_slices,
+    lab_color,
+    series_description,
+    software_versions,
+)
+from export.context import ExportContext
+
+log = structlog.get_logger(__name__)
+
+LAYER = "AI_DETECTIONS"
+
+
+def _ellipse(j0: float, i0: float, j1: float, i1: float) -> np.ndarray:
+    """Axis-aligned ellipse in PIXEL units: ``(column, row)`` endpoints of both axes."""
+    cj, ci = (j0 + j1) / 2.0, (i0 + i1) / 2.0
+    return np.array([[i0, cj], [i1, cj], [ci, j0], [ci, j1]], dtype=np.float64)
+
+
+def _annotations(ctx: ExportContext, layer: hd.pr.GraphicLayer) -> list[hd.pr.GraphicAnnotation]:
+    by_number = {s.label.number: s for s in ctx.results.segments}
+    per_slice: dict[int, tuple[list[hd.pr.GraphicObject], list[hd.pr.TextObject]]] = {}
+    for n, det in enumerate(ctx.results.detections, start=1):
+        k0, j0, i0, k1, j1, i1 = det.bbox_index
+        name = det.tracking_id or f"lesion-{n}"
+        seg = by_number.get(det.segment_number)
+        for k in range(max(k0, 0), min(k1, ctx.volume.shape[0])):
+            bj0, bi0, bj1, bi1 = float(j0), float(i0), float(j1), float(i1)
+            if seg is not None:
+                sub = seg.mask[k, j0:j1, i0:i1]
+                if not sub.any():
+                    continue
+                jj, ii = np.nonzero(sub)
+                bj0, bj1 = j0 + jj.min(), j0 + jj.max() + 1.0
+                bi0, bi1 = i0 + ii.min(), i0 + ii.max() + 1.0
+            pad = 1.5
+            graphics, texts = per_slice.setdefault(k, ([], []))
+            graphics.append(
+                hd.pr.GraphicObject(
+                    graphic_type=hd.pr.GraphicTypeValues.ELLIPSE,
+                    graphic_data=_ellipse(bj0 - pad, bi0 - pad, bj1 + pad, bi1 + pad),
+                    units=hd.pr.AnnotationUnitsValues.PIXEL,
+                    tracking_id=name[:64],
+                    tracking_uid=uids.derived_uid(ctx.job_id, "detection", n),
+                )
+            )
+            texts.append(
+                hd.pr.TextObject(
+                    text_value=f"AI {name}: {det.finding.meaning} {det.diameter_mm:.0f} mm "
+                    f"p={det.probability:.2f}"[:1024],
+                    units=hd.pr.AnnotationUnitsValues.PIXEL,
+                    anchor_point=(float(bi1 + pad), float(bj0 - pad)),
+                    anchor_point_visible=True,
+                )
+            )
+    if not per_slice:
+        for k in key_slices(ctx):
+            cols = float(ctx.volume.shape[2])
+            per_slice[k] = (
+                [],
+                [
+                    hd.pr.TextObject(
+                        text_value=f"AI: no detection - research, {NOT_FOR_DIAGNOSIS.lower()}",
+                        units=hd.pr.AnnotationUnitsValues.PIXEL,
+                        bounding_box=(1.0, 1.0, cols - 1.0, 12.0),
+                    )
+                ],
+            )
+    out = []
+    for k in sorted(per_slice):
+        src, frame = ctx.source_of_slice(k)
+        graphics, texts = per_slice[k]
+        out.append(
+            hd.pr.GraphicAnnotation(
+                referenced_images=[src],
+                graphic_layer=layer,
+                referenced_frame_number=frame,
+                graphic_objects=graphics or None,
+                text_objects=texts or None,
+            )
+        )
+    return out
+
+
+def build_pr(ctx: ExportContext) -> list[Dataset]:
+    """One GSPS over the source series with the detections as graphic annotations."""
+    model = ctx.results.model
+    when = ctx.content_datetime
+    layer = hd.pr.GraphicLayer(
+        layer_name=LAYER, order=1, description="AI detections (research)",
+        display_color=lab_color((255, 0, 0)),
+    )
+    images = ctx.slice_sources()
+    lo, hi = np.percentile(ctx.volume.array, [0.5, 99.5])
+    voi = hd.pr.SoftcopyVOILUTTransformation(
+        window_center=float((lo + hi) / 2.0),
+        window_width=float(max(hi - lo, 1.0)),
+        window_explanation="AI display window",
+    )
+    pr = hd.pr.GrayscaleSoftcopyPresentationState(
+        referenced_images=images,
+        series_instance_uid=uids.series_uid(ctx.job_id, "pr"),
+        series_number=ctx.options.series_numbers.get("pr", 9004),
+        sop_instance_uid=uids.instance_uid(ctx.job_id, "pr"),
+        instance_number=1,
+        manufacturer=model.manufacturer[:64],
+        manufacturer_model_name=model.name[:64],
+        software_versions=software_versions(ctx),
+        device_serial_number=ctx.options.node_name[:64],
+        content_label="AI_DETECTIONS",
+        content_description=f"AI detections by {model.name}, research"[:64],
+        graphic_annotations=_annotations(ctx, layer),
+        graphic_layers=[layer],
+        voi_lut_transformations=[voi],
+        institution_name=ctx.options.institution_name,
+        contributing_equipment=contributing_equipment(ctx),
+        series_description=series_description("pr", model),
+        series_date=when.date(),
+        series_time=when.time(),
+    )
+    finish(pr, ctx)  # Body Part Examined (General Series) tells Laterality is not needed
+    log.info("pr built", job_id=ctx.job_id, annotations=len(pr.GraphicAnnotationSequence))
+    return [pr]

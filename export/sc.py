@@ -1,0 +1,290 @@
+"""Secondary captures: key slices with the results burned in, and a one-page summary card.
+
+A set of single-frame RGB SC images (SOP class 1.2.840.10008.5.1.4.1.1.7), one series:
+
+* instance 1: the summary card (model, version, measurements, detections, suggestion, findings,
+  impression, "NOT FOR DIAGNOSTIC USE");
+* instances 2..: key slices (see :func:`export.common.key_slices`), each source pixel drawn as a
+  ``scale x scale`` block (nearest neighbour, see :func:`display_scale`) at the top left, masks
+  blended in their segment colour (:data:`ALPHA`) with an opaque outline, detections circled
+  and labelled, and a legend panel below the image.
+
+No patient identifiers are burned in; BurnedInAnnotation is YES (the images carry text).
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+import structlog
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from scipy import ndimage
+
+from export import uids
+from export.common import (
+    NOT_FOR_DIAGNOSIS,
+    contributing_equipment,
+    finish,
+    key_slices,
+    series_description,
+    software_versions,
+)
+from export.context import ExportContext
+
+log = structlog.get_logger(__name__)
+
+ALPHA = 0.45
+"""Opacity of the mask fill over the grey image."""
+MIN_DISPLAY_PX = 512
+"""Key slice images are scaled up by an integer factor until the larger side reaches this."""
+WARNING_RED = (230, 30, 30)
+CARD_SIZE = (1000, 1300)
+"""Summary card width, height in pixels."""
+
+Font = ImageFont.FreeTypeFont
+
+
+def _font(size: int) -> Font:
+    """Pillow's built-in scalable font (no font files needed; Pillow >= 10.1 with FreeType)."""
+    font = ImageFont.load_default(size=size)
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        raise RuntimeError("Pillow was built without FreeType; the SC exporter needs it")
+    return font
+
+
+def display_scale(rows: int, columns: int) -> int:
+    """Integer up-scaling factor of a key slice image of ``rows x columns`` source pixels."""
+    return max(1, math.ceil(MIN_DISPLAY_PX / max(rows, columns, 1)))
+
+
+def _window(volume: npt.NDArray[np.float32]) -> tuple[float, float]:
+    lo, hi = np.percentile(volume, [0.5, 99.5]) if volume.size else (0.0, 1.0)
+    return float(lo), float(max(hi, lo + 1e-6))
+
+
+def _patient_orientation(ds: Dataset, frame: int | None) -> tuple[str, str]:
+    """Patient Orientation (row direction, column direction) letters from the source geometry."""
+    iop = None
+    if "ImageOrientationPatient" in ds:
+        iop = ds.ImageOrientationPatient
+    elif "SharedFunctionalGroupsSequence" in ds:
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        if "PlaneOrientationSequence" in shared:
+            iop = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+    if iop is None:
+        return ("L", "P")
+    vals = [float(v) for v in iop]
+
+    def letter(v: list[float]) -> str:
+        axis = int(np.argmax(np.abs(v)))
+        pos, neg = ("L", "R"), ("P", "A")
+        pairs = [pos, neg, ("H", "F")]
+        return pairs[axis][0] if v[axis] > 0 else pairs[axis][1]
+
+    return (letter(vals[:3]), letter(vals[3:]))
+
+
+def render_key_slice(ctx: ExportContext, k: int) -> npt.NDArray[np.uint8]:
+    """RGB image ``[rows, cols, 3]`` of slice ``k`` with masks, detections and a legend."""
+    vol = ctx.volume
+    lo, hi = _window(vol.array)
+    grey = np.clip((vol.array[k] - lo) / (hi - lo) * 255.0, 0, 255)
+    f = display_scale(*vol.shape[1:])
+    rgb = np.repeat(np.repeat(grey, f, axis=0), f, axis=1)[..., None].repeat(3, axis=2)
+    segs = sorted(
+        ctx.results.segments, key=lambda s: (s.label.task == "pathological", s.label.number)
+    )
+    for s in segs:
+        m = np.repeat(np.repeat(s.mask[k], f, axis=0), f, axis=1)
+        if not m.any():
+            continue
+        colour = np.array(s.label.color_rgb, dtype=np.float64)
+        rgb[m] = (1.0 - ALPHA) * rgb[m] + ALPHA * colour
+        edge = m & ~ndimage.binary_erosion(m, iterations=max(1, f // 3))
+        rgb[edge] = colour
+    img = Image.fromarray(np.round(rgb).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    small = _font(min(22, max(12, 4 * f)))
+    for n, det in enumerate(ctx.results.detections, start=1):
+        k0, j0, i0, k1, j1, i1 = det.bbox_index
+        if not k0 <= k < k1:
+            continue
+        pad = 2 * f
+        box = (i0 * f - pad, j0 * f - pad, i1 * f + pad, j1 * f + pad)
+        draw.ellipse(box, outline=WARNING_RED, width=max(2, f // 2))
+        name = det.tracking_id or f"lesion-{n}"
+        label = f"{name} {det.diameter_mm:.0f} mm p={det.probability:.2f}"
+        draw.text((box[0], max(0, box[1] - small.size - 4)), label, fill=WARNING_RED, font=small)
+    return _with_legend(ctx, np.asarray(img), k)
+
+
+def _with_legend(ctx: ExportContext, image: npt.NDArray[np.uint8], k: int) -> npt.NDArray[np.uint8]:
+    width = max(image.shape[1], 480)
+    font = _font(16)
+    bold = _font(18)
+    line = 22
+    entries = [s.label for s in sorted(ctx.results.segments, key=lambda s: s.label.number)]
+    spacing = ctx.volume.spacing
+    height = image.shape[0] + 12 + line * (3 + len(entries)) + 8
+    canvas = Image.new("RGB", (width, height), (0, 0, 0))
+    canvas.paste(Image.fromarray(image, "RGB"), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    y = image.shape[0] + 6
+    draw.text((6, y), f"AI RESULT - RESEARCH - {NOT_FOR_DIAGNOSIS}", fill=WARNING_RED, font=bold)
+    y += line
+    model = ctx.results.model
+    draw.text(
+        (6, y), f"{model.name} {model.version}  slice {k + 1}/{ctx.volume.shape[0]}",
+        fill=(220, 220, 220), font=font,
+    )
+    y += line
+    by_number = {s.label.number: s for s in ctx.results.segments}
+    for lab in entries:
+        draw.rectangle((6, y + 3, 22, y + 17), fill=tuple(lab.color_rgb))
+        ml = by_number[lab.number].volume_ml(spacing)
+        draw.text((30, y), f"{lab.label}: {ml:.1f} ml", fill=(230, 230, 230), font=font)
+        y += line
+    if ctx.results.detections:
+        draw.ellipse((6, y + 3, 22, y + 17), outline=WARNING_RED, width=2)
+        draw.text(
+            (30, y), f"AI detection ({len(ctx.results.detections)} in total)",
+            fill=(230, 230, 230), font=font,
+        )
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def render_summary_card(ctx: ExportContext) -> npt.NDArray[np.uint8]:
+    """The one-page summary card as RGB ``[height, width, 3]``."""
+    res = ctx.results
+    model = res.model
+    w, h = CARD_SIZE
+    img = Image.new("RGB", (w, h), (12, 12, 16))
+    draw = ImageDraw.Draw(img)
+    title, head, body = _font(34), _font(24), _font(20)
+    draw.rectangle((0, 0, w, 70), fill=WARNING_RED)
+    draw.text((20, 16), f"AI RESULT - RESEARCH - {NOT_FOR_DIAGNOSIS}", fill="white", font=title)
+    y = 90
+    src = ctx.sources[0]
+    when = ctx.content_datetime.strftime("%Y-%m-%d %H:%M")
+    node_version = ctx.options.node_version or model.node_version
+    lines = [
+        (head, f"{model.name} {model.version}", (255, 255, 255)),
+        (body, f"by {model.manufacturer} on node {ctx.options.node_name} {node_version}".strip(),
+         (200, 200, 200)),
+        (body, f"Source series {getattr(src, 'SeriesNumber', '')}: "
+               f"{getattr(src, 'SeriesDescription', '')}  -  computed {when}", (200, 200, 200)),
+    ]
+    for font, text, colour in lines:
+        draw.text((20, y), text[:90], fill=colour, font=font)
+        y += int(font.size) + 10
+    y += 10
+
+    def section(name: str) -> None:
+        nonlocal y
+        y += 8
+        draw.text((20, y), name, fill=(255, 210, 80), font=head)
+        y += 34
+
+    def text_line(text: str, colour: tuple[int, int, int] = (235, 235, 235)) -> None:
+        nonlocal y
+        draw.text((36, y), text, fill=colour, font=body)
+        y += 26
+
+    spacing = ctx.volume.spacing
+    if res.segments:
+        section("Volumes")
+        for s in sorted(res.segments, key=lambda m: m.label.number):
+            draw.rectangle((36, y + 4, 54, y + 22), fill=tuple(s.label.color_rgb))
+            draw.text(
+                (64, y), f"{s.label.label}: {s.volume_ml(spacing):.1f} ml", fill=(235, 235, 235),
+                font=body,
+            )
+            y += 26
+    section("Detections")
+    if not res.detections:
+        text_line("none")
+    for n, det in enumerate(res.detections, start=1):
+        where = det.location or det.side or "location not given"
+        text_line(
+            f"{det.tracking_id or f'lesion-{n}'}: {det.finding.meaning}, {where}, "
+            f"{det.diameter_mm:.1f} mm, {det.volume_ml:.2f} ml, p={det.probability:.2f}"
+        )
+    if res.diagnosis is not None:
+        section("Suggestion")
+        text_line(f"{res.diagnosis.code.meaning} (p={res.diagnosis.probability:.2f})")
+        others = ", ".join(f"{k} {v:.2f}" for k, v in res.diagnosis.probabilities.items())
+        for part in textwrap.wrap(others, 80)[:3]:
+            text_line(part, (180, 180, 180))
+    if res.report is not None:
+        report = res.report
+        for heading, text in (("Findings", report.findings), ("Impression", report.impression)):
+            section(heading)
+            for part in textwrap.wrap(text, 80)[:8]:
+                text_line(part)
+    draw.rectangle((0, h - 60, w, h), fill=WARNING_RED)
+    draw.text(
+        (20, h - 46), "Automatic output. Verify on the source images. Not for diagnostic use.",
+        fill="white", font=body,
+    )
+    return np.asarray(img, dtype=np.uint8)
+
+
+def build_sc(ctx: ExportContext) -> list[Dataset]:
+    """Summary card and key slice secondary captures (instance 1 is the card)."""
+    model = ctx.results.model
+    when = ctx.content_datetime
+    images: list[tuple[npt.NDArray[np.uint8], Dataset, int | None]] = []
+    card_src, card_frame = ctx.source_of_slice(ctx.volume.shape[0] // 2)
+    images.append((render_summary_card(ctx), card_src, card_frame))
+    slices = key_slices(ctx)
+    for k in slices:
+        src, frame = ctx.source_of_slice(k)
+        images.append((render_key_slice(ctx, k), src, frame))
+    out: list[Dataset] = []
+    for n, (pixels, src, frame) in enumerate(images):
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=src,
+            pixel_array=pixels,
+            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+            bits_allocated=8,
+            coordinate_system=hd.CoordinateSystemNames.PATIENT,
+            series_instance_uid=uids.series_uid(ctx.job_id, "sc"),
+            series_number=ctx.options.series_numbers.get("sc", 9003),
+            sop_instance_uid=uids.instance_uid(ctx.job_id, "sc", n),
+            instance_number=n + 1,
+            manufacturer=model.manufacturer[:64],
+            patient_orientation=_patient_orientation(src, frame),
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            contributing_equipment=contributing_equipment(ctx),
+            series_description=series_description("sc", model),
+            manufacturer_model_name=model.name[:64],
+            software_versions=software_versions(ctx),
+            device_serial_number=ctx.options.node_name[:64],
+            institution_name=ctx.options.institution_name,
+            content_date=when.date(),
+            content_time=when.time(),
+            series_date=when.date(),
+            series_time=when.time(),
+        )
+        sc.BurnedInAnnotation = "YES"
+        sc.ImageComments = (
+            "AI summary card" if n == 0 else f"AI key slice {slices[n - 1] + 1}"
+        ) + " - research, not for diagnostic use"
+        sc.DerivationDescription = f"AI results of {model.name} {model.version} burned in"[:1024]
+        sc.ConversionType = "WSD"
+        if n > 0:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = src.SOPClassUID
+            ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+            if frame is not None:
+                ref.ReferencedFrameNumber = frame
+            sc.SourceImageSequence = [ref]
+        finish(sc, ctx)
+        out.append(sc)
+    log.info("sc built", job_id=ctx.job_id, images=len(out), key_slices=slices)
+    return out

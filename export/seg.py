@@ -1,0 +1,194 @@
+"""DICOM Segmentation (SEG) from the results' segment masks, with highdicom.
+
+* One instance, new series, same study and Frame of Reference as the source; frames aligned to
+  the source frames (one SEG frame per source frame, ReferencedSeriesSequence and per-frame
+  Derivation Image references filled by highdicom).
+* Segment numbers are 1..N in the order of the results' segment numbers (see
+  :func:`segment_numbering`); SR references use the same mapping.
+* ``auto`` type: LABELMAP (SOP class 1.2.840.10008.5.1.4.1.1.66.7) when no voxel belongs to two
+  segments, else BINARY; FRACTIONAL writes the probabilities (8-bit, 255 = 1.0).
+"""
+
+from __future__ import annotations
+
+import time
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+import structlog
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
+
+from export import uids
+from export.common import (
+    algorithm_identification,
+    contributing_equipment,
+    finish,
+    lab_color,
+    series_description,
+    software_versions,
+    to_coded,
+)
+from export.context import ExportContext, ExportError
+from inference.results import SegmentMask
+
+log = structlog.get_logger(__name__)
+
+_TRANSFER_SYNTAX: dict[str, UID] = {
+    "none": ExplicitVRLittleEndian,
+    "jpegls": JPEGLSLossless,
+    "jpeg2000": JPEG2000Lossless,
+}
+
+
+def segment_numbering(segments: list[SegmentMask]) -> dict[int, int]:
+    """Map each result segment number to its SEG segment number (1..N, sorted by number)."""
+    return {s.label.number: i + 1 for i, s in enumerate(sorted(segments, key=_number))}
+
+
+def _number(s: SegmentMask) -> int:
+    return s.label.number
+
+
+def segments_overlap(segments: list[SegmentMask]) -> bool:
+    """Whether any voxel belongs to more than one segment."""
+    if len(segments) < 2:
+        return False
+    total = np.zeros(segments[0].mask.shape, dtype=np.uint16)
+    for s in segments:
+        total += s.mask.astype(np.uint16, copy=False)
+    return bool((total > 1).any())
+
+
+def resolve_type(ctx: ExportContext) -> hd.seg.SegmentationTypeValues:
+    """The segmentation type to write, resolving ``auto`` (LABELMAP unless segments overlap)."""
+    wanted = ctx.options.seg.segmentation_type
+    segs = ctx.results.segments
+    if wanted == "auto":
+        return (
+            hd.seg.SegmentationTypeValues.BINARY
+            if segments_overlap(segs)
+            else hd.seg.SegmentationTypeValues.LABELMAP
+        )
+    if wanted == "labelmap" and segments_overlap(segs):
+        raise ExportError("segments overlap: LABELMAP cannot encode them (use auto or binary)")
+    return hd.seg.SegmentationTypeValues(wanted.upper())
+
+
+def _descriptions(ctx: ExportContext, numbering: dict[int, int]) -> list[hd.seg.SegmentDescription]:
+    algo = algorithm_identification(ctx.results.model)
+    out = []
+    for seg in sorted(ctx.results.segments, key=_number):
+        lab = seg.label
+        out.append(
+            hd.seg.SegmentDescription(
+                segment_number=numbering[lab.number],
+                segment_label=lab.label[:64],
+                segmented_property_category=to_coded(lab.category),
+                segmented_property_type=to_coded(lab.type),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algo,
+                tracking_uid=uids.derived_uid(ctx.job_id, "segment", lab.number),
+                tracking_id=f"{lab.label} ({lab.task})"[:64],
+                display_color=lab_color(lab.color_rgb),
+            )
+        )
+    return out
+
+
+def _frames_array(
+    ctx: ExportContext, seg_type: hd.seg.SegmentationTypeValues, numbering: dict[int, int]
+) -> npt.NDArray[np.generic]:
+    """Pixel array in source frame order: label map ``[f, r, c]`` or stacked ``[f, r, c, s]``."""
+    segs = sorted(ctx.results.segments, key=_number)
+    shape = ctx.volume.shape
+    if seg_type == hd.seg.SegmentationTypeValues.FRACTIONAL:
+        stacked_f = np.zeros((*shape, len(segs)), dtype=np.float32)
+        for n, s in enumerate(segs):
+            prob = s.probability if s.probability is not None else s.mask.astype(np.float32)
+            stacked_f[..., n] = np.clip(prob, 0.0, 1.0)
+        arr: npt.NDArray[np.generic] = stacked_f
+    elif segments_overlap(segs):
+        stacked = np.zeros((*shape, len(segs)), dtype=np.uint8)
+        for n, s in enumerate(segs):
+            stacked[..., n] = s.mask
+        arr = stacked
+    else:
+        dtype = np.uint8 if len(segs) < 256 else np.uint16
+        labels = np.zeros(shape, dtype=dtype)
+        for s in segs:
+            labels[s.mask] = numbering[s.label.number]
+        arr = labels
+    mf = ctx.multiframe_source
+    if mf is None:
+        return arr
+    # One multi-frame source: SEG frame f must match source frame f (1-based).
+    nframes = int(mf.NumberOfFrames)
+    frames = np.zeros((nframes, *arr.shape[1:]), dtype=arr.dtype)
+    for k, ref in enumerate(ctx.volume.slices):
+        assert ref.frame_number is not None
+        frames[ref.frame_number - 1] = arr[k]
+    return frames
+
+
+def build_seg(ctx: ExportContext) -> list[Dataset]:
+    """The DICOM SEG of ``ctx.results.segments`` (empty list when there are none).
+
+    Raises:
+        ExportError: Segments overlap but LABELMAP was forced, or sources do not fit.
+    """
+    if not ctx.results.segments:
+        return []
+    t0 = time.perf_counter()
+    opts = ctx.options.seg
+    numbering = segment_numbering(ctx.results.segments)
+    seg_type = resolve_type(ctx)
+    pixels = _frames_array(ctx, seg_type, numbering)
+    mf = ctx.multiframe_source
+    source_images = [mf] if mf is not None else ctx.slice_sources()
+    omit = opts.omit_empty_frames and bool(np.any(pixels))
+    model = ctx.results.model
+    when = ctx.content_datetime
+    syntax = _TRANSFER_SYNTAX[opts.compression]
+    if seg_type == hd.seg.SegmentationTypeValues.BINARY and syntax == JPEGLSLossless:
+        # 1-bit BINARY frames cannot be JPEG-LS coded; JPEG 2000 lossless is the lossless option.
+        log.info("seg jpegls not possible for BINARY, using jpeg2000 lossless", job_id=ctx.job_id)
+        syntax = JPEG2000Lossless
+    seg = hd.seg.Segmentation(
+        source_images=source_images,
+        pixel_array=pixels,
+        segmentation_type=seg_type,
+        segment_descriptions=_descriptions(ctx, numbering),
+        series_instance_uid=uids.series_uid(ctx.job_id, "seg"),
+        series_number=ctx.options.series_numbers.get("seg", 9001),
+        sop_instance_uid=uids.instance_uid(ctx.job_id, "seg"),
+        instance_number=1,
+        manufacturer=model.manufacturer[:64],
+        manufacturer_model_name=model.name[:64],
+        software_versions=software_versions(ctx),
+        device_serial_number=ctx.options.node_name[:64],
+        content_description=f"AI segmentation by {model.name}, research use only"[:64],
+        content_label="AI_SEGMENTATION",
+        content_creator_name=None,
+        transfer_syntax_uid=syntax,
+        omit_empty_frames=omit,
+        contributing_equipment=contributing_equipment(ctx),
+        series_description=series_description("seg", model),
+        content_date=when.date(),
+        content_time=when.time(),
+        series_date=when.date(),
+        series_time=when.time(),
+        institution_name=ctx.options.institution_name,
+    )
+    finish(seg, ctx)
+    log.info(
+        "seg built",
+        job_id=ctx.job_id,
+        type=seg_type.value,
+        segments=len(numbering),
+        frames=int(seg.NumberOfFrames),
+        compression=opts.compression,
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+    return [seg]
