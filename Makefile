@@ -1,7 +1,7 @@
 # OmniMRI Node — the two commands of the README's quick start, and a few for developers.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-APT_PACKAGES := dcmtk orthanc orthanc-dicomweb
+APT_PACKAGES := dcmtk orthanc orthanc-dicomweb chromium chromium-driver
 PYTEST_ARGS ?=
 
 .PHONY: run install install-test test lint typecheck bench
@@ -13,7 +13,7 @@ run: install
 install:
 	$(PIP) install -q -e .
 
-## Install what the tests need (Debian dcmtk, orthanc, orthanc-dicomweb; Python extras) and run them all.
+## Install what the tests need (Debian dcmtk, orthanc, orthanc-dicomweb, chromium + driver; Python extras) and run them all.
 test: install-test
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 

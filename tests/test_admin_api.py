@@ -76,8 +76,9 @@ class Env:
         return list(read_audit(self.settings.audit.path, event=event))
 
 
-def _index_series(settings: NodeSettings, n: int = 6) -> tuple[str, list[Path]]:
-    datasets = synthetic_series(n, rows=64, cols=64, seed=3)
+def _index_series(settings: NodeSettings, n: int = 6, datasets: list[Any] | None = None
+                  ) -> tuple[str, list[Path]]:
+    datasets = datasets or synthetic_series(n, rows=64, cols=64, seed=3)
     folder = settings.storage.path / "incoming"
     files = write_series(datasets, folder)
     index = SeriesIndex(settings.storage.database_path)

@@ -53,7 +53,7 @@ color:var(--fg);border:1px solid var(--line);border-radius:6px;padding:10px;
 font:13px/1.4 ui-monospace,Menlo,Consolas,monospace}select,input{background:#0b1118;
 color:var(--fg);border:1px solid var(--line);border-radius:6px;padding:6px}
 pre{background:#0b1118;border:1px solid var(--line);border-radius:6px;padding:10px;
-white-space:pre-wrap;min-height:60px}.row{display:flex;gap:10px;align-items:center;
+white-space:pre-wrap;min-height:60px}pre:empty{display:none}.row{display:flex;gap:10px;align-items:center;
 flex-wrap:wrap;margin:10px 0}.two{display:grid;grid-template-columns:1fr 1fr;gap:16px}
 @media(max-width:900px){.two{grid-template-columns:1fr}}
 """
@@ -207,7 +207,13 @@ def overview(request: Request) -> Response:
 
 
 def _js(v: Any) -> str:
+    """A JS string literal for an HTML attribute (``onclick="f(...)"``)."""
     return _e(json.dumps(str(v)))
+
+
+def _js_in_script(v: Any) -> str:
+    """A JS string literal for inside a ``<script>`` element (no HTML decoding happens)."""
+    return json.dumps(str(v)).replace("<", "\\u003c").replace(">", "\\u003e")
 
 
 @router.get("/series", response_model=None)
@@ -257,7 +263,8 @@ def series_detail(request: Request, series_uid: str) -> Response:
         rerun = (f"<h2>Run a pipeline again</h2><div class='row'><select id='pipe'>{opts}"
                  f"</select><button id='rerun'>Re-run</button></div><pre id='out'></pre>")
     js = (f"""const b=document.getElementById('rerun');if(b)b.onclick=async()=>{{
-const res=await api('POST','/api/v1/series/'+encodeURIComponent({_js(series_uid)})+'/rerun',
+const res=await api('POST',
+ '/api/v1/series/'+encodeURIComponent({_js_in_script(series_uid)})+'/rerun',
 {{pipeline:document.getElementById('pipe').value}});show('out',res)}};""")
     body = (f"<h1>{_e(s.get('series_description') or 'Series')}</h1><div class='two'><div>"
             f"<img alt='middle slice' style='max-width:100%;background:#000;border-radius:8px' "

@@ -15,7 +15,7 @@ from PIL import Image
 from dicom_node.series import StoredInstance
 
 MAX_SIZE_PX = 256
-"""Longest side of a thumbnail, pixels. Default 256."""
+"""Longer side of a thumbnail, pixels. Default 256."""
 
 
 class ThumbnailError(ValueError):
@@ -35,6 +35,8 @@ def middle_instance(instances: Sequence[StoredInstance]) -> StoredInstance:
 
 def render_png(path: Path, *, max_size: int = MAX_SIZE_PX) -> bytes:
     """A grey-scale PNG of one DICOM file (its middle frame when multi-frame).
+
+    The image is scaled (down or up) so that its longer side is ``max_size`` pixels.
 
     Raises:
         ThumbnailError: No pixel data, or pixel data that cannot be decoded.
@@ -61,7 +63,9 @@ def render_png(path: Path, *, max_size: int = MAX_SIZE_PX) -> bytes:
     if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
         img8 = 255 - img8
     img = Image.fromarray(img8, mode="L")
-    img.thumbnail((max_size, max_size), Image.Resampling.LANCZOS)
+    scale = max_size / max(img.size)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    img = img.resize(size, Image.Resampling.LANCZOS)
     out = io.BytesIO()
     img.save(out, format="PNG", optimize=True)
     return out.getvalue()
