@@ -1,0 +1,155 @@
+"""The worker pool with the real preview pipeline, a folder, a closed port and Orthanc."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dicom_node.config import NodeSettings, parse_config
+from dicom_node.jobs import JobQueue, NewJob, results_dir
+from dicom_node.pipelines.preview import preview_uids
+from dicom_node.samples import synthetic_series, write_series
+from dicom_node.worker import WorkerPool
+from tests.fixtures.net import free_port
+from tests.fixtures.orthanc import OrthancServer
+from tests.test_destinations import series_from_files
+
+
+def settings_for(tmp: Path, pacs_port: int, **jobs: Any) -> NodeSettings:
+    return parse_config({
+        "storage": {"path": "spool", "fsync": False},
+        "jobs": {"max_attempts": 3, "backoff_initial_s": 1, "backoff_max_s": 2, **jobs},
+        "pipelines": {"preview": {"kind": "preview", "model": None, "outputs": ["sc"]}},
+        "destinations": {
+            "archive": {"kind": "folder", "path": "archive"},
+            "pacs": {"kind": "dimse", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                     "port": pacs_port, "timeout_s": 3},
+        },
+    }, tmp)
+
+
+@pytest.fixture
+def series(tmp_path: Path) -> Any:
+    return series_from_files(write_series(synthetic_series(5, 32, 32, seed=1), tmp_path / "src"))
+
+
+def test_job_runs_preview_and_delivers_to_a_folder(tmp_path: Path, series: Any) -> None:
+    settings = settings_for(tmp_path, free_port())
+    queue = JobQueue(settings)
+    pool = WorkerPool(settings, queue)
+    jid, _ = queue.enqueue(NewJob(series, "preview", ("archive",)))
+    pool.process(queue.claim())
+    job = queue.get(jid)
+    assert job.state == "done" and job.attempts == 1 and job.last_error is None
+    [out] = queue.outputs(jid)
+    assert out.sop_instance_uid == preview_uids(jid)[1]
+    assert out.path == results_dir(settings) / jid / f"{out.sop_instance_uid}.dcm"
+    written = list((tmp_path / "archive").rglob("*.dcm"))
+    assert [p.name for p in written] == [f"{out.sop_instance_uid}.dcm"]
+    ds = pydicom.dcmread(written[0])
+    assert ds.StudyInstanceUID == series.study_instance_uid
+    assert ds.SeriesInstanceUID != series.series_instance_uid
+    # A full re-run produces the very same UIDs (the PACS replaces instead of duplicating).
+    queue.retry(jid, rerun=True)
+    pool.process(queue.claim())
+    assert [o.sop_instance_uid for o in queue.outputs(jid)] == [out.sop_instance_uid]
+    assert len(list((tmp_path / "archive").rglob("*.dcm"))) == 1
+
+
+def test_pacs_down_backoff_then_resume_without_rerunning(
+        tmp_path: Path, series: Any, orthanc: OrthancServer, caplog: Any) -> None:
+    settings = settings_for(tmp_path, free_port())  # nothing listens there: the PACS is down
+    queue = JobQueue(settings)
+    pool = WorkerPool(settings, queue)
+    jid, _ = queue.enqueue(NewJob(series, "preview", ("archive", "pacs")))
+    pool.process(queue.claim())
+    job = queue.get(jid)
+    assert job.state == "queued" and "destination pacs" in (job.last_error or "")
+    assert job.next_attempt_at >= time.time() + 0.5  # backoff
+    assert queue.delivered(jid, "archive") == {preview_uids(jid)[1]}
+    assert queue.delivered(jid, "pacs") == set()
+    out_path = queue.outputs(jid)[0].path
+    mtime = out_path.stat().st_mtime_ns
+    archived = next((tmp_path / "archive").rglob("*.dcm"))
+    archived_mtime = archived.stat().st_mtime_ns
+    # The PACS comes back (here: the destination now points at a live Orthanc).
+    pool.apply_settings(settings_for(tmp_path, orthanc.dicom_port))
+    again = queue.claim(now=time.time() + 10)
+    assert again is not None and again.state == "dispatching"  # outputs are not recomputed
+    pool.process(again)
+    assert queue.get(jid).state == "done"
+    assert out_path.stat().st_mtime_ns == mtime
+    assert archived.stat().st_mtime_ns == archived_mtime  # the folder got it only once
+    assert orthanc.sop_uids(SOPClassUID="1.2.840.10008.5.1.4.1.1.7") == [preview_uids(jid)[1]]
+
+
+def test_dead_letter_after_max_attempts(tmp_path: Path, series: Any) -> None:
+    settings = settings_for(tmp_path, free_port(), max_attempts=2)
+    queue = JobQueue(settings)
+    pool = WorkerPool(settings, queue)
+    jid, _ = queue.enqueue(NewJob(series, "preview", ("pacs",)))
+    pool.process(queue.claim())
+    assert queue.get(jid).state == "queued"
+    pool.process(queue.claim(now=time.time() + 10))
+    job = queue.get(jid)
+    assert job.state == "failed" and job.attempts == 2
+    assert "association" in (job.last_error or "")
+
+
+def test_unsupported_series_fails_at_once(tmp_path: Path) -> None:
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.StudyInstanceUID = (generate_uid() for _ in "abc")
+    ds.Modality, ds.InstanceNumber = "MR", 1
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    (tmp_path / "src").mkdir()
+    path = tmp_path / "src" / "nopixels.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    settings = settings_for(tmp_path, free_port())
+    queue = JobQueue(settings)
+    jid, _ = queue.enqueue(NewJob(series_from_files([path]), "preview", ("archive",)))
+    WorkerPool(settings, queue).process(queue.claim())
+    job = queue.get(jid)
+    assert job.state == "failed" and job.attempts == 1
+    assert "nothing to preview" in (job.last_error or "")
+
+
+def test_vanished_outputs_are_made_again(tmp_path: Path, series: Any) -> None:
+    settings = settings_for(tmp_path, free_port())
+    queue = JobQueue(settings)
+    pool = WorkerPool(settings, queue)
+    jid, _ = queue.enqueue(NewJob(series, "preview", ("pacs",)))
+    pool.process(queue.claim())  # PACS down: outputs stored, not delivered
+    queue.outputs(jid)[0].path.unlink()
+    pool.process(queue.claim(now=time.time() + 10))
+    assert queue.outputs(jid) == [] and queue.get(jid).state == "queued"
+    job = queue.claim(now=time.time() + 10)
+    assert job is not None and job.state == "running"
+
+
+def test_pool_threads_work_the_queue(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, free_port(), workers=2, poll_interval_s=0.05)
+    queue = JobQueue(settings)
+    pool = WorkerPool(settings, queue)
+    ids = []
+    for k in range(3):
+        paths = write_series(synthetic_series(3, 16, 16, seed=k), tmp_path / f"s{k}")
+        ids.append(queue.enqueue(NewJob(series_from_files(paths), "preview", ("archive",)))[0])
+    pool.start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and queue.counts().get("done", 0) < 3:
+            time.sleep(0.05)
+    finally:
+        pool.stop()
+    assert queue.counts() == {"done": 3}
+    assert len(list((tmp_path / "archive").rglob("*.dcm"))) == 3
