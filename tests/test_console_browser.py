@@ -71,9 +71,15 @@ def browser() -> Iterator[Any]:
 
 
 def _wait(driver: Any, cond: Any, timeout: float = 10.0) -> Any:
+    from selenium.common.exceptions import (
+        NoSuchElementException,
+        StaleElementReferenceException,
+    )
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(cond)
+    # Pages reload after actions: elements found before may go stale while polling.
+    return WebDriverWait(driver, timeout, poll_frequency=0.05, ignored_exceptions=(
+        NoSuchElementException, StaleElementReferenceException)).until(cond)
 
 
 def _sign_in(driver: Any, base: str, token: str) -> None:
@@ -144,8 +150,9 @@ def test_console_as_admin(server: tuple[AdminServer, str], browser: Any) -> None
     assert "queued" in row.text
     _shot(browser, "overview")
     row.find_element(By.CSS_SELECTOR, "button.bad").click()  # Cancel
-    _wait(browser, lambda d: "cancelled" in d.find_element(
-        By.CSS_SELECTOR, "#jobs tr[data-job]").text, timeout=15)
+    _wait(browser, lambda d: d.find_element(By.ID, "out").get_attribute("data-status") == "200")
+    browser.get(f"{base}/console")
+    assert "cancelled" in browser.find_element(By.CSS_SELECTOR, "#jobs tr[data-job]").text
 
     # Destinations: the folder destination tests OK, the dead DICOM peer does not.
     browser.get(f"{base}/console/destinations")
