@@ -8,7 +8,9 @@ never loses an event nor routes it twice (enqueueing is idempotent anyway).
 * ``trigger: series`` rules enqueue for the completed series.
 * ``trigger: study`` rules check :meth:`RuleSet.study_ready` over every complete series of the
   study; when ready they enqueue for the series that matched the required-series conditions
-  (a later completion re-checks; jobs already there are not duplicated).
+  (a later completion re-checks; jobs already there are not duplicated). A series completing
+  more than ``study_timeout_s`` after the study's first complete series no longer fires the
+  rule (logged once per such completion: the study rule gave up).
 * The destination ``sender`` is resolved to the configured ``dimse`` destination whose AE title
   is the calling AE of the series (preferring one whose host is the sender's address); without
   one the job goes to its other destinations and a clear error is logged.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from dicom_node.audit import get_audit
 from dicom_node.config import DimseDestination, NodeSettings, RuleConfig
 from dicom_node.index import CompletionEvent, SeriesIndex
 from dicom_node.jobs import PRIORITY_RANK, JobQueue, NewJob
@@ -167,6 +170,16 @@ class Router:
             fired=[r.name for r in decision.fired], discarded=decision.discarded,
             jobs=len(merged), new_jobs=len(created_ids),
         )
+        try:
+            get_audit().rule_decision(
+                series_uid=series.series_instance_uid, revision=series.revision,
+                matched=[r.name for r in decision.fired], discarded=decision.discarded,
+                pipelines=sorted({j.pipeline for j in merged}),
+                destinations=sorted({d for j in merged for d in j.destinations}),
+                jobs=created_ids,
+            )
+        except OSError as exc:
+            log.error("audit write failed", error=str(exc))
         if created_ids and self.on_enqueued is not None:
             self.on_enqueued()
         return len(created_ids)
@@ -213,7 +226,20 @@ class Router:
             except (SeriesReadError, OSError) as exc:
                 log.warning("series of the study unreadable for the study rule",
                             rule=rule.name, series_uid=s.series_instance_uid, error=str(exc))
+        first_done = min(s.completed_at for s in in_study)
+        waited_s = (series.completed_at - first_done).total_seconds()
         check = rules.study_ready(rule, list(attrs_of.values()))
+        if not check.ready and waited_s > rule.study_timeout_s:
+            log.warning("study rule gave up: required series missing after the study timeout",
+                        rule=rule.name, study_uid=series.study_instance_uid,
+                        missing=check.missing, waited_s=round(waited_s, 1),
+                        study_timeout_s=rule.study_timeout_s)
+            return []
+        if check.ready and waited_s > rule.study_timeout_s:
+            log.warning("study rule: required series arrived after the study timeout; not run",
+                        rule=rule.name, study_uid=series.study_instance_uid,
+                        waited_s=round(waited_s, 1))
+            return []
         if not check.ready:
             log.info("study rule waiting for series", rule=rule.name,
                      study_uid=series.study_instance_uid, missing=check.missing)

@@ -30,6 +30,7 @@ from pathlib import Path
 import pydicom
 
 from dicom_node import metrics
+from dicom_node.audit import get_audit
 from dicom_node.config import NodeSettings
 from dicom_node.destinations import DestinationError, destination_for
 from dicom_node.destinations.folder import write_atomic
@@ -226,6 +227,10 @@ class WorkerPool:
             outputs = self._write_outputs(job, datasets)
         self.queue.store_outputs(job.id, outputs)
         log.info("job outputs stored", job_id=job.id, outputs=len(outputs))
+        for out in outputs:
+            _audit("output_produced", job_id=job.id, series_uid=job.series_uid,
+                   kind=output_kind(out.sop_class_uid),
+                   sop_instance_uid=out.sop_instance_uid, sop_class_uid=out.sop_class_uid)
 
     def _write_outputs(self, job: Job, datasets: Sequence[pydicom.Dataset]) -> list[JobOutput]:
         """Write (fsync) each output to ``<spool>/results/<job_id>/<SOPInstanceUID>.dcm``."""
@@ -269,10 +274,15 @@ class WorkerPool:
             except DestinationError as exc:
                 metrics.record_dispatch_failure(name)
                 problems.append(str(exc))
+                _audit("delivery", job_id=job.id, destination=name, status="failed",
+                       instances=0, error=str(exc))
                 continue
             ok = [r.sop_instance_uid for r in results if r.ok]
             self.queue.record_deliveries(job.id, name, ok)
             failed = [r for r in results if not r.ok]
+            _audit("delivery", job_id=job.id, destination=name,
+                   status="failed" if failed else "ok", instances=len(ok),
+                   sop_instance_uids=ok, failed=len(failed))
             if failed or len(results) < len(todo):
                 metrics.record_dispatch_failure(name)
                 problems.append(
@@ -284,6 +294,29 @@ class WorkerPool:
                          count=len(ok))
         if problems:
             raise DispatchIncomplete("; ".join(problems))
+
+
+def output_kind(sop_class_uid: str) -> str:
+    """``seg``, ``sr``, ``sc``, ``pr``, ``ko`` for a derived object's SOP class, else the UID."""
+    if sop_class_uid == "1.2.840.10008.5.1.4.1.1.88.59":
+        return "ko"
+    if sop_class_uid.startswith("1.2.840.10008.5.1.4.1.1.88."):
+        return "sr"
+    if sop_class_uid.startswith("1.2.840.10008.5.1.4.1.1.66."):
+        return "seg"
+    if sop_class_uid.startswith("1.2.840.10008.5.1.4.1.1.7"):
+        return "sc"
+    if sop_class_uid.startswith("1.2.840.10008.5.1.4.1.1.11."):
+        return "pr"
+    return sop_class_uid
+
+
+def _audit(event: str, **fields: object) -> None:
+    """One audit line; an unwritable audit file is logged, not fatal to the job."""
+    try:
+        get_audit().write(event, **fields)
+    except OSError as exc:
+        log.error("audit write failed", audit_event=event, error=str(exc))
 
 
 def remove_results(settings: NodeSettings, job_id: str) -> None:

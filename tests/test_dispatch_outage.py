@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Callable
@@ -114,6 +115,17 @@ def test_series_to_preview_in_orthanc(orthanc: OrthancServer, node_factory: Any,
     assert_previews_once(orthanc, node, 1)
     # Delivered once per destination kind (the same UID, so Orthanc holds one instance).
     assert sorted(d[2] for d in deliveries_of(node)) == ["pacs", "pacs_rest", "pacs_web"]
+    # The audit trail says what was decided, produced and delivered (UIDs, no patient data).
+    audit = [json.loads(line) for line in (node.root / "var" / "audit.jsonl").read_text()
+             .splitlines()]
+    [decision] = [a for a in audit if a["event"] == "rule_decision"]
+    assert decision["matched"] == ["mr-preview"] and decision["pipelines"] == ["preview"]
+    [produced] = [a for a in audit if a["event"] == "output_produced"]
+    assert produced["kind"] == "sc"
+    delivered = [a for a in audit if a["event"] == "delivery"]
+    assert sorted(a["destination"] for a in delivered) == ["pacs", "pacs_rest", "pacs_web"]
+    assert all(a["status"] == "ok" and a["sop_instance_uids"] == [produced["sop_instance_uid"]]
+               for a in delivered)
 
 
 @pytest.mark.slow

@@ -51,7 +51,7 @@ class Env:
         self.wakes += 1
 
     def receive(self, description: str, *, calling_ae: str = "SCANNER1", called_ae: str = "OMNIMRI",
-                slices: int = 2, **tags: Any) -> str:
+                slices: int = 2, later_s: float = 0.0, **tags: Any) -> str:
         """Store a small series, index it and complete it; returns its Series Instance UID."""
         self.n += 1
         datasets = synthetic_series(slices, 16, 16, seed=self.n, study_uid=STUDY,
@@ -60,7 +60,7 @@ class Env:
             for k, v in tags.items():
                 setattr(ds, k, v)
         paths = write_series(datasets, self.tmp / f"s{self.n}")
-        now = time.time()
+        now = time.time() + later_s
         self.index.record([
             InstanceRecord(ds.SOPInstanceUID, ds.SOPClassUID, ds.SeriesInstanceUID,
                            ds.StudyInstanceUID, p, ds.file_meta.TransferSyntaxUID,
@@ -151,6 +151,20 @@ def test_study_trigger_waits_for_required_series(tmp_path: Path) -> None:
     assert env.router.route_pending() == 2
     assert env.jobs() == sorted([(t1, "preview", ("pacs",), "normal"),
                                  (flair, "preview", ("pacs",), "normal")])
+
+
+def test_study_rule_gives_up_after_its_timeout(tmp_path: Path) -> None:
+    env = Env(tmp_path, [{
+        "name": "brain-study", "when": 'Modality == "MR"', "trigger": "study",
+        "required_series": ['SeriesDescription contains "t1"',
+                            'SeriesDescription contains "flair"'],
+        "study_timeout_s": 60, "pipelines": ["preview"], "destinations": ["pacs"],
+    }])
+    env.receive("T1 MPRAGE")
+    assert env.router.route_pending() == 0
+    env.receive("AX FLAIR", later_s=120)  # two minutes later: the rule gave up
+    assert env.router.route_pending() == 0
+    assert env.queue.list_jobs() == [] and env.index.pending_events() == []
 
 
 def test_enqueue_and_routed_mark_are_one_transaction(tmp_path: Path, monkeypatch: Any) -> None:
