@@ -37,6 +37,7 @@ from dicom_node.destinations.folder import write_atomic
 from dicom_node.jobs import LEASE_S, Job, JobError, JobOutput, JobQueue, LeaseLost, results_dir
 from dicom_node.logs import get_logger
 from dicom_node.pipelines import Pipeline, PipelineError, get_pipeline
+from dicom_node.router import SENDER, resolve_sender
 
 log = get_logger(__name__)
 
@@ -269,7 +270,15 @@ class WorkerPool:
             if not todo:
                 continue
             try:
-                dest = destination_for(name, self.settings)
+                target = name
+                if name == SENDER:  # enqueued unresolved (e.g. by the admin API)
+                    target = resolve_sender(job.series, self.settings) or ""
+                    if not target:
+                        raise DestinationError(
+                            f"no dimse destination has the sender's AE title"
+                            f" {job.series.calling_ae!r}"
+                        )
+                dest = destination_for(target, self.settings)
                 results = dest.send([o.path for o in todo])
             except DestinationError as exc:
                 metrics.record_dispatch_failure(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -153,3 +154,21 @@ def test_pool_threads_work_the_queue(tmp_path: Path) -> None:
         pool.stop()
     assert queue.counts() == {"done": 3}
     assert len(list((tmp_path / "archive").rglob("*.dcm"))) == 3
+
+
+def test_unresolved_sender_goes_back_to_the_calling_ae(tmp_path: Path, series: Any,
+                                                       orthanc: OrthancServer) -> None:
+    settings = settings_for(tmp_path, orthanc.dicom_port)  # "pacs" is AE ORTHANC
+    queue = JobQueue(settings)
+    pool = WorkerPool(settings, queue)
+    from_orthanc = dataclasses.replace(series, calling_ae="ORTHANC", peer_host="127.0.0.1")
+    stranger = dataclasses.replace(series, revision=2, calling_ae="STRANGER")
+    ok = queue.enqueue(NewJob(from_orthanc, "preview", ("sender",)))[0]
+    bad = queue.enqueue(NewJob(stranger, "preview", ("sender",)))[0]
+    pool.process(queue.claim())
+    pool.process(queue.claim())
+    assert queue.get(ok).state == "done" and queue.delivered(ok, "sender") == {
+        preview_uids(ok)[1]}
+    assert orthanc.sop_uids(SOPClassUID="1.2.840.10008.5.1.4.1.1.7") == [preview_uids(ok)[1]]
+    assert queue.get(bad).state == "queued"
+    assert "sender's AE title 'STRANGER'" in (queue.get(bad).last_error or "")
