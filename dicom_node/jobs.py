@@ -488,15 +488,19 @@ class JobQueue:
             The claimed job, or ``None`` when nothing is due.
         """
         owner = owner or self.owner
+        due_sql = (
+            "SELECT * FROM jobs WHERE (state = 'queued' AND next_attempt_at <= ?)"
+            " OR (state IN (?,?,?) AND coalesce(lease_expires_at, 0) <= ?)"
+            " ORDER BY priority, created_at, id LIMIT 1"
+        )
         while True:
             t = time.time() if now is None else now
+            # A read first: an idle poll takes no write lock and costs no fsync.
+            with self._lock:
+                if self._conn.execute(due_sql, (t, *ACTIVE_STATES, t)).fetchone() is None:
+                    return None
             with self.transaction() as c:
-                row = c.execute(
-                    "SELECT * FROM jobs WHERE (state = 'queued' AND next_attempt_at <= ?)"
-                    " OR (state IN (?,?,?) AND coalesce(lease_expires_at, 0) <= ?)"
-                    " ORDER BY priority, created_at, id LIMIT 1",
-                    (t, *ACTIVE_STATES, t),
-                ).fetchone()
+                row = c.execute(due_sql, (t, *ACTIVE_STATES, t)).fetchone()
                 if row is None:
                     return None
                 job = _row_to_job(row)
