@@ -31,12 +31,13 @@ from export import uids
 from export.common import (
     contributing_equipment,
     finish,
+    key_slices,
     series_description,
     to_coded,
 )
 from export.context import ExportContext
 from export.seg import segment_numbering
-from inference.results import BRAIN, SegmentMask
+from inference.results import BRAIN
 
 log = structlog.get_logger(__name__)
 
@@ -72,39 +73,38 @@ def _algorithm(ctx: ExportContext) -> hd.sr.AlgorithmIdentification:
 
 
 def _referenced_segment(
-    ctx: ExportContext, seg: Dataset, segment: SegmentMask, seg_number: int
+    seg: Dataset, seg_number: int, source_series_uid: str
 ) -> hd.sr.ReferencedSegment:
-    """Reference to one SEG segment and the source images it lies on.
+    """Reference to one SEG segment, with its source named by series (TID 1411 row 8 option).
 
-    Built from the masks rather than ``ReferencedSegment.from_segmentation``, which in
-    highdicom 0.28 fails on LABELMAP SEGs (no per-frame Segment Identification there).
+    Naming the source series rather than every source image keeps the SR small and fast for
+    long series (the SEG itself references each source frame). Built directly rather than with
+    ``ReferencedSegment.from_segmentation``, which in highdicom 0.28 fails on LABELMAP SEGs (no
+    per-frame Segment Identification there).
     """
-    present = np.flatnonzero(segment.mask.reshape(segment.mask.shape[0], -1).any(axis=1))
-    by_instance: dict[str, tuple[Dataset, list[int]]] = {}
-    for k in present:
-        src, frame = ctx.source_of_slice(int(k))
-        frames = by_instance.setdefault(str(src.SOPInstanceUID), (src, []))[1]
-        if frame is not None:
-            frames.append(frame)
-    if not by_instance:
-        src0 = ctx.slice_sources()[0]
-        return hd.sr.ReferencedSegment(
-            sop_class_uid=seg.SOPClassUID,
-            sop_instance_uid=seg.SOPInstanceUID,
-            segment_number=seg_number,
-            source_series=hd.sr.SourceSeriesForSegmentation(src0.SeriesInstanceUID),
-        )
     return hd.sr.ReferencedSegment(
         sop_class_uid=seg.SOPClassUID,
         sop_instance_uid=seg.SOPInstanceUID,
         segment_number=seg_number,
-        source_images=[
-            hd.sr.SourceImageForSegmentation.from_source_image(
-                src, referenced_frame_numbers=sorted(frames) or None
-            )
-            for src, frames in by_instance.values()
-        ],
+        source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
     )
+
+
+def _library(ctx: ExportContext) -> list[Dataset] | None:
+    """Image Library entries: the images the content points at (detections) and key slices.
+
+    highdicom's Image Library reads per-instance geometry, so classic series only.
+    """
+    if ctx.multiframe_source is not None:
+        return None
+    n = ctx.volume.shape[0]
+    slices = [min(max(round(d.centroid_index[0]), 0), n - 1) for d in ctx.results.detections]
+    slices += key_slices(ctx)
+    chosen: dict[str, Dataset] = {}
+    for k in slices:
+        src, _ = ctx.source_of_slice(int(k))
+        chosen.setdefault(str(src.SOPInstanceUID), src)
+    return list(chosen.values()) or None
 
 
 def _segment_groups(
@@ -145,7 +145,9 @@ def _segment_groups(
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=tracking,
-                referenced_segment=_referenced_segment(ctx, seg, s, numbering[lab.number]),
+                referenced_segment=_referenced_segment(
+                    seg, numbering[lab.number], str(ctx.sources[0].SeriesInstanceUID)
+                ),
                 finding_type=to_coded(lab.type),
                 finding_category=to_coded(lab.category),
                 algorithm_id=_algorithm(ctx),
@@ -289,8 +291,7 @@ def build_sr(ctx: ExportContext, seg: Dataset | None) -> list[Dataset]:
         observation_context=_observation_context(ctx),
         procedure_reported=BRAIN_MRI,
         imaging_measurements=groups,
-        # highdicom's Image Library reads per-instance geometry: classic series only.
-        referenced_images=sources if ctx.multiframe_source is None else None,
+        referenced_images=_library(ctx),
     )
     qualitative = _qualitative_evaluations(ctx)
     if qualitative is not None:
