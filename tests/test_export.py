@@ -29,11 +29,11 @@ from export.sc import ALPHA, display_scale
 from export.seg import build_seg, segment_numbering
 from inference import results as r
 from tests.test_export_data import (
+    SourceSeries,
     brain,
     dciodvfy,
     make_context,
     oblique_series,
-    volume_from_datasets,
     write_and_read,
 )
 
@@ -69,7 +69,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sources(folder: Path) -> dict[str, list[Dataset]]:
+def sources(folder: Path) -> dict[str, SourceSeries]:
     axial = write_and_read(brain(12), folder / "axial")
     return {
         "axial": axial,
@@ -82,7 +82,7 @@ def sources(folder: Path) -> dict[str, list[Dataset]]:
 
 @pytest.fixture(scope="module")
 def exported(
-    sources: dict[str, list[Dataset]],
+    sources: dict[str, SourceSeries],
 ) -> dict[str, tuple[ExportContext, dict[str, list[Dataset]]]]:
     out = {}
     for case in CASES:
@@ -114,7 +114,7 @@ def test_every_output_passes_dciodvfy(case: str, exported: dict, folder: Path) -
 @pytest.mark.parametrize("case", CASES)
 def test_common_marking_study_and_series(case: str, exported: dict, sources: dict) -> None:
     ctx, outputs = exported[case]
-    src = sources[case][0]
+    src = sources[case][0][0]
     series = set()
     for kind, datasets in outputs.items():
         for ds in datasets:
@@ -446,8 +446,7 @@ def test_results_without_segments(sources: dict, folder: Path) -> None:
 
 
 def test_bad_input_is_refused_with_a_reason(sources: dict) -> None:
-    datasets = sources["axial"]
-    vol = volume_from_datasets(datasets)
+    datasets, vol = sources["axial"]
     model = r.ModelInfo(name="m", version="1")
     label = r.SegmentLabel(1, "Brain", r.ANATOMICAL_STRUCTURE, r.BRAIN)
     wrong = r.Results(model=model, segments=[r.SegmentMask(label, np.zeros((2, 2, 2), bool))])

@@ -19,13 +19,16 @@ from scipy import ndimage
 from dicom_node.samples import brain_series, mni_brain, ras_image_to_axial_lps, write_series
 from export.context import ExportContext, ExportOptions
 from inference import results as r
-from inference.volume import SliceRef, Volume
+from inference.volume import SliceRef, Volume, build_volume
 
 RES_MM = 2
 
 
 def volume_from_datasets(datasets: list[Dataset]) -> Volume:
-    """A Volume from classic single-frame MR datasets or one Enhanced MR instance."""
+    """A Volume from in-memory classic MR datasets or one Enhanced MR instance (benchmarks).
+
+    Tests use :func:`inference.volume.build_volume` on the written files instead.
+    """
     if len(datasets) == 1 and int(getattr(datasets[0], "NumberOfFrames", 1) or 1) > 1:
         ds = datasets[0]
         shared = ds.SharedFunctionalGroupsSequence[0]
@@ -163,9 +166,16 @@ def make_results(volume: Volume, *, overlap: bool = True, lesion: bool = True) -
     )
 
 
-def write_and_read(datasets: list[Dataset], folder: Path) -> list[Dataset]:
-    """Save as DICOM files and read them back (what a stored series looks like)."""
-    return [pydicom.dcmread(p) for p in write_series(datasets, folder)]
+SourceSeries = tuple[list[Dataset], Volume]
+"""Header-only source datasets (arrival order) and the volume built from the files."""
+
+
+def write_and_read(datasets: list[Dataset], folder: Path) -> SourceSeries:
+    """Save as DICOM files; read the headers back (no pixel data, as the node passes them)
+    and build the volume with the node's own :func:`inference.volume.build_volume`."""
+    paths = write_series(datasets, folder)
+    headers: list[Dataset] = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    return headers, build_volume(paths)
 
 
 def oblique_series(slices: int) -> list[Dataset]:
@@ -185,13 +195,13 @@ def oblique_series(slices: int) -> list[Dataset]:
 
 
 def make_context(
-    datasets: list[Dataset], *, job_id: str = "job-1", options: ExportOptions | None = None,
+    series: SourceSeries, *, job_id: str = "job-1", options: ExportOptions | None = None,
     overlap: bool = True, lesion: bool = True,
 ) -> ExportContext:
-    vol = volume_from_datasets(datasets)
+    headers, vol = series
     res = make_results(vol, overlap=overlap, lesion=lesion)
     return ExportContext(
-        job_id=job_id, results=res, volume=vol, sources=datasets,
+        job_id=job_id, results=res, volume=vol, sources=headers,
         options=options or ExportOptions(),
     )
 
