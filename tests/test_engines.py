@@ -141,3 +141,19 @@ def test_availability_lists_every_engine() -> None:
     assert avail["onnxruntime"].startswith("ok: ")
     assert "CPUExecutionProvider" in avail["onnxruntime"]
     assert avail["torch"].startswith("ok: torch")
+
+
+def test_shared_engine_is_one_warm_instance(tiny_package: ModelPackage) -> None:
+    from inference.engines import close_shared_engines, shared_engine
+
+    close_shared_engines()
+    with capture_logs() as logs:
+        a = shared_engine(tiny_package, ["onnxruntime"])
+        b = shared_engine(tiny_package, ["onnxruntime"])
+        c = shared_engine(tiny_package, ["torch"])
+    assert a is b and c is not a and c.name == "torch"
+    warmed = [e for e in logs if e["event"] == "engine warmed up"]
+    assert [e["engine"] for e in warmed] == ["onnxruntime", "torch"]
+    close_shared_engines()
+    assert shared_engine(tiny_package, ["onnxruntime"], warm_up=False) is not a
+    close_shared_engines()

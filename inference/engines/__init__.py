@@ -11,6 +11,7 @@ a missing dependency or device raises :class:`EngineUnavailable` with the reason
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -172,3 +173,46 @@ def engine_availability() -> dict[str, str]:
 
     out["triton"] = triton_status()
     return out
+
+
+_SHARED: dict[tuple[str, str, str | None, int], Engine] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_engine(
+    package: ModelPackage,
+    preference: str | Sequence[str] = "auto",
+    triton_url: str | None = None,
+    *,
+    intra_op_threads: int = 0,
+    warm_up: bool = True,
+) -> Engine:
+    """One engine per (package folder, preference) for the whole process, warmed up once.
+
+    Worker threads call this for every job; the first call selects (and logs) the engine and
+    runs one zero batch through it, later calls return the same thread-safe instance.
+    """
+    pref = preference if isinstance(preference, str) else ",".join(preference)
+    key = (str(package.folder), pref, triton_url, intra_op_threads)
+    with _SHARED_LOCK:
+        engine = _SHARED.get(key)
+        if engine is None:
+            engine = select_engine(
+                package, preference, triton_url, intra_op_threads=intra_op_threads
+            )
+            if warm_up:
+                from inference.runner import warm_up as _warm
+
+                seconds = _warm(package, engine)
+                _log.info("engine warmed up", model=package.name, engine=engine.name,
+                          seconds=round(seconds, 3))
+            _SHARED[key] = engine
+        return engine
+
+
+def close_shared_engines() -> None:
+    """Close every engine made by :func:`shared_engine` (at node shutdown)."""
+    with _SHARED_LOCK:
+        for engine in _SHARED.values():
+            engine.close()
+        _SHARED.clear()
