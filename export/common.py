@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import cast
 
 import numpy as np
+import numpy.typing as npt
 from highdicom import AlgorithmIdentificationSequence, ContributingEquipment
 from highdicom.color import CIELabColor
 from highdicom.sr import CodedConcept
@@ -165,3 +166,15 @@ def key_slices(ctx: ExportContext) -> list[int]:
     if not chosen:
         chosen.append(n // 2)
     return chosen
+
+
+def display_window(array: npt.NDArray[np.float32]) -> tuple[float, float]:
+    """``(low, high)`` display window: 0.5th and 99.5th percentiles (of every 2nd voxel in-plane).
+
+    Used for the burned-in key slices and the GSPS VOI window, so both look alike.
+    """
+    sample = array[:, ::2, ::2] if array.ndim == 3 else array
+    if sample.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(sample, [0.5, 99.5])
+    return float(lo), float(max(hi, lo + 1e-6))

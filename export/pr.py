@@ -1,9 +1,10 @@
 """Grayscale Softcopy Presentation State: the detections drawn over the source images.
 
 One GSPS instance applying to the whole source series (every slice is referenced, with a VOI
-window from the volume's 0.5-99.5 percentiles). On every slice a detection covers, an ELLIPSE
-(PIXEL units) circles its in-plane extent on that slice and a text says what it is; the layer is
-``AI_DETECTIONS`` (red). Without detections, the key slices get a text "no detection".
+window from :func:`export.common.display_window`, as on the SC key slices). On every slice a
+detection covers, an ELLIPSE (PIXEL units) circles its in-plane extent on that slice and a text
+says what it is; the layer is ``AI_DETECTIONS`` (red). Without detections, the key slices get
+a text "no detection".
 PACS viewers that support GSPS show these as overlays over the original images.
 """
 
@@ -18,6 +19,7 @@ from export import uids
 from export.common import (
     NOT_FOR_DIAGNOSIS,
     contributing_equipment,
+    display_window,
     finish,
     key_slices,
     lab_color,
@@ -111,7 +113,7 @@ def build_pr(ctx: ExportContext) -> list[Dataset]:
         display_color=lab_color((255, 0, 0)),
     )
     images = ctx.slice_sources()
-    lo, hi = np.percentile(ctx.volume.array, [0.5, 99.5])
+    lo, hi = display_window(ctx.volume.array)
     voi = hd.pr.SoftcopyVOILUTTransformation(
         window_center=float((lo + hi) / 2.0),
         window_width=float(max(hi - lo, 1.0)),

@@ -29,6 +29,7 @@ from export import uids
 from export.common import (
     NOT_FOR_DIAGNOSIS,
     contributing_equipment,
+    display_window,
     finish,
     key_slices,
     series_description,
@@ -62,11 +63,6 @@ def display_scale(rows: int, columns: int) -> int:
     return max(1, math.ceil(MIN_DISPLAY_PX / max(rows, columns, 1)))
 
 
-def _window(volume: npt.NDArray[np.float32]) -> tuple[float, float]:
-    lo, hi = np.percentile(volume, [0.5, 99.5]) if volume.size else (0.0, 1.0)
-    return float(lo), float(max(hi, lo + 1e-6))
-
-
 def _patient_orientation(ds: Dataset, frame: int | None) -> tuple[str, str]:
     """Patient Orientation (row direction, column direction) letters from the source geometry."""
     iop = None
@@ -89,10 +85,19 @@ def _patient_orientation(ds: Dataset, frame: int | None) -> tuple[str, str]:
     return (letter(vals[:3]), letter(vals[3:]))
 
 
-def render_key_slice(ctx: ExportContext, k: int) -> npt.NDArray[np.uint8]:
-    """RGB image ``[rows, cols, 3]`` of slice ``k`` with masks, detections and a legend."""
+def render_key_slice(
+    ctx: ExportContext, k: int, window: tuple[float, float] | None = None
+) -> npt.NDArray[np.uint8]:
+    """RGB image ``[rows, cols, 3]`` of slice ``k`` with masks, detections and a legend.
+
+    Args:
+        ctx: The export context.
+        k: Slice index in the volume.
+        window: ``(low, high)`` grey window in volume units; default
+            :func:`export.common.display_window` of the volume.
+    """
     vol = ctx.volume
-    lo, hi = _window(vol.array)
+    lo, hi = window or display_window(vol.array)
     grey = np.clip((vol.array[k] - lo) / (hi - lo) * 255.0, 0, 255)
     f = display_scale(*vol.shape[1:])
     rgb = np.repeat(np.repeat(grey, f, axis=0), f, axis=1)[..., None].repeat(3, axis=2)
@@ -242,9 +247,10 @@ def build_sc(ctx: ExportContext) -> list[Dataset]:
     card_src, card_frame = ctx.source_of_slice(ctx.volume.shape[0] // 2)
     images.append((render_summary_card(ctx), card_src, card_frame))
     slices = key_slices(ctx)
+    window = display_window(ctx.volume.array)
     for k in slices:
         src, frame = ctx.source_of_slice(k)
-        images.append((render_key_slice(ctx, k), src, frame))
+        images.append((render_key_slice(ctx, k, window), src, frame))
     out: list[Dataset] = []
     for n, (pixels, src, frame) in enumerate(images):
         sc = hd.sc.SCImage.from_ref_dataset(
