@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 
 from dicom_node.pipelines.preview import SERIES_DESCRIPTION, preview_uids
@@ -108,11 +109,17 @@ def assert_previews_once(orthanc: OrthancServer, node: NodeProcess, n_series: in
 @pytest.mark.slow
 def test_series_to_preview_in_orthanc(orthanc: OrthancServer, node_factory: Any,
                                       tmp_path: Path) -> None:
-    node = node_factory(**node_sections(orthanc, ["pacs", "pacs_rest", "pacs_web"]))
+    """Orthanc C-STOREs a series to the node; the preview goes back to the sender (resolved
+    by its calling AE) and by REST and STOW-RS as well."""
+    node = node_factory(**node_sections(orthanc, ["sender", "pacs_rest", "pacs_web"]))
     [files] = make_series(tmp_path, 1)
-    assert store_files(node.port, files) == [0] * len(files)
+    for f in files:
+        orthanc.upload(f)
+    orthanc.set_node(node.ae_title, node.port)
+    orthanc.send_study(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     wait_until(lambda: all_done(node, 1), 30, "job done")
     assert_previews_once(orthanc, node, 1)
+    assert orthanc.count_instances() == len(files) + 1  # the source series and one preview
     # Delivered once per destination kind (the same UID, so Orthanc holds one instance).
     assert sorted(d[2] for d in deliveries_of(node)) == ["pacs", "pacs_rest", "pacs_web"]
     # The audit trail says what was decided, produced and delivered (UIDs, no patient data).
