@@ -44,8 +44,11 @@ def run_node(settings: NodeSettings, config_path: Path | None = None) -> None:
     if settings.admin.enabled:
         from dicom_node.admin import AdminServer
 
-        node.add_service(AdminServer(settings, config_path=config_path,
-                                     ready_check=lambda: _listener_ready(node)))
+        admin = AdminServer(settings, config_path=config_path,
+                            ready_check=lambda: _listener_ready(node))
+        # Rules applied through the API take effect at once in the running router.
+        admin.backend.rules_hooks.append(node.router.apply_settings)
+        node.add_service(admin)
     node.serve_forever()
 
 
