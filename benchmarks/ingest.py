@@ -111,12 +111,13 @@ def round_storescp(storescp: str, dcmsend: str, work: Path, files: list[Path],
     return dt
 
 
-def round_node(dcmsend: str, work: Path, files: list[Path], senders: int) -> float:
+def round_node(dcmsend: str, work: Path, files: list[Path], senders: int,
+               fsync: bool = True) -> float:
     root = work / "node"
     shutil.rmtree(root, ignore_errors=True)
     port = free_port()
     config = write_node_config(root, port, completion={"quiet_seconds": 10.0},
-                               logging={"level": "info"})
+                               storage={"fsync": fsync}, logging={"level": "info"})
     log = open(root / "node.log", "wb")  # noqa: SIM115
     exe = shutil.which("omnimri-node")
     cmd = ([exe] if exe else [sys.executable, "-c",
@@ -134,7 +135,14 @@ def round_node(dcmsend: str, work: Path, files: list[Path], senders: int) -> flo
     n = SeriesIndex(root / "var" / "node.db").count_instances()
     if n != len(files):
         raise RuntimeError(f"node indexed {n} of {len(files)}")
+    for line in (root / "node.log").read_text().splitlines():
+        if '"association_released"' in line:
+            LAST_ASSOC_LINES.append(line)
     return dt
+
+
+LAST_ASSOC_LINES: list[str] = []
+"""The node's association summaries (per-step timings) of the last rounds."""
 
 
 def main() -> int:
@@ -143,6 +151,9 @@ def main() -> int:
     ap.add_argument("--instances", type=int, default=500)
     ap.add_argument("--size", type=int, default=256, help="rows = columns")
     ap.add_argument("--senders", type=int, default=1, help="concurrent dcmsend processes")
+    ap.add_argument("--no-node-fsync", action="store_true",
+                    help="diagnosis only: the node skips its file/folder fsyncs (SQLite still "
+                         "commits durably); not a durable configuration")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where data and receivers write (default: a temp folder)")
     args = ap.parse_args()
@@ -163,7 +174,7 @@ def main() -> int:
         rates: dict[str, list[float]] = {"storescp": [], "node": []}
         for r in range(1, args.rounds + 1):
             dt_s = round_storescp(storescp, dcmsend, work, files, args.senders)
-            dt_n = round_node(dcmsend, work, files, args.senders)
+            dt_n = round_node(dcmsend, work, files, args.senders, not args.no_node_fsync)
             rates["storescp"].append(len(files) / dt_s)
             rates["node"].append(len(files) / dt_n)
             print(f"round {r}: storescp {len(files) / dt_s:7.1f} inst/s ({dt_s:.2f} s)   "
@@ -171,6 +182,12 @@ def main() -> int:
                   f"ratio {dt_s / dt_n:.2f}")
         med_s = statistics.median(rates["storescp"])
         med_n = statistics.median(rates["node"])
+        import json
+
+        for line in LAST_ASSOC_LINES[-args.senders:]:
+            d = json.loads(line)
+            print("node per-instance ms (last round): "
+                  + ", ".join(f"{k[:-7]} {d[k]}" for k in d if k.endswith("_ms_avg")))
         print(f"median: storescp {med_s:.1f} instances/s, node {med_n:.1f} instances/s, "
               f"ratio node/storescp {med_n / med_s:.2f}")
     finally:

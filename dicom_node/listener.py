@@ -47,6 +47,10 @@ from dicom_node.tls import TLSConfigError, server_context
 log = get_logger("listener")
 
 
+_CommitItem = tuple[InstanceRecord, set[Path], Path | None]
+"""(index record, folders to fsync, file to fsync or ``None`` if already fsync'd)."""
+
+
 @dataclass
 class AssociationStats:
     """Counters of one association, logged when it ends."""
@@ -224,7 +228,7 @@ class Listener:
         """Refuse associations that do not run over TLS (``node.tls.required``)."""
         self._active = 0
         self._active_lock = threading.Lock()
-        self.committer: GroupCommit[tuple[InstanceRecord, set[Path]], bool] = GroupCommit(
+        self.committer: GroupCommit[_CommitItem, bool] = GroupCommit(
             self._commit, settings.storage.group_commit_ms / 1000.0, lambda: self._active)
         self.ae = self._make_ae()
 
@@ -443,7 +447,9 @@ class Listener:
         elif existing is not None:
             replaced = True  # indexed, but its file is gone: store it again
         t1 = time.perf_counter()
-        dirs = self.spool.install(tmp, final)
+        # A new instance is renamed at once and fsync'd together with its folder in the group
+        # commit; a replacement is fsync'd before it takes the acknowledged file's place.
+        dirs = self.spool.install(tmp, final, sync_first=replaced)
         t2 = time.perf_counter()
         st.fsync_s += t2 - t1
         rec = InstanceRecord(
@@ -465,7 +471,7 @@ class Listener:
             called_ae=st.called_ae,
             peer_host=st.peer_host,
         )
-        is_new = self.committer.submit((rec, dirs))
+        is_new = self.committer.submit((rec, dirs, None if replaced else final))
         st.commit_s += time.perf_counter() - t2
         if replaced:
             log.warning("duplicate_instance", assoc_id=st.assoc_id, same_bytes=False,
@@ -482,14 +488,21 @@ class Listener:
         st.bytes += size
         return status.SUCCESS
 
-    def _commit(self, items: list[tuple[InstanceRecord, set[Path]]]) -> list[bool]:
-        """Group commit: fsync the touched folders once, then index the batch in one transaction."""
+    def _commit(self, items: list[_CommitItem]) -> list[bool]:
+        """Group commit: fsync new files and folders at once, then index the batch.
+
+        Each folder is fsync'd once per batch, all fsyncs run concurrently, then one SQLite
+        transaction indexes the batch. Returns "new row" per item.
+        """
         dirs: set[Path] = set()
-        for _, d in items:
+        files: list[Path] = []
+        for _, d, f in items:
             dirs |= d
-        self.spool.sync_dirs(dirs)
+            if f is not None:
+                files.append(f)
+        self.spool.sync(files, dirs)
         out: RecordOutcome = self.index.record(
-            [r for r, _ in items],
+            [r for r, _, _ in items],
             use_expected_count=self.settings.completion.use_expected_count)
         for series_uid, revision in out.new_revisions:
             log.info("late_instance_new_revision", series_uid=series_uid, revision=revision)

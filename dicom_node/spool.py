@@ -23,6 +23,7 @@ import shutil
 import struct
 import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Generic, TypeVar
@@ -232,6 +233,7 @@ class Spool:
         self.fsync = fsync
         self.incoming = self.root / INCOMING
         self.incoming.mkdir(parents=True, exist_ok=True)
+        self._pool: ThreadPoolExecutor | None = None
 
     def purge_incoming(self) -> int:
         """Delete partial receptions left by a crash; returns how many were removed."""
@@ -265,12 +267,21 @@ class Spool:
         after_pct = 100.0 * (free - incoming_bytes) / total if total else pct
         return free - incoming_bytes >= min_free_bytes and after_pct >= min_free_percent
 
-    def install(self, tmp: Path, final: Path) -> set[Path]:
-        """Fsync ``tmp`` and rename it to ``final`` (atomically replacing any file there).
+    def install(self, tmp: Path, final: Path, *, sync_first: bool = True) -> set[Path]:
+        """Rename ``tmp`` to ``final`` (atomically replacing any file there).
+
+        Args:
+            tmp: The received file in ``.incoming``.
+            final: Its place (:meth:`path_for`).
+            sync_first: fsync ``tmp`` before the rename. Required when ``final`` may hold an
+                acknowledged instance (a replacement). For a new instance the caller may
+                instead fsync ``final`` together with the folders (:meth:`sync`), before it
+                indexes and acknowledges it: a crash in between can only leave an unindexed,
+                unacknowledged file behind, which the sender's retry overwrites.
 
         Returns:
             Folders whose entries changed and need an fsync before the instance counts as
-            durable (see :meth:`sync_dirs`).
+            durable.
         """
         dirs: set[Path] = {final.parent}
         if not final.parent.is_dir():
@@ -279,7 +290,7 @@ class Spool:
                 if not parent.is_dir():
                     parent.mkdir(parents=True, exist_ok=True)
                     dirs.add(parent.parent)
-        if self.fsync:
+        if self.fsync and sync_first:
             fsync_path(tmp)
         try:
             os.replace(tmp, final)
@@ -293,10 +304,27 @@ class Spool:
 
     def sync_dirs(self, dirs: Iterable[Path]) -> None:
         """Fsync each folder once (no-op when ``fsync`` is off)."""
+        self.sync((), dirs)
+
+    def sync(self, files: Iterable[Path], dirs: Iterable[Path]) -> None:
+        """Fsync files and folders concurrently; return when all are durable.
+
+        Concurrent fsyncs can share one journal commit of the file system. No-op when
+        ``fsync`` is off.
+        """
         if not self.fsync:
             return
-        for d in set(dirs):
-            fsync_path(d, directory=True)
+        jobs = [(f, False) for f in dict.fromkeys(files)] + [(d, True) for d in set(dirs)]
+        if len(jobs) <= 1:
+            for path, is_dir in jobs:
+                fsync_path(path, directory=is_dir)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool-fsync")
+        futures = [self._pool.submit(fsync_path, p, directory=d) for p, d in jobs[1:]]
+        fsync_path(jobs[0][0], directory=jobs[0][1])
+        for fut in futures:
+            fut.result()
 
 
 def same_bytes(a: Path, b: Path) -> bool:
