@@ -159,6 +159,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="intra-op threads for both engines")
     ap.add_argument("--package", type=Path, help="benchmark this package (needs 1/model.pt)")
+    ap.add_argument("--net", choices=("unet", "tiny", "all"), default="unet",
+                    help="built-in network(s): the 3-D U-Net (compute-bound) and/or the tests' "
+                         "tiny net (per-call overhead-bound)")
     ap.add_argument("--gpu", action="store_true", help="also TensorRT vs torch eager on CUDA")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
@@ -172,28 +175,38 @@ def main() -> None:
     volume = brain_volume()
     results: dict[str, Any] = {"threads": args.threads, "volume_shape": volume.shape}
     with tempfile.TemporaryDirectory() as tmp:
+        cases: list[tuple[ModelPackage, Any, str]] = []
         if args.package:
             package = ModelPackage.load(args.package)
             module = torch.jit.load(str(package.torchscript_path()), map_location="cpu")
-            torch_label = "torch TorchScript (cpu)"
-        else:
+            cases.append((package, module, "torch TorchScript (cpu)"))
+        if not args.package and args.net in ("unet", "all"):
             package, module = build_bench_package(Path(tmp) / "bench-unet")
-            torch_label = "torch eager (cpu)"
-        outs = package.spec.engine_outputs()
-        inp = [package.spec.input.name]
-        print(f"CPU: {package.name}, volume {volume.shape}, {args.threads} threads")
-        results["cpu"] = compare(
-            "onnxruntime CPUExecutionProvider",
-            lambda: OnnxRuntimeEngine(package.onnx_path(), providers=["CPUExecutionProvider"],
-                                      intra_op_threads=args.threads),
-            torch_label,
-            lambda: TorchEngine(module, inp, outs, device="cpu"),
-            package, volume, args.repeats,
-        )
-        target = results["cpu"]["ratio_inference"] <= 0.5
-        print(f"  target <= 0.5x: {'met' if target else 'NOT met'}")
-        if args.gpu:
-            results["gpu"] = gpu_section(package, module, inp, outs, volume, args.repeats)
+            cases.append((package, module, "torch eager (cpu)"))
+        if not args.package and args.net in ("tiny", "all"):
+            from tests.fixtures.tiny_model import build_tiny_package, make_tiny_net
+
+            cases.append((build_tiny_package(Path(tmp) / "tiny"), make_tiny_net(),
+                          "torch eager (cpu)"))
+        for package, module, torch_label in cases:
+            outs = package.spec.engine_outputs()
+            inp = [package.spec.input.name]
+            print(f"CPU: {package.name}, volume {volume.shape}, {args.threads} threads")
+            res = compare(
+                "onnxruntime CPUExecutionProvider",
+                lambda p=package: OnnxRuntimeEngine(  # type: ignore[misc]
+                    p.onnx_path(), providers=["CPUExecutionProvider"],
+                    intra_op_threads=args.threads),
+                torch_label,
+                lambda m=module, i=inp, o=outs: TorchEngine(  # type: ignore[misc]
+                    m, i, o, device="cpu"),
+                package, volume, args.repeats,
+            )
+            results[f"cpu:{package.name}"] = res
+            print(f"  target <= 0.5x: {'met' if res['ratio_inference'] <= 0.5 else 'NOT met'}")
+            if args.gpu:
+                results[f"gpu:{package.name}"] = gpu_section(
+                    package, module, inp, outs, volume, args.repeats)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2, default=str))
