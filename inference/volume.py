@@ -192,6 +192,8 @@ def _frames_of(path: Path, ds: Any) -> list[_Frame]:
                 )
             slope = _lookup(groups, "PixelValueTransformationSequence", "RescaleSlope")
             icpt = _lookup(groups, "PixelValueTransformationSequence", "RescaleIntercept")
+            if slope is None:  # some writers keep the rescale at the top level
+                slope, icpt = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
             thick = _lookup(groups, "PixelMeasuresSequence", "SliceThickness")
             key = (
                 ("stack", _fv(_lookup(groups, "FrameContentSequence", "StackID"))),

@@ -283,3 +283,15 @@ def test_single_slice_uses_thickness(tmp_path: Path, image: npt.NDArray[np.float
     vol = build_volume(_write(make_mr_series(image[:1], axial_affine((4.0, 1.0, 1.0))), tmp_path))
     assert vol.shape == (1, 20, 24)
     assert vol.spacing[0] == pytest.approx(4.0)
+
+
+def test_enhanced_rescale_at_top_level(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    arr = (rng.random((3, 8, 8)) * 5.0 + 1.0).astype(np.float32)
+    (ds,) = make_mr_series(arr, axial_affine(), enhanced=True)
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    pvt = shared.PixelValueTransformationSequence[0]
+    ds.RescaleSlope, ds.RescaleIntercept = pvt.RescaleSlope, pvt.RescaleIntercept
+    del shared.PixelValueTransformationSequence
+    vol = build_volume(_write([ds], tmp_path))
+    np.testing.assert_allclose(vol.array, arr, atol=float(ds.RescaleSlope) * 0.51 + 1e-6)

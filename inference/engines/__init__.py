@@ -149,7 +149,7 @@ def select_engine(
             continue
         _log.info(
             "engine selected", model=package.name, engine=engine.name, provider=engine.provider,
-            not_used=skipped or None,
+            not_used=skipped or None, fallback=getattr(engine, "fallback_reason", "") or None,
         )
         return engine
     reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items())

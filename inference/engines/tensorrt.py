@@ -205,13 +205,13 @@ class TensorRTEngine:
         """The engine for this GPU's plan; builds it first when missing and ``build``."""
         cc, trt_version = gpu_key()
         plan = package.plan_path(cc, trt_version, version, precision)
-        if not plan.is_file():
-            if not build:
-                raise EngineUnavailable(
-                    f"no plan {plan.name} for this GPU; run `omnimri-node engines build "
-                    f"{package.name}`"
-                )
+        if build:  # reuses an up-to-date plan, rebuilds a missing or stale one
             plan = build_plan(package, version=version, precision=precision)
+        elif not plan.is_file():
+            raise EngineUnavailable(
+                f"no plan {plan.name} for this GPU; run `omnimri-node engines build "
+                f"{package.name}`"
+            )
         return cls(plan)
 
     @property
