@@ -450,3 +450,15 @@ def test_admin_server_serves_on_its_port_and_stops(tmp_path: Path) -> None:
         server.stop()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def test_admin_server_reports_a_port_in_use(tmp_path: Path) -> None:
+    import socket
+
+    settings = load_config(_write_cfg(tmp_path))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        server = AdminServer(settings, host="127.0.0.1", port=s.getsockname()[1])
+        with pytest.raises(RuntimeError, match="admin API did not start"):
+            server.start()

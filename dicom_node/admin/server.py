@@ -81,8 +81,8 @@ class AdminServer:
         config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level="warning",
                                 access_log=False, lifespan="off", server_header=False)
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="admin-http",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._serve, args=(self._server,),
+                                        name="admin-http", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._server.started:
@@ -91,6 +91,12 @@ class AdminServer:
                 raise RuntimeError(f"admin API did not start on {self.host}:{self.port}")
             time.sleep(0.02)
         log.info("admin_api_started", url=self.url)
+
+    def _serve(self, server: uvicorn.Server) -> None:
+        try:
+            server.run()
+        except SystemExit:  # uvicorn exits when it cannot bind (port in use, bad address)
+            log.error("admin_api_bind_failed", host=self.host, port=self.port)
 
     def stop(self) -> None:
         """Stop serving and wait for the thread (at most a few seconds)."""
