@@ -361,3 +361,22 @@ def test_required_without_enabled_is_refused(tmp_path: Path, pki: TestPKI) -> No
     with pytest.raises(TLSConfigError, match="node.tls.required: needs node.tls.enabled"):
         node.listener.start()
     node.stop()
+
+
+@needs_dcmtk
+def test_node_dimse_destination_sends_over_tls_to_dcmtk(
+    pki: TestPKI, mr_file: Path, dcmtk_tls_scp: tuple[int, Path], tmp_path: Path
+) -> None:
+    from dicom_node.config import parse_config
+    from dicom_node.destinations import make_destination
+
+    port, out = dcmtk_tls_scp
+    settings = parse_config({"audit": {"path": None}}, tmp_path)
+    dest = DimseDestination(ae_title="PACS", host="127.0.0.1", port=port, tls=True,
+                            tls_ca_certificates=pki.ca_cert, tls_certificate=pki.client_cert,
+                            tls_private_key=pki.client_key)
+    store = make_destination("pacs", dest, settings)
+    assert "C-ECHO" in store.test()
+    (result,) = store.send([mr_file])
+    assert result.ok, result.detail
+    assert len(list(out.iterdir())) == 1
