@@ -8,7 +8,8 @@ a :class:`~dicom_node.config.PipelineConfig` ``kind`` to its implementation:
   so the node starts without the inference stack when only ``preview`` is configured).
 
 Output SOP Instance UIDs must be derived from ``job_id`` so that a re-run replaces rather than
-duplicates at the PACS.
+duplicates at the PACS. The worker pool builds one instance per configured pipeline name and
+shares it between its worker threads, so ``run`` must be thread-safe (keep per-run state local).
 """
 
 from __future__ import annotations
