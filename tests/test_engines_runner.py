@@ -240,3 +240,24 @@ def test_engine_without_declared_output(tmp_path: Path, tiny_package: ModelPacka
     vol = _volume(_blob_image((8, 8, 8)), np.eye(4))
     with pytest.raises(ValueError, match=r"graph lacks outputs \['recon', 'mask'\]"):
         run_model(pkg, vol, create_engine("onnxruntime", tiny_package))
+
+
+def test_dicom_series_to_aligned_detection(tmp_path: Path) -> None:
+    """Oblique DICOM series → Volume → resampled identity model → component at the right LPS."""
+    from dicom_node.samples import make_mr_series, write_series
+    from inference.volume import build_volume
+    from tests.test_volume import oblique_affine
+
+    arr = -np.ones((16, 20, 22), dtype=np.float32)
+    arr[5:11, 6:12, 8:14] = 1.0  # a 6x6x6 voxel cube
+    aff = oblique_affine(spacing=(1.0, 1.0, 1.0), angles=(10.0, 20.0, -30.0))
+    vol = build_volume(write_series(make_mr_series(arr, aff), tmp_path / "dcm"))
+    np.testing.assert_allclose(vol.array, arr, atol=1e-3)
+    pkg = _identity(tmp_path, spacing_mm=[2.0, 2.0, 2.0])
+    raw = run_model(pkg, vol, create_engine("onnxruntime", pkg), ["segment"])
+    seg = raw.segmentation["mask"]
+    assert seg.label_map.shape == vol.shape
+    (comp,) = seg.components[1]
+    want_lps = aff @ [7.5, 8.5, 10.5, 1.0]
+    np.testing.assert_allclose(comp.centroid_lps_mm, want_lps[:3], atol=0.05)
+    assert 0.15 < comp.volume_ml <= 0.216  # 6 mm cube (0.216 ml), corners rounded by 2 mm grid
