@@ -33,8 +33,15 @@ log = structlog.get_logger(__name__)
 LAYER = "AI_DETECTIONS"
 
 
-def _ellipse(j0: float, i0: float, j1: float, i1: float) -> np.ndarray:
-    """Axis-aligned ellipse in PIXEL units: ``(column, row)`` endpoints of both axes."""
+def _ellipse(
+    j0: float, i0: float, j1: float, i1: float, rows: int, cols: int
+) -> np.ndarray:
+    """Axis-aligned ellipse in PIXEL units: ``(column, row)`` endpoints of both axes.
+
+    Kept inside the image (``0..cols``, ``0..rows``): GSPS pixel coordinates cannot be negative.
+    """
+    j0, j1 = max(j0, 0.0), min(j1, float(rows))
+    i0, i1 = max(i0, 0.0), min(i1, float(cols))
     cj, ci = (j0 + j1) / 2.0, (i0 + i1) / 2.0
     return np.array([[i0, cj], [i1, cj], [ci, j0], [ci, j1]], dtype=np.float64)
 
@@ -42,6 +49,7 @@ def _ellipse(j0: float, i0: float, j1: float, i1: float) -> np.ndarray:
 def _annotations(ctx: ExportContext, layer: hd.pr.GraphicLayer) -> list[hd.pr.GraphicAnnotation]:
     by_number = {s.label.number: s for s in ctx.results.segments}
     per_slice: dict[int, tuple[list[hd.pr.GraphicObject], list[hd.pr.TextObject]]] = {}
+    _, rows, cols = ctx.volume.shape
     for n, det in enumerate(ctx.results.detections, start=1):
         k0, j0, i0, k1, j1, i1 = det.bbox_index
         name = det.tracking_id or f"lesion-{n}"
@@ -60,7 +68,9 @@ def _annotations(ctx: ExportContext, layer: hd.pr.GraphicLayer) -> list[hd.pr.Gr
             graphics.append(
                 hd.pr.GraphicObject(
                     graphic_type=hd.pr.GraphicTypeValues.ELLIPSE,
-                    graphic_data=_ellipse(bj0 - pad, bi0 - pad, bj1 + pad, bi1 + pad),
+                    graphic_data=_ellipse(
+                        bj0 - pad, bi0 - pad, bj1 + pad, bi1 + pad, rows, cols
+                    ),
                     units=hd.pr.AnnotationUnitsValues.PIXEL,
                     tracking_id=name[:64],
                     tracking_uid=uids.derived_uid(ctx.job_id, "detection", n),
@@ -71,20 +81,21 @@ def _annotations(ctx: ExportContext, layer: hd.pr.GraphicLayer) -> list[hd.pr.Gr
                     text_value=f"AI {name}: {det.finding.meaning} {det.diameter_mm:.0f} mm "
                     f"p={det.probability:.2f}"[:1024],
                     units=hd.pr.AnnotationUnitsValues.PIXEL,
-                    anchor_point=(float(bi1 + pad), float(bj0 - pad)),
+                    anchor_point=(
+                        float(min(bi1 + pad, cols)), float(min(max(bj0 - pad, 0.0), rows))
+                    ),
                     anchor_point_visible=True,
                 )
             )
     if not per_slice:
         for k in key_slices(ctx):
-            cols = float(ctx.volume.shape[2])
             per_slice[k] = (
                 [],
                 [
                     hd.pr.TextObject(
                         text_value=f"AI: no detection - research, {NOT_FOR_DIAGNOSIS.lower()}",
                         units=hd.pr.AnnotationUnitsValues.PIXEL,
-                        bounding_box=(1.0, 1.0, cols - 1.0, 12.0),
+                        bounding_box=(1.0, 1.0, float(cols - 1), 12.0),
                     )
                 ],
             )

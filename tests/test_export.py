@@ -371,6 +371,20 @@ def test_pr_circles_each_detection(exported: dict) -> None:
     assert refs == {ref.sop_instance_uid for ref in ctx.volume.slices}
 
 
+def test_pr_detection_at_the_image_edge(sources: dict, folder: Path) -> None:
+    ctx = make_context(sources["axial"], options=ExportOptions(outputs=("pr",)))
+    det = ctx.results.detections[0]
+    lesion = next(s for s in ctx.results.segments if s.label.task == "pathological")
+    k = int(round(det.centroid_index[0]))
+    lesion.mask[:] = False
+    lesion.mask[k, 0:3, 0:3] = True  # top-left corner
+    det.bbox_index = (k, 0, 0, k + 1, 3, 3)
+    pr = build_outputs(ctx)["pr"][0]
+    assert _errors(pr, folder, "pr-edge") == []
+    pts = np.asarray(pr.GraphicAnnotationSequence[0].GraphicObjectSequence[0].GraphicData)
+    assert pts.min() >= 0
+
+
 @pytest.mark.parametrize("case", ["axial", "enhanced"])
 def test_ko_points_at_key_slices(case: str, exported: dict) -> None:
     ctx, outputs = exported[case]
