@@ -29,9 +29,29 @@ __all__ = [
     "OutputKind",
     "SegExportOptions",
     "build_outputs",
+    "warm_up",
 ]
 
 log = structlog.get_logger(__name__)
+
+
+def warm_up() -> float:
+    """Load highdicom's tables of the standard now (once per process); returns seconds.
+
+    highdicom reads them lazily on the first object it builds (about 0.5 s, several seconds on
+    a busy machine); a worker calls this at start so the first job does not pay it. Uses
+    highdicom's private loaders and does nothing if they are not there.
+    """
+    t0 = time.perf_counter()
+    try:
+        from highdicom import _standard_utils as std
+
+        std.get_sop_class_iod_map()
+        std.get_iod_module_map()
+        std.get_module_attribute_map()
+    except (ImportError, AttributeError):  # pragma: no cover - other highdicom versions
+        pass
+    return time.perf_counter() - t0
 
 
 def build_outputs(ctx: ExportContext) -> dict[str, list[Dataset]]:
