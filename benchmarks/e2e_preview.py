@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--slices", type=int, default=64)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--quiet", type=float, default=1.0, help="completion.quiet_seconds")
+    ap.add_argument("--poll", type=float, default=0.5,
+                    help="completion.poll_interval_s and jobs.poll_interval_s (shipped: 0.5)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="e2e-preview-") as tmp:
@@ -81,8 +83,8 @@ def main() -> None:
         orthanc.start()
         config = write_node_config(
             root / "node", node_port,
-            completion={"quiet_seconds": args.quiet, "poll_interval_s": 0.05},
-            jobs={"workers": 2, "poll_interval_s": 0.05},
+            completion={"quiet_seconds": args.quiet, "poll_interval_s": args.poll},
+            jobs={"workers": 2, "poll_interval_s": args.poll},
             destinations={"pacs": {"kind": "dimse", "ae_title": orthanc.ae_title,
                                    "host": "127.0.0.1", "port": orthanc.dicom_port}},
             pipelines={"preview": {"kind": "preview", "model": None, "outputs": ["sc"]}},
@@ -108,7 +110,7 @@ def main() -> None:
             orthanc.stop()
 
     print(f"series: {args.slices} × {args.size}² MR (uint16), preview SC back by C-STORE; "
-          f"{args.rounds} rounds; quiet_seconds={args.quiet:g}")
+          f"{args.rounds} rounds; quiet_seconds={args.quiet:g}, poll_interval_s={args.poll:g}")
     q = results["quiet"]
     e = results["expected"]
     print(f"quiet completion, including the quiet period : median {statistics.median(q):.3f} s"

@@ -60,6 +60,7 @@ class Node:
         self.jobs = JobQueue(settings)
         self.workers = WorkerPool(settings, self.jobs)
         self.router = Router(settings, self.jobs, self.index, on_enqueued=self.workers.wake)
+        self.tracker.add_listener(lambda _event: self.router.wake())
         self._services: list[Service] = [self.workers, self.router]
         self._started: list[Service] = []
         self._stop_requested = threading.Event()
