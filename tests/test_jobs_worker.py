@@ -172,3 +172,27 @@ def test_unresolved_sender_goes_back_to_the_calling_ae(tmp_path: Path, series: A
     assert orthanc.sop_uids(SOPClassUID="1.2.840.10008.5.1.4.1.1.7") == [preview_uids(ok)[1]]
     assert queue.get(bad).state == "queued"
     assert "sender's AE title 'STRANGER'" in (queue.get(bad).last_error or "")
+
+
+def test_pipeline_overrunning_its_timeout_is_a_failed_attempt(tmp_path: Path,
+                                                              series: Any) -> None:
+    settings = parse_config({
+        "storage": {"path": "spool", "fsync": False},
+        "pipelines": {"preview": {"kind": "preview", "model": None, "timeout_s": 0.2}},
+        "destinations": {"archive": {"kind": "folder", "path": "archive"}},
+    }, tmp_path)
+    queue = JobQueue(settings)
+    pool = WorkerPool(settings, queue)
+
+    class SlowModel:  # stands in for a model that hangs (no real model is that slow here)
+        def run(self, s: Any, job_id: str) -> list[Any]:
+            time.sleep(1.0)
+            return []
+
+    pool._pipelines["preview"] = SlowModel()
+    jid, _ = queue.enqueue(NewJob(series, "preview", ("archive",)))
+    t0 = time.monotonic()
+    pool.process(queue.claim())
+    assert time.monotonic() - t0 < 0.9
+    job = queue.get(jid)
+    assert job.state == "queued" and "did not finish within 0.2 s" in (job.last_error or "")
