@@ -22,7 +22,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -79,6 +79,10 @@ CREATE TABLE IF NOT EXISTS series_events (
     UNIQUE (series_instance_uid, revision)
 );
 CREATE INDEX IF NOT EXISTS series_events_unrouted ON series_events(id) WHERE routed_at IS NULL;
+CREATE TABLE IF NOT EXISTS index_meta (
+    key   TEXT PRIMARY KEY,
+    value
+);
 """
 
 CompletionReason = Literal["quiet", "expected_count"]
@@ -138,6 +142,12 @@ class RecordOutcome:
     """(series UID, revision) started by a late instance after completion."""
     completed: list[CompletionEvent] = field(default_factory=list)
     """Revisions completed at once because their expected instance count was reached."""
+    due_expected: list[str] = field(default_factory=list)
+    """With ``use_expected_count=False``: series whose expected count is now reached (the
+    caller completes them with :meth:`SeriesIndex.complete_expected` once the batch is
+    durable)."""
+    max_rowid: int | None = None
+    """Largest ``instances.rowid`` inserted by the batch (``None``: no new row)."""
 
 
 class SeriesIndex:
@@ -195,12 +205,19 @@ class SeriesIndex:
         ).fetchone()
         return None if row is None else (Path(row["path"]), int(row["size_bytes"]))
 
-    def record(self, batch: Sequence[InstanceRecord], *, use_expected_count: bool = True
-               ) -> RecordOutcome:
-        """Index durable instances in one transaction (the group commit).
+    def record(self, batch: Sequence[InstanceRecord], *, use_expected_count: bool = True,
+               flushed_upto: int | None = None) -> RecordOutcome:
+        """Index instances in one transaction (the group commit).
 
-        New instances of a complete series start its next revision. Series whose expected
-        instance count is now reached are completed in the same transaction.
+        New instances of a complete series start its next revision.
+
+        Args:
+            batch: The instances.
+            use_expected_count: Complete series whose expected instance count is now reached
+                in the same transaction; ``False`` only reports them (``due_expected``).
+            flushed_upto: The caller indexes a batch while its files are still being
+                fsync'd: every ``instances.rowid`` up to this one is known durable on disk
+                (see :meth:`reconcile`).
         """
         out = RecordOutcome()
         touched: dict[str, None] = {}
@@ -208,20 +225,102 @@ class SeriesIndex:
             for rec in batch:
                 is_new, late = self._record_one(c, rec)
                 out.new.append(is_new)
+                if is_new:
+                    out.max_rowid = int(c.execute("SELECT last_insert_rowid()").fetchone()[0])
                 if late is not None:
                     out.new_revisions.append((rec.series_instance_uid, late))
                 touched[rec.series_instance_uid] = None
-            if use_expected_count:
-                for uid in touched:
-                    row = c.execute(
-                        "SELECT state, instance_count, expected_count, last_received_at "
-                        "FROM series WHERE series_instance_uid = ?", (uid,)).fetchone()
-                    if (row["state"] == "receiving" and row["expected_count"]
-                            and row["instance_count"] == row["expected_count"]):
-                        ev = self._complete(c, uid, "expected_count", time.time())
-                        if ev is not None:
-                            out.completed.append(ev)
+            if flushed_upto is not None:
+                c.execute("INSERT OR REPLACE INTO index_meta (key, value)"
+                          " VALUES ('flushed_upto', ?)", (flushed_upto,))
+            for uid in touched:
+                row = c.execute(
+                    "SELECT state, instance_count, expected_count FROM series"
+                    " WHERE series_instance_uid = ?", (uid,)).fetchone()
+                if (row["state"] == "receiving" and row["expected_count"]
+                        and row["instance_count"] == row["expected_count"]):
+                    if not use_expected_count:
+                        out.due_expected.append(uid)
+                        continue
+                    ev = self._complete(c, uid, "expected_count", time.time())
+                    if ev is not None:
+                        out.completed.append(ev)
         return out
+
+    def complete_expected(self, series_uids: Sequence[str]) -> list[CompletionEvent]:
+        """Complete series whose expected instance count is reached (see :meth:`record`)."""
+        events = []
+        with self._write() as c:
+            for uid in series_uids:
+                row = c.execute(
+                    "SELECT state, instance_count, expected_count FROM series"
+                    " WHERE series_instance_uid = ?", (uid,)).fetchone()
+                if (row is not None and row["state"] == "receiving" and row["expected_count"]
+                        and row["instance_count"] == row["expected_count"]):
+                    ev = self._complete(c, uid, "expected_count", time.time())
+                    if ev is not None:
+                        events.append(ev)
+        return events
+
+    def reconcile(self, is_intact: Callable[[Path, int, str], bool]) -> list[str]:
+        """Drop index rows of the last batch whose files did not survive a crash.
+
+        A batch is indexed while its files are fsync'd (concurrently, to share the flush);
+        it is acknowledged only when both are done. After a crash, rows above the recorded
+        ``flushed_upto`` may describe files that never reached the disk: those rows (never
+        acknowledged) are deleted and their series' counts fixed.
+
+        Args:
+            is_intact: ``(path, size_bytes, sop_instance_uid) -> bool``.
+
+        Returns:
+            SOP Instance UIDs of the rows removed.
+        """
+        c = self.conn
+        row = c.execute("SELECT value FROM index_meta WHERE key = 'flushed_upto'").fetchone()
+        upto = int(row[0]) if row is not None and row[0] is not None else 0
+        suspects = c.execute(
+            "SELECT rowid, sop_instance_uid, series_instance_uid, path, size_bytes"
+            " FROM instances WHERE rowid > ?", (upto,)).fetchall()
+        removed: list[str] = []
+        with self._write() as w:
+            for r in suspects:
+                if is_intact(Path(r["path"]), int(r["size_bytes"]), r["sop_instance_uid"]):
+                    continue
+                removed.append(r["sop_instance_uid"])
+                w.execute("DELETE FROM instances WHERE rowid = ?", (r["rowid"],))
+                self._fix_series(w, r["series_instance_uid"])
+            top = w.execute("SELECT MAX(rowid) FROM instances").fetchone()[0]
+            w.execute("INSERT OR REPLACE INTO index_meta (key, value)"
+                      " VALUES ('flushed_upto', ?)", (top or 0,))
+        return removed
+
+    def forget(self, sop_instance_uids: Sequence[str]) -> None:
+        """Delete instance rows (whose files could not be made durable) and fix their series."""
+        with self._write() as w:
+            for uid in sop_instance_uids:
+                r = w.execute("SELECT series_instance_uid FROM instances"
+                              " WHERE sop_instance_uid = ?", (uid,)).fetchone()
+                if r is not None:
+                    w.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (uid,))
+                    self._fix_series(w, r[0])
+
+    @staticmethod
+    def _fix_series(c: sqlite3.Connection, series_uid: str) -> None:
+        n, rev = c.execute("SELECT COUNT(*), MAX(revision) FROM instances"
+                           " WHERE series_instance_uid = ?", (series_uid,)).fetchone()
+        if not n:
+            c.execute("DELETE FROM series WHERE series_instance_uid = ?", (series_uid,))
+            return
+        done = c.execute("SELECT MAX(revision) FROM series_events WHERE series_instance_uid = ?",
+                         (series_uid,)).fetchone()[0]
+        if done is not None and done >= rev:
+            # The removed row had started a new revision: the series is complete as before.
+            c.execute("UPDATE series SET instance_count = ?, revision = ?, state = 'complete'"
+                      " WHERE series_instance_uid = ?", (n, done, series_uid))
+        else:
+            c.execute("UPDATE series SET instance_count = ? WHERE series_instance_uid = ?",
+                      (n, series_uid))
 
     def _record_one(self, c: sqlite3.Connection, rec: InstanceRecord) -> tuple[bool, int | None]:
         srow = c.execute(

@@ -23,6 +23,7 @@ import ssl
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from tempfile import NamedTemporaryFile
@@ -231,6 +232,17 @@ class Listener:
         self.committer: GroupCommit[_CommitItem, bool] = GroupCommit(
             self._commit, settings.storage.group_commit_ms / 1000.0, lambda: self._active)
         self.ae = self._make_ae()
+        self._db_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-commit")
+        self._flushed_upto: int | None = None
+        self.recover()
+
+    def recover(self) -> None:
+        """Drop index rows whose files a crash took (never acknowledged); see ``reconcile``."""
+        removed = self.index.reconcile(self.spool.is_intact)
+        if removed:
+            log.warning("unacknowledged_instances_dropped", count=len(removed),
+                        sop_instance_uids=removed[:20],
+                        detail="indexed but not on disk after a crash; senders retry them")
 
     def reserve(self, assoc: Any, calling: str, called: str, host: str
                 ) -> tuple[tuple[int, int, int], str] | None:
@@ -489,10 +501,14 @@ class Listener:
         return status.SUCCESS
 
     def _commit(self, items: list[_CommitItem]) -> list[bool]:
-        """Group commit: fsync new files and folders at once, then index the batch.
+        """Group commit: make a batch durable and indexed; returns "new row" per item.
 
-        Each folder is fsync'd once per batch, all fsyncs run concurrently, then one SQLite
-        transaction indexes the batch. Returns "new row" per item.
+        The new files and their folders are fsync'd (each folder once, all concurrently)
+        while one SQLite transaction indexes the batch, so the two flushes overlap; the
+        caller acknowledges only after both. The transaction records ``flushed_upto`` (the
+        rows of the previous batches, whose files are known durable) so that after a crash
+        :meth:`~dicom_node.index.SeriesIndex.reconcile` checks only the last batch's files.
+        Series completed by their expected count are completed after the flush.
         """
         dirs: set[Path] = set()
         files: list[Path] = []
@@ -500,12 +516,24 @@ class Listener:
             dirs |= d
             if f is not None:
                 files.append(f)
-        self.spool.sync(files, dirs)
-        out: RecordOutcome = self.index.record(
-            [r for r, _, _ in items],
-            use_expected_count=self.settings.completion.use_expected_count)
+        db = self._db_pool.submit(self.index.record, [r for r, _, _ in items],
+                                  use_expected_count=False, flushed_upto=self._flushed_upto)
+        try:
+            self.spool.sync(files, dirs)
+        except BaseException:
+            # Not durable: the rows must not outlive this failure (a retry would look like a
+            # duplicate of an instance that never reached the disk).
+            done: RecordOutcome = db.result()
+            self.index.forget([r.sop_instance_uid for (r, _, _), new in
+                               zip(items, done.new, strict=True) if new])
+            raise
+        out: RecordOutcome = db.result()
+        if out.max_rowid is not None:
+            self._flushed_upto = out.max_rowid
         for series_uid, revision in out.new_revisions:
             log.info("late_instance_new_revision", series_uid=series_uid, revision=revision)
+        if out.due_expected and self.settings.completion.use_expected_count:
+            out.completed = self.index.complete_expected(out.due_expected)
         if out.completed:
             if self.tracker is not None:
                 self.tracker.completed(out.completed)

@@ -302,6 +302,16 @@ class Spool:
             tmp.unlink(missing_ok=True)
         return dirs
 
+    @staticmethod
+    def is_intact(path: Path, size_bytes: int, sop_instance_uid: str) -> bool:
+        """Whether a stored file is whole: its size, header and SOP Instance UID as indexed."""
+        try:
+            if path.stat().st_size != size_bytes:
+                return False
+            return read_header(path).sop_instance_uid == sop_instance_uid
+        except (OSError, InstanceRejected):
+            return False
+
     def sync_dirs(self, dirs: Iterable[Path]) -> None:
         """Fsync each folder once (no-op when ``fsync`` is off)."""
         self.sync((), dirs)

@@ -174,3 +174,45 @@ def test_tracker_thread_resumes_from_index(tmp_path: Path) -> None:
         tracker.stop()
     assert seen == [1]
     assert len(index.events(SERIES)) == 1
+
+
+def test_reconcile_drops_rows_of_the_last_unflushed_batch(index: SeriesIndex,
+                                                          tmp_path: Path) -> None:
+    # Batch 1 is durable; batch 2 was indexed while its files were being fsync'd, then the
+    # machine crashed: one of its files never reached the disk.
+    out1 = index.record([rec(1, at=1.0), rec(2, at=1.0)], flushed_upto=0)
+    index.record([rec(3, at=2.0), rec(4, at=2.0)], flushed_upto=out1.max_rowid)
+    other = "1.2.826.0.1.3680043.10.1526.9"
+    index.record([rec(1, series=other, at=2.0)])
+    lost = {f"{SERIES}.4", f"{other}.1"}
+    checked: list[str] = []
+
+    def intact(path: Path, size: int, sop: str) -> bool:
+        checked.append(sop)
+        return sop not in lost
+
+    assert sorted(index.reconcile(intact)) == sorted(lost)
+    assert sorted(checked) == sorted([f"{SERIES}.3", f"{SERIES}.4", f"{other}.1"])
+    [row] = index.list_series(10)
+    assert row["series_instance_uid"] == SERIES and row["instance_count"] == 3
+    assert index.reconcile(intact) == []  # the watermark moved: nothing left to check
+
+
+def test_forget_undoes_a_late_revision(index: SeriesIndex) -> None:
+    index.record([rec(1, at=1.0), rec(2, at=1.0)])
+    index.complete_quiet(1.0, now=5.0)
+    out = index.record([rec(3, at=6.0)])
+    assert out.new_revisions == [(SERIES, 2)]
+    index.forget([f"{SERIES}.3"])
+    row = index.list_series(1)[0]
+    assert (row["state"], row["revision"], row["instance_count"]) == ("complete", 1, 2)
+
+
+def test_record_can_leave_expected_count_completion_to_the_caller(index: SeriesIndex) -> None:
+    enh = "1.2.826.0.1.3680043.10.1526.7"
+    out = index.record([rec(1, series=enh, at=time.time(), expected=1)],
+                       use_expected_count=False)
+    assert out.completed == [] and out.due_expected == [enh]
+    [ev] = index.complete_expected(out.due_expected)
+    assert ev.reason == "expected_count"
+    assert index.complete_expected(out.due_expected) == []
