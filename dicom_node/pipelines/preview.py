@@ -1,10 +1,11 @@
 """The ``preview`` pipeline: a secondary-capture montage of a series (no model).
 
-It reads the series' images (any transfer syntax pydicom can decode, compressed ones through
-the pylibjpeg plugins), sorts them along the slice normal, picks up to :data:`MAX_TILES`
-evenly spaced slices, windows them together (1st–99th percentile of the picked pixels) and
-tiles them into one 8-bit MONOCHROME2 Secondary Capture Image (highdicom ``SCImage``) in the
-same study, in a new series marked as AI-node output not for diagnosis.
+It reads the series' headers, sorts the images along the slice normal, picks up to
+:data:`MAX_TILES` evenly spaced slices and decodes only those (any transfer syntax pydicom can
+decode, compressed ones through the pylibjpeg plugins), windows them together (1st–99th
+percentile of the picked pixels) and tiles them into one 8-bit MONOCHROME2 Secondary Capture
+Image (highdicom ``SCImage``) in the same study, in a new series marked as AI-node output not
+for diagnosis.
 
 The Series and SOP Instance UIDs are derived from the job id, so running the job again yields
 the same object and the PACS replaces it instead of storing a duplicate.
@@ -13,6 +14,7 @@ the same object and the PACS replaces it instead of storing a duplicate.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import highdicom as hd
@@ -148,40 +150,49 @@ class PreviewPipeline:
         Raises:
             UnsupportedSeries: No instance of the series has decodable pixel data.
         """
-        images: list[tuple[tuple[float, float], pydicom.Dataset, npt.NDArray[np.float32]]] = []
+        # Pass 1: headers only, to order every image (frame) along the slice normal.
+        entries: list[tuple[tuple[float, float], Path, int]] = []
         problems: list[str] = []
         ref: pydicom.Dataset | None = None
         for inst in series.instances:
             try:
-                ds = pydicom.dcmread(inst.path)
+                hdr = pydicom.dcmread(inst.path, stop_before_pixels=True)
             except (OSError, pydicom.errors.InvalidDicomError) as exc:
                 problems.append(f"{inst.sop_instance_uid}: unreadable ({exc.__class__.__name__})")
                 continue
-            if "PixelData" not in ds:
-                continue
-            try:
-                frames = _frames(ds)
-            except Exception as exc:  # noqa: BLE001 - any decoder failure is the same to us
-                problems.append(f"{inst.sop_instance_uid}: cannot decode ({exc})")
-                continue
-            pos = _slice_position(ds)
-            number = float(ds.get("InstanceNumber", 0) or 0)
-            for k, f in enumerate(frames):
-                key = (pos if pos is not None else number, float(k))
-                images.append((key, ds, f))
+            if "Rows" not in hdr or "Columns" not in hdr:
+                continue  # not an image (SR, presentation state, ...)
+            pos = _slice_position(hdr)
+            number = float(hdr.get("InstanceNumber", 0) or 0)
+            for k in range(int(hdr.get("NumberOfFrames", 1) or 1)):
+                entries.append(((pos if pos is not None else number, float(k)), inst.path, k))
             if ref is None:
-                ref = ds
-        if ref is None or not images:
+                ref = hdr
+        entries.sort(key=lambda t: t[0])
+        n = len(entries)
+        k = min(n, MAX_TILES)
+        picks = sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)}) if n else []
+        # Pass 2: decode only the instances that hold a picked image.
+        decoded: dict[Path, list[npt.NDArray[np.float32]] | None] = {}
+        tiles: list[npt.NDArray[np.float32]] = []
+        for i in picks:
+            _, path, frame = entries[i]
+            if path not in decoded:
+                try:
+                    decoded[path] = _frames(pydicom.dcmread(path))
+                except Exception as exc:  # noqa: BLE001 - any decoder failure is the same to us
+                    problems.append(f"{path.name}: cannot decode ({exc})")
+                    decoded[path] = None
+            frames = decoded[path]
+            if frames is not None and frame < len(frames):
+                tiles.append(frames[frame])
+        if ref is None or not tiles:
             detail = "; ".join(problems[:3]) or "no instance has pixel data"
             raise UnsupportedSeries(f"series {series.key}: nothing to preview ({detail})")
         if problems:
             log.warning("preview skipped instances", series_key=series.key,
                         skipped=len(problems), first=problems[0])
-        images.sort(key=lambda t: t[0])
-        n = len(images)
-        k = min(n, MAX_TILES)
-        picks = sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
-        pixels = montage([images[i][2] for i in picks])
+        pixels = montage(tiles)
 
         series_uid, sop_uid = preview_uids(job_id)
         number = int(ref.get("SeriesNumber", 0) or 0) + SERIES_NUMBER_OFFSET
@@ -210,9 +221,9 @@ class PreviewPipeline:
         if "Laterality" not in sc:
             sc.Laterality = ""  # Type 2C; a montage of a whole series has none
         sc.ImageComments = (
-            f"Montage of {len(picks)} of {n} images of series {series.series_instance_uid}; "
+            f"Montage of {len(tiles)} of {n} images of series {series.series_instance_uid}; "
             "made by an AI node, not for diagnostic use"
         )[:10240]
-        log.info("preview made", job_id=job_id, series_key=series.key, tiles=len(picks),
+        log.info("preview made", job_id=job_id, series_key=series.key, tiles=len(tiles),
                  rows=int(pixels.shape[0]), columns=int(pixels.shape[1]))
         return [sc]
