@@ -1,9 +1,147 @@
-"""``omnimri-node`` commands of the ``train`` group."""
+"""``omnimri-node`` commands of the ``train`` group: the four OmniMRI stages, export, eval.
+
+Examples::
+
+    omnimri-node train all --seed 0                       # reproduces models/omnimri-tiny
+    omnimri-node train multimodal --out training-runs/x   # one stage (resumes if interrupted)
+    omnimri-node train export --out models/omnimri-tiny   # ONNX package, verified vs PyTorch
+    omnimri-node eval --model models/omnimri-tiny --cases 30
+"""
 
 from __future__ import annotations
 
+import enum
+import json
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+train_app = typer.Typer(help="Train, export and evaluate the OmniMRI model family.",
+                        no_args_is_help=True)
+
+
+class Stage(enum.StrEnum):
+    """Training stages (``all`` runs the four in order)."""
+
+    pretrain = "pretrain"
+    align = "align"
+    multimodal = "multimodal"
+    instruct = "instruct"
+    all = "all"
+
+
+def _echo(msg: str) -> None:
+    typer.echo(msg)
+
+
+def _train(stage: Stage, size: str, seed: int, out: Path | None, steps: int | None,
+           batch: int | None) -> None:
+    from inference.omnimri.train import STAGES, TrainSettings, run_stage, train_all
+
+    s = TrainSettings(size=size, seed=seed,
+                      out=out or Path(f"training-runs/omnimri-{size}-seed{seed}"))
+    if batch:
+        s.batch = batch
+    if stage is Stage.all:
+        ck = train_all(seed, s, steps={k: steps for k in STAGES} if steps else None,
+                       progress=_echo)
+    else:
+        ck = run_stage(stage.value, s, steps, progress=_echo)
+    typer.echo(f"checkpoint: {ck}")
+
+
+def _stage_command(stage: Stage) -> None:
+    def cmd(
+        size: Annotated[str, typer.Option(help="Model size: tiny, small, base, large.")] = "tiny",
+        seed: Annotated[int, typer.Option(help="Random seed (data, initialisation).")] = 0,
+        out: Annotated[Path | None, typer.Option(help="Run folder (checkpoints).")] = None,
+        steps: Annotated[int | None, typer.Option(help="Steps (per stage for 'all'); default: "
+                                         "the shipped schedule.")] = None,
+        batch: Annotated[int | None, typer.Option(help="Slices per step (default 12).")] = None,
+    ) -> None:
+        _train(stage, size, seed, out, steps, batch)
+
+    cmd.__doc__ = ("Run the four stages in order (skips finished ones)." if stage is Stage.all
+                   else f"Run (or resume) the '{stage.value}' stage.")
+    train_app.command(stage.value)(cmd)
+
+
+for _stage in Stage:
+    _stage_command(_stage)
+
+
+@train_app.command("export")
+def export_cmd(
+    run: Annotated[
+        Path,
+        typer.Option(help="Run folder with instruct.pt."),
+    ] = Path("training-runs/omnimri-tiny-seed0"),
+    out: Annotated[
+        Path,
+        typer.Option(help="Package folder to write."),
+    ] = Path("models/omnimri-tiny"),
+    name: Annotated[str, typer.Option()] = "omnimri-tiny",
+    version: Annotated[str, typer.Option()] = "1.0.0",
+    stage: Annotated[str, typer.Option(help="Checkpoint stage to export.")] = "instruct",
+) -> None:
+    """Export a checkpoint to an ONNX model package (verified against PyTorch)."""
+    from inference.omnimri.export import export_package
+
+    metrics: dict[str, float] | None = None
+    old = out / "model.yaml"
+    if old.is_file():
+        import yaml
+
+        metrics = (yaml.safe_load(old.read_text()) or {}).get("metrics") or None
+    folder = export_package(run / f"{stage}.pt", out, name=name, version=version,
+                            metrics=metrics)
+    typer.echo(f"package: {folder}")
+
+
+def eval_cmd(
+    model: Annotated[
+        Path,
+        typer.Option(help="Model package folder."),
+    ] = Path("models/omnimri-tiny"),
+    cases: Annotated[int, typer.Option(help="Held-out cases (cycling the three diagnoses).")] = 30,
+    seed: Annotated[int, typer.Option(help="Held-out set seed.")] = 0,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Evaluate a PyTorch checkpoint instead."),
+    ] = None,
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="Also write metrics as JSON."),
+    ] = None,
+    write_metrics: Annotated[bool, typer.Option(help="Store the metrics in model.yaml.")] = False,
+    verbose: Annotated[bool, typer.Option(help="Print every case.")] = False,
+) -> None:
+    """Evaluate a model on held-out synthetic cases; prints each metric with target, PASS/MISS."""
+    from inference.omnimri.evaluate import evaluate_checkpoint, evaluate_package
+
+    prog = _echo if verbose else None
+    if checkpoint is not None:
+        rep = evaluate_checkpoint(checkpoint, cases, seed=seed, progress=prog)
+    else:
+        if not (model / "model.yaml").is_file():
+            typer.echo(f"error: {model} is not a model package (no model.yaml)", err=True)
+            raise typer.Exit(2)
+        rep = evaluate_package(model, cases, seed=seed, progress=prog)
+    for line in rep.lines():
+        typer.echo(line)
+    if json_out:
+        json_out.write_text(json.dumps({"metrics": rep.metrics, "cases": rep.cases}, indent=1,
+                                       default=str))
+    if write_metrics and checkpoint is None:
+        import yaml
+
+        spec = yaml.safe_load((model / "model.yaml").read_text())
+        spec["metrics"] = {k: round(float(v), 4) for k, v in rep.metrics.items()}
+        (model / "model.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
 def register(app: typer.Typer) -> None:
     """Add this group's commands to ``app``."""
+    app.add_typer(train_app, name="train")
+    app.command("eval")(eval_cmd)

@@ -1,0 +1,480 @@
+"""The four OmniMRI training stages, each resumable from its checkpoint.
+
+1. ``pretrain``   - self-supervised vision pretraining: masked-patch (SimMIM-style) image
+   reconstruction of randomly masked 16 mm tokens; no labels.
+2. ``align``      - vision-language alignment: contrastive (InfoNCE) loss between the image
+   embedding of a case (mean over its slices) and a text embedding of its report.
+3. ``multimodal`` - multimodal pretraining: all dense heads (tissue, lesion, reconstruction),
+   the diagnosis head and the grounded report decoder trained jointly.
+4. ``instruct``   - multi-task instruction tuning: each step samples one instruction and trains
+   the heads that instruction runs, at a lower learning rate, with abnormal slices oversampled.
+
+Each stage reads the previous stage's checkpoint, saves ``<out>/<stage>.pt`` every
+``save_every`` steps (model, optimiser, data-pool seeds, step) and writes ``<out>/<stage>.done``
+when finished, so a killed run resumes where it stopped. ``train_all(seed)`` runs the four
+stages in order with the shipped step counts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from inference.omnimri import report_text as rt
+from inference.omnimri import synthetic as syn
+from inference.omnimri.config import OmniMRIConfig, preset
+from inference.omnimri.model import OmniMRI, ReportDecoder, TextEncoder
+
+log = structlog.get_logger(__name__)
+
+STAGES = ("pretrain", "align", "multimodal", "instruct")
+
+DEFAULT_STEPS: dict[str, int] = {"pretrain": 60, "align": 40, "multimodal": 450,
+                                 "instruct": 150}
+"""Steps of the shipped ``tiny`` run (batch 12 crops of 96x96 pixels)."""
+
+
+@dataclass
+class TrainSettings:
+    """Settings shared by the stages."""
+
+    size: str = "tiny"
+    seed: int = 0
+    out: Path = Path("training-runs/omnimri-tiny")
+    batch: int = 12
+    crop: int = 96
+    """Training crop (pixels, multiple of 8, at most ``patch_size``); inference uses the patch."""
+    pool_cases: int = 16
+    """Cases held in memory; ``refresh_cases`` of them are regenerated every ``refresh_every``."""
+    refresh_cases: int = 1
+    refresh_every: int = 15
+    save_every: int = 50
+    threads: int = 2
+    cfg_overrides: dict[str, Any] | None = None
+
+    def config(self) -> OmniMRIConfig:
+        """The architecture for :attr:`size`."""
+        return preset(self.size, **(self.cfg_overrides or {}))
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class PoolCase:
+    """A generated case prepared for slice sampling."""
+
+    image: npt.NDArray[np.float32]
+    zero_filled: npt.NDArray[np.float32]
+    tissue: npt.NDArray[np.int64]
+    lesion: npt.NDArray[np.int64]
+    diagnosis: int
+    report_tokens: npt.NDArray[np.int64]
+    facts: dict[str, str]
+    brain_slices: npt.NDArray[np.int_]
+    lesion_slices: npt.NDArray[np.int_]
+
+
+def prepare_case(case: syn.Case, max_tokens: int, kspace_seed: int) -> PoolCase:
+    """Normalise a case and add its 4x zero-filled reconstruction."""
+    img = syn.normalise(case.image)
+    zf = syn.zero_filled(img, 4, seed=kspace_seed)
+    brain = np.flatnonzero((case.tissue > 0).any(axis=(1, 2)))
+    les = np.flatnonzero(((case.lesion == 1) | (case.lesion == 2)).any(axis=(1, 2)))
+    facts = syn.facts_from_lesions(syn.DIAGNOSES[case.diagnosis], case.lesions)
+    return PoolCase(
+        image=img, zero_filled=zf, tissue=case.tissue.astype(np.int64),
+        lesion=case.lesion.astype(np.int64), diagnosis=case.diagnosis,
+        report_tokens=rt.encode(case.report, max_tokens), facts=facts, brain_slices=brain,
+        lesion_slices=les,
+    )
+
+
+class CasePool:
+    """A rolling pool of synthetic training cases (deterministic from seed and step)."""
+
+    def __init__(self, s: TrainSettings, stage_index: int, max_tokens: int) -> None:
+        self.s = s
+        self.base = (s.seed + 1) * 1_000_000 + stage_index * 100_000
+        self.max_tokens = max_tokens
+        self.next_id = 0
+        self.cases: list[PoolCase] = []
+        for _ in range(s.pool_cases):
+            self.cases.append(self._make())
+
+    def _make(self) -> PoolCase:
+        seed = self.base + self.next_id
+        # Class-balanced: cycle the diagnoses.
+        case = syn.make_case(seed, diagnosis=self.next_id % 3)
+        self.next_id += 1
+        return prepare_case(case, self.max_tokens, kspace_seed=seed)
+
+    def step(self, step: int) -> None:
+        """Regenerate a few cases every ``refresh_every`` steps."""
+        if step > 0 and step % self.s.refresh_every == 0:
+            for _ in range(self.s.refresh_cases):
+                self.cases[self.next_id % len(self.cases)] = self._make()
+
+
+def _stack(vol: npt.NDArray[np.float32], k: int, c: int) -> npt.NDArray[np.float32]:
+    idx = np.clip(np.arange(k - c, k + c + 1), 0, vol.shape[0] - 1)
+    out: npt.NDArray[np.float32] = vol[idx]
+    return out
+
+
+def _pad(a: npt.NDArray[Any], size: int, oj: int, oi: int) -> npt.NDArray[Any]:
+    out = np.zeros((*a.shape[:-2], size, size), a.dtype)
+    h, w = a.shape[-2:]
+    out[..., oj : oj + h, oi : oi + w] = a[..., : size - oj, : size - oi]
+    return out
+
+
+def sample_batch(
+    pool: CasePool, rng: np.random.Generator, n: int, cfg: OmniMRIConfig,
+    lesion_fraction: float = 0.5, cases: list[int] | None = None,
+) -> dict[str, Tensor]:
+    """A batch of 2.5D slice stacks with every target, padded to ``patch_size`` squares."""
+    c, size = cfg.context_slices, cfg.patch_size
+    xs, zs, ts, ls, ds, rs = [], [], [], [], [], []
+    for b in range(n):
+        ci = cases[b] if cases is not None else int(rng.integers(len(pool.cases)))
+        pc = pool.cases[ci]
+        if len(pc.lesion_slices) and rng.random() < lesion_fraction:
+            k = int(rng.choice(pc.lesion_slices))
+        else:
+            k = int(rng.choice(pc.brain_slices))
+        h, w = pc.image.shape[1:]
+        oj = int(rng.integers(0, max(size - h, 0) + 1))
+        oi = int(rng.integers(0, max(size - w, 0) + 1))
+        xs.append(_pad(_stack(pc.image, k, c), size, oj, oi))
+        zs.append(_pad(_stack(pc.zero_filled, k, c), size, oj, oi))
+        ts.append(_pad(pc.tissue[k], size, oj, oi))
+        ls.append(_pad(pc.lesion[k], size, oj, oi))
+        ctx = pc.lesion[max(k - c, 0) : k + c + 1]
+        ds.append(2 if (ctx == 2).any() else 1 if (ctx == 1).any() else 0)
+        rs.append(ci)
+    crop = pool.s.crop
+    a = b = 0
+    if crop < size:
+        a, b = (int(v) for v in rng.integers(0, (size - crop) // 8 + 1, 2))
+        cut = (slice(None), slice(a * 8, a * 8 + crop), slice(b * 8, b * 8 + crop))
+        xs = [x[cut] for x in xs]
+        zs = [z[cut] for z in zs]
+        ts = [t[cut[1:]] for t in ts]
+        ls = [t[cut[1:]] for t in ls]
+    return {
+        "crop_at": torch.tensor([a, b]),
+        "image": torch.from_numpy(np.stack(xs)),
+        "zero_filled": torch.from_numpy(np.stack(zs)),
+        "tissue": torch.from_numpy(np.stack(ts)),
+        "lesion": torch.from_numpy(np.stack(ls)),
+        "diagnosis": torch.tensor(ds),
+        "case": torch.tensor(rs),
+    }
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def dice_loss(logits: Tensor, target: Tensor, classes: list[int]) -> Tensor:
+    """Soft Dice loss averaged over ``classes`` (batch-pooled)."""
+    p = logits.softmax(1)
+    losses = []
+    for k in classes:
+        pk = p[:, k]
+        tk = (target == k).float()
+        inter = (pk * tk).sum()
+        losses.append(1 - (2 * inter + 1) / (pk.sum() + tk.sum() + 1))
+    return torch.stack(losses).mean()
+
+
+LESION_WEIGHTS = torch.tensor([1.0, 6.0, 3.0, 2.0])
+DIAG_WEIGHTS = torch.tensor([1.0, 2.0, 2.0])
+
+
+def seg_losses(out: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Tissue and lesion losses (cross-entropy + Dice)."""
+    return {
+        "tissue": F.cross_entropy(out["tissue"], b["tissue"])
+        + dice_loss(out["tissue"], b["tissue"], [0, 1, 2, 3]),
+        "lesion": F.cross_entropy(out["lesion"], b["lesion"], weight=LESION_WEIGHTS)
+        + dice_loss(out["lesion"], b["lesion"], [1, 2, 3]),
+        "diagnosis": F.cross_entropy(out["diagnosis"], b["diagnosis"], weight=DIAG_WEIGHTS),
+    }
+
+
+def _ca(b: dict[str, Tensor]) -> tuple[int, int]:
+    return int(b["crop_at"][0]), int(b["crop_at"][1])
+
+
+def recon_loss(model: OmniMRI, b: dict[str, Tensor]) -> Tensor:
+    """L1 between the reconstruction of the zero-filled input and the full image."""
+    c = model.cfg.context_slices
+    out = model(b["zero_filled"], crop_at=_ca(b))
+    return F.l1_loss(out["recon"], b["image"][:, c : c + 1])
+
+
+def random_facts(rng: np.random.Generator) -> dict[str, str]:
+    """A random but well-formed fact set (teaches the decoder every combination)."""
+    kind = str(rng.choice(syn.DIAGNOSES))
+    if kind == "normal":
+        return {"kind": "normal", "count": "none", "side": "none", "lobe": "none", "size": "0"}
+    count = "single" if kind == "mass" else str(rng.choice(rt.SLOTS["count"][1:]))
+    return {"kind": kind, "count": count, "side": str(rng.choice(rt.SLOTS["side"][1:])),
+            "lobe": str(rng.choice(rt.SLOTS["lobe"][1:])),
+            "size": str(rng.choice(rt.SLOTS["size"][1:]))}
+
+
+def facts_batch(facts: list[dict[str, str]], max_tokens: int) -> tuple[Tensor, Tensor]:
+    """Memory ``[N, slots, F]`` and token ids ``[N, T]`` for a list of fact sets."""
+    mem = np.stack([rt.facts_memory(f) for f in facts])
+    toks = []
+    for f in facts:
+        fi, im = syn.write_report(f)
+        toks.append(rt.encode(f"findings : {fi} impression : {im}", max_tokens))
+    return torch.from_numpy(mem), torch.from_numpy(np.stack(toks))
+
+
+def decoder_loss(dec: ReportDecoder, mem: Tensor, tokens: Tensor) -> Tensor:
+    """Teacher-forced next-token cross-entropy (PAD ignored)."""
+    logits = dec(mem, tokens[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
+                           ignore_index=0)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@dataclass
+class Modules:
+    """Everything trained (the text encoder is used by alignment only)."""
+
+    vision: OmniMRI
+    text: TextEncoder
+    decoder: ReportDecoder
+
+    def params(self) -> list[torch.nn.Parameter]:
+        """All parameters."""
+        return [*self.vision.parameters(), *self.text.parameters(), *self.decoder.parameters()]
+
+    def state(self) -> dict[str, Any]:
+        """State dicts."""
+        return {"vision": self.vision.state_dict(), "text": self.text.state_dict(),
+                "decoder": self.decoder.state_dict()}
+
+    def load(self, st: dict[str, Any]) -> None:
+        """Load state dicts."""
+        self.vision.load_state_dict(st["vision"])
+        self.text.load_state_dict(st["text"])
+        self.decoder.load_state_dict(st["decoder"])
+
+
+def build_modules(cfg: OmniMRIConfig, seed: int) -> Modules:
+    """Fresh, seeded modules."""
+    torch.manual_seed(seed)
+    return Modules(OmniMRI(cfg), TextEncoder(cfg), ReportDecoder(cfg))
+
+
+StepFn = Callable[[Modules, CasePool, np.random.Generator, int, int], dict[str, Tensor]]
+
+
+def _step_pretrain(m: Modules, pool: CasePool, rng: np.random.Generator, step: int,
+                   total: int) -> dict[str, Tensor]:
+    cfg = m.vision.cfg
+    b = sample_batch(pool, rng, pool.s.batch, cfg, lesion_fraction=0.3)
+    g = b["image"].shape[-1] // 8
+    tm = torch.from_numpy((rng.random((b["image"].shape[0], 1, g, g)) < 0.4).astype(np.float32))
+    out = m.vision(b["image"], token_mask=tm, crop_at=_ca(b))
+    c = cfg.context_slices
+    target = b["image"][:, c : c + 1]
+    pix = F.interpolate(tm, scale_factor=8.0, mode="nearest")
+    err = (out["recon"] - target).abs()
+    masked = (err * pix).sum() / pix.sum().clamp(min=1.0)
+    return {"mim": masked + 0.1 * err.mean()}
+
+
+def _step_align(m: Modules, pool: CasePool, rng: np.random.Generator, step: int,
+                total: int) -> dict[str, Tensor]:
+    cfg = m.vision.cfg
+    per = 2
+    n_cases = min(pool.s.batch // per, len(pool.cases))
+    chosen = rng.choice(len(pool.cases), size=n_cases, replace=False)
+    cases = [int(c) for c in chosen for _ in range(per)]
+    b = sample_batch(pool, rng, len(cases), cfg, lesion_fraction=0.8, cases=cases)
+    emb = m.vision(b["image"], crop_at=_ca(b))["embedding"].reshape(n_cases, per, -1).mean(1)
+    emb = F.normalize(emb, dim=1)
+    toks = torch.from_numpy(np.stack([pool.cases[int(c)].report_tokens for c in chosen]))
+    txt = m.text(toks)
+    logits = emb @ txt.T / 0.1
+    same = (toks[:, None, :] == toks[None, :, :]).all(-1).float()
+    target = same / same.sum(1, keepdim=True)
+    loss = -(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.log_softmax(0)).sum(
+        0).mean()
+    return {"contrastive": loss / 2}
+
+
+def _step_multimodal(m: Modules, pool: CasePool, rng: np.random.Generator, step: int,
+                     total: int) -> dict[str, Tensor]:
+    cfg = m.vision.cfg
+    b = sample_batch(pool, rng, pool.s.batch, cfg, lesion_fraction=0.5)
+    losses = seg_losses(m.vision(b["image"], crop_at=_ca(b)), b)
+    if step % 3 == 0:
+        rb = sample_batch(pool, rng, pool.s.batch // 2, cfg, lesion_fraction=0.2)
+        losses["recon"] = recon_loss(m.vision, rb)
+    facts = [random_facts(rng) for _ in range(8)] + [
+        pool.cases[int(rng.integers(len(pool.cases)))].facts for _ in range(8)]
+    mem, toks = facts_batch(facts, cfg.max_tokens)
+    losses["report"] = decoder_loss(m.decoder, mem, toks)
+    return losses
+
+
+_INSTRUCTION_MIX = (("segment brain tissues", 0.3), ("detect abnormalities", 0.3),
+                    ("suggest a diagnosis", 0.15), ("write the report", 0.1),
+                    ("reconstruct", 0.15))
+
+
+def _step_instruct(m: Modules, pool: CasePool, rng: np.random.Generator, step: int,
+                   total: int) -> dict[str, Tensor]:
+    cfg = m.vision.cfg
+    names = [n for n, _ in _INSTRUCTION_MIX]
+    p = np.array([w for _, w in _INSTRUCTION_MIX])
+    ins = str(rng.choice(names, p=p / p.sum()))
+    if ins == "reconstruct":
+        return {"recon": recon_loss(m.vision, sample_batch(pool, rng, pool.s.batch, cfg, 0.2))}
+    frac = 0.3 if ins == "segment brain tissues" else 0.6
+    b = sample_batch(pool, rng, pool.s.batch, cfg, lesion_fraction=frac)
+    sl = seg_losses(m.vision(b["image"], crop_at=_ca(b)), b)
+    if ins == "segment brain tissues":
+        return {"tissue": sl["tissue"], "lesion": 0.3 * sl["lesion"]}
+    if ins == "detect abnormalities":
+        return {"lesion": sl["lesion"], "tissue": 0.3 * sl["tissue"]}
+    out = {"diagnosis": sl["diagnosis"], "lesion": 0.5 * sl["lesion"],
+           "tissue": 0.2 * sl["tissue"]}
+    if ins == "write the report":
+        facts = [random_facts(rng) for _ in range(16)]
+        mem, toks = facts_batch(facts, cfg.max_tokens)
+        out["report"] = decoder_loss(m.decoder, mem, toks)
+    return out
+
+
+_STEP_FNS: dict[str, StepFn] = {"pretrain": _step_pretrain, "align": _step_align,
+                                "multimodal": _step_multimodal, "instruct": _step_instruct}
+_LR = {"pretrain": 2e-3, "align": 1e-3, "multimodal": 2e-3, "instruct": 5e-4}
+
+
+def _ckpt(out: Path, stage: str) -> Path:
+    return out / f"{stage}.pt"
+
+
+def load_stage(out: Path, stage: str) -> tuple[Modules, dict[str, Any]]:
+    """Modules and metadata of a finished (or partial) stage checkpoint."""
+    st = torch.load(_ckpt(out, stage), map_location="cpu", weights_only=False)
+    cfg = OmniMRIConfig.from_dict(st["config"])
+    m = build_modules(cfg, 0)
+    m.load(st["modules"])
+    return m, st
+
+
+def run_stage(stage: str, s: TrainSettings, steps: int | None = None,
+              progress: Callable[[str], None] | None = None) -> Path:
+    """Run (or resume) one stage; returns its checkpoint path.
+
+    The stage starts from the previous stage's checkpoint if one exists (a fresh model for
+    ``pretrain``, or when stages are run alone on an empty folder).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    torch.set_num_threads(max(1, s.threads))
+    total = steps if steps is not None else DEFAULT_STEPS[stage]
+    s.out.mkdir(parents=True, exist_ok=True)
+    si = STAGES.index(stage)
+    cfg = s.config()
+    m = build_modules(cfg, s.seed)
+    opt = torch.optim.AdamW(m.params(), lr=_LR[stage], weight_decay=0.01)
+    start = 0
+    ck = _ckpt(s.out, stage)
+    if ck.exists():
+        st = torch.load(ck, map_location="cpu", weights_only=False)
+        m.load(st["modules"])
+        opt.load_state_dict(st["optimizer"])
+        start = int(st["step"])
+        if st.get("total") != total:
+            start = min(start, total)
+    elif si > 0 and _ckpt(s.out, STAGES[si - 1]).exists():
+        prev, _ = load_stage(s.out, STAGES[si - 1])
+        m.load(prev.state())
+    torch.manual_seed(s.seed * 101 + si * 7 + start)
+    rng = np.random.default_rng([s.seed, si, start])
+    pool = CasePool(s, si, cfg.max_tokens)
+    # Fast-forward the pool so a resumed run sees the same cases as an uninterrupted one.
+    for k in range(1, start + 1):
+        if k % s.refresh_every == 0:
+            pool.next_id += s.refresh_cases
+    warm = max(1, total // 20)
+
+    def lr_at(k: int) -> float:
+        if k < warm:
+            return _LR[stage] * (k + 1) / warm
+        return _LR[stage] * 0.5 * (1 + np.cos(np.pi * (k - warm) / max(1, total - warm)))
+
+    fn = _STEP_FNS[stage]
+    m.vision.train()
+    t0 = time.monotonic()
+    history: dict[str, float] = {}
+    for k in range(start, total):
+        pool.step(k)
+        for gq in opt.param_groups:
+            gq["lr"] = lr_at(k)
+        losses = fn(m, pool, rng, k, total)
+        loss = torch.stack(list(losses.values())).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.params(), 1.0)
+        opt.step()
+        for name, v in losses.items():
+            fv = float(v.detach())
+            history[name] = 0.9 * history.get(name, fv) + 0.1 * fv
+        if (k + 1) % 10 == 0 or k + 1 == total:
+            msg = (f"{stage} step {k + 1}/{total} "
+                   + " ".join(f"{n}={v:.4f}" for n, v in history.items())
+                   + f" {time.monotonic() - t0:.0f}s")
+            log.info("train.progress", stage=stage, step=k + 1, total=total,
+                     **{n: round(v, 4) for n, v in history.items()})
+            if progress:
+                progress(msg)
+        if (k + 1) % s.save_every == 0 or k + 1 == total:
+            torch.save({"stage": stage, "step": k + 1, "total": total, "config": cfg.to_dict(),
+                        "seed": s.seed, "modules": m.state(), "optimizer": opt.state_dict(),
+                        "losses": history}, ck)
+    (s.out / f"{stage}.done").write_text(json.dumps({"steps": total, "losses": history,
+                                                      "seconds": time.monotonic() - t0}))
+    return ck
+
+
+def train_all(seed: int = 0, s: TrainSettings | None = None,
+              steps: dict[str, int] | None = None,
+              progress: Callable[[str], None] | None = None) -> Path:
+    """Run the four stages in order (skipping finished ones); returns the final checkpoint.
+
+    ``train_all(0)`` with the default settings reproduces the shipped ``omnimri-tiny`` model
+    (up to floating-point nondeterminism of multi-threaded CPU kernels).
+    """
+    s = s or TrainSettings(seed=seed)
+    s.seed = seed
+    for stage in STAGES:
+        n = (steps or {}).get(stage, DEFAULT_STEPS[stage])
+        if (s.out / f"{stage}.done").exists():
+            continue
+        run_stage(stage, s, n, progress)
+    return _ckpt(s.out, "instruct")

@@ -1,0 +1,179 @@
+"""OmniMRI model family: synthetic data, the four training stages, export and post-processing.
+
+The shipped model's held-out evaluation is in ``test_omnimri_shipped.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference import results as R
+from inference.omnimri import report_text as rt
+from inference.omnimri import synthetic as syn
+from inference.omnimri.config import heads_for, preset
+from inference.omnimri.tasks import HeadOutputs, build_results, report_facts
+
+TINY = {"conv_channels": (4, 8, 8), "embed_dim": 16, "depth": 1, "heads": 2, "text_dim": 16,
+        "text_layers": 1, "text_heads": 2, "align_dim": 8, "patch_size": 64}
+
+
+def test_synthetic_case_is_deterministic_and_labelled() -> None:
+    a = syn.make_case(5, diagnosis=1)
+    b = syn.make_case(5, diagnosis=1)
+    np.testing.assert_array_equal(a.image, b.image)
+    assert a.image.shape == a.tissue.shape == a.lesion.shape == (95, 117, 99)
+    assert set(np.unique(a.tissue)) == {0, 1, 2, 3}
+    assert a.diagnosis == 1 and a.lesions
+    # every instance is a WMH lesion, in the lesion mask, and described in the report
+    for les in a.lesions:
+        m = a.instances == les.instance
+        assert m.any() and (a.lesion[m] == 1).all()
+        assert les.side in ("left", "right", "midline")
+    facts = syn.facts_from_lesions("small_vessel", a.lesions)
+    assert rt.parse_facts(a.report) == {k: v for k, v in facts.items() if k != "kind"} | {
+        "kind": "small_vessel"}
+    # held-out layout uses the other half of the 16 mm cells
+    h = syn.make_case(5, diagnosis=2, heldout=True)
+    for les in h.lesions:
+        assert int((np.floor(np.array(les.centre_index)) // 8).sum()) % 2 in (0, 1)
+    normal = syn.make_case(6, diagnosis=0)
+    assert not normal.lesions and normal.report.startswith("findings : no focal lesion")
+
+
+def test_heldout_lesion_centres_use_other_cells() -> None:
+    rng = np.random.default_rng(0)
+    cand = np.argwhere(np.ones((20, 20, 20), bool))
+    for parity in (0, 1):
+        for c in syn._pick_centres(rng, cand, 5, parity, 0.0):
+            assert int((c // 8).sum()) % 2 == parity
+
+
+def test_undersampling_keeps_a_quarter_and_zero_filled_degrades() -> None:
+    mask = syn.undersampling_mask(128, 4)
+    assert mask.sum() == 32 and mask[60:68].all()
+    img = syn.normalise(syn.make_case(1, diagnosis=0, augment=0.0).image)
+    zf = syn.zero_filled(img, 4)
+    err = float(np.mean((zf - img) ** 2))
+    assert 1e-4 < err < 0.05
+
+
+def test_lobes_and_sides() -> None:
+    assert syn.lobe_of([30, 40, 30]) == "frontal"
+    assert syn.lobe_of([30, -85, 10]) == "occipital"
+    assert syn.lobe_of([50, -10, -20]) == "temporal"
+    assert syn.lobe_of([20, -50, 50]) == "parietal"
+    assert syn.lobe_of([20, -60, -40]) == "cerebellum"
+    assert syn.side_of_lps_x(10.0) == "left" and syn.side_of_lps_x(-10.0) == "right"
+
+
+def test_report_vocabulary_round_trip() -> None:
+    facts = {"kind": "mass", "count": "single", "side": "right", "lobe": "temporal",
+             "size": "25"}
+    f, i = syn.write_report(facts)
+    ids = rt.encode(f"findings : {f} impression : {i}", 48)
+    assert rt.parse_facts(rt.decode(ids)) == facts
+    mem = rt.facts_memory(facts)
+    assert mem.shape == (5, rt.FACT_DIM) and mem.sum() == 5
+    with pytest.raises(KeyError):
+        rt.encode("an unknown word", 48)
+
+
+def test_instructions_select_heads() -> None:
+    assert heads_for(["segment brain tissues"]) == {"tissue"}
+    assert heads_for(["write the report"]) == {"report", "diagnosis", "lesion"}
+    with pytest.raises(ValueError, match="unknown instruction"):
+        heads_for(["make coffee"])
+    assert preset("base").embed_dim > preset("tiny").embed_dim
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from inference.omnimri.train import STAGES, TrainSettings, train_all
+
+    out = tmp_path_factory.mktemp("run")
+    s = TrainSettings(out=out, batch=2, crop=32, pool_cases=2, threads=1, cfg_overrides=TINY)
+    logs: list[str] = []
+    train_all(3, s, steps={k: 2 for k in STAGES}, progress=logs.append)
+    assert all((out / f"{k}.done").exists() for k in STAGES)
+    assert any("multimodal step 2/2" in m and "report=" in m for m in logs)
+    return out
+
+
+def test_every_stage_runs_and_resumes(tiny_run: Path) -> None:
+    import torch
+
+    from inference.omnimri.train import TrainSettings, load_stage, run_stage
+
+    st = torch.load(tiny_run / "instruct.pt", weights_only=False)
+    assert st["step"] == 2 and st["stage"] == "instruct"
+    # Resuming a finished stage with more steps continues from its checkpoint.
+    s = TrainSettings(out=tiny_run, batch=2, crop=32, pool_cases=2, threads=1, cfg_overrides=TINY,
+                      seed=3)
+    before, _ = load_stage(tiny_run, "align")
+    run_stage("align", s, steps=3)
+    after, meta = load_stage(tiny_run, "align")
+    assert meta["step"] == 3
+    w0 = before.vision.encoder.embed.weight
+    assert not torch.equal(w0, after.vision.encoder.embed.weight)
+
+
+def test_onnx_export_matches_pytorch(tiny_run: Path, tmp_path: Path) -> None:
+    from inference.omnimri.export import export_package
+    from inference.package import ModelPackage
+
+    folder = export_package(tiny_run / "instruct.pt", tmp_path / "pkg", name="omnimri-test")
+    pkg = ModelPackage.load(folder)
+    assert pkg.spec.input.layout == "NCHW" and pkg.spec.input.context_slices == 1
+    diffs = pkg.spec.provenance.model_extra["onnx_max_abs_diff"]  # type: ignore[index]
+    assert set(diffs) >= {"tissue", "lesion", "recon", "diagnosis", "decoder_logits"}
+    assert max(diffs.values()) <= 1e-3
+    assert (folder / "1" / "decoder.onnx").is_file()
+    assert pkg.spec.outputs_for(["segment brain tissues"]) == ["tissue"]
+
+
+def _blob(shape: tuple[int, int, int], centre: tuple[int, int, int], r: int) -> np.ndarray:
+    g = np.indices(shape)
+    return sum((g[d] - centre[d]) ** 2 for d in range(3)) <= r * r  # type: ignore[no-any-return]
+
+
+def test_tasks_turn_outputs_into_consistent_results() -> None:
+    tpl = syn.load_template()
+    shape = tpl.t1.shape
+    tissue = tpl.probs.copy()
+    lesion = np.zeros((4, *shape), np.float32)
+    lesion[0] = 1.0
+    # a 14 mm WMH in frontal white matter at MNI x = -28 (RAS: the patient's left)
+    centre_mni = np.array([-28.0, 20.0, 30.0])
+    lps = centre_mni * [-1, -1, 1]
+    kji = np.round(np.linalg.solve(tpl.affine[:3, :3], lps - tpl.affine[:3, 3])).astype(int)
+    m = _blob(shape, tuple(kji), 3)
+    lesion[1][m], lesion[0][m] = 0.9, 0.1
+    heads = HeadOutputs(affine=tpl.affine, tissue=tissue, lesion=lesion,
+                        slice_diagnosis=np.tile([[0.9, 0.05, 0.05]], (shape[0], 1)).astype(
+                            np.float32))
+    heads.slice_diagnosis[kji[0] - 2 : kji[0] + 2] = [0.05, 0.9, 0.05]  # type: ignore[index]
+
+    def writer(facts: dict[str, str]) -> str:
+        f, i = syn.write_report(facts)
+        return f"findings : {f} impression : {i}"
+
+    res = build_results(heads, ["segment brain tissues", "detect abnormalities",
+                                "suggest a diagnosis", "write the report"],
+                        R.ModelInfo("t", "1"), report_writer=writer)
+    names = [s.label.label for s in res.segments]
+    assert names == ["Brain", "CSF", "Grey matter", "White matter", "WM hyperintensity", "Mass",
+                     "Oedema"]
+    assert len({s.label.number for s in res.segments}) == len(names)
+    assert len(res.detections) == 1
+    d = res.detections[0]
+    assert d.side == "left" and d.location == "frontal lobe"
+    assert d.finding == R.WM_HYPERINTENSITY and 12.0 <= d.diameter_mm <= 16.0
+    assert res.diagnosis is not None and res.diagnosis.code.meaning.startswith("Cerebral small")
+    assert res.report is not None and "left frontal lobe" in res.report.findings
+    assert rt.parse_facts(f"{res.report.findings} impression : {res.report.impression}")[
+        "kind"] == report_facts(res.diagnosis, res.detections)["kind"]
+    with pytest.raises(ValueError, match="unknown instruction"):
+        build_results(heads, ["guess"], R.ModelInfo("t", "1"))
