@@ -10,7 +10,9 @@ fast the disk is. :func:`install` replaces, for the whole process:
   on a wake-up socket pair that ``send_pdu``/``kill_dul`` write to, instead of sleeping;
 - ``Association._run_reactor`` (acceptors only): a blocking ``get`` on the DIMSE message queue
   (10 ms timeout for the release/abort/idle checks) instead of sleep-then-poll;
-- ``AssociationSocket.recv``: ``recv_into`` a buffer of the PDU's size instead of 4 KiB reads.
+- ``AssociationSocket.recv``: ``recv_into`` a buffer of the PDU's size instead of 4 KiB reads;
+- the per-association ``deepcopy`` of the supported contexts: a flat copy (0.2 s → ~5 ms with
+  every storage SOP class × every transfer syntax).
 
 Behaviour is otherwise pynetdicom's (the loop bodies are its own, in the same order); the
 replacements are only for pynetdicom ``3.x`` and :func:`install` refuses other versions.
@@ -19,6 +21,7 @@ replacements are only for pynetdicom ``3.x`` and :func:`install` refuses other v
 from __future__ import annotations
 
 import contextlib
+import copy
 import queue
 import select
 import socket
@@ -30,6 +33,7 @@ from pynetdicom import association as pnd_association
 from pynetdicom import dul as pnd_dul
 from pynetdicom import transport as pnd_transport
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.presentation import PresentationContext
 
 IDLE_WAIT_S = 0.05
 """Longest the DUL reactor blocks in ``select`` when idle (ARTIM/kill checks), seconds."""
@@ -201,6 +205,22 @@ def _socket_recv(self: Any, nr_bytes: int) -> bytearray:
     return buf
 
 
+def _copy_contexts(obj: Any, memo: Any = None) -> Any:
+    """A fast ``deepcopy`` of the server's supported contexts (done per association).
+
+    A context's only mutable part is its transfer syntax list, so a shallow copy plus that
+    list is a full copy; anything else goes to :func:`copy.deepcopy`.
+    """
+    if isinstance(obj, list) and all(isinstance(c, PresentationContext) for c in obj):
+        out = []
+        for cx in obj:
+            new = copy.copy(cx)
+            new._transfer_syntax = list(cx._transfer_syntax)
+            out.append(new)
+        return out
+    return copy.deepcopy(obj, memo)
+
+
 def install() -> bool:
     """Install the replacements (idempotent); ``False`` if this pynetdicom is not 3.x."""
     global _installed
@@ -214,5 +234,6 @@ def install() -> bool:
     pnd_association.Association._run_reactor = (  # type: ignore[method-assign]
         _acceptor_run_reactor)
     pnd_transport.AssociationSocket.recv = _socket_recv  # type: ignore[method-assign]
+    pnd_transport.deepcopy = _copy_contexts  # type: ignore[attr-defined]
     _installed = True
     return True
