@@ -259,9 +259,10 @@ class Listener:
         return verdict
 
     def _on_close(self, event: Any) -> None:
-        if getattr(event.assoc, "_omnimri_reserved", False):
-            event.assoc._omnimri_reserved = False
-            with self._active_lock:
+        """Free the association's slot (once: at release/abort, or when the socket closes)."""
+        with self._active_lock:
+            if getattr(event.assoc, "_omnimri_reserved", False):
+                event.assoc._omnimri_reserved = False
                 self._active -= 1
 
     # -- set-up ----------------------------------------------------------------------------
@@ -273,8 +274,9 @@ class Listener:
         ae.acse_timeout = node.acse_timeout_s
         ae.dimse_timeout = node.dimse_timeout_s
         ae.network_timeout = node.network_timeout_s
-        # The policy counts associations itself; pynetdicom's limit is only a backstop.
-        ae.maximum_associations = node.max_associations + 1
+        # The policy counts associations exactly itself; pynetdicom's limit (which also counts
+        # threads of connections still closing) is only a backstop against runaway threads.
+        ae.maximum_associations = 2 * node.max_associations + 16
         ae.require_called_aet = False
         ae.require_calling_aet = []
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
@@ -374,6 +376,7 @@ class Listener:
                  contexts=len(event.assoc.accepted_contexts))
 
     def _on_end(self, event: Any) -> None:
+        self._on_close(event)
         st = self._stats(event)
         dt = time.perf_counter() - st.started
         log.info("association_released" if event.event is evt.EVT_RELEASED

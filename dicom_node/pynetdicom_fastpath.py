@@ -234,6 +234,6 @@ def install() -> bool:
     pnd_association.Association._run_reactor = (  # type: ignore[method-assign]
         _acceptor_run_reactor)
     pnd_transport.AssociationSocket.recv = _socket_recv  # type: ignore[method-assign]
-    pnd_transport.deepcopy = _copy_contexts  # type: ignore[attr-defined]
+    pnd_transport.deepcopy = _copy_contexts  # type: ignore[assignment]
     _installed = True
     return True
