@@ -87,6 +87,9 @@ CREATE TABLE IF NOT EXISTS index_meta (
 
 CompletionReason = Literal["quiet", "expected_count"]
 
+RECONCILE_WITHOUT_WATERMARK = 1000
+"""Newest rows :meth:`SeriesIndex.reconcile` checks when no ``flushed_upto`` was recorded."""
+
 
 def _dt(epoch: float | None) -> datetime:
     return datetime.fromtimestamp(epoch or 0.0, tz=UTC)
@@ -278,7 +281,11 @@ class SeriesIndex:
         """
         c = self.conn
         row = c.execute("SELECT value FROM index_meta WHERE key = 'flushed_upto'").fetchone()
-        upto = int(row[0]) if row is not None and row[0] is not None else 0
+        if row is not None and row[0] is not None:
+            upto = int(row[0])
+        else:  # no watermark yet: a new database, or one from before it; check the newest
+            top = c.execute("SELECT MAX(rowid) FROM instances").fetchone()[0] or 0
+            upto = max(0, int(top) - RECONCILE_WITHOUT_WATERMARK)
         suspects = c.execute(
             "SELECT rowid, sop_instance_uid, series_instance_uid, path, size_bytes"
             " FROM instances WHERE rowid > ?", (upto,)).fetchall()
