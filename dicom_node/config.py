@@ -279,6 +279,7 @@ Destination = Annotated[
 ]
 
 OutputKind = Literal["seg", "sr", "sc", "pr", "ko"]
+EngineName = Literal["tensorrt", "onnxruntime", "torch", "triton"]
 
 
 class SegOptions(_Section):
@@ -304,7 +305,9 @@ class PipelineConfig(_Section):
     ``suggest a diagnosis``, ``write the report``."""
     engine: Literal["auto", "onnxruntime", "tensorrt", "torch", "triton"] = "auto"
     """Engine; ``auto`` picks the fastest available for the package."""
-    outputs: list[OutputKind] = Field(default_factory=lambda: ["seg", "sr", "sc", "pr", "ko"])
+    outputs: list[OutputKind] = Field(
+        default_factory=lambda: list[OutputKind](["seg", "sr", "sc", "pr", "ko"])
+    )
     """Which DICOM objects the pipeline writes."""
     seg: SegOptions = Field(default_factory=SegOptions)
     """Options of the Segmentation exporter."""
@@ -367,8 +370,8 @@ class ModelsConfig(_Section):
 
     path: Path = Path("models")
     """Folder of model packages. Default ``models``."""
-    engine_order: list[Literal["tensorrt", "onnxruntime", "torch", "triton"]] = Field(
-        default_factory=lambda: ["tensorrt", "onnxruntime"]
+    engine_order: list[EngineName] = Field(
+        default_factory=lambda: list[EngineName](["tensorrt", "onnxruntime"])
     )
     """Engines tried in order when a pipeline says ``auto``."""
     triton_url: str | None = None

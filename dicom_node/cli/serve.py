@@ -41,6 +41,9 @@ def run_node(settings: NodeSettings, config_path: Path | None = None) -> None:
     configure_audit(settings.audit.path)
     metrics.bind_node(settings)
     node = Node(settings)
+    node.tracker.add_listener(_completion_observer(node))
+    if config_path is not None:
+        node.add_service(_config_reloader(node, config_path))
     if settings.admin.enabled:
         from dicom_node.admin import AdminServer
 
@@ -50,6 +53,53 @@ def run_node(settings: NodeSettings, config_path: Path | None = None) -> None:
         admin.backend.rules_hooks.append(node.router.apply_settings)
         node.add_service(admin)
     node.serve_forever()
+
+
+def _completion_observer(node: Any) -> Any:
+    """Count, time and audit each completed series (UIDs and counts only)."""
+    from datetime import datetime
+
+    from dicom_node import metrics
+    from dicom_node.audit import get_audit
+
+    def observe(event: Any) -> None:
+        metrics.record_series_completed(event.reason)
+        info = node.index.get_series(event.series_instance_uid) or {}
+        last = info.get("last_received_at")
+        if last:
+            wait = (event.completed_at - datetime.fromisoformat(last)).total_seconds()
+            metrics.observe_stage("completion_wait", max(wait, 0.0))
+        get_audit().series_received(
+            study_uid=str(info.get("study_instance_uid", "")),
+            series_uid=event.series_instance_uid,
+            instances=event.instance_count,
+            revision=event.revision,
+            reason=event.reason,
+        )
+
+    return observe
+
+
+def _config_reloader(node: Any, config_path: Path) -> Any:
+    """Reload ``config_path`` on SIGHUP or when it changes.
+
+    Rules, pipelines, destinations and jobs settings take effect at once; listener, storage,
+    admin, audit and logging settings at the next restart (the log line names them).
+    """
+    from dicom_node.logs import get_logger
+    from dicom_node.reload import ConfigReloader
+
+    log = get_logger("reload")
+
+    def apply(new: NodeSettings) -> None:
+        restart = [k for k in ("node", "storage", "admin", "audit", "logging")
+                   if getattr(new, k) != getattr(node.settings, k)]
+        node.router.apply_settings(new)
+        node.workers.apply_settings(new)
+        log.info("config_applied", rules=len(new.rules), pipelines=len(new.pipelines),
+                 destinations=len(new.destinations), needs_restart=restart)
+
+    return ConfigReloader(config_path, apply, initial=node.settings)
 
 
 def _listener_ready(node: Any) -> tuple[bool, str]:
