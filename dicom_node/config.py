@@ -451,7 +451,7 @@ class NodeSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment first (wins), then the YAML content passed as init kwargs.
+        """Environment first (it wins), then the YAML content passed as init kwargs."""
         return (env_settings, init_settings)
 
     @model_validator(mode="after")

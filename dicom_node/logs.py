@@ -40,7 +40,7 @@ PHI_KEYS = frozenset(
 def scrub_phi(
     logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    """structlog processor: drop keys that would carry patient data."""
+    """Structlog processor: drop keys that would carry patient data."""
     for key in [k for k in event_dict if k.lower() in PHI_KEYS]:
         event_dict[key] = "<removed>"
     return event_dict

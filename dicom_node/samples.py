@@ -17,10 +17,10 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    EnhancedMRImageStorage,
     ExplicitVRLittleEndian,
     MRImageStorage,
-    EnhancedMRImageStorage,
-    PYDICOM_IMPLEMENTATION_UID,
     generate_uid,
 )
 
@@ -337,7 +337,7 @@ def write_series(datasets: list[Dataset], folder: Path) -> list[Path]:
 
 
 def iter_pydicom_mr_files() -> Iterator[Path]:
-    """pydicom's shipped MR test files (no download): ``MR_small*.dcm`` and friends."""
+    """Pydicom's shipped MR test files (no download): ``MR_small*.dcm`` and friends."""
     import pydicom
 
     folder = Path(pydicom.__file__).parent / "data" / "test_files"
