@@ -37,7 +37,8 @@ from pynetdicom import dimse_messages as pnd_dimse_messages
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationServer
 
-from dicom_node import pynetdicom_fastpath, status
+from dicom_node import metrics, pynetdicom_fastpath, status
+from dicom_node.audit import get_audit
 from dicom_node.config import NodeSettings
 from dicom_node.index import InstanceRecord, RecordOutcome, SeriesIndex
 from dicom_node.logs import get_logger
@@ -66,6 +67,8 @@ class AssociationStats:
     duplicates: int = 0
     failed: int = 0
     bytes: int = 0
+    counted: bool = False
+    """Counted in the open-associations gauge (so it is decremented exactly once)."""
     store_s: float = 0.0
     header_s: float = 0.0
     """Of which: reading and checking the header, seconds."""
@@ -195,6 +198,8 @@ def _negotiate_with_policy(self: pnd_acse.ACSE) -> None:
     (result, source, reason), why = verdict
     log.warning("association_rejected", calling_ae=calling, called_ae=called, peer_host=host,
                 reason=why, result=result, source=source, diagnostic=reason)
+    metrics.record_association("rejected")
+    get_audit().association_rejected(calling_ae=calling, called_ae=called, host=host, reason=why)
     self.requestor.ae_title = calling
     self.send_reject(result, source, reason)
     evt.trigger(self.assoc, evt.EVT_REJECTED, {})
@@ -374,10 +379,21 @@ class Listener:
         log.info("association_accepted", assoc_id=st.assoc_id, calling_ae=st.calling_ae,
                  called_ae=st.called_ae, peer_host=st.peer_host, peer_port=st.peer_port,
                  contexts=len(event.assoc.accepted_contexts))
+        metrics.record_association("accepted")
+        metrics.association_started()
+        st.counted = True
+        get_audit().association_accepted(calling_ae=st.calling_ae, called_ae=st.called_ae,
+                                          host=st.peer_host, port=st.peer_port,
+                                          tls=_is_tls(event.assoc))
 
     def _on_end(self, event: Any) -> None:
         self._on_close(event)
         st = self._stats(event)
+        if st.counted:
+            st.counted = False
+            metrics.association_ended()
+            if event.event is not evt.EVT_RELEASED:
+                metrics.record_association("aborted")
         dt = time.perf_counter() - st.started
         log.info("association_released" if event.event is evt.EVT_RELEASED
                  else "association_aborted",
@@ -496,6 +512,7 @@ class Listener:
                     old_path.unlink()
         if is_new or replaced:
             st.stored += 1
+            metrics.record_instance(size)
         else:
             st.duplicates += 1
             log.info("duplicate_instance", assoc_id=st.assoc_id, same_bytes=True,
