@@ -23,6 +23,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicom_node.config import DimseDestination
 from dicom_node.destinations import DeliveryResult, DestinationError, Item, load_item
 from dicom_node.logs import get_logger
+from dicom_node.tls import TLSConfigError, client_tls_args
 
 log = get_logger(__name__)
 
@@ -57,18 +58,15 @@ class DimseStore:
         return ae
 
     def _tls_args(self) -> tuple[ssl.SSLContext, str] | None:
-        if not self.cfg.tls:
-            return None
-        ctx = ssl.create_default_context(
-            ssl.Purpose.SERVER_AUTH,
-            cafile=str(self.cfg.tls_ca_certificates) if self.cfg.tls_ca_certificates else None,
-        )
-        if self.cfg.tls_certificate:
-            ctx.load_cert_chain(
-                str(self.cfg.tls_certificate),
-                str(self.cfg.tls_private_key) if self.cfg.tls_private_key else None,
-            )
-        return ctx, self.cfg.host
+        """``tls_args`` for the association: the node's one client TLS policy (``dicom_node.tls``).
+
+        Raises:
+            DestinationError: A TLS file is missing or unusable (the message names the key).
+        """
+        try:
+            return client_tls_args(self.cfg)
+        except TLSConfigError as err:
+            raise DestinationError(f"destination {self.name}: {err}") from None
 
     def _associate(self, ae: AE) -> Association:
         assoc = ae.associate(
