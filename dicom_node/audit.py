@@ -45,6 +45,7 @@ EVENTS: Final = frozenset(
         "output_produced",
         "delivery",
         "admin_action",
+        "retention_purged",
     }
 )
 """The event names the audit trail knows; any other name is refused with ``ValueError``."""
@@ -201,6 +202,12 @@ class AuditLog:
         """An admin API call changed something (token id, action, target, outcome)."""
         return self.write("admin_action", token_id=token_id, action=action, target=target,
                           status=status, **extra)
+
+    def retention_purged(self, *, study_uid: str, series_uid: str, instances: int,
+                         **extra: Any) -> dict[str, Any] | None:
+        """Retention deleted a series' spooled files and index rows (UIDs and counts)."""
+        return self.write("retention_purged", study_uid=study_uid, series_uid=series_uid,
+                          instances=instances, **extra)
 
 
 def read_audit(path: Path | str, *, event: str | None = None) -> Iterator[dict[str, Any]]:

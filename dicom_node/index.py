@@ -612,3 +612,26 @@ class SeriesIndex:
         """Number of indexed instances."""
         return int(self.conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
 
+    # -- retention ---------------------------------------------------------------------------
+
+    def purge_series(self, series_uid: str, conn: sqlite3.Connection | None = None) -> int:
+        """Delete every row of a series: its instances, completion events and series row.
+
+        The files are the caller's (:mod:`dicom_node.retention` deletes them in the same
+        transaction, before the commit, so a crash leaves rows to purge again, never orphans).
+
+        Args:
+            series_uid: Series Instance UID.
+            conn: A transaction the caller opened on this thread's :attr:`conn` and will
+                commit; ``None`` commits on its own.
+
+        Returns:
+            Instance rows deleted.
+        """
+        with self._write(conn) as c:
+            n = c.execute("DELETE FROM instances WHERE series_instance_uid = ?",
+                          (series_uid,)).rowcount
+            c.execute("DELETE FROM series_events WHERE series_instance_uid = ?", (series_uid,))
+            c.execute("DELETE FROM series WHERE series_instance_uid = ?", (series_uid,))
+        return int(n)
+

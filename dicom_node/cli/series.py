@@ -1,4 +1,4 @@
-"""``omnimri-node series list`` and ``omnimri-node series show UID``."""
+"""``omnimri-node series list``, ``series show UID`` and ``series purge --older-than-days N``."""
 
 from __future__ import annotations
 
@@ -56,3 +56,38 @@ def register(app: typer.Typer) -> None:
             for i in index.instances_of(uid)
         ]
         typer.echo(json.dumps(info, indent=2))
+
+    @group.command("purge")
+    def purge_series(
+        older_than_days: Annotated[float, typer.Option(
+            "--older-than-days", min=0,
+            help="Purge series whose jobs all finished (done/cancelled) more than N days ago.")],
+        config: ConfigOption = DEFAULT_CONFIG_PATH,
+        dry_run: Annotated[bool, typer.Option(
+            "--dry-run", help="Only list what would be purged.")] = False,
+        as_json: JsonOption = False,
+    ) -> None:
+        """Delete the spooled files, index rows and job results of finished series (retention).
+
+        Series still receiving, with unrouted completions, or with a queued, running or failed
+        job are kept. Each purge is audited (``retention_purged``).
+        """
+        from dicom_node.audit import configure_audit
+        from dicom_node.index import SeriesIndex
+        from dicom_node.retention import purge_expired
+
+        settings = load_or_exit(config)
+        configure_audit(settings.audit.path)
+        index = SeriesIndex(settings.storage.database_path)
+        result = purge_expired(settings, index, older_than_days, dry_run=dry_run)
+        index.close()
+        if as_json:
+            typer.echo(json.dumps(result.as_dict(), indent=2))
+            return
+        rows = [s.as_dict() for s in result.series]
+        print_table(rows, ("series_instance_uid", "instances", "done_at", "study_instance_uid"),
+                    False)
+        verb = "would purge" if dry_run else "purged"
+        typer.echo(f"{verb} {len(rows)} series, {sum(r['instances'] for r in rows)} instances"
+                   + ("" if dry_run else f", {result.files_deleted} files,"
+                      f" {result.results_deleted} job result folders"))

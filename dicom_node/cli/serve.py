@@ -30,7 +30,9 @@ def run_node(settings: NodeSettings, config_path: Path | None = None) -> None:
     """Configure logging and run a :class:`~dicom_node.runtime.Node` until SIGTERM/SIGINT.
 
     With ``admin.enabled`` the admin API and console (:class:`~dicom_node.admin.AdminServer`)
-    run as a service of the node; ``config_path`` is the file its rule editor rewrites.
+    run as a service of the node; ``config_path`` is the file its rule editor rewrites. With
+    ``storage.retention_days`` set, :class:`~dicom_node.retention.RetentionService` purges
+    finished series.
     """
     from dicom_node import metrics
     from dicom_node.audit import configure_audit
@@ -44,6 +46,10 @@ def run_node(settings: NodeSettings, config_path: Path | None = None) -> None:
     node.tracker.add_listener(_completion_observer(node))
     if config_path is not None:
         node.add_service(_config_reloader(node, config_path))
+    if settings.storage.retention_days is not None:
+        from dicom_node.retention import RetentionService
+
+        node.add_service(RetentionService(settings, node.index))
     if settings.admin.enabled:
         from dicom_node.admin import AdminServer
 
