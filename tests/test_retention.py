@@ -250,3 +250,23 @@ def test_cli_series_purge(node: Node, settings: NodeSettings, tmp_path: Path) ->
     assert all(_rows(node.index, uid) == (0, 0, 0) for uid in PURGED)
     bad = runner.invoke(app, ["series", "purge", "--older-than-days", "-1", "-c", str(cfg)])
     assert bad.exit_code == 2
+
+
+def test_serve_adds_the_service_only_with_retention_days(
+        settings: NodeSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicom_node.cli.serve import run_node
+    from dicom_node.runtime import Node as RealNode
+
+    built: list[RealNode] = []
+    monkeypatch.setattr(RealNode, "serve_forever", lambda self: built.append(self))
+    try:
+        for days, expected in ((7, 1), (None, 0)):
+            s = settings.model_copy(update={"storage": settings.storage.model_copy(
+                update={"retention_days": days})})
+            run_node(s)
+            services = built[-1]._services
+            assert sum(isinstance(x, RetentionService) for x in services) == expected
+            built[-1].index.close()
+            built[-1].jobs.close()
+    finally:
+        configure_audit(None)
