@@ -92,8 +92,15 @@ class PurgeResult:
 
 
 def _has_jobs_table(conn: sqlite3.Connection) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'"
-                        ).fetchone() is not None
+    """Whether the jobs table exists; if so, make sure jobs can be found by series."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'"
+                    ).fetchone() is None:
+        return False
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index'"
+                    " AND name = 'jobs_by_series'").fetchone() is None:
+        # Retention's own look-up (the queue never searches by series).
+        conn.execute("CREATE INDEX IF NOT EXISTS jobs_by_series ON jobs (series_uid, state)")
+    return True
 
 
 def _expired_query(has_jobs: bool, one: bool) -> str:
@@ -108,14 +115,14 @@ def _expired_query(has_jobs: bool, one: bool) -> str:
     return (
         "SELECT s.series_instance_uid, s.study_instance_uid, s.revision, s.instance_count,"
         f" MAX(COALESCE(s.completed_at, 0), {jobs_done}) AS done_at"
-        " FROM series s WHERE s.state = 'complete' AND s.completed_at IS NOT NULL"
+        " FROM series s WHERE s.state = 'complete' AND s.completed_at <= ?1"
         " AND EXISTS (SELECT 1 FROM series_events e"
         "  WHERE e.series_instance_uid = s.series_instance_uid AND e.revision = s.revision)"
         " AND NOT EXISTS (SELECT 1 FROM series_events e"
         "  WHERE e.series_instance_uid = s.series_instance_uid AND e.routed_at IS NULL)"
         + busy_jobs
-        + (" AND s.series_instance_uid = ?" if one else "")
-        + " AND done_at <= ? ORDER BY done_at"
+        + (" AND s.series_instance_uid = ?2" if one else "")
+        + " AND done_at <= ?1 ORDER BY done_at"
     )
 
 
@@ -189,7 +196,7 @@ def purge_expired(settings: NodeSettings, index: SeriesIndex, older_than_days: f
         try:
             # Re-check under the write lock: a new instance or a retried job keeps the series.
             row = c.execute(_expired_query(has_jobs, one=True),
-                            (uid, now - older_than_s)).fetchone()
+                            (now - older_than_s, uid)).fetchone()
             if row is None:
                 c.execute("ROLLBACK")
                 skipped += 1
