@@ -10,10 +10,11 @@ A series is *expired* when all of these hold:
   retention period.
 
 For each expired series, in one write transaction that re-checks the conditions (so an instance
-arriving meanwhile wins): its spooled files are deleted, then its ``instances``,
-``series_events`` and ``series`` rows. A crash in between leaves rows to purge at the next run,
-never orphan files. Afterwards the stored outputs of its jobs (``<spool>/results/<job_id>/``)
-are deleted and empty study/series folders removed. Job rows stay (``jobs list`` history).
+arriving meanwhile wins): its spooled files and the stored outputs of its jobs
+(``<spool>/results/<job_id>/``) are deleted, then its ``instances``, ``series_events`` and
+``series`` rows. A crash (or a file that cannot be deleted) in between leaves rows to purge at
+the next run, never orphan files. Then emptied study/series folders are removed. Job rows stay
+(``jobs list`` history).
 Each purge is logged and audited (``retention_purged``) with UIDs and counts only.
 
 The :class:`RetentionService` runs this at start and every ``min(3600, retention / 10)``
@@ -32,6 +33,7 @@ from typing import Any
 
 from dicom_node.config import NodeSettings
 from dicom_node.index import SeriesIndex
+from dicom_node.jobs import results_dir
 from dicom_node.logs import get_logger
 
 log = get_logger("retention")
@@ -82,13 +84,17 @@ class PurgeResult:
     skipped: int
     """Expired when listed, but no longer when purged (e.g. a new instance arrived)."""
     dry_run: bool
+    failed: int = 0
+    """Expired series left in place because a file could not be deleted (logged; retried at
+    the next run)."""
 
     def as_dict(self) -> dict[str, Any]:
         """Plain fields for JSON output."""
         return {"dry_run": self.dry_run, "series_purged": len(self.series),
                 "instances": sum(s.instances for s in self.series),
                 "files_deleted": self.files_deleted, "results_deleted": self.results_deleted,
-                "skipped": self.skipped, "series": [s.as_dict() for s in self.series]}
+                "skipped": self.skipped, "failed": self.failed,
+                "series": [s.as_dict() for s in self.series]}
 
 
 def _has_jobs_table(conn: sqlite3.Connection) -> bool:
@@ -188,7 +194,7 @@ def purge_expired(settings: NodeSettings, index: SeriesIndex, older_than_days: f
     c = index.conn
     has_jobs = _has_jobs_table(c)
     purged: list[ExpiredSeries] = []
-    files = results = skipped = 0
+    files = results = skipped = failed = 0
     for cand in candidates:
         uid = cand.series_instance_uid
         folders: set[Path] = set()
@@ -213,21 +219,23 @@ def purge_expired(settings: NodeSettings, index: SeriesIndex, older_than_days: f
                 except FileNotFoundError:
                     pass  # deleted by a run that crashed before its commit
                 folders.add(inst.path.parent)
+            n_results = 0
+            for job_id in _job_ids(c, uid, has_jobs):
+                if (results_dir(settings) / job_id).is_dir():
+                    remove_results(settings, job_id)
+                    n_results += 1
             n_rows = index.purge_series(uid, conn=c)
+        except OSError as err:
+            # Rows stay (a later run tries again); files already deleted are skipped then.
+            c.execute("ROLLBACK")
+            failed += 1
+            log.error("retention_series_failed", series_uid=uid, error=type(err).__name__,
+                      detail=str(err.strerror or ""))
+            continue
         except BaseException:
             c.execute("ROLLBACK")
             raise
         c.execute("COMMIT")
-        n_results = 0
-        for job_id in _job_ids(c, uid, has_jobs):
-            folder = settings.storage.path / "results" / job_id
-            if folder.is_dir():
-                try:
-                    remove_results(settings, job_id)
-                    n_results += 1
-                except OSError as err:
-                    log.warning("retention_results_not_deleted", job_id=job_id,
-                                error=type(err).__name__)
         _remove_empty(folders, spool_root)
         done = ExpiredSeries(uid, str(row[1]), int(row[2]), n_rows, float(row[4]),
                              cand.job_ids)
@@ -245,7 +253,7 @@ def purge_expired(settings: NodeSettings, index: SeriesIndex, older_than_days: f
         except OSError as err:
             log.error("audit_write_failed", audit_event="retention_purged",
                       error=type(err).__name__)
-    return PurgeResult(tuple(purged), files, results, skipped, False)
+    return PurgeResult(tuple(purged), files, results, skipped, False, failed)
 
 
 def _remove_empty(folders: set[Path], root: Path) -> None:
@@ -310,10 +318,11 @@ class RetentionService:
         """One retention run (what the thread does each interval)."""
         result = purge_expired(self.settings, self.index, self.retention_days, now=now)
         self.runs += 1
-        if result.series or result.skipped:
+        if result.series or result.skipped or result.failed:
             log.info("retention_run", series_purged=len(result.series),
                      files_deleted=result.files_deleted,
-                     results_deleted=result.results_deleted, skipped=result.skipped)
+                     results_deleted=result.results_deleted, skipped=result.skipped,
+                     failed=result.failed)
         return result
 
     def _loop(self) -> None:

@@ -270,3 +270,24 @@ def test_serve_adds_the_service_only_with_retention_days(
             built[-1].jobs.close()
     finally:
         configure_audit(None)
+
+
+def test_file_that_cannot_be_deleted_keeps_the_rows_until_next_run(
+        node: Node, settings: NodeSettings) -> None:
+    files = node.receive("1.2.7.1", 3)
+    node.complete()
+    jid = node.job("1.2.7.1", "done")
+    # The middle instance's path is now a non-empty folder: unlink() fails (even as root).
+    files[1].unlink()
+    files[1].mkdir()
+    (files[1] / "blocker").write_bytes(b"x")
+    later = time.time() + 8 * DAY
+    result = purge_expired(settings, node.index, 7, now=later)
+    assert result.series == () and result.failed == 1
+    assert _rows(node.index, "1.2.7.1") == (1, 3, 1)  # rows kept: the next run tries again
+    (files[1] / "blocker").unlink()
+    files[1].rmdir()
+    again = purge_expired(settings, node.index, 7, now=later)
+    assert len(again.series) == 1 and again.failed == 0
+    assert _rows(node.index, "1.2.7.1") == (0, 0, 0) and not files[0].parent.exists()
+    assert not (results_dir(settings) / jid).exists()
