@@ -15,9 +15,9 @@ from types import FrameType
 from typing import Protocol
 
 from dicom_node.config import NodeSettings
+from dicom_node.fastscp import make_listener
 from dicom_node.index import SeriesIndex
 from dicom_node.jobs import JobQueue
-from dicom_node.listener import Listener
 from dicom_node.logs import get_logger
 from dicom_node.router import Router
 from dicom_node.series_tracker import SeriesTracker
@@ -55,7 +55,7 @@ class Node:
         self.spool = Spool(settings.storage.path, fsync=settings.storage.fsync)
         self.index = SeriesIndex(settings.storage.database_path)
         self.tracker = SeriesTracker(self.index, settings.completion)
-        self.listener = Listener(settings, self.index, self.spool, self.tracker)
+        self.listener = make_listener(settings, self.index, self.spool, self.tracker)
         # Jobs (H3): the worker pool and the router that feeds it (stopped before the tracker).
         self.jobs = JobQueue(settings)
         self.workers = WorkerPool(settings, self.jobs)

@@ -1,0 +1,694 @@
+"""The fast receiver (``node.receiver: fast``): a Storage SCP on its own DICOM Upper Layer.
+
+One thread per association does everything for an instance, with no hand-over between threads
+on the hot path: it reads the PDUs from the socket, collects the data set fragments in memory,
+checks the header (the same checks and statuses as :class:`~dicom_node.listener.Listener`),
+appends the instance to the receive journal (:mod:`dicom_node.fastscp.journal`), and answers
+0x0000 only once the journal record is flushed (``fdatasync``) **and** its index row is
+committed (both at once, shared by concurrent associations: group commit). A background
+materialiser then writes the spool file (``<study>/<series>/<sop>.dcm``, same name and content
+as the pynetdicom listener's) and completes series whose expected count is reached; an
+association's A-RELEASE-RP is sent only once its instances are in the spool, so a sender that
+released sees every file in place. After kill -9 or power loss, the journal is replayed at
+start (before the index is reconciled), so nothing acknowledged is lost.
+
+Association policy (allow-list, called AE, association limit, TLS-required) and the
+presentation-context negotiation (every storage SOP class and Verification, with the sender's
+first proposed transfer syntax) are the pynetdicom listener's own code. TLS associations are
+served by the pynetdicom listener (with TLS enabled, :meth:`FastListener.start` defers to it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from dicom_node import listener as base
+from dicom_node import status
+from dicom_node.config import NodeSettings
+from dicom_node.fastscp import upper_layer as ul
+from dicom_node.fastscp.journal import Journal, read_segment, remove_segments, syncfs
+from dicom_node.index import InstanceRecord, RecordOutcome, SeriesIndex
+from dicom_node.logs import get_logger
+from dicom_node.series_tracker import SeriesTracker, expected_count, log_completion
+from dicom_node.spool import (
+    HEADER_TAGS,
+    GroupCommit,
+    InstanceHeader,
+    InstanceRejected,
+    Spool,
+    _check_tail,
+    _dataset_start,
+    _int_or_none,
+)
+
+log = get_logger("listener")
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+def read_header_bytes(part10: bytes | bytearray) -> InstanceHeader:
+    """:func:`dicom_node.spool.read_header` for a Part 10 file held in memory.
+
+    Raises:
+        InstanceRejected: ``CANNOT_UNDERSTAND`` (not DICOM, truncated) or ``MISSING_UIDS``.
+    """
+    size = len(part10)
+    f = BytesIO(part10)
+    try:
+        ds = dcmread(f, stop_before_pixels=True, specific_tags=HEADER_TAGS)  # type: ignore[arg-type]
+        pos = f.tell()
+        ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+        if pos > size:
+            raise InstanceRejected(status.CANNOT_UNDERSTAND,
+                                   "truncated: an element runs past the end of the data")
+        if ts and not ts.is_deflated:
+            if pos >= size:
+                pos = _dataset_start(f)
+            _check_tail(f, pos, size, ts.is_implicit_VR, ts.is_little_endian)
+    except InstanceRejected:
+        raise
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, struct.error,
+            NotImplementedError, TypeError, AttributeError) as err:
+        raise InstanceRejected(status.CANNOT_UNDERSTAND,
+                               f"undecodable: {type(err).__name__}") from None
+    uids = {k: str(ds.get(k, "") or "").strip() for k in
+            ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
+    missing = [k for k, v in uids.items() if not v]
+    if missing:
+        raise InstanceRejected(status.MISSING_UIDS, "missing " + ", ".join(missing))
+    return InstanceHeader(
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        transfer_syntax_uid=str(ts),
+        modality=str(ds.get("Modality", "") or ""),
+        series_description=str(ds.get("SeriesDescription", "") or ""),
+        instance_number=_int_or_none(ds.get("InstanceNumber")),
+        number_of_frames=_int_or_none(ds.get("NumberOfFrames")) or 1,
+        number_of_temporal_positions=_int_or_none(ds.get(0x00200105).value
+                                                  if 0x00200105 in ds else None),
+        number_of_slices=_int_or_none(ds.get(0x00540081).value if 0x00540081 in ds else None),
+    )
+
+
+@dataclass(slots=True)
+class _Pending:
+    """An acknowledged instance not yet in the spool."""
+
+    seq: int
+    rec: InstanceRecord
+    data: bytes
+    old_path: Path | None = None
+    write: bool = True
+
+
+@dataclass(slots=True)
+class _Assoc:
+    """One association's state (``reserve()`` marks it ``_omnimri_reserved``)."""
+
+    stats: base.AssociationStats
+    contexts: dict[int, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    """Accepted context id → (abstract syntax, transfer syntax)."""
+    last_seq: int = 0
+    _omnimri_reserved: bool = False
+
+
+def _record_header(rec: InstanceRecord) -> dict[str, Any]:
+    d = dataclasses.asdict(rec)
+    d.pop("path")
+    return d
+
+
+class FastListener(base.Listener):
+    """The node's Storage SCP on its own DICOM Upper Layer (see the module docstring).
+
+    Same constructor, attributes and life cycle as :class:`~dicom_node.listener.Listener`.
+    """
+
+    def __init__(self, settings: NodeSettings, index: SeriesIndex, spool: Spool,
+                 tracker: SeriesTracker | None = None) -> None:
+        self.journal = Journal(Path(spool.root) / ".journal", fsync=settings.storage.fsync)
+        self._dedupe_lock = threading.Lock()
+        self._pending: dict[str, _Pending] = {}
+        self._mat_cond = threading.Condition()
+        self._mat_queue: list[_Pending | list[str]] = []
+        self._outstanding: set[int] = set()
+        """Journal sequence numbers appended but not yet in the spool."""
+        self._top_seq = 0
+        self._keep_segments = False
+        self._mat_stop = False
+        self._mat_thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+        self._assoc_threads: set[threading.Thread] = set()
+        self._serving_fast = False
+        self._meta_cache: dict[tuple[str, str], bytes] = {}
+        super().__init__(settings, index, spool, tracker)
+        self.journal_committer: GroupCommit[_Pending, bool] = GroupCommit(
+            self._commit_journal, settings.storage.group_commit_ms / 1000.0,
+            lambda: self._active)
+        self._negotiable = self._supported_contexts()
+
+    # -- start-up: replay what a crash left in the journal --------------------------------
+
+    def recover(self) -> None:
+        """Replay the journal into the spool and index, then reconcile the index."""
+        self._replay_journal()
+        super().recover()
+
+    def _replay_journal(self) -> None:
+        segs = self.journal.pending_segments()
+        if not segs:
+            return
+        written = skipped = 0
+        recs: list[InstanceRecord] = []
+        for seg in segs:
+            for header, data in read_segment(seg):
+                rec = InstanceRecord(path=self.spool.path_for(
+                    header["study_instance_uid"], header["series_instance_uid"],
+                    header["sop_instance_uid"]), **{**header, "replaced": False})
+                existing = self.index.lookup_instance(rec.sop_instance_uid)
+                if existing is None or existing[1] != rec.size_bytes:
+                    # No row: never acknowledged (the crash came before its commit), the
+                    # sender retries it. Other size: the index kept other bytes (keep_first).
+                    skipped += 1
+                    continue
+                self._write_file(rec.path, data)
+                recs.append(rec)
+                written += 1
+        if self.settings.storage.fsync:
+            syncfs(self.spool.root)
+        remove_segments(segs)
+        if recs and self.settings.completion.use_expected_count:
+            done = self.index.complete_expected(
+                list(dict.fromkeys(r.series_instance_uid for r in recs)))
+            self._announce(done)
+        log.warning("journal_replayed", segments=len(segs), instances=written, skipped=skipped,
+                    detail="acknowledged instances of a previous run moved into the spool")
+
+    def _announce(self, events: list[Any]) -> None:
+        if not events:
+            return
+        if self.tracker is not None:
+            self.tracker.completed(events)
+        else:
+            for ev in events:
+                log_completion(ev)
+
+    def _write_file(self, final: Path, data: bytes) -> None:
+        """Write a spool file via ``.incoming`` + rename (not flushed: the journal covers it)."""
+        tmp = self.spool.incoming / f"mat-{threading.get_ident()}-{final.name}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        self.spool.install(tmp, final, sync_first=False)
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def _supported_contexts(self) -> list[Any]:
+        return list(self.ae.supported_contexts)
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port."""
+        if self._sock is not None:
+            return int(self._sock.getsockname()[1])
+        return super().port
+
+    def start(self) -> None:
+        """Bind and serve (TLS enabled: the pynetdicom listener serves instead)."""
+        node = self.settings.node
+        if node.tls.enabled or node.tls.required:
+            log.info("fast_receiver_inactive", reason="TLS is served by the pynetdicom listener")
+            self._start_materialiser()
+            super().start()
+            return
+        if not node.allowed_callers:
+            log.warning("allow_list_empty", detail="every calling AE and host is accepted")
+        family = socket.AF_INET6 if ":" in node.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((node.host, node.port))
+        sock.listen(64)
+        self._sock = sock
+        self._serving_fast = True
+        self._start_materialiser()
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="fastscp-accept",
+                                               daemon=True)
+        self._accept_thread.start()
+        log.info("listening", ae_title=node.ae_title, aliases=node.aliases, host=node.host,
+                 port=self.port, max_associations=node.max_associations,
+                 max_pdu_bytes=node.max_pdu_bytes, receiver="fast", tls=False)
+
+    def _start_materialiser(self) -> None:
+        self._mat_thread = threading.Thread(target=self._materialise_loop,
+                                            name="fastscp-materialise", daemon=True)
+        self._mat_thread.start()
+
+    def stop(self) -> None:
+        """Stop accepting, let open associations end (briefly), drain the journal."""
+        if self._serving_fast and self._sock is not None:
+            self._serving_fast = False
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
+            if self._accept_thread is not None:
+                self._accept_thread.join(5)
+            deadline = time.monotonic() + 5
+            for t in list(self._assoc_threads):
+                t.join(max(0.0, deadline - time.monotonic()))
+            with self._conns_lock:
+                for c in self._conns:
+                    with contextlib.suppress(OSError):
+                        c.shutdown(socket.SHUT_RDWR)
+            for t in list(self._assoc_threads):
+                t.join(2)
+            self._sock = None
+            log.info("listener_stopped")
+        else:
+            super().stop()
+        with self._mat_cond:
+            self._mat_stop = True
+            self._mat_cond.notify_all()
+        if self._mat_thread is not None:
+            self._mat_thread.join(60)
+        with self._mat_cond:
+            drained = not self._mat_queue and not self._outstanding and not self._keep_segments
+        self.journal.close(self.spool.root, all_materialised=drained)
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None  # noqa: S101
+        while self._serving_fast:
+            try:
+                conn, addr = self._sock.accept()
+            except OSError:
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            t = threading.Thread(target=self._serve, args=(conn, addr), daemon=True,
+                                 name="fastscp-assoc")
+            self._assoc_threads.add(t)
+            t.start()
+
+    # -- one association -------------------------------------------------------------------------
+
+    def _serve(self, conn: socket.socket, addr: Any) -> None:
+        with self._conns_lock:
+            self._conns.add(conn)
+        assoc: _Assoc | None = None
+        try:
+            assoc = self._associate(conn, addr)
+            if assoc is not None:
+                self._run(conn, assoc)
+        except Exception:  # noqa: BLE001 - one association must never stop the node
+            log.exception("association_failed", peer_host=str(addr[0]))
+        finally:
+            if assoc is not None:
+                self._free(assoc)
+            with self._conns_lock:
+                self._conns.discard(conn)
+            with contextlib.suppress(OSError):
+                conn.close()
+            self._assoc_threads.discard(threading.current_thread())
+
+    def _free(self, assoc: _Assoc) -> None:
+        with self._active_lock:
+            if assoc._omnimri_reserved:
+                assoc._omnimri_reserved = False
+                self._active -= 1
+
+    def _max_body(self) -> int:
+        mx = self.settings.node.max_pdu_bytes
+        return (mx if mx else 2**31) + 64 * 1024
+
+    def _associate(self, conn: socket.socket, addr: Any) -> _Assoc | None:
+        node = self.settings.node
+        conn.settimeout(node.acse_timeout_s)
+        try:
+            pdu_type, body = ul.read_pdu(conn, 1024 * 1024)
+        except (ul.PeerClosed, TimeoutError, OSError, ul.UpperLayerError):
+            return None  # a probe or an idle connection: nothing to log
+        if pdu_type != ul.A_ASSOCIATE_RQ_TYPE:
+            conn.sendall(ul.a_abort())
+            return None
+        try:
+            rq = ul.decode_associate_rq(body)
+        except ul.UpperLayerError as err:
+            log.warning("association_protocol_error", peer_host=str(addr[0]), reason=str(err))
+            conn.sendall(ul.a_abort(0x02, 0x00))
+            return None
+        calling = str(rq.calling_ae_title).strip()
+        called = str(rq.called_ae_title).strip()
+        host, port = str(addr[0]), int(addr[1])
+        assoc = _Assoc(base.AssociationStats(
+            assoc_id=f"{self._prefix}-{next(self._ids)}", calling_ae=calling, called_ae=called,
+            peer_host=host, peer_port=port))
+        verdict = self.reserve(assoc, calling, called, host)
+        if verdict is not None:
+            (result, source, reason), why = verdict
+            log.warning("association_rejected", calling_ae=calling, called_ae=called,
+                        peer_host=host, reason=why, result=result, source=source,
+                        diagnostic=reason)
+            conn.sendall(ul.encode_associate_rj(result, source, reason))
+            return None
+        base._in_node_negotiation.active = True
+        try:
+            results, _ = base._negotiate_contexts_in_requestor_order(
+                rq.presentation_context_definition_list, self._negotiable)
+        finally:
+            base._in_node_negotiation.active = False
+        for cx in results:
+            if cx.result == 0x00 and cx.transfer_syntax:
+                assoc.contexts[int(cx.context_id)] = (str(cx.abstract_syntax),
+                                                      str(cx.transfer_syntax[0]))
+        conn.sendall(ul.encode_associate_ac(rq, results, node.max_pdu_bytes))
+        log.info("association_accepted", assoc_id=assoc.stats.assoc_id, calling_ae=calling,
+                 called_ae=called, peer_host=host, peer_port=port, contexts=len(assoc.contexts),
+                 receiver="fast")
+        return assoc
+
+    def _run(self, conn: socket.socket, assoc: _Assoc) -> None:
+        """P-DATA until A-RELEASE or A-ABORT."""
+        node = self.settings.node
+        conn.settimeout(node.network_timeout_s)
+        max_body = self._max_body()
+        command = bytearray()
+        command_cx: int | None = None
+        cmd: dict[int, bytes] | None = None
+        data: list[bytes] = []
+        data_size = 0
+        how = "association_aborted"
+        try:
+            while True:
+                pdu_type, body = ul.read_pdu(conn, max_body)
+                if pdu_type == ul.P_DATA_TF_TYPE:
+                    for cx_id, is_cmd, last, value in ul.iter_pdvs(body):
+                        if cx_id not in assoc.contexts:
+                            raise ul.UpperLayerError("PDV on a context that was not accepted")
+                        if is_cmd:
+                            if cmd is not None:
+                                raise ul.UpperLayerError("command while a data set is pending")
+                            command += value
+                            command_cx = cx_id
+                            if not last:
+                                continue
+                            cmd = ul.decode_command(command)
+                            command = bytearray()
+                            if ul.command_us(cmd, 0x0800) == ul.NO_DATASET:
+                                self._dispatch(conn, assoc, cx_id, cmd, None, 0)
+                                cmd = None
+                        else:
+                            if cmd is None or cx_id != command_cx:
+                                raise ul.UpperLayerError("data set fragment without a command")
+                            data_size += len(value)
+                            if data_size <= node.max_instance_bytes:
+                                data.append(bytes(value))
+                            if last:
+                                self._dispatch(conn, assoc, cx_id, cmd, data, data_size)
+                                cmd, data, data_size = None, [], 0
+                elif pdu_type == ul.A_RELEASE_RQ_TYPE:
+                    self._wait_materialised(assoc.last_seq)
+                    conn.sendall(ul.A_RELEASE_RP)
+                    how = "association_released"
+                    return
+                elif pdu_type == ul.A_ABORT_TYPE:
+                    return
+                else:
+                    raise ul.UpperLayerError(f"unexpected PDU type 0x{pdu_type:02X}")
+        except ul.UpperLayerError as err:
+            log.warning("association_protocol_error", assoc_id=assoc.stats.assoc_id,
+                        peer_host=assoc.stats.peer_host, reason=str(err))
+            with contextlib.suppress(OSError):
+                conn.sendall(ul.a_abort(0x02, 0x00))
+        except TimeoutError:
+            log.warning("association_timeout", assoc_id=assoc.stats.assoc_id,
+                        peer_host=assoc.stats.peer_host, timeout_s=node.network_timeout_s)
+            with contextlib.suppress(OSError):
+                conn.sendall(ul.a_abort(0x02, 0x00))
+        except (ul.PeerClosed, OSError):
+            pass
+        finally:
+            self._log_end(assoc, how)
+
+    def _log_end(self, assoc: _Assoc, how: str) -> None:
+        st = assoc.stats
+        dt = time.perf_counter() - st.started
+        log.info(how, assoc_id=st.assoc_id, calling_ae=st.calling_ae, called_ae=st.called_ae,
+                 peer_host=st.peer_host, stored=st.stored, duplicates=st.duplicates,
+                 failed=st.failed, bytes=st.bytes, duration_s=round(dt, 3),
+                 store_ms_avg=round(1000 * st.store_s / max(1, st.stored + st.duplicates), 3),
+                 header_ms_avg=round(1000 * st.header_s / max(1, st.stored), 3),
+                 commit_ms_avg=round(1000 * st.commit_s / max(1, st.stored), 3),
+                 instances_per_s=round((st.stored + st.duplicates) / dt, 1) if dt > 0 else None,
+                 receiver="fast")
+
+    def _dispatch(self, conn: socket.socket, assoc: _Assoc, cx_id: int, cmd: dict[int, bytes],
+                  data: list[bytes] | None, data_size: int) -> None:
+        field = ul.command_us(cmd, 0x0100)
+        msg_id = ul.command_us(cmd, 0x0110)
+        sop_class = ul.command_ui(cmd, 0x0002)
+        st = assoc.stats
+        if field == ul.C_ECHO_RQ and data is None:
+            log.info("c_echo", assoc_id=st.assoc_id, calling_ae=st.calling_ae,
+                     peer_host=st.peer_host)
+            rsp = ul.encode_response(ul.C_ECHO_RSP, msg_id, sop_class or VERIFICATION, None,
+                                     status.SUCCESS)
+        elif field == ul.C_STORE_RQ and data is not None:
+            sop_instance = ul.command_ui(cmd, 0x1000)
+            code = self._on_fast_store(assoc, cx_id, sop_class, sop_instance, data, data_size)
+            rsp = ul.encode_response(ul.C_STORE_RSP, msg_id, sop_class, sop_instance, code)
+        else:
+            raise ul.UpperLayerError(f"unsupported DIMSE command 0x{field:04X}")
+        conn.sendall(ul.p_data_tf(cx_id, rsp))
+
+    # -- C-STORE ----------------------------------------------------------------------------------
+
+    def _on_fast_store(self, assoc: _Assoc, cx_id: int, sop_class: str, sop_instance: str,
+                       data: list[bytes], data_size: int) -> int:
+        t0 = time.perf_counter()
+        st = assoc.stats
+        try:
+            code = self._fast_store(assoc, cx_id, sop_class, sop_instance, data, data_size)
+        except InstanceRejected as rej:
+            code = rej.status
+            st.failed += 1
+            log.warning("instance_refused", assoc_id=st.assoc_id, calling_ae=st.calling_ae,
+                        peer_host=st.peer_host, status=f"0x{rej.status:04X}",
+                        status_name=status.status_name(rej.status), reason=rej.reason,
+                        sop_instance_uid=sop_instance)
+        except Exception:  # noqa: BLE001 - answer a status, keep serving
+            code = status.PROCESSING_FAILURE
+            st.failed += 1
+            log.exception("instance_store_failed", assoc_id=st.assoc_id,
+                          sop_instance_uid=sop_instance)
+        st.store_s += time.perf_counter() - t0
+        return code
+
+    def _meta(self, sop_class: str, sop_instance: str, ts: str) -> bytes:
+        return ul.file_meta(sop_class, sop_instance, ts)
+
+    def _fast_store(self, assoc: _Assoc, cx_id: int, sop_class: str, sop_instance: str,
+                    data: list[bytes], data_size: int) -> int:
+        cfg = self.settings
+        st = assoc.stats
+        context_class, ts = assoc.contexts[cx_id]
+        meta = self._meta(sop_class, sop_instance, ts)
+        size = len(meta) + data_size
+        if data_size > cfg.node.max_instance_bytes or size > cfg.node.max_instance_bytes:
+            raise InstanceRejected(status.OUT_OF_RESOURCES,
+                                   f"instance of {size} bytes exceeds node.max_instance_bytes")
+        if not self.spool.has_room(cfg.storage.min_free_bytes, cfg.storage.min_free_percent,
+                                   size):
+            raise InstanceRejected(status.OUT_OF_RESOURCES, "spool disk below its watermark")
+        part10 = b"".join([meta, *data])
+        t0 = time.perf_counter()
+        header = read_header_bytes(part10)
+        st.header_s += time.perf_counter() - t0
+        if header.sop_class_uid != context_class or header.sop_class_uid != sop_class:
+            raise InstanceRejected(status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                                   "data set SOP Class UID differs from the presentation context")
+        if header.sop_instance_uid != sop_instance:
+            raise InstanceRejected(status.SOP_INSTANCE_MISMATCH,
+                                   "data set SOP Instance UID differs from the request")
+        final = self.spool.path_for(header.study_instance_uid, header.series_instance_uid,
+                                    header.sop_instance_uid)
+        uid = header.sop_instance_uid
+        t1 = time.perf_counter()
+        with self._dedupe_lock:
+            replaced = False
+            old_path: Path | None = None
+            pend = self._pending.get(uid)
+            existing = self.index.lookup_instance(uid)
+            have: bytes | None = None
+            if pend is not None:
+                have = pend.data
+            elif existing is not None and existing[0].exists():
+                with contextlib.suppress(OSError):
+                    have = existing[0].read_bytes()
+            if have is not None:
+                assert existing is not None or pend is not None  # noqa: S101
+                if _dataset_of(have) == part10[len(meta):]:
+                    st.duplicates += 1
+                    log.info("duplicate_instance", assoc_id=st.assoc_id, same_bytes=True,
+                             sop_instance_uid=uid)
+                    return status.SUCCESS
+                if cfg.storage.duplicate_policy == "keep_first":
+                    st.duplicates += 1
+                    log.warning("duplicate_instance", assoc_id=st.assoc_id, same_bytes=False,
+                                policy="keep_first", sop_instance_uid=uid)
+                    return status.SUCCESS
+                replaced = True
+                prev = pend.rec.path if pend is not None else (
+                    existing[0] if existing is not None else None)
+                old_path = prev if prev is not None and prev != final else None
+            elif existing is not None:
+                replaced = True  # indexed, but its file is gone: store it again
+            rec = InstanceRecord(
+                sop_instance_uid=uid, sop_class_uid=header.sop_class_uid,
+                series_instance_uid=header.series_instance_uid,
+                study_instance_uid=header.study_instance_uid, path=final,
+                transfer_syntax_uid=ts, size_bytes=size, received_at=time.time(),
+                replaced=replaced, modality=header.modality,
+                series_description=header.series_description,
+                instance_number=header.instance_number,
+                number_of_frames=header.number_of_frames,
+                expected_count=expected_count(header), calling_ae=st.calling_ae,
+                called_ae=st.called_ae, peer_host=st.peer_host)
+            seq = self.journal.append(_record_header(rec), part10)
+            item = _Pending(seq, rec, part10, old_path)
+            self._pending[uid] = item
+            with self._mat_cond:
+                self._outstanding.add(seq)
+                self._top_seq = max(self._top_seq, seq)
+        try:
+            is_new = self.journal_committer.submit(item)
+        except BaseException:
+            with self._dedupe_lock:
+                if self._pending.get(uid) is item:
+                    del self._pending[uid]
+            with self._mat_cond:
+                self._outstanding.discard(seq)
+                self._keep_segments = True  # the record stays for the next start to decide
+                self._mat_cond.notify_all()
+            raise
+        st.commit_s += time.perf_counter() - t1
+        assoc.last_seq = max(assoc.last_seq, seq)
+        if replaced:
+            log.warning("duplicate_instance", assoc_id=st.assoc_id, same_bytes=False,
+                        policy="replace", sop_instance_uid=uid)
+        if is_new or replaced:
+            st.stored += 1
+        else:
+            st.duplicates += 1
+            log.info("duplicate_instance", assoc_id=st.assoc_id, same_bytes=True,
+                     sop_instance_uid=uid)
+        st.bytes += size
+        return status.SUCCESS
+
+    def _commit_journal(self, items: list[_Pending]) -> list[bool]:
+        """Group commit: flush the journal while one SQLite transaction indexes the batch."""
+        db = self._db_pool.submit(self.index.record, [i.rec for i in items],
+                                  use_expected_count=False, flushed_upto=self._flushed_upto)
+        try:
+            self.journal.sync()
+        except BaseException:
+            done: RecordOutcome = db.result()
+            self.index.forget([i.rec.sop_instance_uid for i, new in
+                               zip(items, done.new, strict=True) if new])
+            raise
+        out: RecordOutcome = db.result()
+        if out.max_rowid is not None:
+            self._flushed_upto = out.max_rowid
+        for series_uid, revision in out.new_revisions:
+            log.info("late_instance_new_revision", series_uid=series_uid, revision=revision)
+        for i, new in zip(items, out.new, strict=True):
+            i.write = new or i.rec.replaced
+        with self._mat_cond:
+            self._mat_queue.extend(items)
+            if out.due_expected and self.settings.completion.use_expected_count:
+                self._mat_queue.append(out.due_expected)
+            self._mat_cond.notify_all()
+        return out.new
+
+    # -- materialiser ------------------------------------------------------------------------------
+
+    def _materialise_loop(self) -> None:
+        while True:
+            with self._mat_cond:
+                while not self._mat_queue and not self._mat_stop:
+                    self._mat_cond.wait()
+                if not self._mat_queue:
+                    return
+                batch, self._mat_queue = self._mat_queue, []
+            done: list[int] = []
+            for item in batch:
+                try:
+                    if isinstance(item, list):
+                        self._announce(self.index.complete_expected(item))
+                        continue
+                    done.append(item.seq)
+                    if item.write:
+                        self._write_file(item.rec.path, item.data)
+                        if item.old_path is not None:
+                            with contextlib.suppress(OSError):
+                                item.old_path.unlink()
+                    with self._dedupe_lock:
+                        if self._pending.get(item.rec.sop_instance_uid) is item:
+                            del self._pending[item.rec.sop_instance_uid]
+                except Exception:  # noqa: BLE001 - the journal still holds it; replayed at start
+                    self._keep_segments = True
+                    log.exception("materialise_failed",
+                                  sop_instance_uid=getattr(getattr(item, "rec", None),
+                                                           "sop_instance_uid", ""))
+            with self._mat_cond:
+                self._outstanding.difference_update(done)
+                safe = self._materialised_upto()
+                self._mat_cond.notify_all()
+            if not self._keep_segments:
+                try:
+                    self.journal.release_upto(safe, self.spool.root)
+                except OSError:
+                    log.exception("journal_release_failed")
+
+    def _materialised_upto(self) -> int:
+        """Every journal record up to this sequence number is in the spool (hold the cond)."""
+        return min(self._outstanding) - 1 if self._outstanding else self._top_seq
+
+    def _wait_materialised(self, seq: int, timeout_s: float = 60.0) -> None:
+        with self._mat_cond:
+            self._mat_cond.wait_for(lambda: self._materialised_upto() >= seq,
+                                    timeout=timeout_s)
+
+
+def _dataset_of(part10: bytes) -> bytes:
+    """The data set bytes of a Part 10 file (after its file meta group)."""
+    if part10[128:132] != b"DICM":
+        return part10
+    (length,) = struct.unpack("<L", part10[140:144])
+    return part10[144 + length:]
+
+
+def make_listener(settings: NodeSettings, index: SeriesIndex, spool: Spool,
+                  tracker: SeriesTracker | None = None) -> base.Listener:
+    """The listener ``node.receiver`` selects: ``fast`` (this module) or ``pynetdicom``."""
+    if getattr(settings.node, "receiver", "pynetdicom") == "fast":
+        return FastListener(settings, index, spool, tracker)
+    return base.Listener(settings, index, spool, tracker)
+
+
+__all__ = ["FastListener", "make_listener", "read_header_bytes"]
+

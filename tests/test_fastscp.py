@@ -1,0 +1,165 @@
+"""The fast receive path (``node.receiver: fast``): Upper Layer codec, journal, replay, node.
+
+The whole listener suite also runs against this receiver with
+``OMNIMRI__NODE__RECEIVER=fast pytest tests/test_listener*.py ...`` (see docs/listener.md);
+these tests cover what is particular to it.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Callable
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.filereader import read_file_meta_info
+from pynetdicom.dsutils import decode
+
+from dicom_node import status
+from dicom_node.config import NodeSettings, parse_config
+from dicom_node.fastscp import FastListener, read_header_bytes
+from dicom_node.fastscp import upper_layer as ul
+from dicom_node.fastscp.journal import Journal, read_segment
+from dicom_node.index import SeriesIndex
+from dicom_node.samples import iter_pydicom_mr_files, synthetic_series, write_series
+from dicom_node.spool import InstanceRejected, Spool, read_header
+from tests.fixtures.dcmtk import dcmsend, echoscu
+from tests.fixtures.net import free_port
+from tests.fixtures.node import NodeProcess, associate, dataset_bytes, store_files
+
+TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+def test_response_command_set_decodes_with_pydicom() -> None:
+    raw = ul.encode_response(ul.C_STORE_RSP, 7, "1.2.840.10008.5.1.4.1.1.4", "1.2.3.45",
+                             status.OUT_OF_RESOURCES)
+    ds = decode(BytesIO(raw), True, True)
+    assert (ds.CommandField, ds.MessageIDBeingRespondedTo, ds.Status) == (0x8001, 7, 0xA700)
+    assert ds.AffectedSOPInstanceUID == "1.2.3.45" and ds.CommandDataSetType == 0x0101
+    assert ds.CommandGroupLength == len(raw) - 12
+    cmd = ul.decode_command(raw)
+    assert ul.command_us(cmd, 0x0120) == 7 and ul.command_ui(cmd, 0x1000) == "1.2.3.45"
+
+
+def test_pdu_framing_and_bad_pdvs() -> None:
+    pdu = ul.p_data_tf(3, b"\x01\x02")
+    pdu_type, length = struct.unpack(">BxL", pdu[:6])
+    assert (pdu_type, length) == (ul.P_DATA_TF_TYPE, len(pdu) - 6)
+    [(cx, is_cmd, last, value)] = list(ul.iter_pdvs(pdu[6:]))
+    assert (cx, is_cmd, last, bytes(value)) == (3, True, True, b"\x01\x02")
+    with pytest.raises(ul.UpperLayerError, match="PDV length"):
+        list(ul.iter_pdvs(pdu[6:-1]))
+    with pytest.raises(ul.UpperLayerError, match="group 0000"):
+        ul.decode_command(b"\x08\x00\x16\x00\x02\x00\x00\x00MR")
+
+
+def test_file_meta_and_header_match_the_spool_reader(tmp_path: Path) -> None:
+    for i, path in enumerate(list(iter_pydicom_mr_files())[:6]):
+        meta = read_file_meta_info(path)
+        part10 = ul.file_meta(str(meta.MediaStorageSOPClassUID),
+                              str(meta.MediaStorageSOPInstanceUID),
+                              str(meta.TransferSyntaxUID)) + dataset_bytes(path)
+        copy = tmp_path / f"{i}.dcm"
+        copy.write_bytes(part10)
+        assert read_file_meta_info(copy).TransferSyntaxUID == meta.TransferSyntaxUID
+        assert read_header_bytes(part10) == read_header(copy)
+    with pytest.raises(InstanceRejected) as err:
+        read_header_bytes(part10[:-7])
+    assert err.value.status == status.CANNOT_UNDERSTAND
+
+
+def test_journal_records_round_trip_and_a_torn_tail_is_dropped(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j", segment_bytes=1000)
+    seqs = [j.append({"n": i}, bytes([i]) * 1200) for i in range(3)]
+    j.sync()
+    assert seqs == [1, 2, 3]
+    segs = j.pending_segments()
+    assert len(segs) == 3  # each 1200-byte record fills a 1000-byte segment
+    assert [h["n"] for s in segs for h, _ in read_segment(s)] == [0, 1, 2]
+    last = segs[-1]
+    last.write_bytes(last.read_bytes()[:-5])  # a record cut by a crash
+    assert list(read_segment(last)) == []
+    data = bytearray(segs[0].read_bytes())
+    data[-1] ^= 0xFF  # a flipped bit fails the CRC
+    segs[0].write_bytes(bytes(data))
+    assert list(read_segment(segs[0])) == []
+    j.close(tmp_path, all_materialised=False)
+    assert len(j.pending_segments()) == 3
+
+
+def _settings(root: Path) -> NodeSettings:
+    return parse_config({"node": {"ae_title": "OMNIMRI", "host": "127.0.0.1",
+                                  "port": free_port(),
+                                  "receiver": "fast"},
+                         "storage": {"path": str(root / "spool"), "min_free_bytes": 0,
+                                     "min_free_percent": 0}}, base=root)
+
+
+def test_replay_restores_acknowledged_instances_whose_files_were_lost(tmp_path: Path) -> None:
+    """Power loss after the ack: the journal was flushed, the spool files were not."""
+    settings = _settings(tmp_path)
+    spool = Spool(settings.storage.path)
+    index = SeriesIndex(settings.storage.database_path)
+    files = write_series(synthetic_series(5, 32, 32, seed=3), tmp_path / "in")
+    rx = FastListener(settings, index, spool)
+    rx.start()
+    try:
+        assert store_files(rx.port, files) == [status.SUCCESS] * 5
+        stored = index.instances_of(str(pydicom.dcmread(files[0]).SeriesInstanceUID))
+        assert len(stored) == 5 and all(i.path.exists() for i in stored)
+        # The crash: no clean stop (the journal keeps its open segment); files not durable.
+        for inst in stored:
+            inst.path.unlink()
+        rx._serving_fast = False
+        assert rx._sock is not None
+        rx._sock.close()
+        again = FastListener(settings, index, spool)  # start-up replays the journal
+        by_uid = {str(pydicom.dcmread(f).SOPInstanceUID): f for f in files}
+        assert index.count_instances() == 5
+        for inst in stored:
+            assert dataset_bytes(inst.path) == dataset_bytes(by_uid[inst.sop_instance_uid])
+        assert again.journal.pending_segments() == []
+    finally:
+        rx._serving_fast = False
+        index.close()
+
+
+def test_fast_node_serves_dcmtk_and_survives_protocol_garbage(
+        node_factory: Callable[..., NodeProcess], tmp_path: Path, dcmtk: None) -> None:
+    node = node_factory(node={"receiver": "fast"})
+    assert node.events("listening")[0]["receiver"] == "fast"
+    assert echoscu(node.port, "OMNIMRI").returncode == 0
+    # Garbage instead of an A-ASSOCIATE-RQ, and a P-DATA-TF before any association.
+    for junk in (b"GET / HTTP/1.1\r\n\r\n", ul.p_data_tf(1, b"\0" * 8)):
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as s:
+            s.sendall(junk)
+            s.settimeout(10)
+            try:
+                reply = s.recv(64)
+            except ConnectionResetError:  # closed with our junk unread: a reset
+                reply = b""
+            assert reply[:1] in (b"", bytes([ul.A_ABORT_TYPE]))
+    files = write_series(synthetic_series(30, 64, 64, seed=11), tmp_path / "s")
+    r = dcmsend(node.port, files, "OMNIMRI")
+    assert r.returncode == 0, r.stdout + r.stderr
+    index = node.index()
+    assert index.count_instances() == 30
+    series_uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+    for inst, f in zip(sorted(index.instances_of(series_uid), key=lambda i: i.path.name),
+                       sorted(files, key=lambda p: str(pydicom.dcmread(p).SOPInstanceUID)
+                              + ".dcm"), strict=True):
+        assert dataset_bytes(inst.path) == dataset_bytes(f)
+    [done] = node.wait_for_event("association_released", calling_ae="DCMSEND")
+    assert (done["stored"], done["duplicates"], done["receiver"]) == (30, 0, "fast")
+    # An unsupported abstract syntax is refused in negotiation, the others still work.
+    assoc = associate(node.port, contexts=[("1.2.840.10008.5.1.4.1.2.2.1",
+                                            "1.2.840.10008.1.2")])
+    assert not assoc.is_established or not assoc.accepted_contexts
+    if assoc.is_established:
+        assoc.release()
+    assert store_files(node.port, [TEST_FILES / "MR_small.dcm"]) == [status.SUCCESS]
+    node.stop()
+    assert list((node.spool / ".journal").iterdir()) == []  # all materialised at a clean stop
