@@ -13,8 +13,9 @@ Everything is checked through Orthanc's REST API: one new series per kind (SEG, 
 in the source study; each object read back from ``/instances/{id}/file`` with highdicom and
 pydicom and validated by ``dciodvfy`` (no ``Error`` line; the one accepted message is the
 documented LABELMAP-reference gap of dciodvfy, ``docs/outputs.md``, only for an SR over a
-LABELMAP SEG); the SR's segment volumes equal the SEG's voxel counts; the SC shows colour
-overlays; GSPS and KOS point at the source images; each output SOP Instance UID is in Orthanc
+LABELMAP SEG); the SR's segment volumes equal the SEG's voxel counts; the key-slice SCs are
+tinted where the SEG's segments are on their source slice (and hardly anywhere else); GSPS and
+KOS point at the source images; each output SOP Instance UID is in Orthanc
 exactly once and delivered once.
 
 The model is the shipped ``models/omnimri-tiny`` package when the checkout has it; otherwise
@@ -42,6 +43,7 @@ import pytest
 import yaml
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from scipy import ndimage
 
 from dicom_node.samples import brain_series
 from inference.package import ModelPackage
@@ -192,14 +194,52 @@ def validator_errors(ds: Dataset, folder: Path, name: str) -> list[str]:
     return [e for e in errors if not (over_labelmap and e == LABELMAP_REF_GAP)]
 
 
-def segment_voxels(seg: hd.seg.Segmentation, source_uids: list[str]) -> dict[int, int]:
-    """Voxel count per segment number over the source frames."""
-    numbers = [int(n) for n in seg.segment_numbers]
-    arr = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=source_uids, segment_numbers=numbers,
+def segment_masks(seg: hd.seg.Segmentation, source_uids: list[str]) -> np.ndarray:
+    """Masks ``[source frame, row, column, segment]`` (segments in ``seg.segment_numbers``
+    order), re-assembled on the source frames."""
+    return np.asarray(seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=source_uids,
+        segment_numbers=[int(n) for n in seg.segment_numbers],
         combine_segments=False, skip_overlap_checks=True,
-    )
-    return {n: int(np.count_nonzero(arr[..., k])) for k, n in enumerate(numbers)}
+    )) > 0
+
+
+def segment_rgb(item: Dataset) -> np.ndarray:
+    """sRGB (0-255) of a SEG segment's Recommended Display CIELab Value."""
+    value = [int(v) for v in item.RecommendedDisplayCIELabValue]
+    lab = hd.color.CIELabColor.from_dicom_value(value)
+    return np.asarray(lab.to_rgb(), dtype=np.int16)
+
+
+def overlay_fractions(sc: Dataset, masks: np.ndarray, chromatic: list[int],
+                      source_uids: list[str]) -> tuple[float, float]:
+    """How much of a key slice SC is tinted inside and outside the SEG.
+
+    The key slice's source image (SourceImageSequence) is found among ``source_uids``; its
+    image area (top left, up-scaled by :func:`export.sc.display_scale`) is sampled back to
+    source pixels. Returns (tinted fraction of the pixels covered by a chromatic segment,
+    tinted fraction of the pixels covered by no segment), both away from segment borders.
+    Tinted: the channels differ (the greyscale rendering has R = G = B).
+    """
+    from export.sc import display_scale
+
+    src = source_uids.index(str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID))
+    rows, cols = masks.shape[1:3]
+    f = display_scale(rows, cols)
+    image = np.asarray(sc.pixel_array, dtype=np.int16)[: rows * f : f, : cols * f : f]
+    tinted = np.ptp(image, axis=-1) > 8
+    here = masks[src]
+    # Segment outlines are drawn opaque in the segment's colour (grey or white for some
+    # tissues), so pixels on any segment's border are left out.
+    border = np.zeros(here.shape[:2], dtype=bool)
+    for k in range(here.shape[-1]):
+        border |= here[..., k] & ~ndimage.binary_erosion(here[..., k])
+        border |= ndimage.binary_dilation(here[..., k]) & ~here[..., k]
+    covered = here[..., chromatic].any(axis=-1) & ~border
+    empty = ~here.any(axis=-1) & ~border
+    inside = float(tinted[covered].mean()) if covered.any() else 1.0
+    outside = float(tinted[empty].mean()) if empty.any() else 0.0
+    return inside, outside
 
 
 @pytest.mark.slow
@@ -288,7 +328,9 @@ def test_pacs_to_node_to_pacs_every_output_kind(
     labels = ModelPackage.load(models / pipeline["model"]).spec.outputs
     n_labels = sum(len(o.labels or []) for o in labels if o.kind == "segmentation")
     assert 1 <= len(seg.segment_numbers) <= n_labels
-    voxels = segment_voxels(seg, source_uids)
+    masks = segment_masks(seg, source_uids)
+    voxels = {int(n): int(np.count_nonzero(masks[..., k]))
+              for k, n in enumerate(seg.segment_numbers)}
     assert any(voxels.values())
 
     # SR (TID 1500): references the SEG; each segment's volume equals its voxels × voxel size.
@@ -315,12 +357,19 @@ def test_pacs_to_node_to_pacs_every_output_kind(
         checked += 1
     assert checked == len(seg.segment_numbers)
 
-    # SC: true-colour key slices with the overlays burned in, plus the summary card.
+    # SC: the summary card and true-colour key slices with the SEG burned in where it is.
     for ds in objects["OT"]:
         assert ds.BurnedInAnnotation == "YES" and ds.PhotometricInterpretation == "RGB"
-    coloured = [ds for ds in objects["OT"]
-                if np.any(np.ptp(ds.pixel_array.astype(np.int16), axis=-1) > 60)]
-    assert coloured, "no secondary capture shows a colour overlay"
+    key_slices = [ds for ds in objects["OT"] if str(ds.ImageComments).startswith("AI key slice")]
+    assert key_slices and len(key_slices) == len(objects["OT"]) - 1
+    colours = {int(d.SegmentNumber): segment_rgb(d) for d in seg.SegmentSequence}
+    chromatic = [k for k, n in enumerate(seg.segment_numbers) if np.ptp(colours[int(n)]) >= 50]
+    for ds in key_slices:
+        inside, outside = overlay_fractions(ds, masks, chromatic, source_uids)
+        print(f"{ds.ImageComments}: tinted {inside:.3f} inside the SEG, {outside:.3f} outside")
+        # Overlay exactly on the SEG (a shifted or flipped overlay fails this); outside it only
+        # detection circles and their labels (many for the random-weight tiny package).
+        assert inside >= 0.98 and outside <= 0.2, ds.ImageComments
 
     # GSPS over the source images; KOS pointing at images of this study.
     [pr] = objects["PR"]
