@@ -23,6 +23,7 @@ from dicom_node.config import NodeSettings, parse_config
 from dicom_node.fastscp import FastListener, read_header_bytes
 from dicom_node.fastscp import upper_layer as ul
 from dicom_node.fastscp.journal import Journal, read_segment
+from dicom_node.fastscp.receiver import scan_header
 from dicom_node.index import SeriesIndex
 from dicom_node.samples import iter_pydicom_mr_files, synthetic_series, write_series
 from dicom_node.spool import InstanceRejected, Spool, read_header
@@ -57,18 +58,31 @@ def test_pdu_framing_and_bad_pdvs() -> None:
 
 
 def test_file_meta_and_header_match_the_spool_reader(tmp_path: Path) -> None:
-    for i, path in enumerate(list(iter_pydicom_mr_files())[:6]):
+    synthetic = write_series(synthetic_series(2, 16, 16, seed=5), tmp_path / "syn")
+    fast = 0
+    for i, path in enumerate([*iter_pydicom_mr_files(), *synthetic]):
         meta = read_file_meta_info(path)
+        ts = str(meta.TransferSyntaxUID)
+        dataset = dataset_bytes(path)
         part10 = ul.file_meta(str(meta.MediaStorageSOPClassUID),
-                              str(meta.MediaStorageSOPInstanceUID),
-                              str(meta.TransferSyntaxUID)) + dataset_bytes(path)
+                              str(meta.MediaStorageSOPInstanceUID), ts) + dataset
         copy = tmp_path / f"{i}.dcm"
         copy.write_bytes(part10)
         assert read_file_meta_info(copy).TransferSyntaxUID == meta.TransferSyntaxUID
-        assert read_header_bytes(part10) == read_header(copy)
-    with pytest.raises(InstanceRejected) as err:
-        read_header_bytes(part10[:-7])
-    assert err.value.status == status.CANNOT_UNDERSTAND
+        expected = read_header(copy)
+        assert read_header_bytes(part10) == expected
+        scanned = scan_header(dataset, ts)
+        assert scanned is None or scanned == expected, path.name
+        fast += scanned is not None
+        for cut in (7, len(dataset) // 2):
+            with pytest.raises(InstanceRejected) as err:
+                read_header_bytes(part10[:-cut])
+            assert err.value.status == status.CANNOT_UNDERSTAND
+            try:
+                scan_header(dataset[:-cut], ts)
+            except InstanceRejected as e:
+                assert e.status == status.CANNOT_UNDERSTAND
+    assert fast >= len(synthetic) + 1  # the struct walk serves the common syntaxes
 
 
 def test_journal_records_round_trip_and_a_torn_tail_is_dropped(tmp_path: Path) -> None:

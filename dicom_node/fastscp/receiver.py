@@ -40,10 +40,11 @@ from dicom_node import status
 from dicom_node.config import NodeSettings
 from dicom_node.fastscp import upper_layer as ul
 from dicom_node.fastscp.journal import Journal, read_segment, remove_segments, syncfs
-from dicom_node.index import InstanceRecord, RecordOutcome, SeriesIndex
+from dicom_node.index import InstanceRecord, SeriesIndex
 from dicom_node.logs import get_logger
 from dicom_node.series_tracker import SeriesTracker, expected_count, log_completion
 from dicom_node.spool import (
+    _LONG_VRS,
     HEADER_TAGS,
     GroupCommit,
     InstanceHeader,
@@ -52,11 +53,113 @@ from dicom_node.spool import (
     _check_tail,
     _dataset_start,
     _int_or_none,
+    _skip_encapsulated,
 )
 
 log = get_logger("listener")
 
 VERIFICATION = "1.2.840.10008.1.1"
+
+
+_TAGS_STR = {0x00080016: "sop_class_uid", 0x00080018: "sop_instance_uid",
+             0x0020000D: "study_instance_uid", 0x0020000E: "series_instance_uid",
+             0x00080060: "modality", 0x0008103E: "series_description"}
+_TAGS_IS = {0x00200013: "instance_number", 0x00280008: "number_of_frames",
+            0x00200105: "number_of_temporal_positions"}
+_NUMBER_OF_SLICES = 0x00540081
+_PIXEL_DATA = 0x7FE00010
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_EXPLICIT_HEAD = struct.Struct("<HH2sH")
+_IMPLICIT_HEAD = struct.Struct("<HHL")
+_LONG = struct.Struct("<L")
+
+
+def scan_header(dataset: bytes | bytearray | memoryview, transfer_syntax: str
+                ) -> InstanceHeader | None:
+    """The header fields of an Implicit/Explicit VR Little Endian data set, in one pass.
+
+    Walks the top-level elements with :mod:`struct` (no pydicom objects), taking the
+    :data:`~dicom_node.spool.HEADER_TAGS` and checking that every element ends inside the
+    data (encapsulated pixel data included). ``None`` whenever anything is unusual (another
+    transfer syntax, tags out of order, an undefined-length sequence, multi-valued or
+    non-ASCII values, ...): the caller then uses pydicom (:func:`read_header_bytes`).
+
+    Raises:
+        InstanceRejected: ``CANNOT_UNDERSTAND`` when an element runs past the end.
+    """
+    if transfer_syntax == _EXPLICIT_LE:
+        explicit = True
+    elif transfer_syntax == _IMPLICIT_LE:
+        explicit = False
+    else:
+        return None
+    size = len(dataset)
+    pos = 0
+    last_tag = -1
+    found: dict[str, Any] = {}
+    while pos < size:
+        if pos + 8 > size:
+            return None
+        if explicit:
+            group, elem, vr, short = _EXPLICIT_HEAD.unpack_from(dataset, pos)
+            if vr in _LONG_VRS:
+                if pos + 12 > size:
+                    return None
+                (length,) = _LONG.unpack_from(dataset, pos + 8)
+                hlen = 12
+            elif b"A" <= vr[:1] <= b"Z" and b"A" <= vr[1:] <= b"Z":
+                length, hlen = short, 8
+            else:
+                return None
+        else:
+            group, elem, length = _IMPLICIT_HEAD.unpack_from(dataset, pos)
+            hlen = 8
+        tag = (group << 16) | elem
+        if tag <= last_tag or group < 0x0008:
+            return None
+        last_tag = tag
+        start = pos + hlen
+        if length == 0xFFFFFFFF:
+            if tag != _PIXEL_DATA:
+                return None  # an undefined-length sequence: pydicom walks it
+            end = _skip_encapsulated(BytesIO(bytes(dataset)), start, size, "<")
+            if end is None:
+                return None
+            pos = end
+            continue
+        end = start + length
+        if end > size:
+            raise InstanceRejected(status.CANNOT_UNDERSTAND,
+                                   "truncated: an element runs past the end of the data")
+        if tag in _TAGS_STR or tag in _TAGS_IS:
+            raw = bytes(dataset[start:end])
+            if b"\\" in raw or any(b > 0x7E for b in raw):
+                return None
+            text = raw.decode("ascii").rstrip(" \0")
+            if text != text.lstrip():
+                return None
+            if tag in _TAGS_STR:
+                found[_TAGS_STR[tag]] = text
+            else:
+                found[_TAGS_IS[tag]] = _int_or_none(text)
+        elif tag == _NUMBER_OF_SLICES:
+            if length != 2:
+                return None
+            found["number_of_slices"] = int(struct.unpack_from("<H", dataset, start)[0])
+        pos = end
+    missing = [k for k, name in (("SOPClassUID", "sop_class_uid"),
+                                 ("SOPInstanceUID", "sop_instance_uid"),
+                                 ("StudyInstanceUID", "study_instance_uid"),
+                                 ("SeriesInstanceUID", "series_instance_uid"))
+               if not found.get(name)]
+    if missing:
+        raise InstanceRejected(status.MISSING_UIDS, "missing " + ", ".join(missing))
+    return InstanceHeader(
+        transfer_syntax_uid=transfer_syntax,
+        number_of_frames=found.pop("number_of_frames", None) or 1,
+        **found,
+    )
 
 
 def read_header_bytes(part10: bytes | bytearray) -> InstanceHeader:
@@ -158,7 +261,8 @@ class FastListener(base.Listener):
         self._conns_lock = threading.Lock()
         self._assoc_threads: set[threading.Thread] = set()
         self._serving_fast = False
-        self._meta_cache: dict[tuple[str, str], bytes] = {}
+        self._rx_idx = SeriesIndex(index.db_path)
+        self._rx_local = threading.local()
         super().__init__(settings, index, spool, tracker)
         self.journal_committer: GroupCommit[_Pending, bool] = GroupCommit(
             self._commit_journal, settings.storage.group_commit_ms / 1000.0,
@@ -178,26 +282,30 @@ class FastListener(base.Listener):
             return
         written = skipped = 0
         recs: list[InstanceRecord] = []
+        series: dict[str, None] = {}
         for seg in segs:
             for header, data in read_segment(seg):
                 rec = InstanceRecord(path=self.spool.path_for(
                     header["study_instance_uid"], header["series_instance_uid"],
                     header["sop_instance_uid"]), **{**header, "replaced": False})
                 existing = self.index.lookup_instance(rec.sop_instance_uid)
-                if existing is None or existing[1] != rec.size_bytes:
-                    # No row: never acknowledged (the crash came before its commit), the
-                    # sender retries it. Other size: the index kept other bytes (keep_first).
-                    skipped += 1
+                if existing is not None and existing[1] != rec.size_bytes:
+                    skipped += 1  # the index holds other bytes under this UID: keep them
                     continue
                 self._write_file(rec.path, data)
-                recs.append(rec)
+                if existing is None:
+                    # Its row went with a power cut (rows are committed before the record
+                    # is appended, so after kill -9 it is there): index it again.
+                    recs.append(rec)
+                series[rec.series_instance_uid] = None
                 written += 1
+        if recs:
+            self.index.record(recs, use_expected_count=False)
         if self.settings.storage.fsync:
             syncfs(self.spool.root)
         remove_segments(segs)
-        if recs and self.settings.completion.use_expected_count:
-            done = self.index.complete_expected(
-                list(dict.fromkeys(r.series_instance_uid for r in recs)))
+        if series and self.settings.completion.use_expected_count:
+            done = self.index.complete_expected(list(series))
             self._announce(done)
         log.warning("journal_replayed", segments=len(segs), instances=written, skipped=skipped,
                     detail="acknowledged instances of a previous run moved into the spool")
@@ -516,7 +624,7 @@ class FastListener(base.Listener):
             raise InstanceRejected(status.OUT_OF_RESOURCES, "spool disk below its watermark")
         part10 = b"".join([meta, *data])
         t0 = time.perf_counter()
-        header = read_header_bytes(part10)
+        header = scan_header(memoryview(part10)[len(meta):], ts) or read_header_bytes(part10)
         st.header_s += time.perf_counter() - t0
         if header.sop_class_uid != context_class or header.sop_class_uid != sop_class:
             raise InstanceRejected(status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
@@ -568,25 +676,17 @@ class FastListener(base.Listener):
                 number_of_frames=header.number_of_frames,
                 expected_count=expected_count(header), calling_ae=st.calling_ae,
                 called_ae=st.called_ae, peer_host=st.peer_host)
-            seq = self.journal.append(_record_header(rec), part10)
-            item = _Pending(seq, rec, part10, old_path)
+            item = _Pending(0, rec, part10, old_path)
             self._pending[uid] = item
-            with self._mat_cond:
-                self._outstanding.add(seq)
-                self._top_seq = max(self._top_seq, seq)
         try:
             is_new = self.journal_committer.submit(item)
         except BaseException:
             with self._dedupe_lock:
                 if self._pending.get(uid) is item:
                     del self._pending[uid]
-            with self._mat_cond:
-                self._outstanding.discard(seq)
-                self._keep_segments = True  # the record stays for the next start to decide
-                self._mat_cond.notify_all()
             raise
         st.commit_s += time.perf_counter() - t1
-        assoc.last_seq = max(assoc.last_seq, seq)
+        assoc.last_seq = max(assoc.last_seq, item.seq)
         if replaced:
             log.warning("duplicate_instance", assoc_id=st.assoc_id, same_bytes=False,
                         policy="replace", sop_instance_uid=uid)
@@ -600,29 +700,55 @@ class FastListener(base.Listener):
         return status.SUCCESS
 
     def _commit_journal(self, items: list[_Pending]) -> list[bool]:
-        """Group commit: flush the journal while one SQLite transaction indexes the batch."""
-        db = self._db_pool.submit(self.index.record, [i.rec for i in items],
-                                  use_expected_count=False, flushed_upto=self._flushed_upto)
+        """Group commit: index the batch, append it to the journal, flush the journal once.
+
+        The rows are committed first without a flush of their own (``synchronous=NORMAL`` on
+        the receiver's connections), then the records are appended and ``fdatasync``'d: one
+        device flush per batch. After kill -9 every journal record has its row (rows come
+        first); after a power cut, rows lost with the SQLite WAL are re-inserted from the
+        journal at start (:meth:`_replay_journal`), and rows whose records never reached the
+        journal are dropped by :meth:`~dicom_node.index.SeriesIndex.reconcile` (never
+        acknowledged).
+        """
+        out = self._rx_index().record([i.rec for i in items], use_expected_count=False,
+                                      flushed_upto=self._flushed_upto)
         try:
+            for i, new in zip(items, out.new, strict=True):
+                i.write = new or i.rec.replaced
+                if not i.write:
+                    continue  # a concurrent duplicate: the first one's bytes are kept
+                i.seq = self.journal.append(_record_header(i.rec), i.data)
+                with self._mat_cond:
+                    self._outstanding.add(i.seq)
+                    self._top_seq = max(self._top_seq, i.seq)
             self.journal.sync()
         except BaseException:
-            done: RecordOutcome = db.result()
             self.index.forget([i.rec.sop_instance_uid for i, new in
-                               zip(items, done.new, strict=True) if new])
+                               zip(items, out.new, strict=True) if new])
+            with self._mat_cond:
+                for i in items:
+                    self._outstanding.discard(i.seq)
+                self._keep_segments = True  # the next start sorts the records out
+                self._mat_cond.notify_all()
             raise
-        out: RecordOutcome = db.result()
         if out.max_rowid is not None:
             self._flushed_upto = out.max_rowid
         for series_uid, revision in out.new_revisions:
             log.info("late_instance_new_revision", series_uid=series_uid, revision=revision)
-        for i, new in zip(items, out.new, strict=True):
-            i.write = new or i.rec.replaced
         with self._mat_cond:
             self._mat_queue.extend(items)
             if out.due_expected and self.settings.completion.use_expected_count:
                 self._mat_queue.append(out.due_expected)
             self._mat_cond.notify_all()
         return out.new
+
+    def _rx_index(self) -> SeriesIndex:
+        """The receiver's own index handle: its connections commit without a flush."""
+        conn = self._rx_idx.conn
+        if not getattr(self._rx_local, "normal", False):
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._rx_local.normal = True
+        return self._rx_idx
 
     # -- materialiser ------------------------------------------------------------------------------
 
@@ -640,7 +766,8 @@ class FastListener(base.Listener):
                     if isinstance(item, list):
                         self._announce(self.index.complete_expected(item))
                         continue
-                    done.append(item.seq)
+                    if item.seq:
+                        done.append(item.seq)
                     if item.write:
                         self._write_file(item.rec.path, item.data)
                         if item.old_path is not None:
