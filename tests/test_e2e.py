@@ -100,7 +100,8 @@ def shipped_sections() -> dict[str, Any]:
             "models": cfg["models"]}
 
 
-def models_folder(model: str, tmp_path: Path, tiny: ModelPackage) -> tuple[Path, str]:
+def models_folder(model: str, tmp_path: Path, request: pytest.FixtureRequest
+                  ) -> tuple[Path, str]:
     """The models folder holding ``model``, and which package it is (for the test's output).
 
     ``OMNIMRI_E2E_MODELS`` (a folder holding ``<model>/model.yaml``) overrides the choice, e.g.
@@ -112,6 +113,7 @@ def models_folder(model: str, tmp_path: Path, tiny: ModelPackage) -> tuple[Path,
         return Path(override), f"{model} from {override}"
     if (REPO / "models" / model / "model.yaml").is_file():
         return REPO / "models", f"shipped {model}"
+    tiny: ModelPackage = request.getfixturevalue("tiny_package")  # built only when needed
     folder = tmp_path / "models"
     shutil.copytree(tiny.folder, folder / model)
     return folder, "the tests' tiny package"
@@ -244,14 +246,14 @@ def overlay_fractions(sc: Dataset, masks: np.ndarray, chromatic: list[int],
 
 @pytest.mark.slow
 def test_pacs_to_node_to_pacs_every_output_kind(
-    pacs: OrthancServer, node_factory: Any, tmp_path: Path, tiny_package: ModelPackage,
+    pacs: OrthancServer, node_factory: Any, tmp_path: Path, request: pytest.FixtureRequest,
 ) -> None:
     orthanc = pacs
     sections = shipped_sections()
     pipeline = sections["pipelines"][PIPELINE]
     assert pipeline["kind"] == "omnimri" and pipeline["model"] == "omnimri-tiny"
     assert set(pipeline["outputs"]) == set(MODALITY_OF_KIND)
-    models, which = models_folder(pipeline["model"], tmp_path, tiny_package)
+    models, which = models_folder(pipeline["model"], tmp_path, request)
     sections["models"]["path"] = str(models)
     node = node_factory(
         completion={"quiet_seconds": 2.0, "poll_interval_s": 0.5},
