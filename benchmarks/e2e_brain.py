@@ -202,6 +202,8 @@ class RoundResult:
     seg_type: str = ""
     inference_split: dict[str, float] = field(default_factory=dict)
     """The runner's own split of ``inference`` (``model run`` log line), seconds."""
+    export_split: dict[str, float] = field(default_factory=dict)
+    """Seconds per output kind (``outputs built`` log line)."""
 
 
 def run_round(flow: Flow, datasets: list[Dataset], expected_count: bool,
@@ -278,9 +280,11 @@ def run_round(flow: Flow, datasets: list[Dataset], expected_count: bool,
     runs = [e for e in events if e.get("event") == "model run"
             and pipeline_start <= _ts(e) <= _ts(done)]
     split = {k: float(v) for k, v in runs[-1].get("timings_s", {}).items()} if runs else {}
+    built = [e for e in events if e.get("event") == "outputs built" and e.get("job_id") == job_id]
+    per_kind = {k: float(v) for k, v in built[0].get("seconds", {}).items()} if built else {}
     flow.rounds += 1
     return RoundResult(stages, t_end - t0, modalities, job_id,
-                       str(seg[0].get("type", "")) if seg else "", split)
+                       str(seg[0].get("type", "")) if seg else "", split, per_kind)
 
 
 def default_models() -> Path:
@@ -340,6 +344,11 @@ def main() -> None:
         parts = ", ".join(f"{k} {statistics.median(s.get(k, 0.0) for s in splits):.2f} s"
                           for k in splits[0])
         print(f"  inference, the runner's split (median): {parts}")
+    exports = [r.export_split for r in results if r.export_split]
+    if exports:
+        parts = ", ".join(f"{k} {statistics.median(s.get(k, 0.0) for s in exports):.2f} s"
+                          for k in exports[0])
+        print(f"  export, per kind (median): {parts}")
     wait = med["completion wait"]
     if wait < 0:
         print("  (completion wait < 0: the series completed at its last instance, before "
@@ -352,7 +361,7 @@ def main() -> None:
                    "completion": args.completion},
         "load_average": load, "rounds": [
             {"stages": r.stages, "total_s": r.total_s, "seg_type": r.seg_type,
-             "inference_split": r.inference_split,
+             "inference_split": r.inference_split, "export_split": r.export_split,
              "outputs": sorted(r.outputs.values())} for r in results],
         "median": med, "median_total_s": total,
     }, indent=2))
