@@ -16,6 +16,9 @@ Usage::
     python3 benchmarks/ingest.py [--rounds 3] [--instances 500] [--size 256] [--senders 1]
 
 ``--senders N`` splits the series over N concurrent dcmsend processes (N associations).
+``--receiver pynetdicom|fast|both`` picks ``node.receiver`` (``both``: one node of each kind
+per round, alternating with storescp; the fast receiver acknowledges after one ``fdatasync``
+of its receive journal, see docs/listener.md).
 Not a timed test; numbers depend on the machine and on what else it is running.
 """
 
@@ -112,12 +115,13 @@ def round_storescp(storescp: str, dcmsend: str, work: Path, files: list[Path],
 
 
 def round_node(dcmsend: str, work: Path, files: list[Path], senders: int,
-               fsync: bool = True) -> float:
+               fsync: bool = True, receiver: str | None = None) -> float:
     root = work / "node"
     shutil.rmtree(root, ignore_errors=True)
     port = free_port()
+    node: dict[str, str] = {} if receiver is None else {"receiver": receiver}
     config = write_node_config(root, port, completion={"quiet_seconds": 10.0},
-                               storage={"fsync": fsync}, logging={"level": "info"})
+                               storage={"fsync": fsync}, logging={"level": "info"}, node=node)
     log = open(root / "node.log", "wb")  # noqa: SIM115
     exe = shutil.which("omnimri-node")
     cmd = ([exe] if exe else [sys.executable, "-c",
@@ -154,9 +158,15 @@ def main() -> int:
     ap.add_argument("--no-node-fsync", action="store_true",
                     help="diagnosis only: the node skips its file/folder fsyncs (SQLite still "
                          "commits durably); not a durable configuration")
+    ap.add_argument("--receiver", choices=["pynetdicom", "fast", "both"], default=None,
+                    help="node.receiver of the node (default: as configured, i.e. the "
+                         "config default or OMNIMRI__NODE__RECEIVER); 'both' runs a node "
+                         "of each kind in every round (pynetdicom, then fast)")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where data and receivers write (default: a temp folder)")
     args = ap.parse_args()
+    receivers: list[str | None] = (["pynetdicom", "fast"] if args.receiver == "both"
+                                   else [args.receiver])
 
     storescp, dcmsend = dcmtk_binary("storescp"), dcmtk_binary("dcmsend")
     if not storescp or not dcmsend:
@@ -170,26 +180,35 @@ def main() -> int:
         mib = sum(f.stat().st_size for f in files) / 2**20
         print(f"series: {len(files)} instances of {args.size}x{args.size}, {mib:.1f} MiB "
               f"(generated in {time.perf_counter() - t0:.1f} s); senders: {args.senders}; "
+              f"receiver: {args.receiver or os.environ.get('OMNIMRI__NODE__RECEIVER', 'default')};"
+              f" "
               f"work dir {work}")
-        rates: dict[str, list[float]] = {"storescp": [], "node": []}
+        labels = {rx: "node" if len(receivers) == 1 else f"node[{rx}]" for rx in receivers}
+        rates: dict[str, list[float]] = {"storescp": [], **{lb: [] for lb in labels.values()}}
         for r in range(1, args.rounds + 1):
             dt_s = round_storescp(storescp, dcmsend, work, files, args.senders)
-            dt_n = round_node(dcmsend, work, files, args.senders, not args.no_node_fsync)
             rates["storescp"].append(len(files) / dt_s)
-            rates["node"].append(len(files) / dt_n)
-            print(f"round {r}: storescp {len(files) / dt_s:7.1f} inst/s ({dt_s:.2f} s)   "
-                  f"node {len(files) / dt_n:7.1f} inst/s ({dt_n:.2f} s)   "
-                  f"ratio {dt_s / dt_n:.2f}")
+            line = f"round {r}: storescp {len(files) / dt_s:7.1f} inst/s ({dt_s:.2f} s)"
+            for rx in receivers:
+                if rx:  # the environment wins over the config file
+                    os.environ["OMNIMRI__NODE__RECEIVER"] = rx
+                dt_n = round_node(dcmsend, work, files, args.senders, not args.no_node_fsync,
+                                  rx)
+                rates[labels[rx]].append(len(files) / dt_n)
+                line += (f"   {labels[rx]} {len(files) / dt_n:7.1f} inst/s ({dt_n:.2f} s)"
+                         f" ratio {dt_s / dt_n:.2f}")
+            print(line)
         med_s = statistics.median(rates["storescp"])
-        med_n = statistics.median(rates["node"])
         import json
 
-        for line in LAST_ASSOC_LINES[-args.senders:]:
+        for line in LAST_ASSOC_LINES[-args.senders * len(receivers):]:
             d = json.loads(line)
-            print("node per-instance ms (last round): "
+            print(f"node[{d.get('receiver', 'pynetdicom')}] per-instance ms (last round): "
                   + ", ".join(f"{k[:-7]} {d[k]}" for k in d if k.endswith("_ms_avg")))
-        print(f"median: storescp {med_s:.1f} instances/s, node {med_n:.1f} instances/s, "
-              f"ratio node/storescp {med_n / med_s:.2f}")
+        for rx in receivers:
+            med_n = statistics.median(rates[labels[rx]])
+            print(f"median: storescp {med_s:.1f} instances/s, {labels[rx]} {med_n:.1f} "
+                  f"instances/s, ratio {labels[rx]}/storescp {med_n / med_s:.2f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -86,22 +86,29 @@ def test_file_meta_and_header_match_the_spool_reader(tmp_path: Path) -> None:
 
 
 def test_journal_records_round_trip_and_a_torn_tail_is_dropped(tmp_path: Path) -> None:
-    j = Journal(tmp_path / "j", segment_bytes=1000)
+    j = Journal(tmp_path / "j", segment_bytes=2000)
+    j.prepare(1)
     seqs = [j.append({"n": i}, bytes([i]) * 1200) for i in range(3)]
     j.sync()
     assert seqs == [1, 2, 3]
     segs = j.pending_segments()
-    assert len(segs) == 3  # each 1200-byte record fills a 1000-byte segment
+    assert len(segs) == 3  # a 1200-byte record fills a 2000-byte segment
+    assert all(p.stat().st_size == 2000 for p in segs)  # preallocated, written in place
     assert [h["n"] for s in segs for h, _ in read_segment(s)] == [0, 1, 2]
-    last = segs[-1]
-    last.write_bytes(last.read_bytes()[:-5])  # a record cut by a crash
+    # Records 0 and 1 are in the spool: their segments are recycled, record 3 reuses one.
+    assert j.release_upto(2, tmp_path) == 2
+    assert [h["n"] for s in j.pending_segments() for h, _ in read_segment(s)] == [2]
+    assert j.append({"n": 3}, b"x" * 1200) == 4
+    j.sync()
+    got = [(h["n"], d[:1]) for s in j.pending_segments() for h, d in read_segment(s)]
+    assert got == [(2, b"\x02"), (3, b"x")]  # oldest generation first, no stale record
+    last = j.pending_segments()[-1]
+    raw = bytearray(last.read_bytes())
+    raw[600] ^= 0xFF  # a flipped bit (or a torn write) fails the CRC
+    last.write_bytes(bytes(raw))
     assert list(read_segment(last)) == []
-    data = bytearray(segs[0].read_bytes())
-    data[-1] ^= 0xFF  # a flipped bit fails the CRC
-    segs[0].write_bytes(bytes(data))
-    assert list(read_segment(segs[0])) == []
     j.close(tmp_path, all_materialised=False)
-    assert len(j.pending_segments()) == 3
+    assert len(j.pending_segments()) == 2
 
 
 def _settings(root: Path) -> NodeSettings:

@@ -1,14 +1,16 @@
 """The receive journal: append-only segment files that make an instance durable cheaply.
 
 An instance's Part 10 bytes and its index fields are appended as one record to the current
-segment (``<spool>/.journal/seg-<n>.jnl``); one ``fdatasync`` of the segment (shared by every
-association whose records are waiting: group commit) makes them durable. That is one flush,
-where a file per instance needs a file fsync, a rename and a folder fsync.
+segment (``<spool>/.journal/seg-<n>.jnl``, preallocated); one ``fdatasync`` of the segment
+(shared by every association whose records are waiting: group commit) makes them durable. That
+is one device flush, where a file per instance needs a file fsync, a rename and a folder fsync
+(each a file-system journal commit).
 
-Record layout (little endian)::
+Layout (little endian)::
 
-    magic "OMJ1" | u32 header length | u64 data length | u32 CRC-32 of header+data
-    | header (JSON) | data (the Part 10 file)
+    segment: "OMJS" | u64 generation | 4 zero bytes | records... | zeros
+    record:  "OMJ1" | u64 generation | u32 header length | u64 data length
+             | u32 CRC-32 of header+data | header (JSON) | data (the Part 10 file)
 
 A record cut short by a crash (never acknowledged: the flush did not finish) fails its length
 or CRC check; reading a segment stops there. Records are materialised into the spool by the
@@ -36,16 +38,22 @@ from dicom_node.logs import get_logger
 log = get_logger("journal")
 
 MAGIC = b"OMJ1"
-_HEAD = struct.Struct("<4sLQL")
-SEGMENT_BYTES = 64 * 1024**2
-"""A segment is closed once it holds this many bytes (the next record opens a new one)."""
+SEGMENT_MAGIC = b"OMJS"
+_SEG_HEAD = struct.Struct("<4sQ4x")
+_HEAD = struct.Struct("<4sQLQL")
+SEGMENT_BYTES = 8 * 1024**2
+"""Size of a segment, bytes: preallocated (written with zeros) so that appending a record and
+``fdatasync`` change no file metadata (no file-system journal commit, one device flush).
+A record that does not fit opens the next segment; one larger than a segment grows it."""
+SPARE_SEGMENTS = 2
+"""Segments prepared at start (and recycled once materialised), so none is made mid-stream."""
 
 
 @dataclass(slots=True)
 class _Segment:
-    number: int
     path: Path
     fd: int
+    generation: int = 0
     size: int = 0
     last_seq: int = 0
 
@@ -75,13 +83,29 @@ def syncfs(folder: Path) -> None:
         os.close(fd)
 
 
+def _segment_generation(path: Path) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SEG_HEAD.size)
+    except OSError:
+        return None
+    if len(head) < _SEG_HEAD.size:
+        return None
+    magic, generation = _SEG_HEAD.unpack(head)
+    return int(generation) if magic == SEGMENT_MAGIC else None
+
+
 class Journal:
     """Segments of received instances, appended by several threads, flushed in groups.
+
+    A segment starts with a header (``"OMJS"``, generation number); each record carries the
+    generation of the segment it was written in, so the records of a segment's previous use
+    (segments are recycled) end its reading.
 
     Args:
         folder: The journal folder (created if missing).
         fsync: ``fdatasync`` in :meth:`sync` (``storage.fsync``).
-        segment_bytes: Size at which a segment is closed.
+        segment_bytes: Preallocated size of a segment, bytes.
     """
 
     def __init__(self, folder: Path, *, fsync: bool = True,
@@ -93,38 +117,61 @@ class Journal:
         self._lock = threading.Lock()
         self._seq = 0
         self._closed: list[_Segment] = []
-        numbers = [int(p.stem[4:]) for p in self.folder.glob("seg-*.jnl")
-                   if p.stem[4:].isdigit()]
-        self._next_number = max(numbers, default=0) + 1
+        self._free: list[_Segment] = []
+        names = [int(p.stem[4:]) for p in self.folder.glob("seg-*.jnl") if p.stem[4:].isdigit()]
+        self._next_name = max(names, default=0) + 1
+        gens = [_segment_generation(p) for p in self.folder.glob("seg-*.jnl")]
+        self._generation = max((g for g in gens if g is not None), default=0)
         self._current: _Segment | None = None
 
-    def _open_segment(self) -> _Segment:
-        path = self.folder / f"seg-{self._next_number:08d}.jnl"
-        self._next_number += 1
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        if self.fsync:  # the new name must survive a crash before the first record does
+    def prepare(self, count: int = SPARE_SEGMENTS) -> None:
+        """Preallocate spare segments (call after any replay, before receiving)."""
+        with self._lock:
+            while len(self._free) < count:
+                self._free.append(self._new_segment())
+
+    def _new_segment(self) -> _Segment:
+        path = self.folder / f"seg-{self._next_name:08d}.jnl"
+        self._next_name += 1
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        zeros = bytes(1024**2)
+        left = self.segment_bytes
+        while left > 0:
+            left -= os.write(fd, zeros[:min(left, len(zeros))])
+        if self.fsync:  # blocks and name durable now: appends then change no metadata
+            os.fsync(fd)
             dfd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
-        return _Segment(self._next_number - 1, path, fd)
+        return _Segment(path, fd)
+
+    def _start_segment(self) -> _Segment:
+        seg = self._free.pop(0) if self._free else self._new_segment()
+        self._generation += 1
+        seg.generation = self._generation
+        os.pwrite(seg.fd, _SEG_HEAD.pack(SEGMENT_MAGIC, seg.generation), 0)
+        seg.size = _SEG_HEAD.size
+        seg.last_seq = 0
+        return seg
 
     def append(self, header: dict[str, Any], data: bytes | bytearray | memoryview) -> int:
         """Append one record (not yet durable: see :meth:`sync`); returns its sequence number."""
         hdr = json.dumps(header, separators=(",", ":")).encode("utf-8")
         crc = zlib.crc32(data, zlib.crc32(hdr))
-        head = _HEAD.pack(MAGIC, len(hdr), len(data), crc)
+        n = _HEAD.size + len(hdr) + len(data)
         with self._lock:
             seg = self._current
-            if seg is None or seg.size >= self.segment_bytes:
+            if seg is None or (seg.size + n > self.segment_bytes
+                               and seg.size > _SEG_HEAD.size):
                 if seg is not None:
                     if self.fsync:
                         os.fdatasync(seg.fd)
                     self._closed.append(seg)
-                seg = self._current = self._open_segment()
-            n = len(head) + len(hdr) + len(data)
-            written = os.writev(seg.fd, [head, hdr, data])
+                seg = self._current = self._start_segment()
+            head = _HEAD.pack(MAGIC, seg.generation, len(hdr), len(data), crc)
+            written = os.pwritev(seg.fd, [head, hdr, data], seg.size)
             if written != n:
                 raise OSError(f"journal: short write ({written} of {n} bytes)")
             seg.size += n
@@ -140,10 +187,10 @@ class Journal:
             os.fdatasync(seg.fd)
 
     def release_upto(self, seq: int, spool_root: Path) -> int:
-        """Delete closed segments whose records (≤ ``seq``) are all in the spool.
+        """Recycle closed segments whose records (≤ ``seq``) are all in the spool.
 
         The spool's file system is synced first (once), so the materialised files are durable
-        before the records that back them disappear. Returns how many segments were deleted.
+        before the records that back them can be overwritten. Returns how many were recycled.
         """
         with self._lock:
             done = [s for s in self._closed if s.last_seq <= seq]
@@ -154,15 +201,19 @@ class Journal:
         with self._lock:
             for s in done:
                 self._closed.remove(s)
-                os.close(s.fd)
-                s.path.unlink(missing_ok=True)
+                os.pwrite(s.fd, bytes(_SEG_HEAD.size), 0)  # no longer replayed
+                if len(self._free) < SPARE_SEGMENTS and s.size <= self.segment_bytes:
+                    self._free.append(s)
+                else:
+                    os.close(s.fd)
+                    s.path.unlink(missing_ok=True)
         return len(done)
 
     def close(self, spool_root: Path, *, all_materialised: bool) -> None:
         """Close the segments; delete them when everything they hold is in the spool."""
         with self._lock:
-            segs = [*self._closed, *([self._current] if self._current else [])]
-            self._closed, self._current = [], None
+            segs = [*self._closed, *([self._current] if self._current else []), *self._free]
+            self._closed, self._current, self._free = [], None, []
         if all_materialised and segs and self.fsync:
             syncfs(spool_root)
         for s in segs:
@@ -173,22 +224,34 @@ class Journal:
     # -- replay ------------------------------------------------------------------------------
 
     def pending_segments(self) -> list[Path]:
-        """Segments left by a previous run (oldest first)."""
+        """Segments left by a previous run that hold records, oldest generation first."""
+        found = [(g, p) for p in self.folder.glob("seg-*.jnl")
+                 if (g := _segment_generation(p)) is not None]
+        return [p for _, p in sorted(found)]
+
+    def all_segments(self) -> list[Path]:
+        """Every segment file (with records or not)."""
         return sorted(self.folder.glob("seg-*.jnl"))
 
 
 def read_segment(path: Path) -> Iterator[tuple[dict[str, Any], bytes]]:
-    """The whole records of one segment, in order; stops at the first torn or corrupt one."""
+    """The whole records of one segment, in order; stops at the end of its current use.
+
+    Reading ends at zeros (never written), at a record of the segment's previous use (other
+    generation) and at a torn or corrupt record (never acknowledged).
+    """
+    generation = _segment_generation(path)
+    if generation is None:
+        return
     with open(path, "rb") as f:
+        f.seek(_SEG_HEAD.size)
         while True:
             head = f.read(_HEAD.size)
             if len(head) < _HEAD.size:
                 return
-            magic, hlen, dlen, crc = _HEAD.unpack(head)
-            if magic != MAGIC:
-                log.warning("journal_record_invalid", segment=path.name, offset=f.tell(),
-                            reason="bad magic")
-                return
+            magic, gen, hlen, dlen, crc = _HEAD.unpack(head)
+            if magic != MAGIC or gen != generation:
+                return  # zeros, or a record of the segment's previous use
             hdr = f.read(hlen)
             data = f.read(dlen)
             if len(hdr) < hlen or len(data) < dlen or zlib.crc32(data, zlib.crc32(hdr)) != crc:

@@ -279,6 +279,7 @@ class FastListener(base.Listener):
     def _replay_journal(self) -> None:
         segs = self.journal.pending_segments()
         if not segs:
+            remove_segments(self.journal.all_segments())  # spare ones of a previous run
             return
         written = skipped = 0
         recs: list[InstanceRecord] = []
@@ -303,7 +304,7 @@ class FastListener(base.Listener):
             self.index.record(recs, use_expected_count=False)
         if self.settings.storage.fsync:
             syncfs(self.spool.root)
-        remove_segments(segs)
+        remove_segments(self.journal.all_segments())
         if series and self.settings.completion.use_expected_count:
             done = self.index.complete_expected(list(series))
             self._announce(done)
@@ -353,6 +354,7 @@ class FastListener(base.Listener):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((node.host, node.port))
         sock.listen(64)
+        self.journal.prepare()
         self._sock = sock
         self._serving_fast = True
         self._start_materialiser()
