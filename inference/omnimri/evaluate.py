@@ -158,13 +158,13 @@ def evaluate(
         heads = HeadOutputs(affine=case.affine, tissue=g.tissue, lesion=g.lesion,
                             slice_diagnosis=g.slice_diagnosis)
         res = build_results(heads, ALL_INSTRUCTIONS, model, report_writer=writer)
-        am = np.argmax(g.tissue, axis=0)
-        per["brain"].append(dice(am > 0, case.tissue > 0))
-        per["csf"].append(dice(am == 1, case.tissue == 1))
-        per["gm"].append(dice(am == 2, case.tissue == 2))
-        per["wm"].append(dice(am == 3, case.tissue == 3))
+        seg = {s.label.label: s.mask for s in res.segments}
+        per["brain"].append(dice(seg["Brain"], case.tissue > 0))
+        per["csf"].append(dice(seg["CSF"], case.tissue == 1))
+        per["gm"].append(dice(seg["Grey matter"], case.tissue == 2))
+        per["wm"].append(dice(seg["White matter"], case.tissue == 3))
         gt_les = (case.lesion == 1) | (case.lesion == 2)
-        pred_les = (g.lesion[1] + g.lesion[2]) >= 0.5
+        pred_les = seg["WM hyperintensity"] | seg["Mass"]
         if gt_les.any():
             per["lesion"].append(dice(pred_les, gt_les))
         # Detection: predicted components (after the size filter) vs GT instances.

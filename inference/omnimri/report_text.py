@@ -102,6 +102,8 @@ def parse_facts(text: str) -> dict[str, str]:
     if "mass" in words:
         facts["kind"] = "mass"
         facts["count"] = "single"
+        if "a mass is seen" not in text:
+            facts["count"] = next((w for w in words if w in SLOTS["count"][2:]), "unknown")
     elif "white" in words and "matter" in words:
         facts["kind"] = "small_vessel"
         if words and words[0] in ("findings",) and len(words) > 2 and words[2] in SLOTS["count"]:

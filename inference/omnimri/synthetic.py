@@ -303,6 +303,12 @@ def write_report(facts: dict[str, str]) -> tuple[str, str]:
         return ("no focal lesion is seen . grey and white matter are unremarkable .",
                 "normal study .")
     side, lobe, size = facts["side"], facts["lobe"], facts["size"]
+    if kind == "mass" and facts.get("count", "single") not in ("single", "none"):
+        return (
+            f"{facts['count']} mass lesions . the largest is in the {side} {lobe} lobe measuring "
+            f"{size} mm with surrounding oedema .",
+            "intracranial mass . further evaluation is recommended .",
+        )
     if kind == "mass":
         return (
             f"a mass is seen in the {side} {lobe} lobe measuring {size} mm with surrounding "

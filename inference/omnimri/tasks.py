@@ -134,10 +134,26 @@ def side_of(x_lps_mm: float, midline_mm: float, tolerance_mm: float) -> str:
 # --------------------------------------------------------------------------- pieces
 
 
-def tissue_segments(tissue_probs: Array, first_number: int = 1) -> list[R.SegmentMask]:
-    """Brain, CSF, GM and WM masks from ``[4, K, J, I]`` probabilities (argmax)."""
+def brain_mask(tissue_probs: Array) -> npt.NDArray[np.bool_]:
+    """The brain: the largest 6-connected component of the non-background argmax."""
+    from scipy import ndimage
+
+    fg = np.argmax(tissue_probs, axis=0) > 0
+    labels, n = ndimage.label(fg)
+    if n <= 1:
+        return fg
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    out: npt.NDArray[np.bool_] = labels == int(np.argmax(sizes))
+    return out
+
+
+def tissue_segments(tissue_probs: Array, first_number: int = 1,
+                    brain: npt.NDArray[np.bool_] | None = None) -> list[R.SegmentMask]:
+    """Brain, CSF, GM and WM masks from ``[4, K, J, I]`` probabilities (argmax in the brain)."""
     am = np.argmax(tissue_probs, axis=0)
-    masks = [am > 0, am == 1, am == 2, am == 3]
+    brain = brain_mask(tissue_probs) if brain is None else brain
+    masks = [brain, brain & (am == 1), brain & (am == 2), brain & (am == 3)]
     probs = [1.0 - tissue_probs[0], tissue_probs[1], tissue_probs[2], tissue_probs[3]]
     out = []
     for n, ((name, cat, typ, rgb), m, p) in enumerate(
@@ -148,23 +164,32 @@ def tissue_segments(tissue_probs: Array, first_number: int = 1) -> list[R.Segmen
     return out
 
 
-def lesion_masks(lesion_probs: Array, threshold: float) -> tuple[npt.NDArray[np.bool_], ...]:
-    """``(lesion, wmh, mass, oedema)`` masks from ``[4, K, J, I]`` probabilities."""
+def lesion_masks(lesion_probs: Array, threshold: float,
+                 brain: npt.NDArray[np.bool_] | None = None) -> tuple[npt.NDArray[np.bool_], ...]:
+    """``(lesion, wmh, mass, oedema)`` masks from ``[4, K, J, I]`` probabilities.
+
+    With ``brain`` given, everything outside the brain is dropped.
+    """
     p_les = lesion_probs[1] + lesion_probs[2]
     lesion = p_les >= threshold
+    if brain is not None:
+        lesion &= brain
     wmh = lesion & (lesion_probs[1] >= lesion_probs[2])
     mass = lesion & ~wmh
     am = np.argmax(lesion_probs, axis=0)
     oedema = (am == 3) & ~lesion
+    if brain is not None:
+        oedema &= brain
     return lesion, wmh, mass, oedema
 
 
 def detections_from_lesions(
     lesion_probs: Array, affine: npt.NDArray[np.float64], frame: BrainFrame | None,
     settings: TaskSettings, wmh_segment: int, mass_segment: int,
+    brain: npt.NDArray[np.bool_] | None = None,
 ) -> list[R.Detection]:
     """One detection per lesion component (WMH or mass by majority), largest first."""
-    lesion, _, _, _ = lesion_masks(lesion_probs, settings.lesion_threshold)
+    lesion, _, _, _ = lesion_masks(lesion_probs, settings.lesion_threshold, brain)
     p_les = lesion_probs[1] + lesion_probs[2]
     comps = connected_components(lesion, affine, probability=np.clip(p_les, 0, 1),
                                  min_volume_mm3=settings.min_lesion_mm3)
@@ -307,20 +332,22 @@ def build_results(
     spacing = np.linalg.norm(heads.affine[:3, :3], axis=0)
     number = 1
     frame = None
+    brain = None
     if heads.tissue is not None:
-        frame = BrainFrame.from_mask(np.argmax(heads.tissue, axis=0) > 0, heads.affine)
+        brain = brain_mask(heads.tissue)
+        frame = BrainFrame.from_mask(brain, heads.affine)
     if "tissue" in want:
         if heads.tissue is None:
             raise ValueError("'segment brain tissues' needs the tissue output")
-        res.segments.extend(tissue_segments(heads.tissue, number))
+        res.segments.extend(tissue_segments(heads.tissue, number, brain))
         number += len(TISSUE_SEGMENTS)
     if want & {"lesion", "diagnosis", "report"}:
         if heads.lesion is None:
             raise ValueError("lesion output missing")
-        lesion, wmh, mass, oedema = lesion_masks(heads.lesion, settings.lesion_threshold)
+        lesion, wmh, mass, oedema = lesion_masks(heads.lesion, settings.lesion_threshold, brain)
         wmh_no, mass_no = number, number + 1
         dets = detections_from_lesions(heads.lesion, heads.affine, frame, settings, wmh_no,
-                                       mass_no)
+                                       mass_no, brain)
         if "lesion" in want:
             for n, ((name, cat, typ, rgb), m, p) in enumerate(zip(
                 LESION_SEGMENTS, (wmh, mass, oedema),
@@ -396,3 +423,33 @@ def results_from_raw(package: Any, raw: Any, volume: Any, instructions: list[str
         writer = report_writer_for(package.version_folder(), extra)
     return build_results(heads, instructions, package.model_info(node_version),
                          TaskSettings.from_dict(extra.get("tasks")), writer)
+
+
+def run_omnimri(package: Any, volume: Any, instructions: list[str], engine: Any = None,
+                node_version: str = "") -> R.Results:
+    """Run an OmniMRI package on a volume end to end (engine run + task post-processing).
+
+    Args:
+        package: A loaded :class:`inference.package.ModelPackage`.
+        volume: The source :class:`inference.volume.Volume`.
+        instructions: Instructions from ``package.spec.tasks``.
+        engine: An :class:`inference.engines.Engine`; ONNX Runtime (CPU) when ``None``.
+        node_version: Recorded in :class:`ModelInfo`.
+    """
+    import time
+
+    from inference.engines import create_engine
+    from inference.runner import run_model
+
+    own = engine is None
+    eng = create_engine("onnxruntime", package) if engine is None else engine
+    try:
+        raw = run_model(package, volume, eng, instructions)
+    finally:
+        if own:
+            eng.close()
+    t0 = time.perf_counter()
+    res = results_from_raw(package, raw, volume, instructions, node_version)
+    res.timings_s["postprocess"] = round(res.timings_s.get("postprocess", 0.0)
+                                         + time.perf_counter() - t0, 4)
+    return res
