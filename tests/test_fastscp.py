@@ -151,7 +151,7 @@ def test_replay_restores_acknowledged_instances_whose_files_were_lost(tmp_path: 
 def test_fast_node_serves_dcmtk_and_survives_protocol_garbage(
         node_factory: Callable[..., NodeProcess], tmp_path: Path, dcmtk: None) -> None:
     node = node_factory(node={"receiver": "fast"})
-    assert node.events("listening")[0]["receiver"] == "fast"
+    assert node.wait_for_event("listening")[0]["receiver"] == "fast"
     assert echoscu(node.port, "OMNIMRI").returncode == 0
     # Garbage instead of an A-ASSOCIATE-RQ, and a P-DATA-TF before any association.
     for junk in (b"GET / HTTP/1.1\r\n\r\n", ul.p_data_tf(1, b"\0" * 8)):
