@@ -36,7 +36,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from dicom_node import listener as base
-from dicom_node import status
+from dicom_node import metrics, status
+from dicom_node.audit import get_audit
 from dicom_node.config import NodeSettings
 from dicom_node.fastscp import upper_layer as ul
 from dicom_node.fastscp.journal import Journal, read_segment, remove_segments, syncfs
@@ -473,6 +474,9 @@ class FastListener(base.Listener):
             log.warning("association_rejected", calling_ae=calling, called_ae=called,
                         peer_host=host, reason=why, result=result, source=source,
                         diagnostic=reason)
+            metrics.record_association("rejected")
+            get_audit().association_rejected(calling_ae=calling, called_ae=called, host=host,
+                                             reason=why)
             conn.sendall(ul.encode_associate_rj(result, source, reason))
             return None
         base._in_node_negotiation.active = True
@@ -489,6 +493,11 @@ class FastListener(base.Listener):
         log.info("association_accepted", assoc_id=assoc.stats.assoc_id, calling_ae=calling,
                  called_ae=called, peer_host=host, peer_port=port, contexts=len(assoc.contexts),
                  receiver="fast")
+        metrics.record_association("accepted")
+        metrics.association_started()
+        assoc.stats.counted = True
+        get_audit().association_accepted(calling_ae=calling, called_ae=called, host=host,
+                                          port=port, tls=False)
         return assoc
 
     def _run(self, conn: socket.socket, assoc: _Assoc) -> None:
@@ -556,6 +565,11 @@ class FastListener(base.Listener):
 
     def _log_end(self, assoc: _Assoc, how: str) -> None:
         st = assoc.stats
+        if st.counted:
+            st.counted = False
+            metrics.association_ended()
+            if how != "association_released":
+                metrics.record_association("aborted")
         dt = time.perf_counter() - st.started
         log.info(how, assoc_id=st.assoc_id, calling_ae=st.calling_ae, called_ae=st.called_ae,
                  peer_host=st.peer_host, stored=st.stored, duplicates=st.duplicates,
@@ -694,6 +708,7 @@ class FastListener(base.Listener):
                         policy="replace", sop_instance_uid=uid)
         if is_new or replaced:
             st.stored += 1
+            metrics.record_instance(size)
         else:
             st.duplicates += 1
             log.info("duplicate_instance", assoc_id=st.assoc_id, same_bytes=True,
