@@ -184,3 +184,31 @@ def test_fast_node_serves_dcmtk_and_survives_protocol_garbage(
     assert store_files(node.port, [TEST_FILES / "MR_small.dcm"]) == [status.SUCCESS]
     node.stop()
     assert list((node.spool / ".journal").iterdir()) == []  # all materialised at a clean stop
+
+
+def test_large_instances_are_spilled_to_disk_and_stored_durably(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicom_node.fastscp import receiver
+
+    monkeypatch.setattr(receiver, "SPILL_BYTES", 20_000)
+    settings = _settings(tmp_path)
+    spool = Spool(settings.storage.path)
+    index = SeriesIndex(settings.storage.database_path)
+    big = write_series(synthetic_series(3, 128, 128, seed=9), tmp_path / "big")  # ~33 kB each
+    small = TEST_FILES / "MR_small.dcm"  # ~10 kB: in memory, journaled
+    rx = FastListener(settings, index, spool)
+    rx.start()
+    try:
+        assert store_files(rx.port, [*big, small, big[0]]) == [status.SUCCESS] * 5
+        for f in [*big, small]:
+            path, _ = index.lookup_instance(str(pydicom.dcmread(f).SOPInstanceUID))
+            assert dataset_bytes(path) == dataset_bytes(f)
+        assert index.count_instances() == 4
+        assert list(spool.incoming.iterdir()) == []
+        records = [h["sop_instance_uid"] for s in rx.journal.pending_segments()
+                   for h, _ in read_segment(s)]
+        assert records == [str(pydicom.dcmread(small).SOPInstanceUID)]  # big ones bypass it
+    finally:
+        rx.stop()
+        index.close()
+    assert list((spool.root / ".journal").iterdir()) == []

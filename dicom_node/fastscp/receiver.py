@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import socket
 import struct
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -55,6 +57,7 @@ from dicom_node.spool import (
     _dataset_start,
     _int_or_none,
     _skip_encapsulated,
+    read_header,
 )
 
 log = get_logger("listener")
@@ -229,6 +232,86 @@ class _Assoc:
     """Accepted context id → (abstract syntax, transfer syntax)."""
     last_seq: int = 0
     _omnimri_reserved: bool = False
+
+
+SPILL_BYTES = 64 * 1024**2
+"""A data set larger than this is received into a file in ``.incoming`` (not in memory) and
+stored like the pynetdicom listener does (fsync + rename + folder fsync), without the journal:
+for such sizes the transfer dominates and memory stays bounded."""
+
+
+class _Received:
+    """One C-STORE data set while it arrives: in memory, spilled to a file past SPILL_BYTES.
+
+    Args:
+        meta: The Part 10 preamble and file meta written before the data set.
+        incoming: The spool's ``.incoming`` folder (for a spilled data set).
+        limit: ``node.max_instance_bytes``: past it the bytes are dropped (answer 0xA700).
+    """
+
+    def __init__(self, meta: bytes, incoming: Path, limit: int) -> None:
+        self.meta = meta
+        self.incoming = incoming
+        self.limit = limit
+        self.chunks: list[bytes] = [meta]
+        self.size = len(meta)
+        self.over_limit = False
+        self.path: Path | None = None
+        self._file: Any = None
+
+    def add(self, value: memoryview) -> None:
+        """Append a data fragment."""
+        self.size += len(value)
+        if self.over_limit:
+            return
+        if self.size > self.limit:
+            self.over_limit = True
+            self.discard()
+            self.chunks = []
+            return
+        if self._file is None and self.path is None and self.size > SPILL_BYTES:
+            fd, name = tempfile.mkstemp(prefix="rx-", suffix=".dcm", dir=self.incoming)
+            self._file = os.fdopen(fd, "wb")
+            self.path = Path(name)
+            for c in self.chunks:
+                self._file.write(c)
+            self.chunks = []
+        if self._file is not None:
+            self._file.write(value)
+        else:
+            self.chunks.append(bytes(value))
+
+    def join(self) -> bytes:
+        """The whole Part 10 file (in-memory case)."""
+        return b"".join(self.chunks)
+
+    def finish(self) -> None:
+        """Close the spill file (its bytes are then all in it)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def discard(self) -> None:
+        """Remove the spill file unless it was moved into the spool."""
+        self.finish()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+    def same_dataset(self, other_part10: bytes) -> bool:
+        """Whether another Part 10 file (in memory) holds the same data set."""
+        mine = self.join() if self.path is None else self.path.read_bytes()
+        return _dataset_of(other_part10) == _dataset_of(mine)
+
+    def same_file(self, path: Path, size: int) -> bool:
+        """Whether a stored Part 10 file holds the same data set."""
+        if abs(size - self.size) > 65536:
+            return False  # the data sets differ in length (file metas are short)
+        try:
+            if self.path is not None:
+                return _dataset_of(path.read_bytes()) == _dataset_of(self.path.read_bytes())
+            return _dataset_of(path.read_bytes()) == _dataset_of(self.join())
+        except OSError:
+            return False
 
 
 def _record_header(rec: InstanceRecord) -> dict[str, Any]:
@@ -508,8 +591,7 @@ class FastListener(base.Listener):
         command = bytearray()
         command_cx: int | None = None
         cmd: dict[int, bytes] | None = None
-        data: list[bytes] = []
-        data_size = 0
+        rx: _Received | None = None
         how = "association_aborted"
         try:
             while True:
@@ -528,17 +610,20 @@ class FastListener(base.Listener):
                             cmd = ul.decode_command(command)
                             command = bytearray()
                             if ul.command_us(cmd, 0x0800) == ul.NO_DATASET:
-                                self._dispatch(conn, assoc, cx_id, cmd, None, 0)
+                                self._dispatch(conn, assoc, cx_id, cmd, None)
                                 cmd = None
+                            else:
+                                rx = self._received(assoc, cx_id, cmd)
                         else:
-                            if cmd is None or cx_id != command_cx:
+                            if cmd is None or rx is None or cx_id != command_cx:
                                 raise ul.UpperLayerError("data set fragment without a command")
-                            data_size += len(value)
-                            if data_size <= node.max_instance_bytes:
-                                data.append(bytes(value))
+                            rx.add(value)
                             if last:
-                                self._dispatch(conn, assoc, cx_id, cmd, data, data_size)
-                                cmd, data, data_size = None, [], 0
+                                try:
+                                    self._dispatch(conn, assoc, cx_id, cmd, rx)
+                                finally:
+                                    rx.discard()
+                                cmd, rx = None, None
                 elif pdu_type == ul.A_RELEASE_RQ_TYPE:
                     self._wait_materialised(assoc.last_seq)
                     conn.sendall(ul.A_RELEASE_RP)
@@ -561,6 +646,8 @@ class FastListener(base.Listener):
         except (ul.PeerClosed, OSError):
             pass
         finally:
+            if rx is not None:
+                rx.discard()
             self._log_end(assoc, how)
 
     def _log_end(self, assoc: _Assoc, how: str) -> None:
@@ -581,19 +668,19 @@ class FastListener(base.Listener):
                  receiver="fast")
 
     def _dispatch(self, conn: socket.socket, assoc: _Assoc, cx_id: int, cmd: dict[int, bytes],
-                  data: list[bytes] | None, data_size: int) -> None:
+                  rx: _Received | None) -> None:
         field = ul.command_us(cmd, 0x0100)
         msg_id = ul.command_us(cmd, 0x0110)
         sop_class = ul.command_ui(cmd, 0x0002)
         st = assoc.stats
-        if field == ul.C_ECHO_RQ and data is None:
+        if field == ul.C_ECHO_RQ and rx is None:
             log.info("c_echo", assoc_id=st.assoc_id, calling_ae=st.calling_ae,
                      peer_host=st.peer_host)
             rsp = ul.encode_response(ul.C_ECHO_RSP, msg_id, sop_class or VERIFICATION, None,
                                      status.SUCCESS)
-        elif field == ul.C_STORE_RQ and data is not None:
+        elif field == ul.C_STORE_RQ and rx is not None:
             sop_instance = ul.command_ui(cmd, 0x1000)
-            code = self._on_fast_store(assoc, cx_id, sop_class, sop_instance, data, data_size)
+            code = self._on_fast_store(assoc, cx_id, sop_class, sop_instance, rx)
             rsp = ul.encode_response(ul.C_STORE_RSP, msg_id, sop_class, sop_instance, code)
         else:
             raise ul.UpperLayerError(f"unsupported DIMSE command 0x{field:04X}")
@@ -602,11 +689,11 @@ class FastListener(base.Listener):
     # -- C-STORE ----------------------------------------------------------------------------------
 
     def _on_fast_store(self, assoc: _Assoc, cx_id: int, sop_class: str, sop_instance: str,
-                       data: list[bytes], data_size: int) -> int:
+                       rx: _Received) -> int:
         t0 = time.perf_counter()
         st = assoc.stats
         try:
-            code = self._fast_store(assoc, cx_id, sop_class, sop_instance, data, data_size)
+            code = self._fast_store(assoc, cx_id, sop_class, sop_instance, rx)
         except InstanceRejected as rej:
             code = rej.status
             st.failed += 1
@@ -622,25 +709,33 @@ class FastListener(base.Listener):
         st.store_s += time.perf_counter() - t0
         return code
 
-    def _meta(self, sop_class: str, sop_instance: str, ts: str) -> bytes:
-        return ul.file_meta(sop_class, sop_instance, ts)
+    def _received(self, assoc: _Assoc, cx_id: int, cmd: dict[int, bytes]) -> _Received:
+        """Where the data set of a C-STORE-RQ goes while it arrives."""
+        _, ts = assoc.contexts[cx_id]
+        meta = ul.file_meta(ul.command_ui(cmd, 0x0002), ul.command_ui(cmd, 0x1000), ts)
+        return _Received(meta, self.spool.incoming, self.settings.node.max_instance_bytes)
 
     def _fast_store(self, assoc: _Assoc, cx_id: int, sop_class: str, sop_instance: str,
-                    data: list[bytes], data_size: int) -> int:
+                    rx: _Received) -> int:
         cfg = self.settings
         st = assoc.stats
         context_class, ts = assoc.contexts[cx_id]
-        meta = self._meta(sop_class, sop_instance, ts)
-        size = len(meta) + data_size
-        if data_size > cfg.node.max_instance_bytes or size > cfg.node.max_instance_bytes:
+        size = rx.size
+        if rx.over_limit or size > cfg.node.max_instance_bytes:
             raise InstanceRejected(status.OUT_OF_RESOURCES,
                                    f"instance of {size} bytes exceeds node.max_instance_bytes")
         if not self.spool.has_room(cfg.storage.min_free_bytes, cfg.storage.min_free_percent,
                                    size):
             raise InstanceRejected(status.OUT_OF_RESOURCES, "spool disk below its watermark")
-        part10 = b"".join([meta, *data])
         t0 = time.perf_counter()
-        header = scan_header(memoryview(part10)[len(meta):], ts) or read_header_bytes(part10)
+        if rx.path is not None:
+            rx.finish()
+            header = read_header(rx.path)
+            part10 = b""
+        else:
+            part10 = rx.join()
+            header = (scan_header(memoryview(part10)[len(rx.meta):], ts)
+                      or read_header_bytes(part10))
         st.header_s += time.perf_counter() - t0
         if header.sop_class_uid != context_class or header.sop_class_uid != sop_class:
             raise InstanceRejected(status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
@@ -657,15 +752,13 @@ class FastListener(base.Listener):
             old_path: Path | None = None
             pend = self._pending.get(uid)
             existing = self.index.lookup_instance(uid)
-            have: bytes | None = None
+            same: bool | None = None
             if pend is not None:
-                have = pend.data
+                same = rx.same_dataset(pend.data)
             elif existing is not None and existing[0].exists():
-                with contextlib.suppress(OSError):
-                    have = existing[0].read_bytes()
-            if have is not None:
-                assert existing is not None or pend is not None  # noqa: S101
-                if _dataset_of(have) == part10[len(meta):]:
+                same = rx.same_file(existing[0], existing[1])
+            if same is not None:
+                if same:
                     st.duplicates += 1
                     log.info("duplicate_instance", assoc_id=st.assoc_id, same_bytes=True,
                              sop_instance_uid=uid)
@@ -692,6 +785,10 @@ class FastListener(base.Listener):
                 number_of_frames=header.number_of_frames,
                 expected_count=expected_count(header), calling_ae=st.calling_ae,
                 called_ae=st.called_ae, peer_host=st.peer_host)
+            if rx.path is not None:  # a large instance: the classic durable path, no journal
+                code = self._store_spilled(st, rx.path, rec, old_path)
+                rx.path = None  # moved into the spool
+                return code
             item = _Pending(0, rec, part10, old_path)
             self._pending[uid] = item
         try:
@@ -714,6 +811,31 @@ class FastListener(base.Listener):
             log.info("duplicate_instance", assoc_id=st.assoc_id, same_bytes=True,
                      sop_instance_uid=uid)
         st.bytes += size
+        return status.SUCCESS
+
+    def _store_spilled(self, st: base.AssociationStats, tmp: Path, rec: InstanceRecord,
+                       old_path: Path | None) -> int:
+        """Store a large instance as the pynetdicom listener does (fsync, rename, index).
+
+        Called with the dedupe lock held. Its file is in place before the acknowledgement,
+        so nothing is journaled and nothing waits for the materialiser.
+        """
+        dirs = self.spool.install(tmp, rec.path, sync_first=rec.replaced)
+        is_new = self.committer.submit((rec, dirs, None if rec.replaced else rec.path))
+        if rec.replaced:
+            log.warning("duplicate_instance", assoc_id=st.assoc_id, same_bytes=False,
+                        policy="replace", sop_instance_uid=rec.sop_instance_uid)
+            if old_path is not None:
+                with contextlib.suppress(OSError):
+                    old_path.unlink()
+        if is_new or rec.replaced:
+            st.stored += 1
+            metrics.record_instance(rec.size_bytes)
+        else:
+            st.duplicates += 1
+            log.info("duplicate_instance", assoc_id=st.assoc_id, same_bytes=True,
+                     sop_instance_uid=rec.sop_instance_uid)
+        st.bytes += rec.size_bytes
         return status.SUCCESS
 
     def _commit_journal(self, items: list[_Pending]) -> list[bool]:
