@@ -108,7 +108,7 @@ def take_all(orthanc_url: str, out: Path = OUT) -> list[Path]:
     """The three screenshots of the latest results in the Orthanc at ``orthanc_url``."""
     res = latest_results(orthanc_url)
     shots = [screenshot(f"{orthanc_url}/app/explorer.html#study?uuid={res['study']}",
-                        out / "explorer-study.png", 1280, 900, js_budget_ms=8000)]
+                        out / "explorer-study.png", 1280, 1280, js_budget_ms=8000)]
     for name, iid in (("sc-key-slice.png", res["key"]), ("sc-summary-card.png", res["card"])):
         w, h = res["size"][iid]
         shots.append(screenshot(f"{orthanc_url}/instances/{iid}/preview", out / name, w, h))
