@@ -1,11 +1,12 @@
 """The fast receiver (``node.receiver: fast``): a Storage SCP on its own DICOM Upper Layer.
 
 One thread per association does everything for an instance, with no hand-over between threads
-on the hot path: it reads the PDUs from the socket, collects the data set fragments in memory,
+on the hot path: it reads the PDUs from the socket, collects the data set fragments in memory
+(a data set above :data:`SPILL_BYTES` goes to a file and the classic fsync + rename path),
 checks the header (the same checks and statuses as :class:`~dicom_node.listener.Listener`),
-appends the instance to the receive journal (:mod:`dicom_node.fastscp.journal`), and answers
-0x0000 only once the journal record is flushed (``fdatasync``) **and** its index row is
-committed (both at once, shared by concurrent associations: group commit). A background
+commits its index row, appends the instance to the receive journal
+(:mod:`dicom_node.fastscp.journal`), and answers 0x0000 only once the journal record is
+flushed (one ``fdatasync``, shared by concurrent associations: group commit). A background
 materialiser then writes the spool file (``<study>/<series>/<sop>.dcm``, same name and content
 as the pynetdicom listener's) and completes series whose expected count is reached; an
 association's A-RELEASE-RP is sent only once its instances are in the spool, so a sender that
