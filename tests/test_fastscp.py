@@ -212,3 +212,24 @@ def test_large_instances_are_spilled_to_disk_and_stored_durably(
         rx.stop()
         index.close()
     assert list((spool.root / ".journal").iterdir()) == []
+
+
+def test_idle_association_times_out_and_pynetdicom_receiver_still_selectable(
+        node_factory: Callable[..., NodeProcess], tmp_path: Path, dcmtk: None) -> None:
+    node = node_factory(node={"receiver": "fast", "network_timeout_s": 1})
+    idle = associate(node.port)
+    assert idle.is_established
+    [ev] = node.wait_for_event("association_timeout", timeout_s=10)
+    assert ev["timeout_s"] == 1
+    node.wait_for_event("association_aborted", timeout_s=10)
+    idle.release()  # (already aborted by the node)
+    assert store_files(node.port, [TEST_FILES / "MR_small.dcm"]) == [status.SUCCESS]
+    # The pynetdicom listener stays available as node.receiver: pynetdicom.
+    other = node_factory(node={"receiver": "pynetdicom"})
+    files = write_series(synthetic_series(3, 32, 32, seed=4), tmp_path / "p")
+    r = dcmsend(other.port, files, "OMNIMRI")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert other.index().count_instances() == 3
+    [done] = other.wait_for_event("association_released", calling_ae="DCMSEND")
+    assert done["stored"] == 3 and "receiver" not in done
+    assert not (other.spool / ".journal").exists()
