@@ -201,8 +201,8 @@ def test_large_instances_are_spilled_to_disk_and_stored_durably(
     try:
         assert store_files(rx.port, [*big, small, big[0]]) == [status.SUCCESS] * 5
         for f in [*big, small]:
-            path, _ = index.lookup_instance(str(pydicom.dcmread(f).SOPInstanceUID))
-            assert dataset_bytes(path) == dataset_bytes(f)
+            found = index.lookup_instance(str(pydicom.dcmread(f).SOPInstanceUID))
+            assert found is not None and dataset_bytes(found[0]) == dataset_bytes(f)
         assert index.count_instances() == 4
         assert list(spool.incoming.iterdir()) == []
         records = [h["sop_instance_uid"] for s in rx.journal.pending_segments()
