@@ -233,3 +233,58 @@ def test_idle_association_times_out_and_pynetdicom_receiver_still_selectable(
     [done] = other.wait_for_event("association_released", calling_ae="DCMSEND")
     assert done["stored"] == 3 and "receiver" not in done
     assert not (other.spool / ".journal").exists()
+
+
+def _raw_associate(port: int, sop_class: str, ts: str) -> socket.socket:
+    """A raw-socket association proposing one context (id 1), built with pynetdicom's PDUs."""
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+    from pynetdicom.presentation import build_context
+
+    rq = A_ASSOCIATE()
+    rq.application_context_name = "1.2.840.10008.3.1.1.1"
+    rq.calling_ae_title = "RAWSCU"
+    rq.called_ae_title = "OMNIMRI"
+    cx = build_context(sop_class, [ts])
+    cx.context_id = 1
+    rq.presentation_context_definition_list = [cx]
+    ml = MaximumLengthNotification()
+    ml.maximum_length_received = 16384
+    rq.user_information = [ml]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(rq)
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(pdu.encode())
+    pdu_type, body = ul.read_pdu(s, 1 << 20)
+    assert pdu_type == ul.A_ASSOCIATE_AC_TYPE
+    return s
+
+
+def test_abort_in_the_middle_of_a_data_set_leaves_nothing(
+        node_factory: Callable[..., NodeProcess]) -> None:
+    from pydicom.dataset import Dataset
+    from pynetdicom.dsutils import encode
+
+    node = node_factory(node={"receiver": "fast"})
+    f = TEST_FILES / "MR_small.dcm"
+    sop_class, ts = str(read_file_meta_info(f).MediaStorageSOPClassUID), "1.2.840.10008.1.2.1"
+    s = _raw_associate(node.port, sop_class, ts)
+    cmd = Dataset()
+    cmd.AffectedSOPClassUID = sop_class
+    cmd.CommandField = 0x0001
+    cmd.MessageID = 1
+    cmd.Priority = 0
+    cmd.CommandDataSetType = 0x0000
+    cmd.AffectedSOPInstanceUID = "1.2.3.4.5"
+    raw = encode(cmd, True, True)
+    assert raw is not None
+    s.sendall(ul.p_data_tf(1, raw))
+    half = dataset_bytes(f)[:2000]
+    pdv = struct.pack(">LBB", len(half) + 2, 1, 0x00) + half  # data, not the last fragment
+    s.sendall(struct.pack(">BxL", ul.P_DATA_TF_TYPE, len(pdv)) + pdv)
+    s.sendall(ul.a_abort(0x00, 0x00))
+    s.close()
+    node.wait_for_event("association_aborted", calling_ae="RAWSCU")
+    assert node.index().count_instances() == 0
+    assert list((node.spool / ".incoming").iterdir()) == []
+    assert store_files(node.port, [f]) == [status.SUCCESS]
