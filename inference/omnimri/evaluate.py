@@ -30,7 +30,13 @@ from inference import results as R
 from inference.omnimri import report_text as rt
 from inference.omnimri import synthetic as syn
 from inference.omnimri.predict import RunFn, onnx_runner, predict_grid, torch_runner
-from inference.omnimri.tasks import HeadOutputs, ReportWriter, build_results, report_facts
+from inference.omnimri.tasks import (
+    DIAGNOSIS_CODES,
+    HeadOutputs,
+    ReportWriter,
+    build_results,
+    report_facts,
+)
 
 HELDOUT_SEED_BASE = 900_000_000
 """Held-out case seeds start here (training seeds are ``(seed + 1) * 1e6 + ...``)."""
@@ -144,7 +150,7 @@ def evaluate(
     per: dict[str, list[float]] = {k: [] for k in ("brain", "csf", "gm", "wm", "lesion")}
     det_hit = det_total = fp = 0
     ys, ps = [], []
-    fact_ok = fact_n = contradictions = 0
+    fact_ok = fact_n = contradictions = disagree = 0
     gains, psnr_model, psnr_zf = [], [], []
     recon_cases = n_cases if recon_cases is None else recon_cases
     model = R.ModelInfo("omnimri-eval", "0")
@@ -200,6 +206,8 @@ def evaluate(
             own_stated = {"kind": "normal"}
         if stated != own_stated:
             contradictions += 1
+        if own["kind"] != next(k for k, c in DIAGNOSIS_CODES.items() if c == res.diagnosis.code):
+            disagree += 1
         # Reconstruction.
         if zf is not None and g.recon is not None:
             pm, pz = psnr(np.clip(g.recon, 0, 1), img), psnr(zf, img)
@@ -232,6 +240,7 @@ def evaluate(
     m["diagnosis_accuracy"] = float((p.argmax(1) == y).mean())
     m["report_fact_agreement"] = fact_ok / max(fact_n, 1)
     m["report_contradictions"] = float(contradictions)
+    m["report_kind_differs_from_diagnosis_head"] = float(disagree)
     if gains:
         m["recon_psnr_gain_db"] = float(np.mean(gains))
         m["recon_psnr_db"] = float(np.mean(psnr_model))

@@ -240,7 +240,7 @@ def report_facts(diagnosis: R.Diagnosis | None, detections: list[R.Detection]
 
     The kind is the diagnosis when detections support it (a mass needs a mass detection,
     small-vessel disease a WMH detection); otherwise the kind the detections show, and
-    ``normal`` when there is no detection at all.
+    ``normal`` exactly when there is no detection, so the findings never deny a detection.
     """
     from inference.omnimri.synthetic import count_bucket, size_bucket_mm
 
@@ -253,7 +253,7 @@ def report_facts(diagnosis: R.Diagnosis | None, detections: list[R.Detection]
         kind = "small_vessel" if wmh else "normal"
     if kind == "small_vessel" and not wmh:
         kind = "mass" if masses else "normal"
-    if kind == "normal" and detections and diagnosis is None:
+    if kind == "normal" and detections:  # the findings follow what was detected
         kind = "mass" if masses else "small_vessel"
     if kind == "normal":
         return {"kind": "normal", "count": "none", "side": "none", "lobe": "none", "size": "0"}
