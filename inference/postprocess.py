@@ -21,36 +21,98 @@ from inference.preprocess import GridTransform
 Array = npt.NDArray[np.float32]
 
 
+def _axis_lerp(
+    n_in: int, n_out: int, inv_scale: float, flip: bool
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.float32]]:
+    """Linear-interpolation taps along one axis for the cell-centred mapping.
+
+    Output index ``o`` samples input coordinate ``x = (o + 0.5) * inv_scale - 0.5``, clamped
+    to ``[0, n_in - 1]`` (``mode="nearest"`` of :func:`scipy.ndimage.affine_transform`).
+    Returns ``(i0, i1, w)`` with ``value = a[i0] + w * (a[i1] - a[i0])``; ``flip`` reverses the
+    output order (the inverse of a reorientation flip).
+    """
+    x = (np.arange(n_out, dtype=np.float64) + 0.5) * inv_scale - 0.5
+    x = np.clip(x, 0.0, n_in - 1)
+    i0 = np.minimum(np.floor(x).astype(np.intp), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w = (x - i0).astype(np.float32)
+    if flip:
+        return i0[::-1].copy(), i1[::-1].copy(), w[::-1].copy()
+    return i0, i1, w
+
+
+def _lerp_axis(
+    a: Array, axis: int,
+    taps: tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.float32]],
+    out: Array | None = None,
+) -> Array:
+    """Resample ``a`` along ``axis`` with :func:`_axis_lerp` taps (float32), into ``out``."""
+    i0, i1, w = taps
+    lo = np.take(a, i0, axis=axis, out=out)
+    hi = np.take(a, i1, axis=axis)
+    shape = [1] * a.ndim
+    shape[axis] = len(w)
+    hi -= lo
+    hi *= w.reshape(shape)
+    lo += hi
+    return lo
+
+
+def _separable_linear(arr: Array, t: GridTransform, out: Array) -> None:
+    """Write the linear resampling of one ``[D, H, W]`` model-grid channel into ``out``.
+
+    The model grid and the reoriented source grid differ only by per-axis scaling, so linear
+    interpolation factorises into three 1-D passes. The small model-grid channel is first put
+    back into source axis order (inverse permutation), the flips are folded into the taps, and
+    the last pass writes straight into ``out``. Equals ``affine_transform(order=1,
+    mode="nearest")`` up to float32 rounding (measured ≤ 2e-7 absolute on probabilities).
+    """
+    inv = 1.0 / np.asarray(t.scale, dtype=np.float64)
+    inverse_axes = [int(x) for x in np.argsort(t.axes)]
+    a = np.transpose(arr, inverse_axes)
+    for s in range(3):
+        r = inverse_axes[s]
+        taps = _axis_lerp(t.model_shape[r], t.reoriented_shape[r], float(inv[r]), t.flips[r])
+        a = _lerp_axis(a, s, taps, out if s == 2 else None)
+
+
 def to_source_grid(
     array: npt.NDArray[np.floating], t: GridTransform, order: int = 1
 ) -> Array:
     """Map a model-grid array ``[..., D, H, W]`` back onto the source grid ``[..., K, J, I]``.
 
-    Leading axes (channels) are mapped one by one. ``order`` is the spline order (1 = linear,
-    0 = nearest for label maps).
+    ``order`` is the spline order (1 = linear, 0 = nearest for label maps). The model grid is
+    the source grid reoriented (permutation + flips) and scaled per axis (see
+    :class:`inference.preprocess.GridTransform`), so linear mapping is done separably, one 1-D
+    pass per axis in float32, straight into one preallocated output (leading axes, e.g.
+    channels, one after another); other orders use :func:`scipy.ndimage.affine_transform`.
     """
     arr = np.asarray(array, dtype=np.float32)
-    if arr.ndim > 3:
-        lead = arr.shape[:-3]
-        flat = arr.reshape((-1, *arr.shape[-3:]))
-        out = np.stack([to_source_grid(c, t, order) for c in flat])
-        return out.reshape((*lead, *t.source_shape))
-    if tuple(arr.shape) != t.model_shape:
+    if tuple(arr.shape[-3:]) != t.model_shape or arr.ndim < 3:
         raise ValueError(f"array shape {arr.shape} is not the model grid {t.model_shape}")
-    if t.resampled:
-        inv = 1.0 / np.asarray(t.scale)
-        arr = np.asarray(
-            ndimage.affine_transform(
-                arr, matrix=inv, offset=0.5 * inv - 0.5, output_shape=t.reoriented_shape,
-                order=order, mode="nearest", prefilter=order > 1,
-            ),
-            dtype=np.float32,
-        )
-    for a, f in enumerate(t.flips):
-        if f:
-            arr = np.flip(arr, axis=a)
+    lead = arr.shape[:-3]
+    flat = arr.reshape((-1, *t.model_shape))
+    out = np.empty((flat.shape[0], *t.source_shape), dtype=np.float32)
     inverse_axes = tuple(int(a) for a in np.argsort(t.axes))
-    return np.ascontiguousarray(np.transpose(arr, inverse_axes), dtype=np.float32)
+    for c in range(flat.shape[0]):
+        ch = flat[c]
+        if t.resampled and order == 1:
+            _separable_linear(ch, t, out[c])
+            continue
+        if t.resampled:
+            inv = 1.0 / np.asarray(t.scale)
+            ch = np.asarray(
+                ndimage.affine_transform(
+                    ch, matrix=inv, offset=0.5 * inv - 0.5, output_shape=t.reoriented_shape,
+                    order=order, mode="nearest", prefilter=order > 1,
+                ),
+                dtype=np.float32,
+            )
+        for a, f in enumerate(t.flips):
+            if f:
+                ch = np.flip(ch, axis=a)
+        np.copyto(out[c], np.transpose(ch, inverse_axes))
+    return out.reshape((*lead, *t.source_shape))
 
 
 def activate(logits: Array, activation: str, axis: int = 0) -> Array:
@@ -65,6 +127,24 @@ def activate(logits: Array, activation: str, axis: int = 0) -> Array:
     return x
 
 
+def argmax_channels(probabilities: npt.NDArray[np.floating]) -> npt.NDArray[np.uint8]:
+    """``np.argmax(probabilities, axis=0)`` for ``[C, ...]`` with ``C <= 255``, as uint8.
+
+    A running maximum over the channels (contiguous per-channel passes) instead of NumPy's
+    strided reduction over the leading axis; ties go to the lower channel, as in ``np.argmax``.
+    """
+    p = np.asarray(probabilities)
+    if p.shape[0] > 255:
+        return np.argmax(p, axis=0).astype(np.uint8)
+    best = p[0].copy()
+    idx = np.zeros(p.shape[1:], dtype=np.uint8)
+    for c in range(1, p.shape[0]):
+        win = p[c] > best
+        idx[win] = c
+        np.maximum(best, p[c], out=best)
+    return idx
+
+
 def label_map(
     probabilities: Array, activation: str, values: list[int], threshold: float = 0.5
 ) -> npt.NDArray[np.uint16]:
@@ -76,9 +156,10 @@ def label_map(
     """
     out = np.zeros(probabilities.shape[1:], dtype=np.uint16)
     if activation == "softmax":
-        am = np.argmax(probabilities, axis=0)
-        for v in values:
-            out[am == v] = v
+        am = argmax_channels(probabilities)
+        lut = np.zeros(probabilities.shape[0], dtype=np.uint16)
+        lut[[v for v in values if 0 <= v < len(lut)]] = [v for v in values if 0 <= v < len(lut)]
+        np.take(lut, am, out=out)
         return out
     best = np.zeros(probabilities.shape[1:], dtype=np.float32)
     for v in values:

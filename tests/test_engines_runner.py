@@ -144,6 +144,38 @@ def test_model_grid_round_trip_exact_without_resampling() -> None:
     np.testing.assert_array_equal(to_source_grid(stacked, t)[1], 2 * arr)
 
 
+@pytest.mark.parametrize("affine", ["sagittal", "axial"])
+def test_separable_inverse_mapping_equals_affine_transform(affine: str) -> None:
+    """The separable linear path of ``to_source_grid`` is scipy's ``affine_transform`` (float32)."""
+    from scipy import ndimage
+
+    from inference.postprocess import argmax_channels, label_map
+
+    rng = np.random.default_rng(3)
+    shape = (23, 31, 17)
+    aff = _sagittal_affine() if affine == "sagittal" else np.diag([0.9, 1.1, 1.7, 1.0])
+    spec = InputSpec(name="x", patch_size=(4, 4, 4), spacing_mm=(2.0, 1.5, 3.0))
+    t = grid_transform(shape, aff, spec)
+    assert t.resampled
+    model = rng.random((3, *t.model_shape)).astype(np.float32)
+    got = to_source_grid(model, t)
+    inv = 1.0 / np.asarray(t.scale)
+    inverse_axes = tuple(int(a) for a in np.argsort(t.axes))
+    for c in range(3):
+        ref = ndimage.affine_transform(
+            model[c].astype(np.float64), matrix=inv, offset=0.5 * inv - 0.5,
+            output_shape=t.reoriented_shape, order=1, mode="nearest", prefilter=False)
+        ref = np.flip(ref, [a for a, f in enumerate(t.flips) if f]) if any(t.flips) else ref
+        np.testing.assert_allclose(got[c], np.transpose(ref, inverse_axes), atol=1e-6)
+    assert got.shape == (3, *shape) and got.dtype == np.float32
+    np.testing.assert_array_equal(argmax_channels(got), np.argmax(got, axis=0))
+    ties = np.zeros((3, 4, 5, 6), np.float32)
+    ties[2, 0] = 1.0
+    np.testing.assert_array_equal(argmax_channels(ties), np.argmax(ties, axis=0))
+    np.testing.assert_array_equal(label_map(got, "softmax", [1, 2]),
+                                  np.where(np.argmax(got, axis=0) > 0, np.argmax(got, axis=0), 0))
+
+
 def test_normalisation_kinds() -> None:
     rng = np.random.default_rng(1)
     arr = (rng.random((5, 6, 7)) * 100).astype(np.float32)

@@ -28,7 +28,7 @@ import numpy.typing as npt
 
 from inference import results as R
 from inference.omnimri.config import heads_for
-from inference.postprocess import connected_components
+from inference.postprocess import argmax_channels, connected_components
 
 Array = npt.NDArray[np.float32]
 
@@ -138,7 +138,7 @@ def brain_mask(tissue_probs: Array) -> npt.NDArray[np.bool_]:
     """The brain: the largest 6-connected component of the non-background argmax."""
     from scipy import ndimage
 
-    fg = np.argmax(tissue_probs, axis=0) > 0
+    fg = argmax_channels(tissue_probs) > 0
     labels, n = ndimage.label(fg)
     if n <= 1:
         return fg
@@ -151,7 +151,7 @@ def brain_mask(tissue_probs: Array) -> npt.NDArray[np.bool_]:
 def tissue_segments(tissue_probs: Array, first_number: int = 1,
                     brain: npt.NDArray[np.bool_] | None = None) -> list[R.SegmentMask]:
     """Brain, CSF, GM and WM masks from ``[4, K, J, I]`` probabilities (argmax in the brain)."""
-    am = np.argmax(tissue_probs, axis=0)
+    am = argmax_channels(tissue_probs)
     brain = brain_mask(tissue_probs) if brain is None else brain
     masks = [brain, brain & (am == 1), brain & (am == 2), brain & (am == 3)]
     probs = [1.0 - tissue_probs[0], tissue_probs[1], tissue_probs[2], tissue_probs[3]]
@@ -176,7 +176,7 @@ def lesion_masks(lesion_probs: Array, threshold: float,
         lesion &= brain
     wmh = lesion & (lesion_probs[1] >= lesion_probs[2])
     mass = lesion & ~wmh
-    am = np.argmax(lesion_probs, axis=0)
+    am = argmax_channels(lesion_probs)
     oedema = (am == 3) & ~lesion
     if brain is not None:
         oedema &= brain
