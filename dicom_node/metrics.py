@@ -10,9 +10,18 @@ Calling API::
     metrics.record_association("accepted")          # listener: accepted | rejected | aborted
     metrics.association_started() / metrics.association_ended()   # live associations gauge
     metrics.record_series_completed("quiet")        # tracker: quiet | expected_count | forced
-    with metrics.time_stage("inference"):           # worker: completion_wait | volume |
-        ...                                         #   inference | export | dispatch
-    metrics.observe_stage("completion_wait", seconds)
+    with metrics.time_stage("dispatch"):            # worker: dispatch
+        ...
+    metrics.observe_stage("completion_wait", seconds)   # tracker
+    metrics.observe_stage("volume", seconds)        # pipelines: volume | inference | export
+    with metrics.collect_stages() as acc:           # worker, around one pipeline run: the
+        ...                                         #   pipeline's observe_stage calls add up
+    metrics.observe_stages(acc)                     #   in acc, then one sample per stage
+
+Stages (one sample per job each): ``completion_wait`` (series completion), ``volume`` (reading
+and stacking the source pixels), ``inference`` (model: load, pre-processing, engine run,
+post-processing, model-specific results), ``export`` (building the DICOM outputs and writing
+them into the spool), ``dispatch`` (sending them to the destinations).
     metrics.record_dispatch_failure("pacs")         # dispatcher, per failed delivery attempt
     metrics.bind_node(settings)                     # once at start: jobs table + spool disk
     body, content_type = metrics.render()           # the /metrics answer
@@ -124,12 +133,44 @@ def record_series_completed(reason: str = "quiet") -> None:
     SERIES_COMPLETED.labels(reason=reason).inc()
 
 
+_collecting = threading.local()
+
+
 def observe_stage(stage: str, seconds: float) -> None:
-    """Record that ``stage`` (one of :data:`STAGES`) took ``seconds`` seconds."""
+    """Record that ``stage`` (one of :data:`STAGES`) took ``seconds`` seconds.
+
+    Inside :func:`collect_stages` (same thread) the seconds are added to its dict instead.
+    """
     if stage not in STAGES:
         log.warning("metrics_unknown_stage", stage=stage)
         return
+    acc: dict[str, float] | None = getattr(_collecting, "acc", None)
+    if acc is not None:
+        acc[stage] = acc.get(stage, 0.0) + max(0.0, seconds)
+        return
     STAGE_SECONDS.labels(stage=stage).observe(max(0.0, seconds))
+
+
+def observe_stages(seconds_by_stage: dict[str, float]) -> None:
+    """:func:`observe_stage` for each ``stage → seconds`` item (one sample each)."""
+    for stage, seconds in seconds_by_stage.items():
+        observe_stage(stage, seconds)
+
+
+@contextmanager
+def collect_stages() -> Iterator[dict[str, float]]:
+    """Add up this thread's :func:`observe_stage` calls in the yielded dict (seconds).
+
+    Lets a caller combine one job's stage parts (e.g. export = building in the pipeline +
+    writing in the worker) into one sample per stage with :func:`observe_stages`.
+    """
+    previous = getattr(_collecting, "acc", None)
+    acc: dict[str, float] = {}
+    _collecting.acc = acc
+    try:
+        yield acc
+    finally:
+        _collecting.acc = previous
 
 
 @contextmanager

@@ -220,12 +220,26 @@ class WorkerPool:
         pipeline = self._pipeline(job.pipeline)
         cfg = self.settings.pipelines[job.pipeline]
         series = job.series
-        with metrics.time_stage("inference"):
-            datasets = _run_with_timeout(lambda: pipeline.run(series, job.id), cfg.timeout_s,
-                                         f"pipeline {job.pipeline}")
-        self.queue.set_state(job.id, "exporting")
-        with metrics.time_stage("export"):
+        # The pipeline records its own stages (volume, inference, export = building the
+        # objects) via metrics.observe_stage on its helper thread; they are collected there and
+        # observed here once per stage, the spool writing added to export.
+        stages: dict[str, float] = {}
+
+        def run() -> list[pydicom.Dataset]:
+            with metrics.collect_stages() as acc:
+                try:
+                    return pipeline.run(series, job.id)
+                finally:
+                    stages.update(acc)
+
+        try:
+            datasets = _run_with_timeout(run, cfg.timeout_s, f"pipeline {job.pipeline}")
+            self.queue.set_state(job.id, "exporting")
+            t0 = time.perf_counter()
             outputs = self._write_outputs(job, datasets)
+            stages["export"] = stages.get("export", 0.0) + time.perf_counter() - t0
+        finally:
+            metrics.observe_stages(dict(stages))
         self.queue.store_outputs(job.id, outputs)
         log.info("job outputs stored", job_id=job.id, outputs=len(outputs))
         for out in outputs:

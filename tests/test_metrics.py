@@ -55,6 +55,24 @@ def test_stage_histogram_and_timer() -> None:
     assert metrics.sample("omnimri_stage_duration_seconds_count", {"stage": "nonsense"}) == 0
 
 
+def test_collected_stages_give_one_sample_each() -> None:
+    """A pipeline's parts of a stage (build + write) add up into one sample per stage."""
+    lbl = {"stage": "export"}
+    c0 = metrics.sample("omnimri_stage_duration_seconds_count", lbl)
+    s0 = metrics.sample("omnimri_stage_duration_seconds_sum", lbl)
+    with metrics.collect_stages() as acc:
+        metrics.observe_stage("export", 0.25)
+        metrics.observe_stage("export", 0.5)
+        metrics.observe_stage("volume", 0.125)
+    assert acc == {"export": 0.75, "volume": 0.125}
+    assert metrics.sample("omnimri_stage_duration_seconds_count", lbl) == c0  # not yet
+    metrics.observe_stages(acc)
+    assert metrics.sample("omnimri_stage_duration_seconds_count", lbl) == c0 + 1
+    assert metrics.sample("omnimri_stage_duration_seconds_sum", lbl) - s0 == pytest.approx(0.75)
+    metrics.observe_stage("export", 1.0)  # outside the block: observed at once
+    assert metrics.sample("omnimri_stage_duration_seconds_count", lbl) == c0 + 2
+
+
 def test_series_and_dispatch_failures() -> None:
     s0 = metrics.sample("omnimri_series_completed_total", {"reason": "expected_count"})
     metrics.record_series_completed("expected_count")

@@ -18,7 +18,7 @@ from typing import Any
 
 import pydicom
 
-from dicom_node import __version__
+from dicom_node import __version__, metrics
 from dicom_node.config import NodeSettings, PipelineConfig
 from dicom_node.logs import get_logger
 from dicom_node.pipelines import PipelineError, UnsupportedSeries
@@ -214,6 +214,7 @@ class OmniMRIPipeline:
             pydicom.dcmread(p, stop_before_pixels=True) for p in paths
         ]
         timings["volume"] = time.perf_counter() - t0
+        metrics.observe_stage("volume", timings["volume"])
 
         t0 = time.perf_counter()
         instructions = list(self.cfg.instructions)
@@ -228,6 +229,8 @@ class OmniMRIPipeline:
         t0 = time.perf_counter()
         results = _to_results(package, raw, volume, instructions)
         timings["results"] = time.perf_counter() - t0
+        metrics.observe_stage("inference", timings["load"] + timings["inference"]
+                              + timings["results"])
 
         t0 = time.perf_counter()
         try:
@@ -237,6 +240,7 @@ class OmniMRIPipeline:
         except ExportError as err:
             raise UnsupportedSeries(f"series {series.key}: {err}") from err
         timings["export"] = time.perf_counter() - t0
+        metrics.observe_stage("export", timings["export"])
         datasets = [ds for kind in ("seg", "sr", "sc", "pr", "ko") for ds in outputs.get(kind, [])]
         log.info(
             "omnimri pipeline done", pipeline=self.name, job_id=job_id, model=package.name,

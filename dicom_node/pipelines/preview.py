@@ -14,6 +14,7 @@ the same object and the PACS replaces it instead of storing a duplicate.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import numpy.typing as npt
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicom_node import __version__
+from dicom_node import __version__, metrics
 from dicom_node.config import NodeSettings, PipelineConfig
 from dicom_node.logs import get_logger
 from dicom_node.pipelines import PipelineError, UnsupportedSeries
@@ -150,6 +151,7 @@ class PreviewPipeline:
         Raises:
             UnsupportedSeries: No instance of the series has decodable pixel data.
         """
+        t0 = time.perf_counter()
         # Pass 1: headers only, to order every image (frame) along the slice normal.
         entries: list[tuple[tuple[float, float], Path, int]] = []
         problems: list[str] = []
@@ -193,6 +195,8 @@ class PreviewPipeline:
             log.warning("preview skipped instances", series_key=series.key,
                         skipped=len(problems), first=problems[0])
         pixels = montage(tiles)
+        metrics.observe_stage("volume", time.perf_counter() - t0)  # reading + montage; no model
+        t0 = time.perf_counter()
 
         series_uid, sop_uid = preview_uids(job_id)
         number = int(ref.get("SeriesNumber", 0) or 0) + SERIES_NUMBER_OFFSET
@@ -224,6 +228,7 @@ class PreviewPipeline:
             f"Montage of {len(tiles)} of {n} images of series {series.series_instance_uid}; "
             "made by an AI node, not for diagnostic use"
         )[:10240]
+        metrics.observe_stage("export", time.perf_counter() - t0)
         log.info("preview made", job_id=job_id, series_key=series.key, tiles=len(tiles),
                  rows=int(pixels.shape[0]), columns=int(pixels.shape[1]))
         return [sc]
