@@ -41,7 +41,7 @@ log = structlog.get_logger(__name__)
 STAGES = ("pretrain", "align", "multimodal", "instruct")
 
 DEFAULT_STEPS: dict[str, int] = {"pretrain": 60, "align": 40, "multimodal": 450,
-                                 "instruct": 800}
+                                 "instruct": 1300}
 """Steps of the shipped ``tiny`` run (batch 12 crops of 96x96 pixels)."""
 
 
@@ -153,8 +153,9 @@ def sample_batch(
         u = rng.random()
         if len(pc.lesion_slices) and u < lesion_fraction:
             k = int(rng.choice(pc.lesion_slices))
-        elif u > 0.9:  # any slice, including those without brain
-            k = int(rng.integers(pc.image.shape[0]))
+        elif u > 0.9:  # slices without brain (the model must leave them empty)
+            empty = np.setdiff1d(np.arange(pc.image.shape[0]), pc.brain_slices)
+            k = int(rng.choice(empty)) if len(empty) else int(rng.integers(pc.image.shape[0]))
         else:
             k = int(rng.choice(pc.brain_slices))
         h, w = pc.image.shape[1:]
