@@ -69,11 +69,20 @@ def _separable_linear(arr: Array, t: GridTransform, out: Array) -> None:
     """
     inv = 1.0 / np.asarray(t.scale, dtype=np.float64)
     inverse_axes = [int(x) for x in np.argsort(t.axes)]
-    a = np.transpose(arr, inverse_axes)
-    for s in range(3):
+    a = np.ascontiguousarray(np.transpose(arr, inverse_axes))
+    # Last axis first, while the array is smallest (a gather along contiguous rows); the
+    # largest pass, along the slowest axis, then copies whole planes straight into ``out``.
+    for s in (2, 1):
         r = inverse_axes[s]
         taps = _axis_lerp(t.model_shape[r], t.reoriented_shape[r], float(inv[r]), t.flips[r])
-        a = _lerp_axis(a, s, taps, out if s == 2 else None)
+        a = _lerp_axis(a, s, taps)
+    r = inverse_axes[0]
+    i0, i1, w = _axis_lerp(t.model_shape[r], t.reoriented_shape[r], float(inv[r]), t.flips[r])
+    tmp = np.empty(a.shape[1:], dtype=np.float32)
+    for k in range(len(w)):  # plane by plane: stays in cache
+        np.subtract(a[i1[k]], a[i0[k]], out=tmp)
+        tmp *= w[k]
+        np.add(a[i0[k]], tmp, out=out[k])
 
 
 def to_source_grid(

@@ -23,6 +23,7 @@ from inference.engines import Engine
 from inference.package import (
     ClassificationOutput,
     ClassSpec,
+    DetectionSpec,
     ImageOutput,
     LabelSpec,
     ModelPackage,
@@ -64,8 +65,31 @@ class SegmentationResult:
     threshold: float
     label_map: npt.NDArray[np.uint16]
     """``[K, J, I]``: label value per voxel (0 = none); see :func:`postprocess.label_map`."""
-    components: dict[int, list[Component]] = field(default_factory=dict)
-    """Label value → connected components (only when the output declares ``detection``)."""
+    detection: DetectionSpec | None = None
+    """The output's ``detection`` settings (``None``: no components)."""
+    affine: npt.NDArray[np.float64] | None = None
+    """The source grid's 4x4 LPS affine (mm), for the components."""
+    _components: dict[int, list[Component]] | None = None
+
+    @property
+    def components(self) -> dict[int, list[Component]]:
+        """Label value → connected components (only when the output declares ``detection``).
+
+        Computed on first use (labelling a 1 mm volume costs ~0.1 s per label; callers with
+        their own detection logic, e.g. the OmniMRI tasks, never pay it).
+        """
+        if self._components is None:
+            self._components = {}
+            if self.detection is not None and self.affine is not None:
+                for lab in self.labels:
+                    self._components[lab.value] = connected_components(
+                        self.mask(lab.value), self.affine, label_value=lab.value,
+                        probability=self.probabilities[lab.value],
+                        connectivity=self.detection.connectivity,
+                        min_volume_mm3=self.detection.min_volume_mm3,
+                        min_diameter_mm=self.detection.min_diameter_mm,
+                    )
+        return self._components
 
     def mask(self, value: int) -> npt.NDArray[np.bool_]:
         """Boolean ``[K, J, I]`` mask of one label (``sigmoid`` labels may overlap)."""
@@ -198,15 +222,8 @@ def run_model(
                 probabilities=probs, labels=list(o.labels), activation=o.activation,
                 threshold=o.threshold,
                 label_map=label_map(probs, o.activation, values, o.threshold),
+                detection=o.detection, affine=np.asarray(volume.affine, dtype=np.float64),
             )
-            if o.detection is not None:
-                for lab in o.labels:
-                    seg.components[lab.value] = connected_components(
-                        seg.mask(lab.value), volume.affine, label_value=lab.value,
-                        probability=probs[lab.value], connectivity=o.detection.connectivity,
-                        min_volume_mm3=o.detection.min_volume_mm3,
-                        min_diameter_mm=o.detection.min_diameter_mm,
-                    )
             raw.segmentation[o.name] = seg
         elif isinstance(o, ImageOutput):
             img = agg.dense(o.name)[:, : ms[0], : ms[1], : ms[2]]
