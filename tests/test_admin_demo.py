@@ -38,7 +38,9 @@ def test_demo_round_trip_through_orthanc(tmp_path: Path) -> None:
     finally:
         d.stop()
     events = [r["event"] for r in read_audit(tmp_path / "demo" / "var" / "audit.jsonl")]
-    assert events[0] == "rule_decision"
+    # The listener audits the association first; the series' routing comes after it.
+    assert events[0] == "association_accepted"
+    assert events.index("series_received") < events.index("rule_decision")
     assert {"output_produced", "delivery"} <= set(events)
     assert all(p.poll() is not None for p in d.procs) or d.procs == []
 
