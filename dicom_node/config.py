@@ -140,11 +140,12 @@ class NodeConfig(_Section):
     """Idle timeout of an association, seconds. Default 60."""
     max_instance_bytes: int = Field(default=2 * 1024**3, ge=1)
     """Largest instance accepted, bytes; larger ones are refused (0xA700). Default 2 GiB."""
-    receiver: Literal["pynetdicom", "fast"] = "fast"
+    receiver: Literal["pynetdicom", "fast"] = "pynetdicom"
     """Receive path: ``fast`` (the node's own Upper Layer with a group-committed receive
     journal, :mod:`dicom_node.fastscp`; TLS is still served by pynetdicom) or ``pynetdicom``
     (pynetdicom's SCP, a file fsync + folder fsync + SQLite commit per batch). Default
-    ``fast``."""
+    ``pynetdicom``: ``fast`` is about 2x faster but opt-in until a 30 s stall seen once under
+    heavy load is explained (docs/listener.md)."""
     tls: TLSConfig = Field(default_factory=TLSConfig)
     """DICOM TLS settings."""
 
