@@ -108,22 +108,34 @@ def read_header(path: Path) -> InstanceHeader:
     Raises:
         InstanceRejected: ``CANNOT_UNDERSTAND`` (not DICOM, truncated) or ``MISSING_UIDS``.
     """
-    size = path.stat().st_size
     try:
         with open(path, "rb") as f:
-            ds = dcmread(f, stop_before_pixels=True,
-                        specific_tags=HEADER_TAGS)  # type: ignore[arg-type]
-            pos = f.tell()
-            ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
-            if pos > size:
-                raise InstanceRejected(status.CANNOT_UNDERSTAND,
-                                       "truncated: an element runs past the end of the data")
-            if ts and not ts.is_deflated:
-                if pos >= size:
-                    # Stopped at the end without pixel data: walk the whole data set, so a
-                    # cut inside the header is told apart from a complete non-image object.
-                    pos = _dataset_start(f)
-                _check_tail(f, pos, size, ts.is_implicit_VR, ts.is_little_endian)
+            return read_header_from(f, path.stat().st_size)
+    except OSError as err:
+        raise InstanceRejected(status.CANNOT_UNDERSTAND,
+                               f"undecodable: {type(err).__name__}") from None
+
+
+def read_header_from(f: IO[bytes], size: int) -> InstanceHeader:
+    """:func:`read_header` for an open Part 10 file object of ``size`` bytes (file or memory).
+
+    Raises:
+        InstanceRejected: ``CANNOT_UNDERSTAND`` (not DICOM, truncated) or ``MISSING_UIDS``.
+    """
+    try:
+        ds = dcmread(f, stop_before_pixels=True,
+                    specific_tags=HEADER_TAGS)  # type: ignore[arg-type]
+        pos = f.tell()
+        ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+        if pos > size:
+            raise InstanceRejected(status.CANNOT_UNDERSTAND,
+                                   "truncated: an element runs past the end of the data")
+        if ts and not ts.is_deflated:
+            if pos >= size:
+                # Stopped at the end without pixel data: walk the whole data set, so a
+                # cut inside the header is told apart from a complete non-image object.
+                pos = _dataset_start(f)
+            _check_tail(f, pos, size, ts.is_implicit_VR, ts.is_little_endian)
     except InstanceRejected:
         raise
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, struct.error,

@@ -34,10 +34,6 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
-
 from dicom_node import listener as base
 from dicom_node import metrics, status
 from dicom_node.audit import get_audit
@@ -49,16 +45,14 @@ from dicom_node.logs import get_logger
 from dicom_node.series_tracker import SeriesTracker, expected_count, log_completion
 from dicom_node.spool import (
     _LONG_VRS,
-    HEADER_TAGS,
     GroupCommit,
     InstanceHeader,
     InstanceRejected,
     Spool,
-    _check_tail,
-    _dataset_start,
     _int_or_none,
     _skip_encapsulated,
     read_header,
+    read_header_from,
 )
 
 log = get_logger("listener")
@@ -173,44 +167,7 @@ def read_header_bytes(part10: bytes | bytearray) -> InstanceHeader:
     Raises:
         InstanceRejected: ``CANNOT_UNDERSTAND`` (not DICOM, truncated) or ``MISSING_UIDS``.
     """
-    size = len(part10)
-    f = BytesIO(part10)
-    try:
-        ds = dcmread(f, stop_before_pixels=True, specific_tags=HEADER_TAGS)  # type: ignore[arg-type]
-        pos = f.tell()
-        ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
-        if pos > size:
-            raise InstanceRejected(status.CANNOT_UNDERSTAND,
-                                   "truncated: an element runs past the end of the data")
-        if ts and not ts.is_deflated:
-            if pos >= size:
-                pos = _dataset_start(f)
-            _check_tail(f, pos, size, ts.is_implicit_VR, ts.is_little_endian)
-    except InstanceRejected:
-        raise
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, struct.error,
-            NotImplementedError, TypeError, AttributeError) as err:
-        raise InstanceRejected(status.CANNOT_UNDERSTAND,
-                               f"undecodable: {type(err).__name__}") from None
-    uids = {k: str(ds.get(k, "") or "").strip() for k in
-            ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
-    missing = [k for k, v in uids.items() if not v]
-    if missing:
-        raise InstanceRejected(status.MISSING_UIDS, "missing " + ", ".join(missing))
-    return InstanceHeader(
-        sop_class_uid=uids["SOPClassUID"],
-        sop_instance_uid=uids["SOPInstanceUID"],
-        study_instance_uid=uids["StudyInstanceUID"],
-        series_instance_uid=uids["SeriesInstanceUID"],
-        transfer_syntax_uid=str(ts),
-        modality=str(ds.get("Modality", "") or ""),
-        series_description=str(ds.get("SeriesDescription", "") or ""),
-        instance_number=_int_or_none(ds.get("InstanceNumber")),
-        number_of_frames=_int_or_none(ds.get("NumberOfFrames")) or 1,
-        number_of_temporal_positions=_int_or_none(ds.get(0x00200105).value
-                                                  if 0x00200105 in ds else None),
-        number_of_slices=_int_or_none(ds.get(0x00540081).value if 0x00540081 in ds else None),
-    )
+    return read_header_from(BytesIO(part10), len(part10))
 
 
 @dataclass(slots=True)
