@@ -31,7 +31,11 @@ def test_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         ("node:\n  ae_title: 'A\\\\B'\n", "node.ae_title", "AE title"),
         ("storage:\n  bogus: 1\n", "storage.bogus", "Extra inputs"),
         ("node: [1, 2]\n", "node", "valid dictionary"),
-        ("node:\n  allowed_callers:\n    - {host: 300.1.1.1}\n", "node.allowed_callers.0.host", "IP"),
+        (
+            "node:\n  allowed_callers:\n    - {host: 300.1.1.1}\n",
+            "node.allowed_callers.0.host",
+            "IP",
+        ),
         (
             "pipelines: {}\nrules:\n  - {name: a, pipelines: [nope]}\n",
             "rules.0.pipelines",
