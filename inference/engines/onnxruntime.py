@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from inference.engines import EngineUnavailable, Tensors
+from inference.engines._io import NamedIO
 
 PREFERRED_PROVIDERS = (
     "TensorrtExecutionProvider",
@@ -51,7 +52,7 @@ def _provider_options(name: str, cache_dir: Path | None, fp16: bool) -> dict[str
     return {}
 
 
-class OnnxRuntimeEngine:
+class OnnxRuntimeEngine(NamedIO):
     """An ``onnxruntime.InferenceSession`` behind the :class:`~inference.engines.Engine` Protocol.
 
     Args:
@@ -112,15 +113,6 @@ class OnnxRuntimeEngine:
         }
         self._outputs = [o.name for o in self._session.get_outputs()]
 
-    @property
-    def input_names(self) -> list[str]:
-        """Graph input names."""
-        return list(self._inputs)
-
-    @property
-    def output_names(self) -> list[str]:
-        """Graph output names."""
-        return list(self._outputs)
 
     def run(self, inputs: Tensors) -> Tensors:
         """Run the session; inputs are cast to the graph's element types."""

@@ -26,6 +26,7 @@ import numpy as np
 import structlog
 
 from inference.engines import EngineUnavailable, Tensors
+from inference.engines._io import NamedIO
 from inference.package import ModelPackage
 
 _log = structlog.get_logger(__name__)
@@ -170,7 +171,7 @@ _TORCH_DTYPES = {
 }
 
 
-class TensorRTEngine:
+class TensorRTEngine(NamedIO):
     """A deserialised TensorRT plan behind the :class:`~inference.engines.Engine` Protocol."""
 
     name = "tensorrt"
@@ -214,15 +215,6 @@ class TensorRTEngine:
             )
         return cls(plan)
 
-    @property
-    def input_names(self) -> list[str]:
-        """Plan input names."""
-        return list(self._inputs)
-
-    @property
-    def output_names(self) -> list[str]:
-        """Plan output names."""
-        return list(self._outputs)
 
     def _torch_dtype(self, name: str) -> Any:
         np_type = np.dtype(self._trt.nptype(self._engine.get_tensor_dtype(name)))

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from inference.engines import EngineUnavailable, Tensors
+from inference.engines._io import NamedIO
 from inference.package import ModelPackage
 
 
@@ -26,7 +27,7 @@ def torch_status() -> str:
     return f"ok: torch {torch.__version__} on {dev}"
 
 
-class TorchEngine:
+class TorchEngine(NamedIO):
     """A TorchScript or eager module behind the :class:`~inference.engines.Engine` Protocol.
 
     Args:
@@ -93,15 +94,6 @@ class TorchEngine:
             device=device, intra_op_threads=intra_op_threads,
         )
 
-    @property
-    def input_names(self) -> list[str]:
-        """Input names, in the module's positional order."""
-        return list(self._inputs)
-
-    @property
-    def output_names(self) -> list[str]:
-        """Output names, in the module's return order."""
-        return list(self._outputs)
 
     def run(self, inputs: Tensors) -> Tensors:
         """Run the module under ``torch.inference_mode``; outputs back as numpy (float32)."""

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from inference.engines import EngineUnavailable, Tensors
+from inference.engines._io import NamedIO
 from inference.package import ModelPackage
 
 _TRITON_DTYPES = {
@@ -41,7 +42,7 @@ def _split_url(url: str) -> tuple[str, str]:
     return "http", url
 
 
-class TritonEngine:
+class TritonEngine(NamedIO):
     """One model on a Triton server behind the :class:`~inference.engines.Engine` Protocol.
 
     Args:
@@ -91,7 +92,7 @@ class TritonEngine:
             self._client.get_model_metadata(model_name, model_version, as_json=True)
             if self._grpc else self._client.get_model_metadata(model_name, model_version)
         )
-        self._inputs = {i["name"]: i["datatype"] for i in meta["inputs"]}
+        self._inputs: dict[str, str] = {i["name"]: i["datatype"] for i in meta["inputs"]}
         self._outputs = [o["name"] for o in meta["outputs"]]
         self._model = model_name
         self._version = model_version
@@ -105,15 +106,6 @@ class TritonEngine:
         """The package's model on the server (model name = package folder name)."""
         return cls(url, package.folder.name, "" if version is None else str(version))
 
-    @property
-    def input_names(self) -> list[str]:
-        """Model input names (server metadata)."""
-        return list(self._inputs)
-
-    @property
-    def output_names(self) -> list[str]:
-        """Model output names (server metadata)."""
-        return list(self._outputs)
 
     def run(self, inputs: Tensors) -> Tensors:
         """One inference request with binary tensors; outputs as numpy."""
