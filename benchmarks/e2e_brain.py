@@ -60,7 +60,7 @@ from pydicom.dataset import Dataset
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dicom_node.samples import make_mr_series, mni_brain  # noqa: E402
+from dicom_node.samples import brain_volume, make_mr_series  # noqa: E402
 from tests.fixtures.net import free_port, wait_for_port  # noqa: E402
 from tests.fixtures.node import NODE_AE, node_command, write_node_config  # noqa: E402
 from tests.fixtures.orthanc import OrthancServer  # noqa: E402
@@ -80,13 +80,7 @@ def padded_brain(resolution_mm: int = 1, size: int = 256, slices: int | None = N
     before it, so positions in LPS millimetres are unchanged. Intensities as in
     :func:`dicom_node.samples.brain_series` (0–1000).
     """
-    arr, aff = mni_brain(resolution_mm)
-    arr = np.round(arr / max(float(arr.max()), 1e-6) * 1000.0).astype(np.float32)
-    if slices is not None and slices < arr.shape[0]:
-        start = (arr.shape[0] - slices) // 2
-        arr = arr[start:start + slices]
-        aff = aff.copy()
-        aff[:3, 3] = (aff @ np.array([start, 0, 0, 1.0]))[:3]
+    arr, aff = brain_volume(resolution_mm, slices)
     _, rows, cols = arr.shape
     before_r = max(size - rows, 0) // 2
     before_c = max(size - cols, 0) // 2

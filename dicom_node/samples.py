@@ -298,10 +298,15 @@ def _add_meta(ds: Dataset) -> None:
     ds.file_meta = meta
 
 
-def brain_series(
-    *, resolution_mm: int = 1, slices: int | None = None, enhanced: bool = False, **kwargs: object
-) -> list[Dataset]:
-    """A brain MR series from the MNI152 template (``slices`` central slices if given)."""
+def brain_volume(
+    resolution_mm: int = 1, slices: int | None = None
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float64]]:
+    """The MNI152 brain scaled to 0-1000, optionally its ``slices`` central axial slices.
+
+    Returns:
+        ``(array, affine)`` as :func:`mni_brain`; the affine's origin follows the cropping, so
+        positions in LPS millimetres are unchanged.
+    """
     arr, aff = mni_brain(resolution_mm)
     arr = np.round(arr / max(float(arr.max()), 1e-6) * 1000.0).astype(np.float32)
     if slices is not None and slices < arr.shape[0]:
@@ -309,6 +314,14 @@ def brain_series(
         arr = arr[start : start + slices]
         aff = aff.copy()
         aff[:3, 3] = (aff @ np.array([start, 0, 0, 1.0]))[:3]
+    return arr, aff
+
+
+def brain_series(
+    *, resolution_mm: int = 1, slices: int | None = None, enhanced: bool = False, **kwargs: object
+) -> list[Dataset]:
+    """A brain MR series from the MNI152 template (``slices`` central slices if given)."""
+    arr, aff = brain_volume(resolution_mm, slices)
     return make_mr_series(arr, aff, enhanced=enhanced, **kwargs)  # type: ignore[arg-type]
 
 
