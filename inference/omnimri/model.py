@@ -160,6 +160,10 @@ class DenseDecoder(nn.Module):
         return out
 
 
+ALL_HEADS = frozenset({"tissue", "lesion", "recon", "diagnosis", "embedding"})
+"""Every output of :meth:`OmniMRI.forward`."""
+
+
 class OmniMRI(nn.Module):
     """The multi-task vision model (all heads; instructions pick the ones used)."""
 
@@ -179,19 +183,30 @@ class OmniMRI(nn.Module):
         return torch.cat([tokens.mean((2, 3)), tokens.amax((2, 3))], 1)
 
     def forward(self, x: Tensor, token_mask: Tensor | None = None,
-                crop_at: tuple[int, int] | None = None) -> dict[str, Tensor]:
-        """All heads for slice stacks ``x`` ``[N, C, H, W]`` (normalised intensities)."""
+                crop_at: tuple[int, int] | None = None,
+                heads: frozenset[str] | None = None) -> dict[str, Tensor]:
+        """Heads for slice stacks ``x`` ``[N, C, H, W]`` (normalised intensities).
+
+        ``heads`` limits the work to some of ``tissue``/``lesion`` (one shared decoder),
+        ``recon``, ``diagnosis`` and ``embedding`` (training skips the decoders it does not
+        use); ``None`` computes all of them.
+        """
         feats = self.encoder(x, token_mask, crop_at)
-        seg = self.seg(feats)
-        centre = x[:, self.cfg.context_slices : self.cfg.context_slices + 1]
+        want = ALL_HEADS if heads is None else heads
+        out: dict[str, Tensor] = {}
+        if "tissue" in want or "lesion" in want:
+            seg = self.seg(feats)
+            out["tissue"] = seg[:, : self.cfg.n_tissue]
+            out["lesion"] = seg[:, self.cfg.n_tissue :]
+        if "recon" in want:
+            centre = x[:, self.cfg.context_slices : self.cfg.context_slices + 1]
+            out["recon"] = centre + self.img(feats)
         pooled = self.pooled(feats[3])
-        return {
-            "tissue": seg[:, : self.cfg.n_tissue],
-            "lesion": seg[:, self.cfg.n_tissue :],
-            "recon": centre + self.img(feats),
-            "diagnosis": self.cls(pooled),
-            "embedding": F.normalize(self.proj(pooled), dim=1),
-        }
+        if "diagnosis" in want:
+            out["diagnosis"] = self.cls(pooled)
+        if "embedding" in want:
+            out["embedding"] = F.normalize(self.proj(pooled), dim=1)
+        return out
 
 
 class OnnxVision(nn.Module):
