@@ -120,6 +120,56 @@ def test_every_stage_runs_and_resumes(tiny_run: Path) -> None:
     assert not torch.equal(w0, after.vision.encoder.embed.weight)
 
 
+def _same_weights(a: Path, b: Path) -> None:
+    import torch
+
+    wa = torch.load(a, weights_only=False)["modules"]
+    wb = torch.load(b, weights_only=False)["modules"]
+    for group, tensors in wa.items():
+        for name, t in tensors.items():
+            assert torch.equal(t, wb[group][name]), f"{group}.{name} differs"
+
+
+def test_train_all_reproduces_bit_for_bit_from_the_seed(tiny_run: Path, tmp_path: Path) -> None:
+    from inference.omnimri.train import STAGES, TrainSettings, train_all
+
+    s = TrainSettings(out=tmp_path, batch=2, crop=32, pool_cases=2, threads=1, cfg_overrides=TINY)
+    train_all(3, s, steps={k: 2 for k in STAGES})
+    _same_weights(tiny_run / "instruct.pt", tmp_path / "instruct.pt")
+
+
+def test_a_killed_stage_resumes_bit_for_bit(tiny_run: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same data, random streams and optimiser state after a crash as without one."""
+    import shutil
+
+    from inference.omnimri import train as T
+
+    def settings(out: Path) -> T.TrainSettings:
+        return T.TrainSettings(out=out, batch=2, crop=32, pool_cases=2, refresh_every=2,
+                               save_every=2, threads=1, cfg_overrides=TINY, seed=3)
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for d in (straight, killed):
+        d.mkdir()
+        shutil.copy(tiny_run / "pretrain.pt", d / "align.pt")
+    T.run_stage("multimodal", settings(straight), steps=7)
+    real = T._STEP_FNS["multimodal"]
+
+    def dies_at_step_5(m: T.Modules, pool: T.CasePool, rng: np.random.Generator, step: int,
+                       total: int) -> dict[str, object]:
+        if step == 5:
+            raise RuntimeError("killed")
+        return real(m, pool, rng, step, total)  # type: ignore[return-value]
+
+    monkeypatch.setitem(T._STEP_FNS, "multimodal", dies_at_step_5)
+    with pytest.raises(RuntimeError, match="killed"):
+        T.run_stage("multimodal", settings(killed), steps=7)
+    monkeypatch.setitem(T._STEP_FNS, "multimodal", real)
+    T.run_stage("multimodal", settings(killed), steps=7)  # resumes at step 4
+    _same_weights(straight / "multimodal.pt", killed / "multimodal.pt")
+
+
 def test_onnx_export_matches_pytorch(tiny_run: Path, tmp_path: Path) -> None:
     from inference.omnimri.export import export_package
     from inference.package import ModelPackage
@@ -177,3 +227,29 @@ def test_tasks_turn_outputs_into_consistent_results() -> None:
         "kind"] == report_facts(res.diagnosis, res.detections)["kind"]
     with pytest.raises(ValueError, match="unknown instruction"):
         build_results(heads, ["guess"], R.ModelInfo("t", "1"))
+
+
+def test_calibration_chooses_settings_on_validation_cases_and_eval_uses_them(
+        tiny_run: Path, tmp_path: Path) -> None:
+    import yaml
+
+    from inference.omnimri import calibrate as C
+    from inference.omnimri.evaluate import HELDOUT_SEED_BASE, package_task_settings
+    from inference.omnimri.export import export_package
+
+    # Validation, training and held-out seeds never meet.
+    # (training seeds: (seed + 1) * 1e6 + stage * 1e5 + n, for seeds below 700.)
+    assert C.VALIDATION_SEED_BASE > (699 + 1) * 1_000_000 + 4 * 100_000
+    assert C.VALIDATION_SEED_BASE + 10**8 <= HELDOUT_SEED_BASE
+    folder = export_package(tiny_run / "instruct.pt", tmp_path / "pkg", name="omnimri-test")
+    cal = C.calibrate_package(folder, n_cases=2, threads=1)
+    assert len(cal.detection) == len(C.THRESHOLDS) * len(C.MIN_LESION_MM3)
+    best = max(r["csi"] for r in cal.detection)
+    chosen = next(r for r in cal.detection if (r["threshold"], r["min_lesion_mm3"])
+                  == (cal.settings.lesion_threshold, cal.settings.min_lesion_mm3))
+    assert chosen["csi"] == best and cal.settings.diagnosis_top_mm in C.TOP_MM
+    spec = yaml.safe_load((folder / "model.yaml").read_text())
+    assert spec["extra"]["tasks"]["lesion_threshold"] == cal.settings.lesion_threshold
+    assert spec["extra"]["calibration"]["layout"] == "training"
+    assert package_task_settings(folder) == cal.settings
+    assert any(line.startswith("*") for line in cal.lines())
