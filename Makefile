@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 APT_PACKAGES := dcmtk orthanc orthanc-dicomweb chromium chromium-driver
 PYTEST_ARGS ?=
 
-.PHONY: run install install-test test lint typecheck bench
+.PHONY: run install install-test test lint typecheck bench model
 
 ## Install the node and run it on the shipped config.yaml (SQLite, local spool, ONNX Runtime CPU).
 run: install
@@ -30,3 +30,15 @@ lint:
 
 bench: install-test
 	$(PYTHON) benchmarks/ingest.py
+
+## Rebuild the shipped reference model from seed 0 (about 40 min on 2 CPU cores; torch extra):
+## the four training stages, ONNX export, calibration on validation cases, held-out evaluation.
+MODEL_RUN ?= training-runs/omnimri-tiny-seed0
+MODEL_OUT ?= models/omnimri-tiny
+MODEL_VERSION ?= 2.0.0
+model:
+	$(PIP) install -q -e '.[train]'
+	omnimri-node train all --seed 0 --out $(MODEL_RUN)
+	omnimri-node train export --run $(MODEL_RUN) --out $(MODEL_OUT) --version $(MODEL_VERSION)
+	omnimri-node train calibrate --model $(MODEL_OUT)
+	omnimri-node eval --model $(MODEL_OUT) --cases 30 --write-metrics --json $(MODEL_RUN)/eval.json

@@ -70,42 +70,29 @@ def _check_results(res: object, shape: tuple[int, int, int]) -> None:
 
 
 def test_pydicom_mr_small_runs_through_the_whole_model(package: ModelPackage) -> None:
-    from dicom_node.samples import iter_pydicom_mr_files
+    from inference.omnimri.real_mr import pydicom_mr_small
     from inference.omnimri.tasks import run_omnimri
-    from inference.volume import build_volume
 
-    path = next(p for p in iter_pydicom_mr_files() if p.name == "MR_small.dcm")
-    vol = build_volume([path])
-    res = run_omnimri(package, vol, ALL)
-    _check_results(res, vol.shape)
+    vol = pydicom_mr_small()
+    _check_results(run_omnimri(package, vol, ALL), vol.shape)
 
 
 def test_nibabel_anatomical_runs_through_the_whole_model(package: ModelPackage) -> None:
-    import nibabel as nib
-
+    from inference.omnimri.real_mr import nibabel_anatomical, summarise
     from inference.omnimri.tasks import run_omnimri
-    from inference.volume import SliceRef, Volume
 
-    img = nib.load(str(Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"))
-    data = np.asarray(img.get_fdata(), np.float32)  # [x, y, z]
-    arr = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))  # [k=z, j=y, i=x]
-    ras = np.asarray(img.affine, np.float64)
-    kji_to_ijk = np.zeros((4, 4))
-    kji_to_ijk[0, 2] = kji_to_ijk[1, 1] = kji_to_ijk[2, 0] = kji_to_ijk[3, 3] = 1.0
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ras @ kji_to_ijk
-    vol = Volume(arr, affine, [SliceRef(f"1.2.3.{k}", "1.2.840.10008.5.1.4.1.1.4")
-                               for k in range(arr.shape[0])])
+    vol = nibabel_anatomical()
     res = run_omnimri(package, vol, ALL)
     _check_results(res, vol.shape)
+    assert "diagnosis:" in summarise(res, vol.spacing)
 
 
 def test_mni_brain_dicom_series_gives_a_plausible_normal_brain(package: ModelPackage,
                                                                tmp_path: Path) -> None:
-    from dicom_node.samples import brain_series, write_series
+    from inference.omnimri.real_mr import mni_brain_series
     from inference.omnimri.tasks import run_omnimri
-    from inference.volume import build_volume
 
-    vol = build_volume(write_series(brain_series(), tmp_path))
+    vol = mni_brain_series(tmp_path)
     res = run_omnimri(package, vol, ALL[:4])
     seg = {s.label.label: s for s in res.segments}
     brain_ml = seg["Brain"].volume_ml(vol.spacing)

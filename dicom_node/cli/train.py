@@ -5,6 +5,7 @@ Examples::
     omnimri-node train all --seed 0                       # reproduces models/omnimri-tiny
     omnimri-node train multimodal --out training-runs/x   # one stage (resumes if interrupted)
     omnimri-node train export --out models/omnimri-tiny   # ONNX package, verified vs PyTorch
+    omnimri-node train calibrate --model models/omnimri-tiny  # post-processing, validation set
     omnimri-node eval --model models/omnimri-tiny --cases 30
 """
 
@@ -99,6 +100,27 @@ def export_cmd(
     typer.echo(f"package: {folder}")
 
 
+@train_app.command("calibrate")
+def calibrate_cmd(
+    model: Annotated[Path, typer.Option(help="Model package folder.")] = Path(
+        "models/omnimri-tiny"),
+    cases: Annotated[int, typer.Option(help="Validation cases (cycling the diagnoses).")] = 12,
+    seed: Annotated[int, typer.Option(help="Validation set seed.")] = 0,
+    write: Annotated[bool, typer.Option(help="Store the settings in model.yaml.")] = True,
+) -> None:
+    """Choose lesion threshold, smallest lesion and diagnosis slab on validation cases."""
+    from inference.omnimri.calibrate import calibrate_package
+
+    if not (model / "model.yaml").is_file():
+        typer.echo(f"error: {model} is not a model package (no model.yaml)", err=True)
+        raise typer.Exit(2)
+    cal = calibrate_package(model, cases, seed=seed, write=write)
+    for line in cal.lines():
+        typer.echo(line)
+    typer.echo(f"chosen: {cal.settings}" + (f" (written to {model / 'model.yaml'})"
+                                             if write else ""))
+
+
 def eval_cmd(
     model: Annotated[
         Path,
@@ -116,11 +138,21 @@ def eval_cmd(
     ] = None,
     write_metrics: Annotated[bool, typer.Option(help="Store the metrics in model.yaml.")] = False,
     verbose: Annotated[bool, typer.Option(help="Print every case.")] = False,
+    real_mr: Annotated[bool, typer.Option(
+        help="Instead: describe the package's outputs on real MR from installed packages "
+             "(pydicom, nibabel, the MNI152 template as DICOM).")] = False,
 ) -> None:
     """Evaluate a model on held-out synthetic cases; prints each metric with target, PASS/MISS."""
     from inference.omnimri.evaluate import evaluate_checkpoint, evaluate_package
 
     prog = _echo if verbose else None
+    if real_mr:
+        from inference.omnimri.real_mr import describe
+        from inference.package import ModelPackage
+
+        for line in describe(ModelPackage.load(model)):
+            typer.echo(line)
+        return
     if checkpoint is not None:
         rep = evaluate_checkpoint(checkpoint, cases, seed=seed, progress=prog)
     else:

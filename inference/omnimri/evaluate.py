@@ -29,11 +29,12 @@ from scipy import ndimage
 from inference import results as R
 from inference.omnimri import report_text as rt
 from inference.omnimri import synthetic as syn
-from inference.omnimri.predict import RunFn, onnx_runner, predict_grid, torch_runner
+from inference.omnimri.predict import GridOutputs, RunFn, onnx_runner, predict_grid, torch_runner
 from inference.omnimri.tasks import (
     DIAGNOSIS_CODES,
     HeadOutputs,
     ReportWriter,
+    TaskSettings,
     build_results,
     report_facts,
 )
@@ -138,77 +139,118 @@ def _fact_agreement(stated: dict[str, str], truth: dict[str, str]) -> tuple[int,
     return ok, n
 
 
+@dataclass
+class CaseScore:
+    """Everything one case contributes to the metrics."""
+
+    dice: dict[str, float]
+    """``brain``, ``csf``, ``gm``, ``wm`` and (cases with lesions) ``lesion``."""
+    hits: int
+    """Ground-truth lesions >= 3 mm touched by a detection."""
+    lesions: int
+    """Ground-truth lesions >= 3 mm."""
+    false_positives: int
+    """Detections touching no ground-truth lesion."""
+    probabilities: list[float]
+    """Case-level diagnosis probabilities (normal, small vessel, mass)."""
+    detections: int = 0
+    predicted: str = ""
+    report: str = ""
+    facts_ok: int = 0
+    facts_stated: int = 0
+    contradicts: bool = False
+    kind_differs: bool = False
+
+
+def score_case(case: syn.Case, g: GridOutputs, settings: TaskSettings,
+               writer: ReportWriter | None = None) -> CaseScore:
+    """Score one case's grid outputs under post-processing ``settings``.
+
+    Without a ``writer`` the report is not written (calibration scores only the rest).
+    """
+    heads = HeadOutputs(affine=case.affine, tissue=g.tissue, lesion=g.lesion,
+                        slice_diagnosis=g.slice_diagnosis)
+    instructions = ALL_INSTRUCTIONS if writer else ALL_INSTRUCTIONS[:3]
+    res = build_results(heads, instructions, R.ModelInfo("omnimri-eval", "0"), settings,
+                        report_writer=writer)
+    seg = {s.label.label: s.mask for s in res.segments}
+    d = {"brain": dice(seg["Brain"], case.tissue > 0), "csf": dice(seg["CSF"], case.tissue == 1),
+         "gm": dice(seg["Grey matter"], case.tissue == 2),
+         "wm": dice(seg["White matter"], case.tissue == 3)}
+    gt_les = (case.lesion == 1) | (case.lesion == 2)
+    pred_les = seg["WM hyperintensity"] | seg["Mass"]
+    if gt_les.any():
+        d["lesion"] = dice(pred_les, gt_les)
+    # Detection: predicted components (after the size filter) vs GT instances.
+    det_mask = np.zeros(case.lesion.shape, bool)
+    fp = 0
+    for det in res.detections:
+        k0, j0, i0, k1, j1, i1 = det.bbox_index
+        box = (slice(k0, k1), slice(j0, j1), slice(i0, i1))
+        det_mask[box] |= pred_les[box]
+        comp_labels, _ = ndimage.label(pred_les[box])
+        fp += int(not (gt_les[box] & (comp_labels > 0)).any())
+    hits = total = 0
+    for les in case.lesions:
+        if les.diameter_mm >= 3.0:
+            total += 1
+            hits += int((det_mask & (case.instances == les.instance)).any())
+    assert res.diagnosis is not None
+    sc = CaseScore(dice=d, hits=hits, lesions=total, false_positives=fp,
+                   probabilities=[res.diagnosis.probabilities[k]
+                                  for k in ("normal", "small_vessel", "mass")],
+                   detections=len(res.detections), predicted=res.diagnosis.code.meaning)
+    if writer is None:
+        return sc
+    # Report: facts vs ground truth, and vs the structured outputs.
+    assert res.report is not None
+    text = f"findings : {res.report.findings} impression : {res.report.impression}"
+    stated = rt.parse_facts(text)
+    truth = syn.facts_from_lesions(syn.DIAGNOSES[case.diagnosis], case.lesions)
+    sc.report = text
+    sc.facts_ok, sc.facts_stated = _fact_agreement(stated, truth)
+    own = report_facts(res.diagnosis, res.detections)
+    own_stated = {k: v for k, v in own.items() if k in stated}
+    if own["kind"] == "normal":
+        own_stated = {"kind": "normal"}
+    sc.contradicts = stated != own_stated
+    sc.kind_differs = own["kind"] != next(k for k, c in DIAGNOSIS_CODES.items()
+                                          if c == res.diagnosis.code)
+    return sc
+
+
+def heldout_case(n: int, seed: int = 0) -> syn.Case:
+    """Held-out case ``n`` of set ``seed`` (held-out seeds and lesion layout, cycling classes)."""
+    return syn.make_case(HELDOUT_SEED_BASE + seed * 10_000 + n, heldout=True, diagnosis=n % 3)
+
+
 def evaluate(
     run: RunFn, writer: ReportWriter, n_cases: int = 30, *, seed: int = 0,
     recon_cases: int | None = None, progress: Callable[[str], None] | None = None,
+    settings: TaskSettings | None = None, grid: GridSpec | None = None,
 ) -> EvalReport:
     """Evaluate a model (``run`` on the model grid) on ``n_cases`` held-out cases.
 
     Cases cycle the three diagnoses; contrast, deformation and lesions are random.
+    ``settings`` are the package's post-processing settings (defaults if ``None``), ``grid``
+    its patch size and context (the shipped ``tiny`` geometry if ``None``).
     """
+    grid = grid or GridSpec()
+    settings = settings or TaskSettings()
     rep = EvalReport()
-    per: dict[str, list[float]] = {k: [] for k in ("brain", "csf", "gm", "wm", "lesion")}
-    det_hit = det_total = fp = 0
-    ys, ps = [], []
-    fact_ok = fact_n = contradictions = disagree = 0
+    scores: list[CaseScore] = []
+    truth: list[int] = []
     gains, psnr_model, psnr_zf = [], [], []
     recon_cases = n_cases if recon_cases is None else recon_cases
-    model = R.ModelInfo("omnimri-eval", "0")
     for n in range(n_cases):
         t0 = time.monotonic()
-        case = syn.make_case(HELDOUT_SEED_BASE + seed * 10_000 + n, heldout=True,
-                             diagnosis=n % 3)
+        case = heldout_case(n, seed)
         img = syn.normalise(case.image)
         zf = syn.zero_filled(img, 4, seed=n) if n < recon_cases else None
-        g = predict_grid(run, img, recon_input=zf)
-        heads = HeadOutputs(affine=case.affine, tissue=g.tissue, lesion=g.lesion,
-                            slice_diagnosis=g.slice_diagnosis)
-        res = build_results(heads, ALL_INSTRUCTIONS, model, report_writer=writer)
-        seg = {s.label.label: s.mask for s in res.segments}
-        per["brain"].append(dice(seg["Brain"], case.tissue > 0))
-        per["csf"].append(dice(seg["CSF"], case.tissue == 1))
-        per["gm"].append(dice(seg["Grey matter"], case.tissue == 2))
-        per["wm"].append(dice(seg["White matter"], case.tissue == 3))
-        gt_les = (case.lesion == 1) | (case.lesion == 2)
-        pred_les = seg["WM hyperintensity"] | seg["Mass"]
-        if gt_les.any():
-            per["lesion"].append(dice(pred_les, gt_les))
-        # Detection: predicted components (after the size filter) vs GT instances.
-        det_mask = np.zeros(case.lesion.shape, bool)
-        for d in res.detections:
-            k0, j0, i0, k1, j1, i1 = d.bbox_index
-            det_mask[k0:k1, j0:j1, i0:i1] |= pred_les[k0:k1, j0:j1, i0:i1]
-        for les in case.lesions:
-            if les.diameter_mm >= 3.0:
-                det_total += 1
-                det_hit += int((det_mask & (case.instances == les.instance)).any())
-        for d in res.detections:
-            k0, j0, i0, k1, j1, i1 = d.bbox_index
-            comp_labels, _ = ndimage.label(pred_les[k0:k1, j0:j1, i0:i1])
-            sub = gt_les[k0:k1, j0:j1, i0:i1]
-            if not (sub & (comp_labels > 0)).any():
-                fp += 1
-        # Diagnosis.
-        assert res.diagnosis is not None
-        ys.append(case.diagnosis)
-        ps.append([res.diagnosis.probabilities[k] for k in ("normal", "small_vessel", "mass")])
-        # Report: facts vs ground truth, and vs the structured outputs.
-        assert res.report is not None
-        text = f"findings : {res.report.findings} impression : {res.report.impression}"
-        stated = rt.parse_facts(text)
-        truth = syn.facts_from_lesions(syn.DIAGNOSES[case.diagnosis], case.lesions)
-        ok, cnt = _fact_agreement(stated, truth)
-        fact_ok += ok
-        fact_n += cnt
-        own = report_facts(res.diagnosis, res.detections)
-        own_stated = {k: v for k, v in own.items() if k in stated}
-        if own["kind"] == "normal":
-            own_stated = {"kind": "normal"}
-        if stated != own_stated:
-            contradictions += 1
-        if own["kind"] != next(k for k, c in DIAGNOSIS_CODES.items() if c == res.diagnosis.code):
-            disagree += 1
-        # Reconstruction.
+        g = predict_grid(run, img, recon_input=zf, patch=grid.patch, context=grid.context)
+        sc = score_case(case, g, settings, writer)
+        scores.append(sc)
+        truth.append(case.diagnosis)
         if zf is not None and g.recon is not None:
             pm, pz = psnr(np.clip(g.recon, 0, 1), img), psnr(zf, img)
             psnr_model.append(pm)
@@ -216,38 +258,48 @@ def evaluate(
             gains.append(pm - pz)
         rep.cases.append({
             "case": n, "diagnosis": syn.DIAGNOSES[case.diagnosis], "contrast": case.contrast,
-            "predicted": res.diagnosis.code.meaning, "report": text, "truth": truth,
-            "lesions": len(case.lesions), "detections": len(res.detections),
-            "dice_lesion": per["lesion"][-1] if gt_les.any() else None,
+            "predicted": sc.predicted, "report": sc.report,
+            "truth": syn.facts_from_lesions(syn.DIAGNOSES[case.diagnosis], case.lesions),
+            "lesions": len(case.lesions), "detections": sc.detections,
+            "dice_lesion": sc.dice.get("lesion"),
+            "dice": {k: round(v, 4) for k, v in sc.dice.items()},
             "seconds": round(time.monotonic() - t0, 1),
         })
         if progress:
             progress(f"case {n + 1}/{n_cases}: {rep.cases[-1]}")
+    rep.metrics.update(summarise(scores, truth))
     m = rep.metrics
-    m["dice_brain"] = float(np.mean(per["brain"]))
-    m["dice_csf"] = float(np.mean(per["csf"]))
-    m["dice_grey_matter"] = float(np.mean(per["gm"]))
-    m["dice_white_matter"] = float(np.mean(per["wm"]))
-    if per["lesion"]:
-        m["dice_lesion"] = float(np.mean(per["lesion"]))
-    if det_total:
-        m["detection_sensitivity_3mm"] = det_hit / det_total
-    m["false_positives_per_volume"] = fp / max(n_cases, 1)
-    y = np.array(ys)
-    p = np.array(ps)
-    if len(set(ys)) > 1:
-        m["diagnosis_auc"] = auc_macro(y, p)
-    m["diagnosis_accuracy"] = float((p.argmax(1) == y).mean())
-    m["report_fact_agreement"] = fact_ok / max(fact_n, 1)
-    m["report_contradictions"] = float(contradictions)
-    m["report_kind_differs_from_diagnosis_head"] = float(disagree)
+    m["report_fact_agreement"] = sum(s.facts_ok for s in scores) / max(
+        sum(s.facts_stated for s in scores), 1)
+    m["report_contradictions"] = float(sum(s.contradicts for s in scores))
+    m["report_kind_differs_from_diagnosis_head"] = float(sum(s.kind_differs for s in scores))
     if gains:
         m["recon_psnr_gain_db"] = float(np.mean(gains))
         m["recon_psnr_db"] = float(np.mean(psnr_model))
         m["zero_filled_psnr_db"] = float(np.mean(psnr_zf))
     m["cases"] = float(n_cases)
-    m["lesions_evaluated"] = float(det_total)
     return rep
+
+
+def summarise(scores: list[CaseScore], truth: list[int]) -> dict[str, float]:
+    """Dice, detection and diagnosis metrics over cases (``truth``: diagnosis indices)."""
+    m: dict[str, float] = {}
+    for key, name in (("brain", "dice_brain"), ("csf", "dice_csf"), ("gm", "dice_grey_matter"),
+                      ("wm", "dice_white_matter"), ("lesion", "dice_lesion")):
+        vals = [s.dice[key] for s in scores if key in s.dice]
+        if vals:
+            m[name] = float(np.mean(vals))
+    lesions = sum(s.lesions for s in scores)
+    if lesions:
+        m["detection_sensitivity_3mm"] = sum(s.hits for s in scores) / lesions
+    m["false_positives_per_volume"] = sum(s.false_positives for s in scores) / max(len(scores), 1)
+    y = np.array(truth)
+    p = np.array([s.probabilities for s in scores])
+    if len(set(truth)) > 1:
+        m["diagnosis_auc"] = auc_macro(y, p)
+    m["diagnosis_accuracy"] = float((p.argmax(1) == y).mean())
+    m["lesions_evaluated"] = float(lesions)
+    return m
 
 
 def evaluate_package(folder: Path, n_cases: int = 30, *, seed: int = 0, threads: int = 2,
@@ -259,7 +311,32 @@ def evaluate_package(folder: Path, n_cases: int = 30, *, seed: int = 0, threads:
     vf = folder / "1"
     return evaluate(onnx_runner(vf / "model.onnx", threads),
                     onnx_report_writer(str(vf / "decoder.onnx")), n_cases, seed=seed,
-                    recon_cases=recon_cases, progress=progress)
+                    recon_cases=recon_cases, progress=progress,
+                    settings=package_task_settings(folder), grid=GridSpec.of_package(folder))
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """Where the model looks: square in-plane patch (pixels) and neighbour slices per side."""
+
+    patch: int = 128
+    context: int = 1
+
+    @classmethod
+    def of_package(cls, folder: Path) -> GridSpec:
+        """From a package's ``model.yaml`` ``input`` section."""
+        import yaml
+
+        spec = (yaml.safe_load((folder / "model.yaml").read_text()) or {}).get("input") or {}
+        return cls(int((spec.get("patch_size") or [128])[0]), int(spec.get("context_slices", 1)))
+
+
+def package_task_settings(folder: Path) -> TaskSettings:
+    """The post-processing settings a package declares (``model.yaml`` ``extra.tasks``)."""
+    import yaml
+
+    spec = yaml.safe_load((folder / "model.yaml").read_text()) or {}
+    return TaskSettings.from_dict((spec.get("extra") or {}).get("tasks"))
 
 
 def evaluate_checkpoint(checkpoint: Path, n_cases: int = 30, *, seed: int = 0,

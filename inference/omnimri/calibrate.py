@@ -1,0 +1,162 @@
+"""Calibration of OmniMRI post-processing on validation cases (never the held-out set).
+
+The network gives probabilities; turning them into findings needs three numbers that are
+properties of a trained model, not of the code: the lesion probability threshold, the smallest
+lesion component kept (mm³) and the slab (mm) whose most abnormal slices decide the case-level
+diagnosis. :func:`calibrate` chooses them on *validation* cases - seeds from
+:data:`VALIDATION_SEED_BASE`, the training lesion layout - so the held-out evaluation
+(:mod:`.evaluate`, other seeds and the other lesion layout) stays untouched:
+
+* lesion threshold x minimum size: the pair with the best detection critical success index,
+  ``hits / (lesions + false positives)`` (lesions >= 3 mm), ties to the earlier grid entry;
+* diagnosis slab: the best macro one-vs-rest AUC.
+
+The result is written to ``model.yaml`` ``extra.tasks``, which the node and ``eval`` read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inference.omnimri import synthetic as syn
+from inference.omnimri.evaluate import CaseScore, GridSpec, auc_macro, score_case
+from inference.omnimri.predict import GridOutputs, RunFn, onnx_runner, predict_grid
+from inference.omnimri.tasks import TaskSettings
+
+VALIDATION_SEED_BASE = 800_000_000
+"""Validation case seeds start here (training: ``(seed + 1) * 1e6 + ...``; held-out: 9e8)."""
+
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+"""Candidate lesion probability thresholds (P(WMH) + P(mass))."""
+MIN_LESION_MM3 = (16.0, 32.0, 64.0, 128.0)
+"""Candidate smallest lesion components, mm³ (a 4 mm WMH is about 32 mm³)."""
+TOP_MM = (2.0, 4.0, 6.0, 10.0, 16.0)
+"""Candidate diagnosis slabs, mm."""
+
+
+@dataclass
+class Calibration:
+    """Chosen settings and the table they were chosen from."""
+
+    settings: TaskSettings
+    cases: int
+    seed: int
+    detection: list[dict[str, float]] = field(default_factory=list)
+    """One row per (threshold, minimum size): hits, lesions, false positives, CSI."""
+    diagnosis: list[dict[str, float]] = field(default_factory=list)
+    """One row per slab: AUC."""
+
+    def lines(self) -> list[str]:
+        """A readable table, best rows marked with ``*``."""
+        s = self.settings
+        out = [f"validation cases: {self.cases} (seed {self.seed}, training lesion layout)",
+               "threshold  min_mm3  hits/lesions  FP/volume    CSI"]
+        for r in self.detection:
+            mark = "*" if (r["threshold"], r["min_lesion_mm3"]) == (
+                s.lesion_threshold, s.min_lesion_mm3) else " "
+            out.append(f"{mark} {r['threshold']:7.2f} {r['min_lesion_mm3']:8.0f} "
+                       f"{int(r['hits']):6d}/{int(r['lesions']):<6d} "
+                       f"{r['fp_per_volume']:9.2f} {r['csi']:7.3f}")
+        out.append("diagnosis slab (mm)   AUC")
+        for r in self.diagnosis:
+            mark = "*" if r["top_mm"] == s.diagnosis_top_mm else " "
+            out.append(f"{mark} {r['top_mm']:17.0f} {r['auc']:7.3f}")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``model.yaml`` records (settings go to ``extra.tasks``)."""
+        best = next(r for r in self.detection
+                    if (r["threshold"], r["min_lesion_mm3"])
+                    == (self.settings.lesion_threshold, self.settings.min_lesion_mm3))
+        auc = next(r["auc"] for r in self.diagnosis
+                   if r["top_mm"] == self.settings.diagnosis_top_mm)
+        return {"cases": self.cases, "seed_base": VALIDATION_SEED_BASE + self.seed * 10_000,
+                "layout": "training", "objective": "detection CSI; diagnosis AUC",
+                "validation_csi": round(best["csi"], 4),
+                "validation_fp_per_volume": round(best["fp_per_volume"], 4),
+                "validation_sensitivity": round(best["hits"] / max(best["lesions"], 1), 4),
+                "validation_auc": round(auc, 4)}
+
+
+def validation_case(n: int, seed: int = 0) -> syn.Case:
+    """Validation case ``n`` (cycling the three diagnoses, training lesion layout)."""
+    return syn.make_case(VALIDATION_SEED_BASE + seed * 10_000 + n, diagnosis=n % 3)
+
+
+def calibrate(run: RunFn, n_cases: int = 12, *, seed: int = 0,
+              base: TaskSettings | None = None, grid: GridSpec | None = None,
+              progress: Callable[[str], None] | None = None) -> Calibration:
+    """Choose the post-processing settings for the model behind ``run``."""
+    base = base or TaskSettings()
+    grid = grid or GridSpec()
+    data: list[tuple[syn.Case, GridOutputs]] = []
+    for n in range(n_cases):
+        case = validation_case(n, seed)
+        data.append((case, predict_grid(run, syn.normalise(case.image), patch=grid.patch,
+                                        context=grid.context)))
+        if progress:
+            progress(f"validation case {n + 1}/{n_cases} predicted")
+    truth = np.array([c.diagnosis for c, _ in data])
+
+    def scores(st: TaskSettings) -> list[CaseScore]:
+        return [score_case(c, g, st) for c, g in data]
+
+    cal = Calibration(settings=base, cases=n_cases, seed=seed)
+    best_key: tuple[float, float] | None = None
+    best_csi = -1.0
+    for thr in THRESHOLDS:
+        for mn in MIN_LESION_MM3:
+            sc = scores(replace(base, lesion_threshold=thr, min_lesion_mm3=mn))
+            hits = sum(s.hits for s in sc)
+            lesions = sum(s.lesions for s in sc)
+            fp = sum(s.false_positives for s in sc)
+            csi = hits / max(lesions + fp, 1)
+            cal.detection.append({"threshold": thr, "min_lesion_mm3": mn, "hits": hits,
+                                  "lesions": lesions, "fp_per_volume": fp / n_cases,
+                                  "csi": csi})
+            if csi > best_csi:
+                best_csi, best_key = csi, (thr, mn)
+            if progress:
+                progress(f"threshold {thr} min {mn} mm3: CSI {csi:.3f}")
+    assert best_key is not None
+    chosen = replace(base, lesion_threshold=best_key[0], min_lesion_mm3=best_key[1])
+    for top in TOP_MM:
+        sc = scores(replace(chosen, diagnosis_top_mm=top))
+        auc = auc_macro(truth, np.array([s.probabilities for s in sc]))
+        cal.diagnosis.append({"top_mm": top, "auc": auc if np.isfinite(auc) else 0.5})
+    # Best AUC; on a tie the slab closest to the current setting.
+    best = max(cal.diagnosis, key=lambda r: (round(r["auc"], 6),
+                                             -abs(r["top_mm"] - base.diagnosis_top_mm)))
+    cal.settings = replace(chosen, diagnosis_top_mm=best["top_mm"])
+    return cal
+
+
+def calibrate_package(folder: Path, n_cases: int = 12, *, seed: int = 0, threads: int = 2,
+                      write: bool = True,
+                      progress: Callable[[str], None] | None = None) -> Calibration:
+    """Calibrate a package's ``model.onnx``; with ``write``, store the result in model.yaml."""
+    import yaml
+
+    from inference.omnimri.evaluate import package_task_settings
+
+    cal = calibrate(onnx_runner(folder / "1" / "model.onnx", threads), n_cases, seed=seed,
+                    base=package_task_settings(folder), grid=GridSpec.of_package(folder),
+                    progress=progress)
+    if write:
+        path = folder / "model.yaml"
+        spec = yaml.safe_load(path.read_text())
+        extra = spec.setdefault("extra", {})
+        extra["tasks"] = {k: float(v) for k, v in asdict(cal.settings).items()}
+        extra["calibration"] = cal.to_dict()
+        spec.setdefault("thresholds", {})["lesion"] = cal.settings.lesion_threshold
+        if "outputs" in spec:
+            for out in spec["outputs"]:
+                if out.get("name") == "lesion" and isinstance(out.get("detection"), dict):
+                    out["detection"]["min_volume_mm3"] = cal.settings.min_lesion_mm3
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return cal
