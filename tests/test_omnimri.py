@@ -253,3 +253,18 @@ def test_calibration_chooses_settings_on_validation_cases_and_eval_uses_them(
     assert spec["extra"]["calibration"]["layout"] == "training"
     assert package_task_settings(folder) == cal.settings
     assert any(line.startswith("*") for line in cal.lines())
+
+
+def test_dice_loss_leaves_out_classes_absent_from_the_batch() -> None:
+    """An absent class must not be pushed down everywhere (it killed the WMH class once)."""
+    import torch
+
+    from inference.omnimri.train import dice_loss
+
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    target = torch.zeros(2, 8, 8, dtype=torch.long)
+    target[0, 2:4, 2:4] = 2
+    assert torch.equal(dice_loss(logits, target, [1, 2]), dice_loss(logits, target, [2]))
+    none = dice_loss(logits, torch.zeros_like(target), [1, 2])
+    none.backward()
+    assert float(none) == 0.0 and logits.grad is not None and float(logits.grad.abs().max()) == 0
