@@ -182,6 +182,11 @@ def test_onnx_export_matches_pytorch(tiny_run: Path, tmp_path: Path) -> None:
     assert max(diffs.values()) <= 1e-3
     assert (folder / "1" / "decoder.onnx").is_file()
     assert pkg.spec.outputs_for(["segment brain tissues"]) == ["tissue"]
+    from inference.omnimri.train import load_stage, weights_sha256
+
+    prov = pkg.spec.provenance.model_extra
+    assert prov["weights_sha256"] == weights_sha256(load_stage(tiny_run, "instruct")[0])
+    assert prov["stage_runs"]["instruct"]["steps"] == 2
 
 
 def _blob(shape: tuple[int, int, int], centre: tuple[int, int, int], r: int) -> np.ndarray:

@@ -215,9 +215,18 @@ def export_package(checkpoint: Path, out_dir: Path, *, name: str = "omnimri-tiny
                    version: str = "1.0.0", metrics: dict[str, float] | None = None,
                    atol: float = 1e-3) -> Path:
     """Export a training checkpoint to a verified model package; returns the package folder."""
-    from inference.omnimri.train import load_stage
+    import json
+
+    from inference.omnimri.train import STAGES, load_stage, weights_sha256
 
     mods, st = load_stage(checkpoint.parent, checkpoint.stem)
+    runs = {}
+    for stage in STAGES:  # what the run folder says each stage did (steps, wall time)
+        done = checkpoint.parent / f"{stage}.done"
+        if done.is_file():
+            d = json.loads(done.read_text())
+            runs[stage] = {"steps": int(d.get("steps", 0)),
+                           "seconds": round(float(d.get("seconds", 0.0)), 1)}
     folder = out_dir / "1"
     folder.mkdir(parents=True, exist_ok=True)
     export_vision(mods.vision, folder / "model.onnx")
@@ -228,6 +237,8 @@ def export_package(checkpoint: Path, out_dir: Path, *, name: str = "omnimri-tiny
         "training_data": ["synthetic MR from the ICBM152 2009a template (nilearn wheel)"],
         "seed": int(st.get("seed", 0)),
         "stages": ["pretrain", "align", "multimodal", "instruct"],
+        "stage_runs": runs,
+        "weights_sha256": weights_sha256(mods),
         "code_version": "inference.omnimri",
         "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "onnx_max_abs_diff": {k: float(f"{v:.3g}") for k, v in diffs.items()},

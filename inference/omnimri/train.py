@@ -330,6 +330,22 @@ class Modules:
         self.decoder.load_state_dict(st["decoder"])
 
 
+def weights_sha256(m: Modules) -> str:
+    """SHA-256 over the shipped weights (vision model and report decoder, name-sorted).
+
+    Recorded in ``model.yaml`` at export, so a rerun of ``train all`` can prove it reproduced
+    the shipped model bit for bit.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for group, state in (("vision", m.vision.state_dict()), ("decoder", m.decoder.state_dict())):
+        for name in sorted(state):
+            h.update(f"{group}.{name}".encode())
+            h.update(state[name].detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def build_modules(cfg: OmniMRIConfig, seed: int) -> Modules:
     """Fresh, seeded modules."""
     torch.manual_seed(seed)
