@@ -86,18 +86,17 @@ def export_cmd(
     version: Annotated[str, typer.Option()] = "1.0.0",
     stage: Annotated[str, typer.Option(help="Checkpoint stage to export.")] = "instruct",
 ) -> None:
-    """Export a checkpoint to an ONNX model package (verified against PyTorch)."""
+    """Export a checkpoint to an ONNX model package (verified against PyTorch).
+
+    The package starts without metrics and with default post-processing settings (an old
+    package's numbers would describe other weights): run ``train calibrate`` and
+    ``eval --write-metrics`` next.
+    """
     from inference.omnimri.export import export_package
 
-    metrics: dict[str, float] | None = None
-    old = out / "model.yaml"
-    if old.is_file():
-        import yaml
-
-        metrics = (yaml.safe_load(old.read_text()) or {}).get("metrics") or None
-    folder = export_package(run / f"{stage}.pt", out, name=name, version=version,
-                            metrics=metrics)
-    typer.echo(f"package: {folder}")
+    folder = export_package(run / f"{stage}.pt", out, name=name, version=version)
+    typer.echo(f"package: {folder}; next: omnimri-node train calibrate --model {out}, "
+               f"omnimri-node eval --model {out} --write-metrics")
 
 
 @train_app.command("calibrate")
