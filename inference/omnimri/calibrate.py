@@ -1,15 +1,15 @@
 """Calibration of OmniMRI post-processing on validation cases (never the held-out set).
 
-The network gives probabilities; turning them into findings needs three numbers that are
+The network gives probabilities; turning them into findings needs four numbers that are
 properties of a trained model, not of the code: the lesion probability threshold, the smallest
-lesion component kept (mm³) and the slab (mm) whose most abnormal slices decide the case-level
-diagnosis. :func:`calibrate` chooses them on *validation* cases - seeds from
+lesion component kept (mm³), the slab (mm) whose most abnormal slices decide the case-level
+diagnosis, and how much the lesion detections weigh in that diagnosis. :func:`calibrate` chooses them on *validation* cases - seeds from
 :data:`VALIDATION_SEED_BASE`, the training lesion layout - so the held-out evaluation
 (:mod:`.evaluate`, other seeds and the other lesion layout) stays untouched:
 
 * lesion threshold x minimum size: the pair with the best detection critical success index,
   ``hits / (lesions + false positives)`` (lesions >= 3 mm), ties to the earlier grid entry;
-* diagnosis slab: the best macro one-vs-rest AUC.
+* diagnosis slab x weight of the detections in the diagnosis: the best macro one-vs-rest AUC.
 
 The result is written to ``model.yaml`` ``extra.tasks``, which the node and ``eval`` read.
 """
@@ -37,6 +37,8 @@ MIN_LESION_MM3 = (16.0, 32.0, 64.0, 128.0)
 """Candidate smallest lesion components, mm³ (a 4 mm WMH is about 32 mm³)."""
 TOP_MM = (2.0, 4.0, 6.0, 10.0, 16.0)
 """Candidate diagnosis slabs, mm."""
+DETECTION_WEIGHTS = (0.0, 0.5, 1.0)
+"""Candidate weights of the detections in the case-level diagnosis."""
 
 
 @dataclass
@@ -49,7 +51,7 @@ class Calibration:
     detection: list[dict[str, float]] = field(default_factory=list)
     """One row per (threshold, minimum size): hits, lesions, false positives, CSI."""
     diagnosis: list[dict[str, float]] = field(default_factory=list)
-    """One row per slab: AUC."""
+    """One row per (slab, detection weight): AUC."""
 
     def lines(self) -> list[str]:
         """A readable table, best rows marked with ``*``."""
@@ -62,10 +64,12 @@ class Calibration:
             out.append(f"{mark} {r['threshold']:7.2f} {r['min_lesion_mm3']:8.0f} "
                        f"{int(r['hits']):6d}/{int(r['lesions']):<6d} "
                        f"{r['fp_per_volume']:9.2f} {r['csi']:7.3f}")
-        out.append("diagnosis slab (mm)   AUC")
+        out.append("diagnosis slab (mm)  detection weight    AUC")
         for r in self.diagnosis:
-            mark = "*" if r["top_mm"] == s.diagnosis_top_mm else " "
-            out.append(f"{mark} {r['top_mm']:17.0f} {r['auc']:7.3f}")
+            mark = "*" if (r["top_mm"], r["detection_weight"]) == (
+                s.diagnosis_top_mm, s.diagnosis_detection_weight) else " "
+            out.append(f"{mark} {r['top_mm']:17.0f} {r['detection_weight']:17.1f} "
+                       f"{r['auc']:7.3f}")
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,7 +78,8 @@ class Calibration:
                     if (r["threshold"], r["min_lesion_mm3"])
                     == (self.settings.lesion_threshold, self.settings.min_lesion_mm3))
         auc = next(r["auc"] for r in self.diagnosis
-                   if r["top_mm"] == self.settings.diagnosis_top_mm)
+                   if (r["top_mm"], r["detection_weight"])
+                   == (self.settings.diagnosis_top_mm, self.settings.diagnosis_detection_weight))
         return {"cases": self.cases, "seed_base": VALIDATION_SEED_BASE + self.seed * 10_000,
                 "layout": "training", "objective": "detection CSI; diagnosis AUC",
                 "validation_csi": round(best["csi"], 4),
@@ -126,13 +131,17 @@ def calibrate(run: RunFn, n_cases: int = 12, *, seed: int = 0,
     assert best_key is not None
     chosen = replace(base, lesion_threshold=best_key[0], min_lesion_mm3=best_key[1])
     for top in TOP_MM:
-        sc = scores(replace(chosen, diagnosis_top_mm=top))
-        auc = auc_macro(truth, np.array([s.probabilities for s in sc]))
-        cal.diagnosis.append({"top_mm": top, "auc": auc if np.isfinite(auc) else 0.5})
-    # Best AUC; on a tie the slab closest to the current setting.
-    best = max(cal.diagnosis, key=lambda r: (round(r["auc"], 6),
-                                             -abs(r["top_mm"] - base.diagnosis_top_mm)))
-    cal.settings = replace(chosen, diagnosis_top_mm=best["top_mm"])
+        for w in DETECTION_WEIGHTS:
+            sc = scores(replace(chosen, diagnosis_top_mm=top, diagnosis_detection_weight=w))
+            auc = auc_macro(truth, np.array([s.probabilities for s in sc]))
+            cal.diagnosis.append({"top_mm": top, "detection_weight": w,
+                                  "auc": auc if np.isfinite(auc) else 0.5})
+    # Best AUC; on a tie the setting closest to the current one.
+    best = max(cal.diagnosis, key=lambda r: (
+        round(r["auc"], 6), -abs(r["detection_weight"] - base.diagnosis_detection_weight),
+        -abs(r["top_mm"] - base.diagnosis_top_mm)))
+    cal.settings = replace(chosen, diagnosis_top_mm=best["top_mm"],
+                           diagnosis_detection_weight=best["detection_weight"])
     return cal
 
 

@@ -68,6 +68,10 @@ class TaskSettings:
     """Slab thickness (mm) whose most abnormal slices decide the case-level diagnosis."""
     midline_tolerance_mm: float = 3.0
     """Lesions this close to the brain midline are called ``midline``."""
+    diagnosis_detection_weight: float = 0.0
+    """Weight of the detections in the case-level diagnosis (0 = slice head only, 1 =
+    detections only): ``p = (1 - w) p_slices + w p_detections``, see
+    :func:`diagnosis_from_detections`."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> TaskSettings:
@@ -234,6 +238,31 @@ def diagnosis_from_slices(slice_probs: Array, slice_mm: float, settings: TaskSet
                                                                             strict=True)})
 
 
+def diagnosis_from_detections(detections: list[R.Detection]) -> npt.NDArray[np.float64]:
+    """Case-level probabilities (normal, small vessel, mass) from the lesion detections.
+
+    Each abnormal class scores the highest mean component probability among its detections
+    (0 without one); mass outranks small-vessel disease, as in the slice aggregation.
+    """
+    s1 = max((d.probability for d in detections if d.finding != R.MASS), default=0.0)
+    s2 = max((d.probability for d in detections if d.finding == R.MASS), default=0.0)
+    return np.array([(1 - s1) * (1 - s2), s1 * (1 - s2), s2])
+
+
+def blend_diagnosis(diagnosis: R.Diagnosis, detections: list[R.Detection], weight: float
+                    ) -> R.Diagnosis:
+    """``diagnosis`` mixed with :func:`diagnosis_from_detections` at ``weight`` (0-1)."""
+    if weight <= 0:
+        return diagnosis
+    names = list(DIAGNOSIS_CODES)
+    head = np.array([diagnosis.probabilities[n] for n in names], np.float64)
+    p = (1 - weight) * head + weight * diagnosis_from_detections(detections)
+    best = int(np.argmax(p))
+    return R.Diagnosis(code=DIAGNOSIS_CODES[names[best]], probability=round(float(p[best]), 4),
+                       probabilities={n: round(float(v), 4) for n, v in zip(names, p,
+                                                                            strict=True)})
+
+
 def report_facts(diagnosis: R.Diagnosis | None, detections: list[R.Detection]
                  ) -> dict[str, str]:
     """Report facts that agree with the structured outputs.
@@ -369,6 +398,8 @@ def build_results(
                                         {n: float(v) for n, v in zip(names, p, strict=True)})
         else:
             raise ValueError("'suggest a diagnosis' needs the diagnosis output")
+        res.diagnosis = blend_diagnosis(res.diagnosis, dets,
+                                        settings.diagnosis_detection_weight)
     if "report" in want:
         if report_writer is None:
             raise ValueError("'write the report' needs the report decoder")
