@@ -8,7 +8,8 @@ Instructions select what is produced:
   midline of the segmented brain, lobe from a coarse MNI-box atlas after a bounding-box
   alignment of the segmented brain to the MNI152 brain);
 * ``suggest a diagnosis``   - :class:`Diagnosis` (normal / small-vessel disease / mass) from the
-  per-slice diagnosis head (mean of the top slices covering ``diagnosis_top_mm``);
+  per-slice diagnosis head (mean of the top slices covering ``diagnosis_top_mm``) mixed with
+  the lesion detections at ``diagnosis_detection_weight`` (calibrated per model);
 * ``write the report``      - the grounded report decoder writes findings + impression from the
   structured findings above, so the text cannot contradict them;
 * ``reconstruct``           - the reconstruction head's image.
