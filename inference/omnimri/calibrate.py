@@ -3,8 +3,9 @@
 The network gives probabilities; turning them into findings needs four numbers that are
 properties of a trained model, not of the code: the lesion probability threshold, the smallest
 lesion component kept (mm³), the slab (mm) whose most abnormal slices decide the case-level
-diagnosis, and how much the lesion detections weigh in that diagnosis. :func:`calibrate` chooses them on *validation* cases - seeds from
-:data:`VALIDATION_SEED_BASE`, the training lesion layout - so the held-out evaluation
+diagnosis, and how much the lesion detections weigh in that diagnosis. :func:`calibrate`
+chooses them on *validation* cases - seeds from :data:`VALIDATION_SEED_BASE`, the training
+lesion layout - so the held-out evaluation
 (:mod:`.evaluate`, other seeds and the other lesion layout) stays untouched:
 
 * lesion threshold x minimum size: the pair with the best detection critical success index,
