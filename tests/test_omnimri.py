@@ -273,3 +273,21 @@ def test_dice_loss_leaves_out_classes_absent_from_the_batch() -> None:
     none = dice_loss(logits, torch.zeros_like(target), [1, 2])
     none.backward()
     assert float(none) == 0.0 and logits.grad is not None and float(logits.grad.abs().max()) == 0
+
+
+def test_diagnosis_blends_the_slice_head_with_the_detections() -> None:
+    from inference.omnimri.tasks import DIAGNOSIS_CODES, blend_diagnosis, diagnosis_from_detections
+
+    head = R.Diagnosis(DIAGNOSIS_CODES["normal"], 0.8,
+                       {"normal": 0.8, "small_vessel": 0.15, "mass": 0.05})
+    mass = R.Detection(finding=R.MASS, segment_number=6, centroid_index=(1.0, 2.0, 3.0),
+                       centroid_lps_mm=(0.0, 0.0, 0.0), bbox_index=(0, 0, 0, 2, 2, 2),
+                       diameter_mm=20.0, volume_ml=2.0, probability=0.9)
+    assert np.allclose(diagnosis_from_detections([]), [1.0, 0.0, 0.0])
+    assert np.allclose(diagnosis_from_detections([mass]), [0.1, 0.0, 0.9])
+    assert blend_diagnosis(head, [mass], 0.0) is head
+    only = blend_diagnosis(head, [mass], 1.0)
+    assert only.code == DIAGNOSIS_CODES["mass"] and only.probability == 0.9
+    half = blend_diagnosis(head, [mass], 0.5)
+    assert half.probabilities["mass"] == round(0.5 * 0.05 + 0.5 * 0.9, 4)
+    assert abs(sum(half.probabilities.values()) - 1.0) < 1e-3
