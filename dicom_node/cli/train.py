@@ -99,6 +99,13 @@ def export_cmd(
                f"omnimri-node eval --model {out} --write-metrics")
 
 
+def _require_package(model: Path) -> None:
+    """Exit 2 with a one-line error unless ``model`` holds a ``model.yaml``."""
+    if not (model / "model.yaml").is_file():
+        typer.echo(f"error: {model} is not a model package (no model.yaml)", err=True)
+        raise typer.Exit(2)
+
+
 @train_app.command("calibrate")
 def calibrate_cmd(
     model: Annotated[Path, typer.Option(help="Model package folder.")] = Path(
@@ -107,12 +114,10 @@ def calibrate_cmd(
     seed: Annotated[int, typer.Option(help="Validation set seed.")] = 0,
     write: Annotated[bool, typer.Option(help="Store the settings in model.yaml.")] = True,
 ) -> None:
-    """Choose lesion threshold, smallest lesion and diagnosis slab on validation cases."""
+    """Choose lesion threshold, smallest lesion and diagnosis settings on validation cases."""
     from inference.omnimri.calibrate import calibrate_package
 
-    if not (model / "model.yaml").is_file():
-        typer.echo(f"error: {model} is not a model package (no model.yaml)", err=True)
-        raise typer.Exit(2)
+    _require_package(model)
     cal = calibrate_package(model, cases, seed=seed, write=write)
     for line in cal.lines():
         typer.echo(line)
@@ -149,15 +154,14 @@ def eval_cmd(
         from inference.omnimri.real_mr import describe
         from inference.package import ModelPackage
 
+        _require_package(model)
         for line in describe(ModelPackage.load(model)):
             typer.echo(line)
         return
     if checkpoint is not None:
         rep = evaluate_checkpoint(checkpoint, cases, seed=seed, progress=prog)
     else:
-        if not (model / "model.yaml").is_file():
-            typer.echo(f"error: {model} is not a model package (no model.yaml)", err=True)
-            raise typer.Exit(2)
+        _require_package(model)
         rep = evaluate_package(model, cases, seed=seed, progress=prog)
     for line in rep.lines():
         typer.echo(line)

@@ -325,18 +325,17 @@ class GridSpec:
     @classmethod
     def of_package(cls, folder: Path) -> GridSpec:
         """From a package's ``model.yaml`` ``input`` section."""
-        import yaml
+        from inference.package import ModelPackage
 
-        spec = (yaml.safe_load((folder / "model.yaml").read_text()) or {}).get("input") or {}
-        return cls(int((spec.get("patch_size") or [128])[0]), int(spec.get("context_slices", 1)))
+        spec = ModelPackage.load(folder).spec.input
+        return cls(int(spec.patch_size[0]), int(spec.context_slices))
 
 
 def package_task_settings(folder: Path) -> TaskSettings:
     """The post-processing settings a package declares (``model.yaml`` ``extra.tasks``)."""
-    import yaml
+    from inference.package import ModelPackage
 
-    spec = yaml.safe_load((folder / "model.yaml").read_text()) or {}
-    return TaskSettings.from_dict((spec.get("extra") or {}).get("tasks"))
+    return TaskSettings.from_dict(ModelPackage.load(folder).spec.extra.get("tasks"))
 
 
 def evaluate_checkpoint(checkpoint: Path, n_cases: int = 30, *, seed: int = 0,

@@ -198,8 +198,6 @@ def model_spec(model: OmniMRI, name: str, version: str, *, metrics: dict[str, fl
                 "pad_id": rt.WORD_ID[rt.PAD], "max_tokens": cfg.max_tokens,
                 "memory": "structured findings: one-hot slots " + ", ".join(rt.SLOTS),
             },
-            "diagnosis": {"source": "diagnosis_map", "aggregate": "top slices",
-                          "top_mm": settings.diagnosis_top_mm},
             "tasks": {"min_lesion_mm3": settings.min_lesion_mm3,
                       "lesion_threshold": settings.lesion_threshold,
                       "diagnosis_top_mm": settings.diagnosis_top_mm,
