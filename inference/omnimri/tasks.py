@@ -424,7 +424,8 @@ def report_writer_for(version_folder: Path, extra: dict[str, Any]) -> ReportWrit
 
 
 def results_from_raw(package: Any, raw: Any, volume: Any, instructions: list[str],
-                     node_version: str = "") -> R.Results:
+                     node_version: str = "", *, settings: TaskSettings | None = None,
+                     writer: ReportWriter | None = None) -> R.Results:
     """Build :class:`Results` from a generic engine run (:func:`inference.runner.run_model`).
 
     Args:
@@ -433,6 +434,9 @@ def results_from_raw(package: Any, raw: Any, volume: Any, instructions: list[str
         volume: The source :class:`inference.volume.Volume`.
         instructions: The pipeline's instructions.
         node_version: Recorded in :class:`ModelInfo`.
+        settings: Post-processing settings instead of the package's ``extra.tasks``
+            (calibration sweeps them over cached raw outputs).
+        writer: Report writer instead of the package's decoder (a training checkpoint's).
     """
     extra = dict(package.spec.extra)
     seg = raw.segmentation
@@ -450,11 +454,11 @@ def results_from_raw(package: Any, raw: Any, volume: Any, instructions: list[str
         heads.diagnosis = np.array([c.probabilities[k.name] for k in c.classes], np.float32)
     if "recon" in raw.image:
         heads.recon = raw.image["recon"]
-    writer = None
-    if "write the report" in [" ".join(i.lower().split()) for i in instructions]:
+    if writer is None and "write the report" in [" ".join(i.lower().split())
+                                                 for i in instructions]:
         writer = report_writer_for(package.version_folder(), extra)
     return build_results(heads, instructions, package.model_info(node_version),
-                         TaskSettings.from_dict(extra.get("tasks")), writer)
+                         settings or TaskSettings.from_dict(extra.get("tasks")), writer)
 
 
 def run_omnimri(package: Any, volume: Any, instructions: list[str], engine: Any = None,
