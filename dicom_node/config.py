@@ -140,12 +140,9 @@ class NodeConfig(_Section):
     """Idle timeout of an association, seconds. Default 60."""
     max_instance_bytes: int = Field(default=2 * 1024**3, ge=1)
     """Largest instance accepted, bytes; larger ones are refused (0xA700). Default 2 GiB."""
-    receiver: Literal["pynetdicom", "fast"] = "pynetdicom"
-    """Receive path: ``fast`` (the node's own Upper Layer with a group-committed receive
-    journal, :mod:`dicom_node.fastscp`; TLS is still served by pynetdicom) or ``pynetdicom``
-    (pynetdicom's SCP, a file fsync + folder fsync + SQLite commit per batch). Default
-    ``pynetdicom``: ``fast`` is about 2x faster but opt-in until a 30 s stall seen once under
-    heavy load is explained (docs/listener.md)."""
+    receiver: str | None = None
+    """Deprecated, ignored: the node has one receive path (its own DICOM Upper Layer,
+    docs/listener.md). Only ``fast`` (the former name of that path) is accepted."""
     tls: TLSConfig = Field(default_factory=TLSConfig)
     """DICOM TLS settings."""
 
@@ -158,6 +155,14 @@ class NodeConfig(_Section):
     @classmethod
     def _aliases(cls, v: list[str]) -> list[str]:
         return [_check_ae_title(a) for a in v]
+
+    @field_validator("receiver")
+    @classmethod
+    def _receiver(cls, v: str | None) -> str | None:
+        if v not in (None, "fast"):
+            raise ValueError(f"node.receiver {v!r} was removed: the node has one receive path "
+                             "(its own Upper Layer, TLS included); delete the setting")
+        return v
 
 
 class StorageConfig(_Section):

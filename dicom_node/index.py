@@ -19,6 +19,7 @@ Times are stored as UNIX epoch seconds (REAL, UTC) and returned as aware ``datet
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -193,10 +194,14 @@ class SeriesIndex:
         c.execute("BEGIN IMMEDIATE")
         try:
             yield c
+            c.execute("COMMIT")
         except BaseException:
-            c.execute("ROLLBACK")
+            # Also after a failed COMMIT (disk full): never leave the connection inside a
+            # transaction, or every later write on it fails too.
+            if c.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    c.execute("ROLLBACK")
             raise
-        c.execute("COMMIT")
 
     # -- the listener's side ---------------------------------------------------------------
 

@@ -28,6 +28,10 @@ MISSING_UIDS: Final = 0xC001
 SOP_INSTANCE_MISMATCH: Final = 0xC002
 """Refused: the data set's SOP Instance UID differs from the request's Affected SOP Instance UID."""
 
+INVALID_COMMAND_UID: Final = 0xC003
+"""Refused: the C-STORE request's Affected SOP Instance or Class UID is not a valid UID
+(empty, over 64 characters, or other than digits and dots); the association goes on."""
+
 PROCESSING_FAILURE: Final = 0x0110
 """Refused: an unexpected error while storing (logged with its traceback); nothing is kept."""
 
@@ -38,6 +42,7 @@ STORE_FAILURES: Final = frozenset(
         CANNOT_UNDERSTAND,
         MISSING_UIDS,
         SOP_INSTANCE_MISMATCH,
+        INVALID_COMMAND_UID,
         PROCESSING_FAILURE,
     }
 )
@@ -79,6 +84,7 @@ def status_name(status: int) -> str:
         CANNOT_UNDERSTAND: "cannot_understand",
         MISSING_UIDS: "missing_uids",
         SOP_INSTANCE_MISMATCH: "sop_instance_mismatch",
+        INVALID_COMMAND_UID: "invalid_command_uid",
         PROCESSING_FAILURE: "processing_failure",
     }
     return names.get(status, f"0x{status:04X}")

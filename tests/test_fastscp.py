@@ -1,8 +1,7 @@
-"""The fast receive path (``node.receiver: fast``): Upper Layer codec, journal, replay, node.
+"""The node's receive path (its own Upper Layer): codec, journal, replay, node.
 
-The whole listener suite also runs against this receiver with
-``OMNIMRI__NODE__RECEIVER=fast pytest tests/test_listener*.py ...`` (see docs/listener.md);
-these tests cover what is particular to it.
+The listener suite (tests/test_listener*.py) covers the node's behaviour through real senders;
+these tests cover the parts of the receive path itself.
 """
 
 from __future__ import annotations
@@ -20,7 +19,8 @@ from pynetdicom.dsutils import decode
 
 from dicom_node import status
 from dicom_node.config import NodeSettings, parse_config
-from dicom_node.fastscp import FastListener, read_header_bytes
+from dicom_node.fastscp import Listener as FastListener
+from dicom_node.fastscp import read_header_bytes
 from dicom_node.fastscp import upper_layer as ul
 from dicom_node.fastscp.journal import Journal, read_segment
 from dicom_node.fastscp.receiver import scan_header
@@ -113,8 +113,7 @@ def test_journal_records_round_trip_and_a_torn_tail_is_dropped(tmp_path: Path) -
 
 def _settings(root: Path) -> NodeSettings:
     return parse_config({"node": {"ae_title": "OMNIMRI", "host": "127.0.0.1",
-                                  "port": free_port(),
-                                  "receiver": "fast"},
+                                  "port": free_port()},
                          "storage": {"path": str(root / "spool"), "min_free_bytes": 0,
                                      "min_free_percent": 0}}, base=root)
 
@@ -134,9 +133,9 @@ def test_replay_restores_acknowledged_instances_whose_files_were_lost(tmp_path: 
         # The crash: no clean stop (the journal keeps its open segment); files not durable.
         for inst in stored:
             inst.path.unlink()
-        rx._serving_fast = False
-        assert rx._sock is not None
-        rx._sock.close()
+        rx._serving = False
+        for sock, _ in rx._servers:
+            sock.close()
         again = FastListener(settings, index, spool)  # start-up replays the journal
         by_uid = {str(pydicom.dcmread(f).SOPInstanceUID): f for f in files}
         assert index.count_instances() == 5
@@ -144,14 +143,14 @@ def test_replay_restores_acknowledged_instances_whose_files_were_lost(tmp_path: 
             assert dataset_bytes(inst.path) == dataset_bytes(by_uid[inst.sop_instance_uid])
         assert again.journal.pending_segments() == []
     finally:
-        rx._serving_fast = False
+        rx._serving = False
         index.close()
 
 
 def test_fast_node_serves_dcmtk_and_survives_protocol_garbage(
         node_factory: Callable[..., NodeProcess], tmp_path: Path, dcmtk: None) -> None:
-    node = node_factory(node={"receiver": "fast"})
-    assert node.wait_for_event("listening")[0]["receiver"] == "fast"
+    node = node_factory()
+    assert node.wait_for_event("listening")[0]["tls"] is False
     assert echoscu(node.port, "OMNIMRI").returncode == 0
     # Garbage instead of an A-ASSOCIATE-RQ, and a P-DATA-TF before any association.
     for junk in (b"GET / HTTP/1.1\r\n\r\n", ul.p_data_tf(1, b"\0" * 8)):
@@ -174,7 +173,7 @@ def test_fast_node_serves_dcmtk_and_survives_protocol_garbage(
                               + ".dcm"), strict=True):
         assert dataset_bytes(inst.path) == dataset_bytes(f)
     [done] = node.wait_for_event("association_released", calling_ae="DCMSEND")
-    assert (done["stored"], done["duplicates"], done["receiver"]) == (30, 0, "fast")
+    assert (done["stored"], done["duplicates"], done["tls"]) == (30, 0, False)
     # An unsupported abstract syntax is refused in negotiation, the others still work.
     assoc = associate(node.port, contexts=[("1.2.840.10008.5.1.4.1.2.2.1",
                                             "1.2.840.10008.1.2")])
@@ -214,9 +213,9 @@ def test_large_instances_are_spilled_to_disk_and_stored_durably(
     assert list((spool.root / ".journal").iterdir()) == []
 
 
-def test_idle_association_times_out_and_pynetdicom_receiver_still_selectable(
-        node_factory: Callable[..., NodeProcess], tmp_path: Path, dcmtk: None) -> None:
-    node = node_factory(node={"receiver": "fast", "network_timeout_s": 1})
+def test_idle_association_times_out_and_the_removed_receiver_setting_is_refused(
+        node_factory: Callable[..., NodeProcess], tmp_path: Path) -> None:
+    node = node_factory(node={"network_timeout_s": 1})
     idle = associate(node.port)
     assert idle.is_established
     [ev] = node.wait_for_event("association_timeout", timeout_s=10)
@@ -224,15 +223,12 @@ def test_idle_association_times_out_and_pynetdicom_receiver_still_selectable(
     node.wait_for_event("association_aborted", timeout_s=10)
     idle.release()  # (already aborted by the node)
     assert store_files(node.port, [TEST_FILES / "MR_small.dcm"]) == [status.SUCCESS]
-    # The pynetdicom listener stays available as node.receiver: pynetdicom.
-    other = node_factory(node={"receiver": "pynetdicom"})
-    files = write_series(synthetic_series(3, 32, 32, seed=4), tmp_path / "p")
-    r = dcmsend(other.port, files, "OMNIMRI")
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert other.index().count_instances() == 3
-    [done] = other.wait_for_event("association_released", calling_ae="DCMSEND")
-    assert done["stored"] == 3 and "receiver" not in done
-    assert not (other.spool / ".journal").exists()
+    # There is one receive path: the removed pynetdicom receiver is refused with a reason.
+    from dicom_node.config import ConfigError
+
+    with pytest.raises(ConfigError, match="node.receiver 'pynetdicom' was removed"):
+        parse_config({"node": {"receiver": "pynetdicom"}}, tmp_path)
+    assert parse_config({"node": {"receiver": "fast"}}, tmp_path).node.receiver == "fast"
 
 
 def _raw_associate(port: int, sop_class: str, ts: str) -> socket.socket:
@@ -265,7 +261,7 @@ def test_abort_in_the_middle_of_a_data_set_leaves_nothing(
     from pydicom.dataset import Dataset
     from pynetdicom.dsutils import encode
 
-    node = node_factory(node={"receiver": "fast"})
+    node = node_factory()
     f = TEST_FILES / "MR_small.dcm"
     sop_class, ts = str(read_file_meta_info(f).MediaStorageSOPClassUID), "1.2.840.10008.1.2.1"
     s = _raw_associate(node.port, sop_class, ts)

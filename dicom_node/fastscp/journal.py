@@ -134,17 +134,23 @@ class Journal:
         path = self.folder / f"seg-{self._next_name:08d}.jnl"
         self._next_name += 1
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        zeros = bytes(1024**2)
-        left = self.segment_bytes
-        while left > 0:
-            left -= os.write(fd, zeros[:min(left, len(zeros))])
-        if self.fsync:  # blocks and name durable now: appends then change no metadata
-            os.fsync(fd)
-            dfd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+        try:
+            zeros = bytes(1024**2)
+            left = self.segment_bytes
+            while left > 0:
+                left -= os.write(fd, zeros[:min(left, len(zeros))])
+            if self.fsync:  # blocks and name durable now: appends then change no metadata
+                os.fsync(fd)
+                dfd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        except BaseException:
+            # Disk full (or any failure) while preparing: leave no partial segment behind.
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
         return _Segment(path, fd)
 
     def _start_segment(self) -> _Segment:
@@ -178,6 +184,39 @@ class Journal:
             self._seq += 1
             seg.last_seq = self._seq
             return self._seq
+
+    def mark(self) -> tuple[_Segment | None, int, int, int]:
+        """Where the journal ends now; :meth:`rollback` to it undoes later appends."""
+        with self._lock:
+            seg = self._current
+            return seg, (seg.size if seg else 0), (seg.last_seq if seg else 0), len(self._closed)
+
+    def rollback(self, mark: tuple[_Segment | None, int, int, int]) -> None:
+        """Undo the appends since :meth:`mark` (a batch that failed: never acknowledged).
+
+        The first record after the mark is overwritten with zeros, so a replay stops there
+        even if a later flush made the undone bytes durable; segments started since the mark
+        stop being replayed (their header is cleared) and become spares again. Writes stay
+        inside preallocated space, so this works on a full disk.
+        """
+        seg0, size0, last0, n_closed = mark
+        with self._lock:
+            later = [s for s in self._closed[n_closed:] if s is not seg0]
+            if self._current is not None and self._current is not seg0:
+                later.append(self._current)
+            for s in later:
+                os.pwrite(s.fd, bytes(_SEG_HEAD.size), 0)
+                s.size, s.last_seq = 0, 0
+                if s in self._closed:
+                    self._closed.remove(s)
+                self._free.append(s)
+            if seg0 is not None:
+                if seg0 in self._closed:
+                    self._closed.remove(seg0)
+                if size0 + _HEAD.size <= os.fstat(seg0.fd).st_size:
+                    os.pwrite(seg0.fd, bytes(_HEAD.size), size0)
+                seg0.size, seg0.last_seq = size0, last0
+            self._current = seg0
 
     def sync(self) -> None:
         """Make every record appended so far durable (``fdatasync`` of the open segment)."""

@@ -1,173 +1,106 @@
-"""The fast receiver (``node.receiver: fast``): a Storage SCP on its own DICOM Upper Layer.
+"""The node's Storage SCP: its own DICOM Upper Layer, one thread per association.
 
-One thread per association does everything for an instance, with no hand-over between threads
-on the hot path: it reads the PDUs from the socket, collects the data set fragments in memory
-(a data set above :data:`SPILL_BYTES` goes to a file and the classic fsync + rename path),
-checks the header (the same checks and statuses as :class:`~dicom_node.listener.Listener`),
-commits its index row, appends the instance to the receive journal
-(:mod:`dicom_node.fastscp.journal`), and answers 0x0000 only once the journal record is
-flushed (one ``fdatasync``, shared by concurrent associations: group commit). A background
-materialiser then writes the spool file (``<study>/<series>/<sop>.dcm``, same name and content
-as the pynetdicom listener's) and completes series whose expected count is reached; an
-association's A-RELEASE-RP is sent only once its instances are in the spool, so a sender that
-released sees every file in place. After kill -9 or power loss, the journal is replayed at
-start (before the index is reconciled), so nothing acknowledged is lost.
+This is the node's one receive path (plain TCP and DICOM TLS alike). One thread per association
+does everything for an instance, with no hand-over between threads on the hot path: it reads
+the PDUs from the socket (:class:`~dicom_node.fastscp.upper_layer.PduReader`: every claimed
+length checked before anything is allocated, every phase under a deadline), collects the data
+set fragments in memory (a data set above :data:`SPILL_BYTES` goes to a file and the classic
+fsync + rename path), checks it (:meth:`Listener._store`: the one intake — admission was done
+at association time by :class:`~dicom_node.fastscp.policy.CallerPolicy`), commits its index
+row, appends the instance to the receive journal (:mod:`dicom_node.fastscp.journal`), and
+answers 0x0000 only once the journal record is flushed (one ``fdatasync``, shared by
+concurrent associations: group commit). A background materialiser then writes the spool file
+(``<study>/<series>/<sop>.dcm``) and completes series whose expected count is reached; an
+association's A-RELEASE-RP is sent once its instances are in the spool (or after
+:data:`RELEASE_WAIT_S`), so a sender that released sees every file in place. After kill -9 or
+power loss, the journal is replayed at start (before the index is reconciled), so nothing
+acknowledged is lost.
 
-Association policy (allow-list, called AE, association limit, TLS-required) and the
-presentation-context negotiation (every storage SOP class and Verification, with the sender's
-first proposed transfer syntax) are the pynetdicom listener's own code. TLS associations are
-served by the pynetdicom listener (with TLS enabled, :meth:`FastListener.start` defers to it).
+Association states (PS3.8 §9.2, the parts an acceptor that never requests uses)::
+
+    Sta2  connection open, waiting for A-ASSOCIATE-RQ   ARTIM: node.acse_timeout_s (in all)
+    Sta6  established: P-DATA / A-RELEASE-RQ / A-ABORT  idle: node.network_timeout_s per PDU
+                                                        + node.dimse_timeout_s for its bytes
+    Sta13 closing: A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT sent, then the socket is closed
+
+Any other PDU, a length over its limit or a malformed PDU → A-ABORT (service-provider) and one
+``association_protocol_error`` line; a timer expiry → A-ABORT and one ``association_timeout``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import itertools
 import os
 import socket
+import sqlite3
+import ssl
 import struct
 import tempfile
 import threading
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from dicom_node import listener as base
 from dicom_node import metrics, status
 from dicom_node.audit import get_audit
 from dicom_node.config import NodeSettings
 from dicom_node.fastscp import upper_layer as ul
+from dicom_node.fastscp.header import read_header_bytes, scan_header
 from dicom_node.fastscp.journal import Journal, read_segment, remove_segments, syncfs
-from dicom_node.index import InstanceRecord, SeriesIndex
+from dicom_node.fastscp.policy import (
+    REJECT_PLAIN_WHEN_TLS_REQUIRED,
+    VERIFICATION,
+    AssociationStats,
+    CallerPolicy,
+    negotiate_contexts,
+    supported_contexts,
+)
+from dicom_node.index import InstanceRecord, RecordOutcome, SeriesIndex
 from dicom_node.logs import get_logger
 from dicom_node.series_tracker import SeriesTracker, expected_count, log_completion
-from dicom_node.spool import (
-    _LONG_VRS,
-    GroupCommit,
-    InstanceHeader,
-    InstanceRejected,
-    Spool,
-    _int_or_none,
-    _skip_encapsulated,
-    read_header,
-    read_header_from,
-)
+from dicom_node.spool import GroupCommit, InstanceRejected, Spool, read_header
+from dicom_node.tls import TLSConfigError, server_context
 
 log = get_logger("listener")
 
-VERIFICATION = "1.2.840.10008.1.1"
+SPILL_BYTES = 4 * 1024**2
+"""A data set larger than this is received into a file in ``.incoming`` (not in memory) and
+stored with a file fsync + rename + folder fsync, without the journal: for such sizes the
+transfer dominates, and an association's memory stays below ~2 × this (the fragments and their
+joined copy) plus one PDU."""
+
+MAX_PDU_CAP = 16 * 1024**2
+"""Maximum PDU length offered when ``node.max_pdu_bytes`` is 0 ("unlimited"), bytes: the node
+never offers an unbounded PDU, so a P-DATA-TF is always checked against a finite limit."""
+
+PENDING_BYTES_MAX = 256 * 1024**2
+"""Acknowledged bytes waiting for the materialiser above which new commits wait for it
+(back-pressure: bounds the memory the materialiser's queue may hold), bytes."""
+
+RELEASE_WAIT_S = 10.0
+"""Longest an A-RELEASE-RQ waits for the association's instances to reach the spool (they are
+durable in the journal already; only a failing spool disk makes this wait), seconds."""
+
+MATERIALISE_RETRY_S = 1.0
+"""Pause before retrying spool writes that failed (disk full), seconds."""
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
-_TAGS_STR = {0x00080016: "sop_class_uid", 0x00080018: "sop_instance_uid",
-             0x0020000D: "study_instance_uid", 0x0020000E: "series_instance_uid",
-             0x00080060: "modality", 0x0008103E: "series_description"}
-_TAGS_IS = {0x00200013: "instance_number", 0x00280008: "number_of_frames",
-            0x00200105: "number_of_temporal_positions"}
-_NUMBER_OF_SLICES = 0x00540081
-_PIXEL_DATA = 0x7FE00010
-_EXPLICIT_LE = "1.2.840.10008.1.2.1"
-_IMPLICIT_LE = "1.2.840.10008.1.2"
-_EXPLICIT_HEAD = struct.Struct("<HH2sH")
-_IMPLICIT_HEAD = struct.Struct("<HHL")
-_LONG = struct.Struct("<L")
-
-
-def scan_header(dataset: bytes | bytearray | memoryview, transfer_syntax: str
-                ) -> InstanceHeader | None:
-    """The header fields of an Implicit/Explicit VR Little Endian data set, in one pass.
-
-    Walks the top-level elements with :mod:`struct` (no pydicom objects), taking the
-    :data:`~dicom_node.spool.HEADER_TAGS` and checking that every element ends inside the
-    data (encapsulated pixel data included). ``None`` whenever anything is unusual (another
-    transfer syntax, tags out of order, an undefined-length sequence, multi-valued or
-    non-ASCII values, ...): the caller then uses pydicom (:func:`read_header_bytes`).
-
-    Raises:
-        InstanceRejected: ``CANNOT_UNDERSTAND`` when an element runs past the end.
-    """
-    if transfer_syntax == _EXPLICIT_LE:
-        explicit = True
-    elif transfer_syntax == _IMPLICIT_LE:
-        explicit = False
-    else:
-        return None
-    size = len(dataset)
-    pos = 0
-    last_tag = -1
-    found: dict[str, Any] = {}
-    while pos < size:
-        if pos + 8 > size:
-            return None
-        if explicit:
-            group, elem, vr, short = _EXPLICIT_HEAD.unpack_from(dataset, pos)
-            if vr in _LONG_VRS:
-                if pos + 12 > size:
-                    return None
-                (length,) = _LONG.unpack_from(dataset, pos + 8)
-                hlen = 12
-            elif b"A" <= vr[:1] <= b"Z" and b"A" <= vr[1:] <= b"Z":
-                length, hlen = short, 8
-            else:
-                return None
-        else:
-            group, elem, length = _IMPLICIT_HEAD.unpack_from(dataset, pos)
-            hlen = 8
-        tag = (group << 16) | elem
-        if tag <= last_tag or group < 0x0008:
-            return None
-        last_tag = tag
-        start = pos + hlen
-        if length == 0xFFFFFFFF:
-            if tag != _PIXEL_DATA:
-                return None  # an undefined-length sequence: pydicom walks it
-            end = _skip_encapsulated(BytesIO(bytes(dataset)), start, size, "<")
-            if end is None:
-                return None
-            pos = end
-            continue
-        end = start + length
-        if end > size:
-            raise InstanceRejected(status.CANNOT_UNDERSTAND,
-                                   "truncated: an element runs past the end of the data")
-        if tag in _TAGS_STR or tag in _TAGS_IS:
-            raw = bytes(dataset[start:end])
-            if b"\\" in raw or any(b > 0x7E for b in raw):
-                return None
-            text = raw.decode("ascii").rstrip(" \0")
-            if text != text.lstrip():
-                return None
-            if tag in _TAGS_STR:
-                found[_TAGS_STR[tag]] = text
-            else:
-                found[_TAGS_IS[tag]] = _int_or_none(text)
-        elif tag == _NUMBER_OF_SLICES:
-            if length != 2:
-                return None
-            found["number_of_slices"] = int(struct.unpack_from("<H", dataset, start)[0])
-        pos = end
-    missing = [k for k, name in (("SOPClassUID", "sop_class_uid"),
-                                 ("SOPInstanceUID", "sop_instance_uid"),
-                                 ("StudyInstanceUID", "study_instance_uid"),
-                                 ("SeriesInstanceUID", "series_instance_uid"))
-               if not found.get(name)]
-    if missing:
-        raise InstanceRejected(status.MISSING_UIDS, "missing " + ", ".join(missing))
-    return InstanceHeader(
-        transfer_syntax_uid=transfer_syntax,
-        number_of_frames=found.pop("number_of_frames", None) or 1,
-        **found,
-    )
-
-
-def read_header_bytes(part10: bytes | bytearray) -> InstanceHeader:
-    """:func:`dicom_node.spool.read_header` for a Part 10 file held in memory.
-
-    Raises:
-        InstanceRejected: ``CANNOT_UNDERSTAND`` (not DICOM, truncated) or ``MISSING_UIDS``.
-    """
-    return read_header_from(BytesIO(part10), len(part10))
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err`` says the disk (or a quota) is full: OS errors and SQLite's."""
+    if isinstance(err, OSError):
+        return err.errno in _DISK_FULL
+    if isinstance(err, sqlite3.OperationalError):
+        text = str(err).lower()
+        return "full" in text or "disk i/o" in text
+    return False
 
 
 @dataclass(slots=True)
@@ -179,23 +112,22 @@ class _Pending:
     data: bytes
     old_path: Path | None = None
     write: bool = True
+    failures: int = 0
+    fsync_s: float = 0.0
+    """The journal flush of its batch, seconds."""
 
 
 @dataclass(slots=True)
 class _Assoc:
-    """One association's state (``reserve()`` marks it ``_omnimri_reserved``)."""
+    """One association's state."""
 
-    stats: base.AssociationStats
+    stats: AssociationStats
+    tls: bool = False
     contexts: dict[int, tuple[str, str]] = dataclasses.field(default_factory=dict)
     """Accepted context id → (abstract syntax, transfer syntax)."""
     last_seq: int = 0
-    _omnimri_reserved: bool = False
-
-
-SPILL_BYTES = 64 * 1024**2
-"""A data set larger than this is received into a file in ``.incoming`` (not in memory) and
-stored like the pynetdicom listener does (fsync + rename + folder fsync), without the journal:
-for such sizes the transfer dominates and memory stays bounded."""
+    reserved: bool = False
+    """Counted in :attr:`Listener._active` (released exactly once)."""
 
 
 class _Received:
@@ -205,39 +137,51 @@ class _Received:
         meta: The Part 10 preamble and file meta written before the data set.
         incoming: The spool's ``.incoming`` folder (for a spilled data set).
         limit: ``node.max_instance_bytes``: past it the bytes are dropped (answer 0xA700).
+        refusal: Already refused (status, reason): the bytes are counted and dropped.
     """
 
-    def __init__(self, meta: bytes, incoming: Path, limit: int) -> None:
+    def __init__(self, meta: bytes, incoming: Path, limit: int,
+                 refusal: tuple[int, str] | None = None) -> None:
         self.meta = meta
         self.incoming = incoming
         self.limit = limit
         self.chunks: list[bytes] = [meta]
         self.size = len(meta)
         self.over_limit = False
+        self.refusal = refusal
         self.path: Path | None = None
         self._file: Any = None
+        if refusal is not None:
+            self.chunks = []
 
     def add(self, value: memoryview) -> None:
-        """Append a data fragment."""
+        """Append a data fragment (never raises for a full disk: it becomes a refusal)."""
         self.size += len(value)
-        if self.over_limit:
+        if self.over_limit or self.refusal is not None:
             return
         if self.size > self.limit:
             self.over_limit = True
             self.discard()
             self.chunks = []
             return
-        if self._file is None and self.path is None and self.size > SPILL_BYTES:
-            fd, name = tempfile.mkstemp(prefix="rx-", suffix=".dcm", dir=self.incoming)
-            self._file = os.fdopen(fd, "wb")
-            self.path = Path(name)
-            for c in self.chunks:
-                self._file.write(c)
+        try:
+            if self._file is None and self.path is None and self.size > SPILL_BYTES:
+                fd, name = tempfile.mkstemp(prefix="rx-", suffix=".dcm", dir=self.incoming)
+                self.path = Path(name)
+                self._file = os.fdopen(fd, "wb")
+                for c in self.chunks:
+                    self._file.write(c)
+                self.chunks = []
+            if self._file is not None:
+                self._file.write(value)
+            else:
+                self.chunks.append(bytes(value))
+        except OSError as err:
+            self.refusal = (status.OUT_OF_RESOURCES if disk_full(err)
+                            else status.PROCESSING_FAILURE,
+                            f"receiving into .incoming failed: {err.strerror or err}")
+            self.discard()
             self.chunks = []
-        if self._file is not None:
-            self._file.write(value)
-        else:
-            self.chunks.append(bytes(value))
 
     def join(self) -> bytes:
         """The whole Part 10 file (in-memory case)."""
@@ -246,14 +190,17 @@ class _Received:
     def finish(self) -> None:
         """Close the spill file (its bytes are then all in it)."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            f, self._file = self._file, None
+            with contextlib.suppress(OSError):
+                f.close()
 
     def discard(self) -> None:
         """Remove the spill file unless it was moved into the spool."""
         self.finish()
         if self.path is not None:
-            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.path.unlink(missing_ok=True)
+            self.path = None
 
     def same_dataset(self, other_part10: bytes) -> bool:
         """Whether another Part 10 file (in memory) holds the same data set."""
@@ -278,45 +225,75 @@ def _record_header(rec: InstanceRecord) -> dict[str, Any]:
     return d
 
 
-class FastListener(base.Listener):
-    """The node's Storage SCP on its own DICOM Upper Layer (see the module docstring).
+_CommitItem = tuple[InstanceRecord, set[Path], Path | None]
+"""(index record, folders to fsync, file to fsync or ``None`` if already fsync'd)."""
 
-    Same constructor, attributes and life cycle as :class:`~dicom_node.listener.Listener`.
+
+class Listener:
+    """The node's Storage SCP (C-ECHO, C-STORE of every storage SOP class; TCP and TLS).
+
+    Args:
+        settings: The node configuration.
+        index: The series index (instances are recorded there).
+        spool: The spool folder.
+        tracker: Told about expected-count completions (optional).
     """
 
     def __init__(self, settings: NodeSettings, index: SeriesIndex, spool: Spool,
                  tracker: SeriesTracker | None = None) -> None:
+        self.settings = settings
+        self.index = index
+        self.spool = spool
+        self.tracker = tracker
+        self.policy = CallerPolicy(settings)
+        self.tls_required = settings.node.tls.required
+        """Refuse associations that do not run over TLS (``node.tls.required``)."""
+        self._ids = itertools.count(1)
+        self._prefix = uuid.uuid4().hex[:6]
+        self._active = 0
+        self._active_lock = threading.Lock()
         self.journal = Journal(Path(spool.root) / ".journal", fsync=settings.storage.fsync)
         self._dedupe_lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
+        self._pending_bytes = 0
         self._mat_cond = threading.Condition()
         self._mat_queue: list[_Pending | list[str]] = []
         self._outstanding: set[int] = set()
         """Journal sequence numbers appended but not yet in the spool."""
         self._top_seq = 0
-        self._keep_segments = False
         self._mat_stop = False
         self._mat_thread: threading.Thread | None = None
-        self._sock: socket.socket | None = None
-        self._accept_thread: threading.Thread | None = None
+        self._servers: list[tuple[socket.socket, ssl.SSLContext | None]] = []
+        self._accept_threads: list[threading.Thread] = []
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
         self._assoc_threads: set[threading.Thread] = set()
-        self._serving_fast = False
+        self._serving = False
         self._rx_idx = SeriesIndex(index.db_path)
         self._rx_local = threading.local()
-        super().__init__(settings, index, spool, tracker)
+        self._db_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-commit")
+        self._flushed_upto: int | None = None
+        window = settings.storage.group_commit_ms / 1000.0
+        self.committer: GroupCommit[_CommitItem, bool] = GroupCommit(
+            self._commit_files, window, lambda: self._active)
         self.journal_committer: GroupCommit[_Pending, bool] = GroupCommit(
-            self._commit_journal, settings.storage.group_commit_ms / 1000.0,
-            lambda: self._active)
-        self._negotiable = self._supported_contexts()
+            self._commit_journal, window, lambda: self._active)
+        self._negotiable = supported_contexts()
+        mx = settings.node.max_pdu_bytes
+        self.max_pdu = mx if 0 < mx <= MAX_PDU_CAP else MAX_PDU_CAP
+        """Maximum PDU length offered in the A-ASSOCIATE-AC, bytes."""
+        self.recover()
 
     # -- start-up: replay what a crash left in the journal --------------------------------
 
     def recover(self) -> None:
-        """Replay the journal into the spool and index, then reconcile the index."""
+        """Replay the journal into the spool and index, then drop unacknowledged rows."""
         self._replay_journal()
-        super().recover()
+        removed = self.index.reconcile(self.spool.is_intact)
+        if removed:
+            log.warning("unacknowledged_instances_dropped", count=len(removed),
+                        sop_instance_uids=removed[:20],
+                        detail="indexed but not on disk after a crash; senders retry them")
 
     def _replay_journal(self) -> None:
         segs = self.journal.pending_segments()
@@ -363,64 +340,111 @@ class FastListener(base.Listener):
                 log_completion(ev)
 
     def _write_file(self, final: Path, data: bytes) -> None:
-        """Write a spool file via ``.incoming`` + rename (not flushed: the journal covers it)."""
+        """Write a spool file via ``.incoming`` + rename (not flushed: the journal covers it).
+
+        Nothing is left in ``.incoming`` when the write fails (disk full).
+        """
         tmp = self.spool.incoming / f"mat-{threading.get_ident()}-{final.name}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        self.spool.install(tmp, final, sync_first=False)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            self.spool.install(tmp, final, sync_first=False)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def reserve(self, assoc: _Assoc, calling: str, called: str, host: str
+                ) -> tuple[tuple[int, int, int], str] | None:
+        """Apply the policy; on acceptance count the association until it ends."""
+        with self._active_lock:
+            verdict = self.policy.check(calling, called, host, self._active + 1)
+            if verdict is None:
+                self._active += 1
+                assoc.reserved = True
+        return verdict
+
+    def _free(self, assoc: _Assoc) -> None:
+        with self._active_lock:
+            if assoc.reserved:
+                assoc.reserved = False
+                self._active -= 1
+
+    @property
+    def active_associations(self) -> int:
+        """Associations holding a slot now."""
+        return self._active
 
     # -- life cycle ----------------------------------------------------------------------------
 
-    def _supported_contexts(self) -> list[Any]:
-        return list(self.ae.supported_contexts)
-
     @property
     def port(self) -> int:
-        """The bound TCP port."""
-        if self._sock is not None:
-            return int(self._sock.getsockname()[1])
-        return super().port
+        """The bound TCP port of ``node.port`` (useful when configured as 0)."""
+        if self._servers:
+            return int(self._servers[0][0].getsockname()[1])
+        return self.settings.node.port
 
-    def start(self) -> None:
-        """Bind and serve (TLS enabled: the pynetdicom listener serves instead)."""
-        node = self.settings.node
-        if node.tls.enabled or node.tls.required:
-            log.info("fast_receiver_inactive", reason="TLS is served by the pynetdicom listener")
-            self._start_materialiser()
-            super().start()
-            return
-        if not node.allowed_callers:
-            log.warning("allow_list_empty", detail="every calling AE and host is accepted")
-        family = socket.AF_INET6 if ":" in node.host else socket.AF_INET
+    @property
+    def tls_port(self) -> int | None:
+        """The bound TLS port (``None`` without TLS): ``node.tls.port``, or :attr:`port`."""
+        if not self.settings.node.tls.enabled:
+            return None
+        for sock, ctx in self._servers:
+            if ctx is not None:
+                return int(sock.getsockname()[1])
+        return self.settings.node.tls.port or self.port
+
+    def _bind(self, host: str, port: int) -> socket.socket:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((node.host, node.port))
+        sock.bind((host, port))
         sock.listen(64)
+        return sock
+
+    def start(self) -> None:
+        """Bind ``node.port`` (and ``node.tls.port``) and serve in background threads."""
+        node = self.settings.node
+        if node.tls.required and not node.tls.enabled:
+            raise TLSConfigError("node.tls.required: needs node.tls.enabled")
+        tls_ctx = server_context(node.tls) if node.tls.enabled else None
+        if not node.allowed_callers:
+            log.warning("allow_list_empty", detail="every calling AE and host is accepted")
+        separate_tls = tls_ctx is not None and node.tls.port is not None
+        self._servers.append((self._bind(node.host, node.port),
+                              None if separate_tls else tls_ctx))
+        if separate_tls:
+            assert node.tls.port is not None  # noqa: S101
+            self._servers.append((self._bind(node.host, node.tls.port), tls_ctx))
         self.journal.prepare()
-        self._sock = sock
-        self._serving_fast = True
-        self._start_materialiser()
-        self._accept_thread = threading.Thread(target=self._accept_loop, name="fastscp-accept",
-                                               daemon=True)
-        self._accept_thread.start()
+        self._serving = True
+        self._mat_thread = threading.Thread(target=self._materialise_loop,
+                                            name="rx-materialise", daemon=True)
+        self._mat_thread.start()
+        for sock, ctx in self._servers:
+            t = threading.Thread(target=self._accept_loop, args=(sock, ctx), daemon=True,
+                                 name="rx-accept")
+            self._accept_threads.append(t)
+            t.start()
         log.info("listening", ae_title=node.ae_title, aliases=node.aliases, host=node.host,
                  port=self.port, max_associations=node.max_associations,
-                 max_pdu_bytes=node.max_pdu_bytes, receiver="fast", tls=False)
-
-    def _start_materialiser(self) -> None:
-        self._mat_thread = threading.Thread(target=self._materialise_loop,
-                                            name="fastscp-materialise", daemon=True)
-        self._mat_thread.start()
+                 max_pdu_bytes=self.max_pdu, tls=node.tls.enabled, tls_port=self.tls_port,
+                 tls_required=node.tls.required, verify_client=node.tls.verify_client,
+                 acse_timeout_s=node.acse_timeout_s, network_timeout_s=node.network_timeout_s,
+                 dimse_timeout_s=node.dimse_timeout_s)
 
     def stop(self) -> None:
         """Stop accepting, let open associations end (briefly), drain the journal."""
-        if self._serving_fast and self._sock is not None:
-            self._serving_fast = False
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
-            self._sock.close()
-            if self._accept_thread is not None:
-                self._accept_thread.join(5)
+        if self._serving:
+            self._serving = False
+            for sock, _ in self._servers:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            for t in self._accept_threads:
+                t.join(5)
             deadline = time.monotonic() + 5
             for t in list(self._assoc_threads):
                 t.join(max(0.0, deadline - time.monotonic()))
@@ -430,86 +454,113 @@ class FastListener(base.Listener):
                         c.shutdown(socket.SHUT_RDWR)
             for t in list(self._assoc_threads):
                 t.join(2)
-            self._sock = None
+            self._servers = []
             log.info("listener_stopped")
-        else:
-            super().stop()
         with self._mat_cond:
             self._mat_stop = True
             self._mat_cond.notify_all()
         if self._mat_thread is not None:
             self._mat_thread.join(60)
         with self._mat_cond:
-            drained = not self._mat_queue and not self._outstanding and not self._keep_segments
+            drained = not self._mat_queue and not self._outstanding
         self.journal.close(self.spool.root, all_materialised=drained)
+        self._db_pool.shutdown(wait=False)
 
-    def _accept_loop(self) -> None:
-        assert self._sock is not None  # noqa: S101
-        while self._serving_fast:
+    def _accept_loop(self, server: socket.socket, tls_ctx: ssl.SSLContext | None) -> None:
+        while self._serving:
             try:
-                conn, addr = self._sock.accept()
+                conn, addr = server.accept()
             except OSError:
                 return
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            t = threading.Thread(target=self._serve, args=(conn, addr), daemon=True,
-                                 name="fastscp-assoc")
+            t = threading.Thread(target=self._serve, args=(conn, addr, tls_ctx), daemon=True,
+                                 name="rx-assoc")
             self._assoc_threads.add(t)
             t.start()
 
     # -- one association -------------------------------------------------------------------------
 
-    def _serve(self, conn: socket.socket, addr: Any) -> None:
+    def _serve(self, conn: socket.socket, addr: Any, tls_ctx: ssl.SSLContext | None) -> None:
+        node = self.settings.node
+        host = str(addr[0])
+        deadline = time.monotonic() + node.acse_timeout_s  # ARTIM: until the A-ASSOCIATE-RQ
+        assoc: _Assoc | None = None
+        sock = conn
         with self._conns_lock:
             self._conns.add(conn)
-        assoc: _Assoc | None = None
         try:
-            assoc = self._associate(conn, addr)
+            if tls_ctx is not None:
+                conn.settimeout(node.acse_timeout_s)
+                try:
+                    sock = tls_ctx.wrap_socket(conn, server_side=True)
+                except (OSError, ssl.SSLError, TimeoutError) as err:
+                    log.info("tls_handshake_failed", peer_host=host,
+                             reason=type(err).__name__)
+                    return
+                with self._conns_lock:
+                    self._conns.discard(conn)
+                    self._conns.add(sock)
+            reader = ul.PduReader(sock, self.max_pdu + 6)
+            assoc = self._associate(sock, reader, addr, deadline, tls=tls_ctx is not None)
             if assoc is not None:
-                self._run(conn, assoc)
+                self._run(sock, reader, assoc)
         except Exception:  # noqa: BLE001 - one association must never stop the node
-            log.exception("association_failed", peer_host=str(addr[0]))
+            log.exception("association_failed", peer_host=host)
         finally:
             if assoc is not None:
                 self._free(assoc)
             with self._conns_lock:
                 self._conns.discard(conn)
+                self._conns.discard(sock)
             with contextlib.suppress(OSError):
-                conn.close()
+                sock.close()
             self._assoc_threads.discard(threading.current_thread())
 
-    def _free(self, assoc: _Assoc) -> None:
-        with self._active_lock:
-            if assoc._omnimri_reserved:
-                assoc._omnimri_reserved = False
-                self._active -= 1
+    def _abort(self, sock: socket.socket, event: str, **fields: Any) -> None:
+        """Send an A-ABORT (service-provider) and write its one log line."""
+        log.warning(event, **fields)
+        with contextlib.suppress(OSError):
+            sock.settimeout(1.0)
+            sock.sendall(ul.a_abort(0x02, 0x00))
 
-    def _max_body(self) -> int:
-        mx = self.settings.node.max_pdu_bytes
-        return (mx if mx else 2**31) + 64 * 1024
-
-    def _associate(self, conn: socket.socket, addr: Any) -> _Assoc | None:
+    def _associate(self, sock: socket.socket, reader: ul.PduReader, addr: Any,
+                   deadline: float, *, tls: bool) -> _Assoc | None:
         node = self.settings.node
-        conn.settimeout(node.acse_timeout_s)
+        host, port = str(addr[0]), int(addr[1])
         try:
-            pdu_type, body = ul.read_pdu(conn, 1024 * 1024)
-        except (ul.PeerClosed, TimeoutError, OSError, ul.UpperLayerError):
-            return None  # a probe or an idle connection: nothing to log
+            left = max(0.001, deadline - time.monotonic())
+            pdu_type, body = reader.read(left, left, until=deadline)
+        except ul.UpperLayerError as err:
+            self._abort(sock, "association_protocol_error", peer_host=host, reason=str(err),
+                        phase="association request")
+            return None
+        except TimeoutError:
+            self._abort(sock, "association_timeout", peer_host=host,
+                        timeout_s=node.acse_timeout_s, phase="association request")
+            return None
+        except (ul.PeerClosed, OSError):
+            return None  # a probe (port check) or a peer that gave up: nothing to log
         if pdu_type != ul.A_ASSOCIATE_RQ_TYPE:
-            conn.sendall(ul.a_abort())
+            self._abort(sock, "association_protocol_error", peer_host=host,
+                        reason=f"PDU type 0x{pdu_type:02X} before an A-ASSOCIATE-RQ",
+                        phase="association request")
             return None
         try:
             rq = ul.decode_associate_rq(body)
         except ul.UpperLayerError as err:
-            log.warning("association_protocol_error", peer_host=str(addr[0]), reason=str(err))
-            conn.sendall(ul.a_abort(0x02, 0x00))
+            self._abort(sock, "association_protocol_error", peer_host=host, reason=str(err),
+                        phase="association request")
             return None
         calling = str(rq.calling_ae_title).strip()
         called = str(rq.called_ae_title).strip()
-        host, port = str(addr[0]), int(addr[1])
-        assoc = _Assoc(base.AssociationStats(
+        assoc = _Assoc(AssociationStats(
             assoc_id=f"{self._prefix}-{next(self._ids)}", calling_ae=calling, called_ae=called,
-            peer_host=host, peer_port=port))
-        verdict = self.reserve(assoc, calling, called, host)
+            peer_host=host, peer_port=port), tls=tls)
+        verdict = None
+        if self.tls_required and not tls:
+            verdict = REJECT_PLAIN_WHEN_TLS_REQUIRED, "TLS required: plain association refused"
+        if verdict is None:
+            verdict = self.reserve(assoc, calling, called, host)
         if verdict is not None:
             (result, source, reason), why = verdict
             log.warning("association_rejected", calling_ae=calling, called_ae=called,
@@ -518,42 +569,38 @@ class FastListener(base.Listener):
             metrics.record_association("rejected")
             get_audit().association_rejected(calling_ae=calling, called_ae=called, host=host,
                                              reason=why)
-            conn.sendall(ul.encode_associate_rj(result, source, reason))
+            with contextlib.suppress(OSError):
+                sock.sendall(ul.encode_associate_rj(result, source, reason))
             return None
-        base._in_node_negotiation.active = True
-        try:
-            results, _ = base._negotiate_contexts_in_requestor_order(
-                rq.presentation_context_definition_list, self._negotiable)
-        finally:
-            base._in_node_negotiation.active = False
+        results = negotiate_contexts(rq.presentation_context_definition_list, self._negotiable)
         for cx in results:
             if cx.result == 0x00 and cx.transfer_syntax:
-                assoc.contexts[int(cx.context_id)] = (str(cx.abstract_syntax),
+                assoc.contexts[int(cx.context_id or 0)] = (str(cx.abstract_syntax),
                                                       str(cx.transfer_syntax[0]))
-        conn.sendall(ul.encode_associate_ac(rq, results, node.max_pdu_bytes))
+        sock.sendall(ul.encode_associate_ac(rq, results, self.max_pdu))
         log.info("association_accepted", assoc_id=assoc.stats.assoc_id, calling_ae=calling,
                  called_ae=called, peer_host=host, peer_port=port, contexts=len(assoc.contexts),
-                 receiver="fast")
+                 tls=tls)
         metrics.record_association("accepted")
         metrics.association_started()
         assoc.stats.counted = True
         get_audit().association_accepted(calling_ae=calling, called_ae=called, host=host,
-                                          port=port, tls=False)
+                                          port=port, tls=tls)
         return assoc
 
-    def _run(self, conn: socket.socket, assoc: _Assoc) -> None:
-        """P-DATA until A-RELEASE or A-ABORT."""
+    def _run(self, sock: socket.socket, reader: ul.PduReader, assoc: _Assoc) -> None:
+        """Sta6: P-DATA until A-RELEASE or A-ABORT (or a protocol error or a timer)."""
         node = self.settings.node
-        conn.settimeout(node.network_timeout_s)
-        max_body = self._max_body()
+        idle_s, pdu_s = node.network_timeout_s, node.dimse_timeout_s
         command = bytearray()
         command_cx: int | None = None
         cmd: dict[int, bytes] | None = None
         rx: _Received | None = None
         how = "association_aborted"
+        st = assoc.stats
         try:
             while True:
-                pdu_type, body = ul.read_pdu(conn, max_body)
+                pdu_type, body = reader.read(idle_s, pdu_s)
                 if pdu_type == ul.P_DATA_TF_TYPE:
                     for cx_id, is_cmd, last, value in ul.iter_pdvs(body):
                         if cx_id not in assoc.contexts:
@@ -561,6 +608,8 @@ class FastListener(base.Listener):
                         if is_cmd:
                             if cmd is not None:
                                 raise ul.UpperLayerError("command while a data set is pending")
+                            if len(command) + len(value) > ul.ASSOCIATE_RQ_MAX_BYTES:
+                                raise ul.UpperLayerError("command set over 64 KiB")
                             command += value
                             command_cx = cx_id
                             if not last:
@@ -568,7 +617,7 @@ class FastListener(base.Listener):
                             cmd = ul.decode_command(command)
                             command = bytearray()
                             if ul.command_us(cmd, 0x0800) == ul.NO_DATASET:
-                                self._dispatch(conn, assoc, cx_id, cmd, None)
+                                self._dispatch(sock, assoc, cx_id, cmd, None)
                                 cmd = None
                             else:
                                 rx = self._received(assoc, cx_id, cmd)
@@ -578,13 +627,14 @@ class FastListener(base.Listener):
                             rx.add(value)
                             if last:
                                 try:
-                                    self._dispatch(conn, assoc, cx_id, cmd, rx)
+                                    self._dispatch(sock, assoc, cx_id, cmd, rx)
                                 finally:
                                     rx.discard()
                                 cmd, rx = None, None
                 elif pdu_type == ul.A_RELEASE_RQ_TYPE:
                     self._wait_materialised(assoc.last_seq)
-                    conn.sendall(ul.A_RELEASE_RP)
+                    sock.settimeout(pdu_s)
+                    sock.sendall(ul.A_RELEASE_RP)
                     how = "association_released"
                     return
                 elif pdu_type == ul.A_ABORT_TYPE:
@@ -592,15 +642,11 @@ class FastListener(base.Listener):
                 else:
                     raise ul.UpperLayerError(f"unexpected PDU type 0x{pdu_type:02X}")
         except ul.UpperLayerError as err:
-            log.warning("association_protocol_error", assoc_id=assoc.stats.assoc_id,
-                        peer_host=assoc.stats.peer_host, reason=str(err))
-            with contextlib.suppress(OSError):
-                conn.sendall(ul.a_abort(0x02, 0x00))
+            self._abort(sock, "association_protocol_error", assoc_id=st.assoc_id,
+                        peer_host=st.peer_host, reason=str(err))
         except TimeoutError:
-            log.warning("association_timeout", assoc_id=assoc.stats.assoc_id,
-                        peer_host=assoc.stats.peer_host, timeout_s=node.network_timeout_s)
-            with contextlib.suppress(OSError):
-                conn.sendall(ul.a_abort(0x02, 0x00))
+            self._abort(sock, "association_timeout", assoc_id=st.assoc_id,
+                        peer_host=st.peer_host, timeout_s=idle_s, pdu_timeout_s=pdu_s)
         except (ul.PeerClosed, OSError):
             pass
         finally:
@@ -616,67 +662,95 @@ class FastListener(base.Listener):
             if how != "association_released":
                 metrics.record_association("aborted")
         dt = time.perf_counter() - st.started
+        n = max(1, st.stored)
         log.info(how, assoc_id=st.assoc_id, calling_ae=st.calling_ae, called_ae=st.called_ae,
                  peer_host=st.peer_host, stored=st.stored, duplicates=st.duplicates,
-                 failed=st.failed, bytes=st.bytes, duration_s=round(dt, 3),
+                 failed=st.failed, bytes=st.bytes, duration_s=round(dt, 3), tls=assoc.tls,
                  store_ms_avg=round(1000 * st.store_s / max(1, st.stored + st.duplicates), 3),
-                 header_ms_avg=round(1000 * st.header_s / max(1, st.stored), 3),
-                 commit_ms_avg=round(1000 * st.commit_s / max(1, st.stored), 3),
-                 instances_per_s=round((st.stored + st.duplicates) / dt, 1) if dt > 0 else None,
-                 receiver="fast")
+                 header_ms_avg=round(1000 * st.header_s / n, 3),
+                 fsync_ms_avg=round(1000 * st.fsync_s / n, 3),
+                 commit_ms_avg=round(1000 * st.commit_s / n, 3),
+                 instances_per_s=round((st.stored + st.duplicates) / dt, 1) if dt > 0 else None)
 
-    def _dispatch(self, conn: socket.socket, assoc: _Assoc, cx_id: int, cmd: dict[int, bytes],
+    def _dispatch(self, sock: socket.socket, assoc: _Assoc, cx_id: int, cmd: dict[int, bytes],
                   rx: _Received | None) -> None:
         field = ul.command_us(cmd, 0x0100)
         msg_id = ul.command_us(cmd, 0x0110)
-        sop_class = ul.command_ui(cmd, 0x0002)
         st = assoc.stats
         if field == ul.C_ECHO_RQ and rx is None:
             log.info("c_echo", assoc_id=st.assoc_id, calling_ae=st.calling_ae,
                      peer_host=st.peer_host)
-            rsp = ul.encode_response(ul.C_ECHO_RSP, msg_id, sop_class or VERIFICATION, None,
-                                     status.SUCCESS)
+            sop_class = ul.command_uid_raw(cmd, 0x0002) or VERIFICATION.encode()
+            rsp = ul.encode_response(ul.C_ECHO_RSP, msg_id, sop_class, None, status.SUCCESS)
         elif field == ul.C_STORE_RQ and rx is not None:
-            sop_instance = ul.command_ui(cmd, 0x1000)
-            code = self._on_fast_store(assoc, cx_id, sop_class, sop_instance, rx)
-            rsp = ul.encode_response(ul.C_STORE_RSP, msg_id, sop_class, sop_instance, code)
+            raw_class = ul.command_uid_raw(cmd, 0x0002)
+            raw_inst = ul.command_uid_raw(cmd, 0x1000)
+            code = self._on_store(assoc, cx_id, raw_class.decode("ascii", "replace"),
+                                  raw_inst.decode("ascii", "replace"), rx)
+            rsp = ul.encode_response(ul.C_STORE_RSP, msg_id, raw_class, raw_inst, code)
         else:
             raise ul.UpperLayerError(f"unsupported DIMSE command 0x{field:04X}")
-        conn.sendall(ul.p_data_tf(cx_id, rsp))
+        sock.settimeout(self.settings.node.dimse_timeout_s)
+        sock.sendall(ul.p_data_tf(cx_id, rsp))
 
-    # -- C-STORE ----------------------------------------------------------------------------------
+    # -- C-STORE: the one intake --------------------------------------------------------------
 
-    def _on_fast_store(self, assoc: _Assoc, cx_id: int, sop_class: str, sop_instance: str,
-                       rx: _Received) -> int:
+    def _received(self, assoc: _Assoc, cx_id: int, cmd: dict[int, bytes]) -> _Received:
+        """Where the data set of a C-STORE-RQ goes while it arrives.
+
+        A request whose Affected SOP Class / Instance UID is not a valid UID is refused
+        (0xC003) once its data set has arrived; its bytes are dropped as they come.
+        """
+        _, ts = assoc.contexts[cx_id]
+        raw_class = ul.command_uid_raw(cmd, 0x0002)
+        raw_inst = ul.command_uid_raw(cmd, 0x1000)
+        refusal = None
+        for name, raw in (("Affected SOP Instance UID", raw_inst),
+                          ("Affected SOP Class UID", raw_class)):
+            if not ul.is_valid_uid(raw):
+                refusal = (status.INVALID_COMMAND_UID,
+                           f"C-STORE-RQ {name} is not a valid UID ({len(raw)} bytes)")
+                break
+        meta = b"" if refusal else ul.file_meta(raw_class.decode("ascii"),
+                                                raw_inst.decode("ascii"), ts)
+        return _Received(meta, self.spool.incoming, self.settings.node.max_instance_bytes,
+                         refusal)
+
+    def _on_store(self, assoc: _Assoc, cx_id: int, sop_class: str, sop_instance: str,
+                  rx: _Received) -> int:
+        """Store one received data set; the status to answer (one log line per refusal)."""
         t0 = time.perf_counter()
         st = assoc.stats
+        reason = ""
         try:
-            code = self._fast_store(assoc, cx_id, sop_class, sop_instance, rx)
+            code = self._store(assoc, cx_id, sop_class, sop_instance, rx)
         except InstanceRejected as rej:
-            code = rej.status
+            code, reason = rej.status, rej.reason
+        except Exception as err:  # noqa: BLE001 - answer a status, keep serving
+            if disk_full(err):
+                code, reason = status.OUT_OF_RESOURCES, f"disk full: {type(err).__name__}"
+            else:
+                code = status.PROCESSING_FAILURE
+                log.exception("instance_store_failed", assoc_id=st.assoc_id,
+                              sop_instance_uid=sop_instance if ul.is_valid_uid(
+                                  sop_instance.encode("ascii", "replace")) else "(invalid)")
+        if code != status.SUCCESS:
             st.failed += 1
-            log.warning("instance_refused", assoc_id=st.assoc_id, calling_ae=st.calling_ae,
-                        peer_host=st.peer_host, status=f"0x{rej.status:04X}",
-                        status_name=status.status_name(rej.status), reason=rej.reason,
-                        sop_instance_uid=sop_instance)
-        except Exception:  # noqa: BLE001 - answer a status, keep serving
-            code = status.PROCESSING_FAILURE
-            st.failed += 1
-            log.exception("instance_store_failed", assoc_id=st.assoc_id,
-                          sop_instance_uid=sop_instance)
+            if reason:
+                log.warning("instance_refused", assoc_id=st.assoc_id, calling_ae=st.calling_ae,
+                            peer_host=st.peer_host, status=f"0x{code:04X}",
+                            status_name=status.status_name(code), reason=reason,
+                            sop_instance_uid=sop_instance if ul.is_valid_uid(
+                                sop_instance.encode("ascii", "replace")) else "(invalid)")
         st.store_s += time.perf_counter() - t0
         return code
 
-    def _received(self, assoc: _Assoc, cx_id: int, cmd: dict[int, bytes]) -> _Received:
-        """Where the data set of a C-STORE-RQ goes while it arrives."""
-        _, ts = assoc.contexts[cx_id]
-        meta = ul.file_meta(ul.command_ui(cmd, 0x0002), ul.command_ui(cmd, 0x1000), ts)
-        return _Received(meta, self.spool.incoming, self.settings.node.max_instance_bytes)
-
-    def _fast_store(self, assoc: _Assoc, cx_id: int, sop_class: str, sop_instance: str,
-                    rx: _Received) -> int:
+    def _store(self, assoc: _Assoc, cx_id: int, sop_class: str, sop_instance: str,
+               rx: _Received) -> int:
         cfg = self.settings
         st = assoc.stats
+        if rx.refusal is not None:
+            raise InstanceRejected(*rx.refusal)
         context_class, ts = assoc.contexts[cx_id]
         size = rx.size
         if rx.over_limit or size > cfg.node.max_instance_bytes:
@@ -744,20 +818,28 @@ class FastListener(base.Listener):
                 expected_count=expected_count(header), calling_ae=st.calling_ae,
                 called_ae=st.called_ae, peer_host=st.peer_host)
             if rx.path is not None:  # a large instance: the classic durable path, no journal
-                code = self._store_spilled(st, rx.path, rec, old_path)
-                rx.path = None  # moved into the spool
-                return code
-            item = _Pending(0, rec, part10, old_path)
-            self._pending[uid] = item
-        try:
-            is_new = self.journal_committer.submit(item)
-        except BaseException:
-            with self._dedupe_lock:
-                if self._pending.get(uid) is item:
-                    del self._pending[uid]
-            raise
+                try:
+                    is_new = self._store_spilled(rx.path, rec)
+                finally:
+                    rx.path = None  # moved into the spool (or removed)
+                if rec.replaced and old_path is not None:
+                    with contextlib.suppress(OSError):
+                        old_path.unlink()
+            else:
+                is_new = None
+                item = _Pending(0, rec, part10, old_path)
+                self._pending[uid] = item
+        if is_new is None:
+            try:
+                is_new = self.journal_committer.submit(item)
+            except BaseException:
+                with self._dedupe_lock:
+                    if self._pending.get(uid) is item:
+                        del self._pending[uid]
+                raise
+            assoc.last_seq = max(assoc.last_seq, item.seq)
+            st.fsync_s += item.fsync_s
         st.commit_s += time.perf_counter() - t1
-        assoc.last_seq = max(assoc.last_seq, item.seq)
         if replaced:
             log.warning("duplicate_instance", assoc_id=st.assoc_id, same_bytes=False,
                         policy="replace", sop_instance_uid=uid)
@@ -771,30 +853,58 @@ class FastListener(base.Listener):
         st.bytes += size
         return status.SUCCESS
 
-    def _store_spilled(self, st: base.AssociationStats, tmp: Path, rec: InstanceRecord,
-                       old_path: Path | None) -> int:
-        """Store a large instance as the pynetdicom listener does (fsync, rename, index).
+    def _store_spilled(self, tmp: Path, rec: InstanceRecord) -> bool:
+        """Store a large instance: fsync, rename, folder fsync, index ("new row?").
 
-        Called with the dedupe lock held. Its file is in place before the acknowledgement,
-        so nothing is journaled and nothing waits for the materialiser.
+        Called with the dedupe lock held. Its file is in place before the acknowledgement, so
+        nothing is journaled and nothing waits for the materialiser. On failure nothing of
+        it stays (neither the file nor its row).
         """
-        dirs = self.spool.install(tmp, rec.path, sync_first=rec.replaced)
-        is_new = self.committer.submit((rec, dirs, None if rec.replaced else rec.path))
-        if rec.replaced:
-            log.warning("duplicate_instance", assoc_id=st.assoc_id, same_bytes=False,
-                        policy="replace", sop_instance_uid=rec.sop_instance_uid)
-            if old_path is not None:
+        try:
+            dirs = self.spool.install(tmp, rec.path, sync_first=rec.replaced)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        try:
+            return self.committer.submit((rec, dirs, None if rec.replaced else rec.path))
+        except BaseException:
+            if not rec.replaced:
                 with contextlib.suppress(OSError):
-                    old_path.unlink()
-        if is_new or rec.replaced:
-            st.stored += 1
-            metrics.record_instance(rec.size_bytes)
-        else:
-            st.duplicates += 1
-            log.info("duplicate_instance", assoc_id=st.assoc_id, same_bytes=True,
-                     sop_instance_uid=rec.sop_instance_uid)
-        st.bytes += rec.size_bytes
-        return status.SUCCESS
+                    rec.path.unlink(missing_ok=True)
+            raise
+
+    def _commit_files(self, items: list[_CommitItem]) -> list[bool]:
+        """Group commit of large instances: fsync their files and folders, index them.
+
+        The fsyncs run concurrently with one SQLite transaction; the caller acknowledges
+        only after both. ``flushed_upto`` (the rows of earlier batches, known durable) lets
+        :meth:`~dicom_node.index.SeriesIndex.reconcile` check only the last batch's files.
+        """
+        dirs: set[Path] = set()
+        files: list[Path] = []
+        for _, d, f in items:
+            dirs |= d
+            if f is not None:
+                files.append(f)
+        db = self._db_pool.submit(self.index.record, [r for r, _, _ in items],
+                                  use_expected_count=False, flushed_upto=self._flushed_upto)
+        try:
+            self.spool.sync(files, dirs)
+        except BaseException:
+            # Not durable: the rows must not outlive this failure.
+            with contextlib.suppress(Exception):
+                done: RecordOutcome = db.result()
+                self.index.forget([r.sop_instance_uid for (r, _, _), new in
+                                   zip(items, done.new, strict=True) if new])
+            raise
+        out: RecordOutcome = db.result()
+        if out.max_rowid is not None:
+            self._flushed_upto = out.max_rowid
+        for series_uid, revision in out.new_revisions:
+            log.info("late_instance_new_revision", series_uid=series_uid, revision=revision)
+        if out.due_expected and self.settings.completion.use_expected_count:
+            self._announce(self.index.complete_expected(out.due_expected))
+        return out.new
 
     def _commit_journal(self, items: list[_Pending]) -> list[bool]:
         """Group commit: index the batch, append it to the journal, flush the journal once.
@@ -805,38 +915,53 @@ class FastListener(base.Listener):
         first); after a power cut, rows lost with the SQLite WAL are re-inserted from the
         journal at start (:meth:`_replay_journal`), and rows whose records never reached the
         journal are dropped by :meth:`~dicom_node.index.SeriesIndex.reconcile` (never
-        acknowledged).
+        acknowledged). A batch that fails (disk full) is rolled back in both: its rows are
+        forgotten and its records cleared from the journal, so nothing of it outlives the
+        failure status.
         """
+        with self._mat_cond:  # back-pressure: bound what waits for the materialiser
+            self._mat_cond.wait_for(lambda: self._pending_bytes < PENDING_BYTES_MAX
+                                    or self._mat_stop, timeout=30)
         out = self._rx_index().record([i.rec for i in items], use_expected_count=False,
                                       flushed_upto=self._flushed_upto)
+        mark = self.journal.mark()
+        appended: list[int] = []
         try:
             for i, new in zip(items, out.new, strict=True):
                 i.write = new or i.rec.replaced
                 if not i.write:
                     continue  # a concurrent duplicate: the first one's bytes are kept
                 i.seq = self.journal.append(_record_header(i.rec), i.data)
-                with self._mat_cond:
-                    self._outstanding.add(i.seq)
-                    self._top_seq = max(self._top_seq, i.seq)
+                appended.append(i.seq)
+            t = time.perf_counter()
             self.journal.sync()
+            dt = time.perf_counter() - t
         except BaseException:
-            self.index.forget([i.rec.sop_instance_uid for i, new in
-                               zip(items, out.new, strict=True) if new])
-            with self._mat_cond:
-                for i in items:
-                    self._outstanding.discard(i.seq)
-                self._keep_segments = True  # the next start sorts the records out
-                self._mat_cond.notify_all()
+            with contextlib.suppress(Exception):
+                self.journal.rollback(mark)
+            with contextlib.suppress(Exception):
+                self._rx_index().forget([i.rec.sop_instance_uid for i, new in
+                                         zip(items, out.new, strict=True) if new])
+            for i in items:
+                i.seq = 0
             raise
         if out.max_rowid is not None:
             self._flushed_upto = out.max_rowid
         for series_uid, revision in out.new_revisions:
             log.info("late_instance_new_revision", series_uid=series_uid, revision=revision)
         with self._mat_cond:
+            self._outstanding.update(appended)
+            if appended:
+                self._top_seq = max(self._top_seq, *appended)
+            for i in items:
+                if i.write:
+                    self._pending_bytes += len(i.data)
             self._mat_queue.extend(items)
             if out.due_expected and self.settings.completion.use_expected_count:
                 self._mat_queue.append(out.due_expected)
             self._mat_cond.notify_all()
+        for i in items:
+            i.fsync_s = dt
         return out.new
 
     def _rx_index(self) -> SeriesIndex:
@@ -850,49 +975,81 @@ class FastListener(base.Listener):
     # -- materialiser ------------------------------------------------------------------------------
 
     def _materialise_loop(self) -> None:
+        """Write acknowledged instances into the spool; retry what fails (disk full).
+
+        An instance whose write fails stays outstanding, so the journal segments holding it
+        (and every later one) are not recycled until it is written; it is retried every
+        :data:`MATERIALISE_RETRY_S`. At stop, whatever still fails stays in the journal and
+        is replayed at the next start.
+        """
+        retry: list[_Pending | list[str]] = []
         while True:
             with self._mat_cond:
-                while not self._mat_queue and not self._mat_stop:
+                if retry and not self._mat_queue and not self._mat_stop:
+                    self._mat_cond.wait(MATERIALISE_RETRY_S)
+                while not self._mat_queue and not self._mat_stop and not retry:
                     self._mat_cond.wait()
-                if not self._mat_queue:
+                if not self._mat_queue and not retry:
                     return
-                batch, self._mat_queue = self._mat_queue, []
+                batch, self._mat_queue = [*retry, *self._mat_queue], []
+                stopping = self._mat_stop
+            retry = []
             done: list[int] = []
+            freed = 0
             for item in batch:
-                try:
-                    if isinstance(item, list):
-                        self._announce(self.index.complete_expected(item))
+                if isinstance(item, list):
+                    if retry:  # completions wait for the files before them
+                        retry.append(item)
                         continue
-                    if item.seq:
-                        done.append(item.seq)
+                    try:
+                        self._announce(self.index.complete_expected(item))
+                    except Exception:  # noqa: BLE001 - retried
+                        log.exception("series_completion_failed")
+                        retry.append(item)
+                    continue
+                try:
                     if item.write:
                         self._write_file(item.rec.path, item.data)
                         if item.old_path is not None:
                             with contextlib.suppress(OSError):
                                 item.old_path.unlink()
-                    with self._dedupe_lock:
-                        if self._pending.get(item.rec.sop_instance_uid) is item:
-                            del self._pending[item.rec.sop_instance_uid]
-                except Exception:  # noqa: BLE001 - the journal still holds it; replayed at start
-                    self._keep_segments = True
-                    log.exception("materialise_failed",
-                                  sop_instance_uid=getattr(getattr(item, "rec", None),
-                                                           "sop_instance_uid", ""))
+                except Exception as err:  # noqa: BLE001 - kept in the journal, retried
+                    item.failures += 1
+                    if item.failures == 1:
+                        log.warning("materialise_failed", sop_instance_uid=item.rec
+                                    .sop_instance_uid, reason=f"{type(err).__name__}: {err}",
+                                    detail="kept in the journal; retried")
+                    retry.append(item)
+                    continue
+                if item.failures:
+                    log.info("materialise_recovered", sop_instance_uid=item.rec.sop_instance_uid,
+                             attempts=item.failures + 1)
+                if item.seq:
+                    done.append(item.seq)
+                if item.write:
+                    freed += len(item.data)
+                with self._dedupe_lock:
+                    if self._pending.get(item.rec.sop_instance_uid) is item:
+                        del self._pending[item.rec.sop_instance_uid]
             with self._mat_cond:
                 self._outstanding.difference_update(done)
+                self._pending_bytes -= freed
                 safe = self._materialised_upto()
                 self._mat_cond.notify_all()
-            if not self._keep_segments:
-                try:
-                    self.journal.release_upto(safe, self.spool.root)
-                except OSError:
-                    log.exception("journal_release_failed")
+            try:
+                self.journal.release_upto(safe, self.spool.root)
+            except OSError:
+                log.exception("journal_release_failed")
+            if stopping and retry:
+                log.warning("materialise_deferred", instances=len(retry),
+                            detail="left in the journal; replayed at the next start")
+                return
 
     def _materialised_upto(self) -> int:
         """Every journal record up to this sequence number is in the spool (hold the cond)."""
         return min(self._outstanding) - 1 if self._outstanding else self._top_seq
 
-    def _wait_materialised(self, seq: int, timeout_s: float = 60.0) -> None:
+    def _wait_materialised(self, seq: int, timeout_s: float = RELEASE_WAIT_S) -> None:
         with self._mat_cond:
             self._mat_cond.wait_for(lambda: self._materialised_upto() >= seq,
                                     timeout=timeout_s)
@@ -906,13 +1063,14 @@ def _dataset_of(part10: bytes) -> bytes:
     return part10[144 + length:]
 
 
+FastListener = Listener
+"""Former name of :class:`Listener` (when a second, pynetdicom-based receiver existed)."""
+
+
 def make_listener(settings: NodeSettings, index: SeriesIndex, spool: Spool,
-                  tracker: SeriesTracker | None = None) -> base.Listener:
-    """The listener ``node.receiver`` selects: ``fast`` (this module) or ``pynetdicom``."""
-    if getattr(settings.node, "receiver", "pynetdicom") == "fast":
-        return FastListener(settings, index, spool, tracker)
-    return base.Listener(settings, index, spool, tracker)
+                  tracker: SeriesTracker | None = None) -> Listener:
+    """The node's listener (there is one receive path)."""
+    return Listener(settings, index, spool, tracker)
 
 
-__all__ = ["FastListener", "make_listener", "read_header_bytes"]
-
+__all__ = ["FastListener", "Listener", "make_listener", "read_header_bytes", "scan_header"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,40 +60,137 @@ class PeerClosed(Exception):
     """The peer closed the TCP connection."""
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytearray:
-    """Read exactly ``n`` bytes from ``sock``.
+ASSOCIATE_RQ_MAX_BYTES = 64 * 1024
+"""Largest A-ASSOCIATE-RQ body accepted, bytes (PS3.8 sets no limit; real ones are < 16 KiB:
+a few hundred presentation contexts). A larger claim is refused before anything is read."""
+
+_FIXED_BODY = {A_RELEASE_RQ_TYPE: 4, A_RELEASE_RP_TYPE: 4, A_ABORT_TYPE: 4}
+"""PDU types whose body is always 4 bytes."""
+
+
+def _recv_into(sock: socket.socket, view: memoryview, deadline: float) -> None:
+    """Fill ``view`` from ``sock`` by the monotonic ``deadline``.
 
     Raises:
         PeerClosed: the connection ended first.
-        TimeoutError: the socket's timeout passed.
+        TimeoutError: the deadline passed.
     """
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
+    got, n = 0, len(view)
     while got < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("PDU not received within its deadline")
+        sock.settimeout(left)
         k = sock.recv_into(view[got:], n - got)
         if not k:
             raise PeerClosed("connection closed by the peer")
         got += k
-    view.release()
+
+
+def recv_exact(sock: socket.socket, n: int, timeout_s: float = 60.0) -> bytearray:
+    """Read exactly ``n`` bytes from ``sock`` within ``timeout_s`` seconds (in all).
+
+    Raises:
+        PeerClosed: the connection ended first.
+        TimeoutError: the time passed.
+    """
+    buf = bytearray(n)
+    with memoryview(buf) as view:
+        _recv_into(sock, view, time.monotonic() + timeout_s)
     return buf
 
 
-def read_pdu(sock: socket.socket, max_body: int) -> tuple[int, bytearray]:
+class PduReader:
+    """Reads PDUs from one socket into one reused buffer, checking each claimed length first.
+
+    Nothing is allocated for a PDU until its header has been checked: an A-ASSOCIATE-RQ may
+    claim at most :data:`ASSOCIATE_RQ_MAX_BYTES`, release/abort PDUs exactly 4 bytes, a
+    P-DATA-TF at most ``max_pdata`` bytes (the maximum PDU length the node negotiated plus
+    the 6-byte header of the PDU, PS3.8 §9.3.1); an unknown PDU type is refused. The buffer
+    grows to the largest accepted PDU, so an association holds at most one PDU's worth
+    (``max_pdata`` bytes) of receive buffer.
+
+    Args:
+        sock: A connected blocking socket (plain or TLS).
+        max_pdata: Largest P-DATA-TF body accepted, bytes.
+    """
+
+    def __init__(self, sock: socket.socket, max_pdata: int) -> None:
+        self.sock = sock
+        self.max_pdata = max_pdata
+        self._head = bytearray(6)
+        self._buf = bytearray(0)
+
+    def limit(self, pdu_type: int) -> int:
+        """Largest body accepted for ``pdu_type``, bytes (``-1``: not a PDU type we take)."""
+        if pdu_type == P_DATA_TF_TYPE:
+            return self.max_pdata
+        if pdu_type == A_ASSOCIATE_RQ_TYPE:
+            return ASSOCIATE_RQ_MAX_BYTES
+        return _FIXED_BODY.get(pdu_type, -1)
+
+    def read(self, idle_s: float, pdu_s: float, until: float | None = None
+             ) -> tuple[int, memoryview]:
+        """The next PDU: ``(type, body)``; ``body`` is valid until the next call.
+
+        Args:
+            idle_s: Longest wait for the first byte of the PDU, seconds (the idle timer, or
+                the ARTIM timer before the association).
+            pdu_s: Longest the rest of the PDU may take once its first byte came, seconds.
+            until: A monotonic deadline for the whole PDU as well (the ARTIM timer).
+
+        Raises:
+            UpperLayerError: unknown PDU type or a length over its limit (nothing allocated).
+            PeerClosed: the connection ended.
+            TimeoutError: a timer expired.
+        """
+        head = memoryview(self._head)
+        self.sock.settimeout(idle_s)
+        k = self.sock.recv_into(head, 6)
+        if not k:
+            raise PeerClosed("connection closed by the peer")
+        deadline = time.monotonic() + pdu_s
+        if until is not None:
+            deadline = min(deadline, until)
+        if k < 6:
+            _recv_into(self.sock, head[k:], deadline)
+        pdu_type, length = _PDU_HEADER.unpack(self._head)
+        limit = self.limit(pdu_type)
+        if limit < 0:
+            raise UpperLayerError(f"unknown PDU type 0x{pdu_type:02X}")
+        if length > limit or (pdu_type in _FIXED_BODY and length != limit):
+            raise UpperLayerError(f"PDU type 0x{pdu_type:02X} claims {length} bytes; "
+                                  f"at most {limit} are accepted")
+        if len(self._buf) < length:
+            self._buf = bytearray(max(length, min(2 * len(self._buf), limit)))
+        body = memoryview(self._buf)[:length]
+        _recv_into(self.sock, body, deadline)
+        return pdu_type, body
+
+
+def read_pdu(sock: socket.socket, max_body: int, timeout_s: float = 60.0
+             ) -> tuple[int, bytearray]:
     """One PDU: ``(type, body)`` (the body is what follows the 6-byte header).
 
     Args:
-        sock: A blocking socket (with a timeout: the ARTIM / idle timer).
+        sock: A blocking socket.
         max_body: Largest body accepted, bytes; a larger PDU is a protocol error.
+        timeout_s: Longest the whole PDU may take, seconds.
     """
-    head = recv_exact(sock, 6)
+    deadline = time.monotonic() + timeout_s
+    head = bytearray(6)
+    with memoryview(head) as view:
+        _recv_into(sock, view, deadline)
     pdu_type, length = _PDU_HEADER.unpack(head)
     if length > max_body:
         raise UpperLayerError(f"PDU of {length} bytes exceeds the {max_body} bytes accepted")
-    return pdu_type, recv_exact(sock, length)
+    body = bytearray(length)
+    with memoryview(body) as view:
+        _recv_into(sock, view, deadline)
+    return pdu_type, body
 
 
-def iter_pdvs(body: bytes | bytearray) -> Iterator[tuple[int, bool, bool, memoryview]]:
+def iter_pdvs(body: bytes | bytearray | memoryview) -> Iterator[tuple[int, bool, bool, memoryview]]:
     """The PDVs of a P-DATA-TF body: ``(context id, is command, is last fragment, value)``."""
     view = memoryview(body)
     pos, end = 0, len(body)
@@ -135,8 +233,24 @@ def command_ui(cmd: dict[int, bytes], elem: int) -> str:
     return cmd.get(elem, b"").rstrip(b"\0 ").decode("ascii", "replace")
 
 
-def _ui(elem: int, uid: str) -> bytes:
-    raw = uid.encode("ascii")
+def command_uid_raw(cmd: dict[int, bytes], elem: int) -> bytes:
+    """A UI value of a decoded command set as sent, without its padding (``b""`` if missing)."""
+    return cmd.get(elem, b"").rstrip(b"\0 ")
+
+
+def is_valid_uid(raw: bytes) -> bool:
+    """Whether ``raw`` is a usable UID (PS3.5 §9.1).
+
+    1-64 characters, digits and dots, no empty component. (Leading zeros in a component,
+    which some legacy modalities write, are tolerated.)
+    """
+    if not 0 < len(raw) <= 64:
+        return False
+    return all(part.isdigit() for part in raw.split(b"."))
+
+
+def _ui(elem: int, uid: str | bytes) -> bytes:
+    raw = uid if isinstance(uid, bytes) else uid.encode("ascii", "replace")
     if len(raw) % 2:
         raw += b"\0"
     return _ELEMENT.pack(0, elem, len(raw)) + raw
@@ -146,9 +260,13 @@ def _us(elem: int, value: int) -> bytes:
     return _ELEMENT.pack(0, elem, 2) + struct.pack("<H", value)
 
 
-def encode_response(command_field: int, message_id: int, sop_class: str,
-                    sop_instance: str | None, status: int) -> bytes:
-    """A C-ECHO-RSP / C-STORE-RSP command set (Implicit VR LE, with its group length)."""
+def encode_response(command_field: int, message_id: int, sop_class: str | bytes,
+                    sop_instance: str | bytes | None, status: int) -> bytes:
+    """A C-ECHO-RSP / C-STORE-RSP command set (Implicit VR LE, with its group length).
+
+    UIDs given as ``bytes`` are echoed as the request carried them (even when they are not
+    valid UIDs), so the sender can match the response.
+    """
     body = _ui(0x0002, sop_class) + _us(0x0100, command_field) + _us(0x0120, message_id) \
         + _us(0x0800, NO_DATASET) + _us(0x0900, status)
     if sop_instance is not None:
@@ -167,7 +285,7 @@ def a_abort(source: int = 0x02, reason: int = 0x00) -> bytes:
     return b"\x07\x00\x00\x00\x00\x04\x00\x00" + bytes([source, reason])
 
 
-def decode_associate_rq(body: bytes | bytearray) -> A_ASSOCIATE:
+def decode_associate_rq(body: bytes | bytearray | memoryview) -> A_ASSOCIATE:
     """The A-ASSOCIATE primitive of an A-ASSOCIATE-RQ PDU body (pynetdicom's decoder)."""
     pdu = A_ASSOCIATE_RQ()
     try:

@@ -1,0 +1,132 @@
+"""The header of a received data set, read without pydicom where that is safe.
+
+:func:`scan_header` walks the top-level elements of an Implicit / Explicit VR Little Endian
+data set with :mod:`struct` (0.06-0.1 ms instead of 0.6-0.9 ms with pydicom); anything unusual
+falls back to :func:`read_header_bytes` (pydicom, the same checks as
+:func:`dicom_node.spool.read_header`). Both are tested equal on every shipped MR file.
+"""
+
+from __future__ import annotations
+
+import struct
+from io import BytesIO
+from typing import Any
+
+from dicom_node import status
+from dicom_node.spool import (
+    _LONG_VRS,
+    InstanceHeader,
+    InstanceRejected,
+    _int_or_none,
+    _skip_encapsulated,
+    read_header_from,
+)
+
+_TAGS_STR = {0x00080016: "sop_class_uid", 0x00080018: "sop_instance_uid",
+             0x0020000D: "study_instance_uid", 0x0020000E: "series_instance_uid",
+             0x00080060: "modality", 0x0008103E: "series_description"}
+_TAGS_IS = {0x00200013: "instance_number", 0x00280008: "number_of_frames",
+            0x00200105: "number_of_temporal_positions"}
+_NUMBER_OF_SLICES = 0x00540081
+_PIXEL_DATA = 0x7FE00010
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_EXPLICIT_HEAD = struct.Struct("<HH2sH")
+_IMPLICIT_HEAD = struct.Struct("<HHL")
+_LONG = struct.Struct("<L")
+
+
+def scan_header(dataset: bytes | bytearray | memoryview, transfer_syntax: str
+                ) -> InstanceHeader | None:
+    """The header fields of an Implicit/Explicit VR Little Endian data set, in one pass.
+
+    Walks the top-level elements with :mod:`struct` (no pydicom objects), taking the
+    :data:`~dicom_node.spool.HEADER_TAGS` and checking that every element ends inside the
+    data (encapsulated pixel data included). ``None`` whenever anything is unusual (another
+    transfer syntax, tags out of order, an undefined-length sequence, multi-valued or
+    non-ASCII values, ...): the caller then uses pydicom (:func:`read_header_bytes`).
+
+    Raises:
+        InstanceRejected: ``CANNOT_UNDERSTAND`` when an element runs past the end.
+    """
+    if transfer_syntax == _EXPLICIT_LE:
+        explicit = True
+    elif transfer_syntax == _IMPLICIT_LE:
+        explicit = False
+    else:
+        return None
+    size = len(dataset)
+    pos = 0
+    last_tag = -1
+    found: dict[str, Any] = {}
+    while pos < size:
+        if pos + 8 > size:
+            return None
+        if explicit:
+            group, elem, vr, short = _EXPLICIT_HEAD.unpack_from(dataset, pos)
+            if vr in _LONG_VRS:
+                if pos + 12 > size:
+                    return None
+                (length,) = _LONG.unpack_from(dataset, pos + 8)
+                hlen = 12
+            elif b"A" <= vr[:1] <= b"Z" and b"A" <= vr[1:] <= b"Z":
+                length, hlen = short, 8
+            else:
+                return None
+        else:
+            group, elem, length = _IMPLICIT_HEAD.unpack_from(dataset, pos)
+            hlen = 8
+        tag = (group << 16) | elem
+        if tag <= last_tag or group < 0x0008:
+            return None
+        last_tag = tag
+        start = pos + hlen
+        if length == 0xFFFFFFFF:
+            if tag != _PIXEL_DATA:
+                return None  # an undefined-length sequence: pydicom walks it
+            end = _skip_encapsulated(BytesIO(bytes(dataset)), start, size, "<")
+            if end is None:
+                return None
+            pos = end
+            continue
+        end = start + length
+        if end > size:
+            raise InstanceRejected(status.CANNOT_UNDERSTAND,
+                                   "truncated: an element runs past the end of the data")
+        if tag in _TAGS_STR or tag in _TAGS_IS:
+            raw = bytes(dataset[start:end])
+            if b"\\" in raw or any(b > 0x7E for b in raw):
+                return None
+            text = raw.decode("ascii").rstrip(" \0")
+            if text != text.lstrip():
+                return None
+            if tag in _TAGS_STR:
+                found[_TAGS_STR[tag]] = text
+            else:
+                found[_TAGS_IS[tag]] = _int_or_none(text)
+        elif tag == _NUMBER_OF_SLICES:
+            if length != 2:
+                return None
+            found["number_of_slices"] = int(struct.unpack_from("<H", dataset, start)[0])
+        pos = end
+    missing = [k for k, name in (("SOPClassUID", "sop_class_uid"),
+                                 ("SOPInstanceUID", "sop_instance_uid"),
+                                 ("StudyInstanceUID", "study_instance_uid"),
+                                 ("SeriesInstanceUID", "series_instance_uid"))
+               if not found.get(name)]
+    if missing:
+        raise InstanceRejected(status.MISSING_UIDS, "missing " + ", ".join(missing))
+    return InstanceHeader(
+        transfer_syntax_uid=transfer_syntax,
+        number_of_frames=found.pop("number_of_frames", None) or 1,
+        **found,
+    )
+
+
+def read_header_bytes(part10: bytes | bytearray) -> InstanceHeader:
+    """:func:`dicom_node.spool.read_header` for a Part 10 file held in memory.
+
+    Raises:
+        InstanceRejected: ``CANNOT_UNDERSTAND`` (not DICOM, truncated) or ``MISSING_UIDS``.
+    """
+    return read_header_from(BytesIO(part10), len(part10))
