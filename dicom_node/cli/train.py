@@ -130,8 +130,13 @@ def eval_cmd(
         Path,
         typer.Option(help="Model package folder."),
     ] = Path("models/omnimri-tiny"),
-    cases: Annotated[int, typer.Option(help="Held-out cases (cycling the three diagnoses).")] = 30,
-    seed: Annotated[int, typer.Option(help="Held-out set seed.")] = 0,
+    cases: Annotated[int, typer.Option(
+        help="Held-out cases per seed (cycling the three diagnoses, then the contrasts).")] = 30,
+    seed: Annotated[list[int] | None, typer.Option(
+        help="Held-out set seed (0: the model card's); repeat for several sets.")] = None,
+    baselines: Annotated[bool, typer.Option(
+        help="Also score the conventional baselines (Gaussian mixture, robust z > 3) on the "
+             "same cases.")] = False,
     checkpoint: Annotated[
         Path | None,
         typer.Option(help="Evaluate a PyTorch checkpoint instead."),
@@ -146,8 +151,11 @@ def eval_cmd(
         help="Instead: describe the package's outputs on real MR from installed packages "
              "(pydicom, nibabel, the MNI152 template as DICOM).")] = False,
 ) -> None:
-    """Evaluate a model on held-out synthetic cases; prints each metric with target, PASS/MISS."""
-    from inference.omnimri.evaluate import evaluate_checkpoint, evaluate_package
+    """Evaluate a model on held-out synthetic cases through the served path.
+
+    Each case runs what a node job runs; prints per-contrast tables and each target, PASS/MISS.
+    """
+    from inference.omnimri.evaluate import evaluate_checkpoint, evaluate_package, merge_reports
 
     prog = _echo if verbose else None
     if real_mr:
@@ -158,16 +166,25 @@ def eval_cmd(
         for line in describe(ModelPackage.load(model)):
             typer.echo(line)
         return
-    if checkpoint is not None:
-        rep = evaluate_checkpoint(checkpoint, cases, seed=seed, progress=prog)
-    else:
+    reports = []
+    if checkpoint is None:
         _require_package(model)
-        rep = evaluate_package(model, cases, seed=seed, progress=prog)
-    for line in rep.lines():
-        typer.echo(line)
+    for s in seed or [0]:
+        if checkpoint is not None:
+            r = evaluate_checkpoint(checkpoint, cases, seed=s, baselines=baselines,
+                                    progress=prog)
+        else:
+            r = evaluate_package(model, cases, seed=s, baselines=baselines, progress=prog)
+        reports.append(r)
+        for line in r.lines():
+            typer.echo(line)
+    rep = reports[0] if len(reports) == 1 else merge_reports(reports)
+    if len(reports) > 1:
+        typer.echo("all seeds together:")
+        for line in rep.lines():
+            typer.echo(line)
     if json_out:
-        json_out.write_text(json.dumps({"metrics": rep.metrics, "cases": rep.cases}, indent=1,
-                                       default=str))
+        json_out.write_text(json.dumps(rep.to_dict(), indent=1, default=str))
     if write_metrics and checkpoint is None:
         import yaml
 

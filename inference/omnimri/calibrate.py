@@ -12,6 +12,12 @@ lesion layout - so the held-out evaluation
   ``hits / (lesions + false positives)`` (lesions >= 3 mm), ties to the earlier grid entry;
 * diagnosis slab x weight of the detections in the diagnosis: the best macro one-vs-rest AUC.
 
+Calibration runs the served path only: each validation case becomes a
+:class:`inference.volume.Volume` and runs through :func:`inference.runner.run_model` once (the
+network); every candidate setting is then applied to those cached source-grid probabilities by
+:func:`inference.omnimri.tasks.results_from_raw`, the post-processing a node job runs, and
+scored from the ``Results`` (:func:`inference.omnimri.evaluate.score_case`).
+
 The result is written to ``model.yaml`` ``extra.tasks``, which the node and ``eval`` read.
 """
 
@@ -25,9 +31,19 @@ from typing import Any
 import numpy as np
 
 from inference.omnimri import synthetic as syn
-from inference.omnimri.evaluate import CaseScore, GridSpec, auc_macro, score_case
-from inference.omnimri.predict import GridOutputs, RunFn, onnx_runner, predict_grid
+from inference.omnimri.evaluate import (
+    ALL_INSTRUCTIONS,
+    CaseScore,
+    ServedModel,
+    auc_macro,
+    case_volume,
+    score_case,
+)
 from inference.omnimri.tasks import TaskSettings
+from inference.volume import Volume
+
+CAL_INSTRUCTIONS = ALL_INSTRUCTIONS[:3]
+"""Segment, detect, diagnose: everything calibration scores (the report is not needed)."""
 
 VALIDATION_SEED_BASE = 800_000_000
 """Validation case seeds start here (training: ``(seed + 1) * 1e6 + ...``; held-out: 9e8)."""
@@ -94,23 +110,39 @@ def validation_case(n: int, seed: int = 0) -> syn.Case:
     return syn.make_case(VALIDATION_SEED_BASE + seed * 10_000 + n, diagnosis=n % 3)
 
 
-def calibrate(run: RunFn, n_cases: int = 12, *, seed: int = 0,
-              base: TaskSettings | None = None, grid: GridSpec | None = None,
+def cached_raw(model: ServedModel, volume: Volume, instructions: list[str]) -> Any:
+    """The engine run of one case, kept for re-post-processing under many settings.
+
+    What post-processing does not read is dropped to save memory: label maps (recomputed from
+    the probabilities) and the in-plane extent of the per-slice diagnosis map (only its
+    per-slice mean is read, which is kept exactly).
+    """
+    raw = model.raw(volume, instructions)
+    for name, seg in raw.segmentation.items():
+        if name == "diagnosis_map":
+            seg.probabilities = np.ascontiguousarray(
+                seg.probabilities.mean(axis=(2, 3), keepdims=True), dtype=np.float32)
+        seg.label_map = np.zeros((1, 1, 1), np.uint16)
+    return raw
+
+
+def calibrate(model: ServedModel, n_cases: int = 12, *, seed: int = 0,
+              base: TaskSettings | None = None,
               progress: Callable[[str], None] | None = None) -> Calibration:
-    """Choose the post-processing settings for the model behind ``run``."""
-    base = base or TaskSettings()
-    grid = grid or GridSpec()
-    data: list[tuple[syn.Case, GridOutputs]] = []
+    """Choose the post-processing settings for a served model on validation cases."""
+    base = base or model.settings or TaskSettings.from_dict(
+        model.package.spec.extra.get("tasks"))
+    data: list[tuple[syn.Case, Volume, Any]] = []
     for n in range(n_cases):
         case = validation_case(n, seed)
-        data.append((case, predict_grid(run, syn.normalise(case.image), patch=grid.patch,
-                                        context=grid.context)))
+        vol = case_volume(case)
+        data.append((case, vol, cached_raw(model, vol, CAL_INSTRUCTIONS)))
         if progress:
             progress(f"validation case {n + 1}/{n_cases} predicted")
-    truth = np.array([c.diagnosis for c, _ in data])
+    truth = np.array([c.diagnosis for c, _, _ in data])
 
     def scores(st: TaskSettings) -> list[CaseScore]:
-        return [score_case(c, g, st) for c, g in data]
+        return [score_case(c, model.results(r, v, CAL_INSTRUCTIONS, st)) for c, v, r in data]
 
     cal = Calibration(settings=base, cases=n_cases, seed=seed)
     best_key: tuple[float, float] | None = None
@@ -134,7 +166,7 @@ def calibrate(run: RunFn, n_cases: int = 12, *, seed: int = 0,
     for top in TOP_MM:
         for w in DETECTION_WEIGHTS:
             sc = scores(replace(chosen, diagnosis_top_mm=top, diagnosis_detection_weight=w))
-            auc = auc_macro(truth, np.array([s.probabilities for s in sc]))
+            auc = auc_macro(truth, np.array([s.probabilities or [1.0, 0.0, 0.0] for s in sc]))
             cal.diagnosis.append({"top_mm": top, "detection_weight": w,
                                   "auc": auc if np.isfinite(auc) else 0.5})
     # Best AUC; on a tie the setting closest to the current one.
@@ -154,9 +186,12 @@ def calibrate_package(folder: Path, n_cases: int = 12, *, seed: int = 0, threads
 
     from inference.omnimri.evaluate import package_task_settings
 
-    cal = calibrate(onnx_runner(folder / "1" / "model.onnx", threads), n_cases, seed=seed,
-                    base=package_task_settings(folder), grid=GridSpec.of_package(folder),
-                    progress=progress)
+    model = ServedModel.load(folder, threads)
+    try:
+        cal = calibrate(model, n_cases, seed=seed, base=package_task_settings(folder),
+                        progress=progress)
+    finally:
+        model.close()
     if write:
         path = folder / "model.yaml"
         spec = yaml.safe_load(path.read_text())
