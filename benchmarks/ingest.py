@@ -1,24 +1,26 @@
 #!/usr/bin/env python3
-"""Ingest benchmark: the durable node against DCMTK's storescp, same data, same disk.
+"""Ingest benchmark: the durable node against DCMTK's storescp and Orthanc, same data, same disk.
 
 A synthetic MR series (default 500 instances of 256×256, uint16, ~128 KiB each) is sent with
-DCMTK's ``dcmsend`` (``TCP_NODELAY=1``) alternately to
+DCMTK's ``dcmsend`` (``TCP_NODELAY=1``) in each round to
 
-- ``storescp +B`` (bit-preserving: writes the received stream straight to disk, no fsync), and
-- ``omnimri-node serve`` (fsync of every instance and folder, SQLite index, before each
-  0x0000),
+- ``storescp +B`` (bit-preserving: writes the received stream straight to disk, no fsync),
+- Orthanc (SQLite index + files, its defaults, ``TCP_NODELAY=1`` in its environment; skipped
+  with ``--no-orthanc`` or when ``/usr/sbin/Orthanc`` is missing), and
+- ``omnimri-node serve`` (each instance durable before its 0x0000: index row + one
+  ``fdatasync`` of the receive journal, shared by concurrent associations),
 
-for a few rounds; each round starts both receivers fresh on empty folders, so the node never
-sees duplicates. Printed: instances/s of each round, the medians and the ratio node/storescp.
+each started fresh on empty folders. Printed per round: instances/s of each; then the medians,
+the ratios node/storescp and node/Orthanc, the node's CPU time per instance (user + system of
+its process, ms) and the measured ``fdatasync`` bound (median latency of a 128 KiB write +
+``fdatasync`` into a preallocated file in the work folder, and the instances/s it would allow
+on one association if nothing else cost anything).
 
 Usage::
 
     python3 benchmarks/ingest.py [--rounds 3] [--instances 500] [--size 256] [--senders 1]
 
 ``--senders N`` splits the series over N concurrent dcmsend processes (N associations).
-``--receiver pynetdicom|fast|both`` picks ``node.receiver`` (``both``: one node of each kind
-per round, alternating with storescp; the fast receiver acknowledges after one ``fdatasync``
-of its receive journal, see docs/listener.md).
 Not a timed test; numbers depend on the machine and on what else it is running.
 """
 
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dicom_node.samples import synthetic_series, write_series  # noqa: E402
 from tests.fixtures.dcmtk import dcmtk_binary  # noqa: E402
 from tests.fixtures.node import write_node_config  # noqa: E402
+from tests.fixtures.orthanc import ORTHANC_BIN, OrthancServer  # noqa: E402
 
 
 def free_port() -> int:
@@ -114,14 +117,20 @@ def round_storescp(storescp: str, dcmsend: str, work: Path, files: list[Path],
     return dt
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a running process (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def round_node(dcmsend: str, work: Path, files: list[Path], senders: int,
-               fsync: bool = True, receiver: str | None = None) -> float:
+               fsync: bool = True) -> tuple[float, float]:
+    """One round against a fresh node: (seconds, CPU seconds of the node while receiving)."""
     root = work / "node"
     shutil.rmtree(root, ignore_errors=True)
     port = free_port()
-    node: dict[str, str] = {} if receiver is None else {"receiver": receiver}
     config = write_node_config(root, port, completion={"quiet_seconds": 10.0},
-                               storage={"fsync": fsync}, logging={"level": "info"}, node=node)
+                               storage={"fsync": fsync}, logging={"level": "info"})
     log = open(root / "node.log", "wb")  # noqa: SIM115
     exe = shutil.which("omnimri-node")
     cmd = ([exe] if exe else [sys.executable, "-c",
@@ -130,7 +139,10 @@ def round_node(dcmsend: str, work: Path, files: list[Path], senders: int,
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_port(port, proc)
+        time.sleep(0.5)  # let start-up work (imports, journal preparation) finish
+        c0 = cpu_s(proc.pid)
         dt = send(dcmsend, port, "OMNIMRI", files, senders)
+        used = cpu_s(proc.pid) - c0
     finally:
         stop(proc)
         log.close()
@@ -142,7 +154,44 @@ def round_node(dcmsend: str, work: Path, files: list[Path], senders: int,
     for line in (root / "node.log").read_text().splitlines():
         if '"association_released"' in line:
             LAST_ASSOC_LINES.append(line)
+    return dt, used
+
+
+def round_orthanc(dcmsend: str, work: Path, files: list[Path], senders: int) -> float:
+    """One round against a fresh Orthanc (``TCP_NODELAY=1`` in its environment)."""
+    root = work / "orthanc"
+    shutil.rmtree(root, ignore_errors=True)
+    os.environ["TCP_NODELAY"] = "1"  # Orthanc inherits it (without: Nagle stalls, ~21/s)
+    server = OrthancServer(root)
+    server.start()
+    try:
+        dt = send(dcmsend, server.dicom_port, server.ae_title, files, senders)
+        n = int(server.get("/statistics")["CountInstances"])
+    finally:
+        server.stop()
+    if n != len(files):
+        raise RuntimeError(f"Orthanc stored {n} of {len(files)}")
     return dt
+
+
+def fdatasync_bound(folder: Path, n: int = 300, size: int = 128 * 1024) -> float:
+    """Median seconds of a ``size``-byte write + ``fdatasync`` into a preallocated file."""
+    path = folder / "fdatasync-probe"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, bytes(size * 64))
+        os.fsync(fd)
+        block = os.urandom(size)
+        times = []
+        for k in range(n):
+            t = time.perf_counter()
+            os.pwrite(fd, block, (k % 64) * size)
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - t)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    return statistics.median(times)
 
 
 LAST_ASSOC_LINES: list[str] = []
@@ -156,22 +205,17 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=256, help="rows = columns")
     ap.add_argument("--senders", type=int, default=1, help="concurrent dcmsend processes")
     ap.add_argument("--no-node-fsync", action="store_true",
-                    help="diagnosis only: the node skips its file/folder fsyncs (SQLite still "
-                         "commits durably); not a durable configuration")
-    ap.add_argument("--receiver", choices=["pynetdicom", "fast", "both"], default=None,
-                    help="node.receiver of the node (default: as configured, i.e. the "
-                         "config default or OMNIMRI__NODE__RECEIVER); 'both' runs a node "
-                         "of each kind in every round (pynetdicom, then fast)")
+                    help="diagnosis only: the node skips its flushes; not durable")
+    ap.add_argument("--no-orthanc", action="store_true", help="leave Orthanc out")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where data and receivers write (default: a temp folder)")
     args = ap.parse_args()
-    receivers: list[str | None] = (["pynetdicom", "fast"] if args.receiver == "both"
-                                   else [args.receiver])
 
     storescp, dcmsend = dcmtk_binary("storescp"), dcmtk_binary("dcmsend")
     if not storescp or not dcmsend:
         print("DCMTK storescp/dcmsend not installed (apt-get install dcmtk)", file=sys.stderr)
         return 2
+    with_orthanc = not args.no_orthanc and ORTHANC_BIN.exists()
     work = Path(tempfile.mkdtemp(prefix="omnimri-ingest-", dir=args.workdir))
     try:
         t0 = time.perf_counter()
@@ -180,35 +224,42 @@ def main() -> int:
         mib = sum(f.stat().st_size for f in files) / 2**20
         print(f"series: {len(files)} instances of {args.size}x{args.size}, {mib:.1f} MiB "
               f"(generated in {time.perf_counter() - t0:.1f} s); senders: {args.senders}; "
-              f"receiver: {args.receiver or os.environ.get('OMNIMRI__NODE__RECEIVER', 'default')};"
-              f" "
-              f"work dir {work}")
-        labels = {rx: "node" if len(receivers) == 1 else f"node[{rx}]" for rx in receivers}
-        rates: dict[str, list[float]] = {"storescp": [], **{lb: [] for lb in labels.values()}}
+              f"orthanc: {'yes' if with_orthanc else 'no'}; work dir {work}")
+        rates: dict[str, list[float]] = {"storescp": [], "orthanc": [], "node": []}
+        cpu_ms: list[float] = []
         for r in range(1, args.rounds + 1):
             dt_s = round_storescp(storescp, dcmsend, work, files, args.senders)
             rates["storescp"].append(len(files) / dt_s)
-            line = f"round {r}: storescp {len(files) / dt_s:7.1f} inst/s ({dt_s:.2f} s)"
-            for rx in receivers:
-                if rx:  # the environment wins over the config file
-                    os.environ["OMNIMRI__NODE__RECEIVER"] = rx
-                dt_n = round_node(dcmsend, work, files, args.senders, not args.no_node_fsync,
-                                  rx)
-                rates[labels[rx]].append(len(files) / dt_n)
-                line += (f"   {labels[rx]} {len(files) / dt_n:7.1f} inst/s ({dt_n:.2f} s)"
-                         f" ratio {dt_s / dt_n:.2f}")
-            print(line)
-        med_s = statistics.median(rates["storescp"])
+            line = f"round {r}: storescp {len(files) / dt_s:7.1f} inst/s"
+            if with_orthanc:
+                dt_o = round_orthanc(dcmsend, work, files, args.senders)
+                rates["orthanc"].append(len(files) / dt_o)
+                line += f"   orthanc {len(files) / dt_o:7.1f} inst/s"
+            dt_n, used = round_node(dcmsend, work, files, args.senders, not args.no_node_fsync)
+            rates["node"].append(len(files) / dt_n)
+            cpu_ms.append(1000 * used / len(files))
+            line += (f"   node {len(files) / dt_n:7.1f} inst/s (cpu {cpu_ms[-1]:.2f} ms/inst)"
+                     f"   node/storescp {dt_s / dt_n:.2f}")
+            if with_orthanc:
+                line += f"   node/orthanc {dt_o / dt_n:.2f}"
+            print(line, flush=True)
         import json
 
-        for line in LAST_ASSOC_LINES[-args.senders * len(receivers):]:
+        for line in LAST_ASSOC_LINES[-args.senders:]:
             d = json.loads(line)
-            print(f"node[{d.get('receiver', 'pynetdicom')}] per-instance ms (last round): "
+            print("node per-instance ms (last round, one association): "
                   + ", ".join(f"{k[:-7]} {d[k]}" for k in d if k.endswith("_ms_avg")))
-        for rx in receivers:
-            med_n = statistics.median(rates[labels[rx]])
-            print(f"median: storescp {med_s:.1f} instances/s, {labels[rx]} {med_n:.1f} "
-                  f"instances/s, ratio {labels[rx]}/storescp {med_n / med_s:.2f}")
+        bound = fdatasync_bound(work)
+        med = {k: statistics.median(v) for k, v in rates.items() if v}
+        print(f"median instances/s: storescp {med['storescp']:.1f}"
+              + (f", orthanc {med['orthanc']:.1f}" if "orthanc" in med else "")
+              + f", node {med['node']:.1f}")
+        print(f"ratio node/storescp {med['node'] / med['storescp']:.2f}"
+              + (f", node/orthanc {med['node'] / med['orthanc']:.2f}" if "orthanc" in med
+                 else "")
+              + f"; node CPU {statistics.median(cpu_ms):.2f} ms/instance (median of rounds)")
+        print(f"fdatasync bound: {1000 * bound:.3f} ms per 128 KiB write+fdatasync (median of "
+              f"300) = {1 / bound:.0f} instances/s on one association if nothing else cost")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

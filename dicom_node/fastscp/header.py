@@ -95,7 +95,7 @@ def scan_header(dataset: bytes | bytearray | memoryview, transfer_syntax: str
                                    "truncated: an element runs past the end of the data")
         if tag in _TAGS_STR or tag in _TAGS_IS:
             raw = bytes(dataset[start:end])
-            if b"\\" in raw or any(b > 0x7E for b in raw):
+            if b"\\" in raw or not raw.isascii() or b"\x7f" in raw:
                 return None
             text = raw.decode("ascii").rstrip(" \0")
             if text != text.lstrip():
