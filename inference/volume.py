@@ -173,49 +173,13 @@ def _frames_of(path: Path, ds: Any) -> list[_Frame]:
         "columns": int(ds.Columns),
     }
     out: list[_Frame] = []
-    if "PerFrameFunctionalGroupsSequence" in ds:
-        shared = _first(ds, "SharedFunctionalGroupsSequence")
-        n = int(ds.get("NumberOfFrames", len(ds.PerFrameFunctionalGroupsSequence)))
-        if len(ds.PerFrameFunctionalGroupsSequence) != n:
-            raise VolumeError(
-                f"{where}: NumberOfFrames {n} but {len(ds.PerFrameFunctionalGroupsSequence)} "
-                "per-frame functional groups"
-            )
-        for f, pf in enumerate(ds.PerFrameFunctionalGroupsSequence):
-            groups = (pf, shared)
-            iop = _lookup(groups, "PlaneOrientationSequence", "ImageOrientationPatient")
-            ipp = _lookup(groups, "PlanePositionSequence", "ImagePositionPatient")
-            ps = _lookup(groups, "PixelMeasuresSequence", "PixelSpacing")
-            if iop is None or ipp is None or ps is None:
-                raise VolumeError(
-                    f"{where} frame {f + 1}: no plane orientation, position or pixel spacing"
-                )
-            slope = _lookup(groups, "PixelValueTransformationSequence", "RescaleSlope")
-            icpt = _lookup(groups, "PixelValueTransformationSequence", "RescaleIntercept")
-            if slope is None:  # some writers keep the rescale at the top level
-                slope, icpt = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
-            thick = _lookup(groups, "PixelMeasuresSequence", "SliceThickness")
-            key = (
-                ("stack", _fv(_lookup(groups, "FrameContentSequence", "StackID"))),
-                ("temporal", _fv(_lookup(groups, "FrameContentSequence", "TemporalPositionIndex"))),
-                ("echo", _fv(_lookup(groups, "MREchoSequence", "EffectiveEchoTime"))),
-                ("b", _fv(_lookup(groups, "MRDiffusionSequence", "DiffusionBValue"))),
-            )
-            out.append(_Frame(
-                frame_index=f, iop=np.asarray(iop, dtype=np.float64),
-                ipp=np.asarray(ipp, dtype=np.float64),
-                pixel_spacing=(float(ps[0]), float(ps[1])),
-                slope=float(slope) if slope is not None else 1.0,
-                intercept=float(icpt) if icpt is not None else 0.0,
-                stack_key=key, slice_thickness=float(thick) if thick is not None else None,
-                **common,
-            ))
-        return out
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if ("PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+            or n_frames > 1):
+        return _enhanced_frames(ds, where, n_frames, common)
     for tag in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
         if tag not in ds:
             raise VolumeError(f"{where}: no {tag}; cannot place the slice in patient space")
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise VolumeError(f"{where}: multi-frame without per-frame functional groups")
     image_type = list(ds.get("ImageType", []))
     key = (
         ("echo", _fv(ds.get("EchoNumbers"))),
@@ -233,6 +197,80 @@ def _frames_of(path: Path, ds: Any) -> list[_Frame]:
         stack_key=key, slice_thickness=float(thick) if thick not in (None, "") else None,
         **common,
     ))
+    return out
+
+
+def _enhanced_frames(ds: Any, where: str, n: int, common: dict[str, Any]) -> list[_Frame]:
+    """Frames of a multi-frame instance (Enhanced MR, or legacy multi-frame).
+
+    Each attribute comes from the frame's per-frame functional group first, then the shared
+    functional groups, then the top level of the dataset (legacy multi-frame). Frames with no
+    ImagePositionPatient anywhere but a first position (shared group or top level), an
+    orientation and Spacing Between Slices (else Slice Thickness) are placed along the slice
+    normal, ``position(f) = first + f * spacing * normal``.
+    """
+    shared = _first(ds, "SharedFunctionalGroupsSequence")
+    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
+    if per_frame and len(per_frame) != n:
+        raise VolumeError(
+            f"{where}: NumberOfFrames {n} but {len(per_frame)} per-frame functional groups"
+        )
+    if not per_frame:
+        per_frame = [None] * n
+
+    def lookup(pf: Any, seq_name: str, attr: str) -> Any:
+        v = _lookup((pf, shared), seq_name, attr)
+        return ds.get(attr) if v is None else v
+
+    out: list[_Frame] = []
+    derived = False
+    for f, pf in enumerate(per_frame):
+        iop = lookup(pf, "PlaneOrientationSequence", "ImageOrientationPatient")
+        ps = lookup(pf, "PixelMeasuresSequence", "PixelSpacing")
+        ipp = _lookup((pf,), "PlanePositionSequence", "ImagePositionPatient")
+        if ipp is None:
+            first = lookup(None, "PlanePositionSequence", "ImagePositionPatient")
+            step = lookup(pf, "PixelMeasuresSequence", "SpacingBetweenSlices")
+            if step in (None, ""):
+                step = lookup(pf, "PixelMeasuresSequence", "SliceThickness")
+            if first is not None and iop is not None and step not in (None, "") and (
+                    n == 1 or all(_lookup((g,), "PlanePositionSequence", "ImagePositionPatient")
+                                  is None for g in per_frame)):
+                o = np.asarray(iop, dtype=np.float64)
+                normal = np.cross(o[:3], o[3:])
+                ipp = np.asarray(first, dtype=np.float64) + f * float(step) * normal
+                derived = True
+        missing = [name for name, v in (("ImageOrientationPatient", iop),
+                                        ("ImagePositionPatient", ipp), ("PixelSpacing", ps))
+                   if v is None]
+        if missing:
+            raise VolumeError(
+                f"{where} frame {f + 1} of {n}: no {', '.join(missing)} in the per-frame or "
+                "shared functional groups or at the top level; cannot place the frame in "
+                "patient space"
+            )
+        slope = lookup(pf, "PixelValueTransformationSequence", "RescaleSlope")
+        icpt = lookup(pf, "PixelValueTransformationSequence", "RescaleIntercept")
+        thick = lookup(pf, "PixelMeasuresSequence", "SliceThickness")
+        groups = (pf, shared)
+        key = (
+            ("stack", _fv(_lookup(groups, "FrameContentSequence", "StackID"))),
+            ("temporal", _fv(_lookup(groups, "FrameContentSequence", "TemporalPositionIndex"))),
+            ("echo", _fv(_lookup(groups, "MREchoSequence", "EffectiveEchoTime"))),
+            ("b", _fv(_lookup(groups, "MRDiffusionSequence", "DiffusionBValue"))),
+        )
+        out.append(_Frame(
+            frame_index=f, iop=np.asarray(iop, dtype=np.float64),
+            ipp=np.asarray(ipp, dtype=np.float64),
+            pixel_spacing=(float(ps[0]), float(ps[1])),
+            slope=float(slope) if slope not in (None, "") else 1.0,
+            intercept=float(icpt) if icpt not in (None, "") else 0.0,
+            stack_key=key, slice_thickness=float(thick) if thick not in (None, "") else None,
+            **common,
+        ))
+    if derived:
+        _log.info("frame positions derived", frames=n,
+                  reason="no per-frame ImagePositionPatient: first position + slice spacing")
     return out
 
 

@@ -295,3 +295,83 @@ def test_enhanced_rescale_at_top_level(tmp_path: Path) -> None:
     del shared.PixelValueTransformationSequence
     vol = build_volume(_write([ds], tmp_path))
     np.testing.assert_allclose(vol.array, arr, atol=float(ds.RescaleSlope) * 0.51 + 1e-6)
+
+
+# ------------------------------------------------------------- Enhanced MR, shared groups only
+
+
+def _emri_small() -> Dataset:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("emri_small.dcm")
+    if path is None:
+        pytest.skip("pydicom-data (emri_small.dcm) is not installed")
+    return pydicom.dcmread(path)
+
+
+def _shared_geometry(ds: Dataset, iop: list[float], spacing: list[float], step: float,
+                     first: list[float]) -> None:
+    from pydicom.sequence import Sequence
+
+    shared = Dataset()
+    po, pm, pp = Dataset(), Dataset(), Dataset()
+    po.ImageOrientationPatient = iop
+    pm.PixelSpacing, pm.SliceThickness = spacing, step
+    pp.ImagePositionPatient = first
+    shared.PlaneOrientationSequence = Sequence([po])
+    shared.PixelMeasuresSequence = Sequence([pm])
+    shared.PlanePositionSequence = Sequence([pp])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+
+
+def test_pydicom_emri_small_without_any_geometry_is_refused_precisely(tmp_path: Path) -> None:
+    """pydicom-data's emri_small.dcm has no functional groups and no top-level geometry."""
+    ds = _emri_small()
+    assert "SharedFunctionalGroupsSequence" not in ds and "ImageOrientationPatient" not in ds
+    p = tmp_path / "emri.dcm"
+    ds.save_as(p)
+    with pytest.raises(VolumeError, match=r"frame 1 of 10: no ImageOrientationPatient, "
+                                          r"ImagePositionPatient, PixelSpacing in the per-frame "
+                                          r"or shared functional groups"):
+        build_volume([p])
+
+
+def test_enhanced_mr_geometry_only_in_shared_groups(tmp_path: Path) -> None:
+    """Orientation, pixel spacing, thickness and the first position only in the shared groups
+    (no per-frame groups): frames are placed along the normal at the slice thickness."""
+    ds = _emri_small()
+    iop = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]  # sagittal
+    _shared_geometry(ds, iop, [0.9, 0.8], 1.2, [10.0, -20.0, 30.0])
+    p = tmp_path / "emri.dcm"
+    ds.save_as(p)
+    vol = build_volume([p])
+    assert vol.shape == (10, 64, 64) and vol.metadata["orientation"] == "sagittal"
+    np.testing.assert_array_equal(vol.array, ds.pixel_array.astype(np.float32))
+    np.testing.assert_allclose(vol.spacing, (1.2, 0.9, 0.8))
+    np.testing.assert_allclose(vol.affine[:3, 3], [10.0, -20.0, 30.0])
+    np.testing.assert_allclose(vol.affine[:3, 0], [-1.2, 0.0, 0.0], atol=1e-9)  # row x column
+    assert [s.frame_number for s in vol.slices] == list(range(1, 11))
+
+
+def test_enhanced_mr_per_frame_groups_win_over_shared(tmp_path: Path) -> None:
+    from pydicom.sequence import Sequence
+
+    ds = _emri_small()
+    iop = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]  # axial
+    _shared_geometry(ds, iop, [0.9, 0.8], 1.2, [0.0, 0.0, 0.0])
+    frames = []
+    for f in range(10):  # per-frame positions 2 mm apart, pixel spacing 0.5 mm per frame
+        fg, pp, pm = Dataset(), Dataset(), Dataset()
+        pp.ImagePositionPatient = [5.0, 6.0, 2.0 * (9 - f)]
+        pm.PixelSpacing = [0.5, 0.5]
+        fg.PlanePositionSequence = Sequence([pp])
+        fg.PixelMeasuresSequence = Sequence([pm])
+        frames.append(fg)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    p = tmp_path / "emri.dcm"
+    ds.save_as(p)
+    vol = build_volume([p])
+    np.testing.assert_allclose(vol.spacing, (2.0, 0.5, 0.5))
+    np.testing.assert_allclose(vol.affine[:3, 3], [5.0, 6.0, 0.0])
+    assert [s.frame_number for s in vol.slices] == list(range(10, 0, -1))  # sorted by position
+    np.testing.assert_array_equal(vol.array, ds.pixel_array[::-1].astype(np.float32))
