@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import datetime as dt
 import os
 import shutil
 import tempfile
@@ -37,6 +36,7 @@ from dicom_node.config import (
     RuleConfig,
     parse_config,
 )
+from dicom_node.config_edit import ConfigEditError, replace_rules
 from dicom_node.logs import get_logger
 
 log = get_logger("admin")
@@ -476,8 +476,8 @@ class AdminBackend:
     def apply_rules(self, who: Principal, draft: Any) -> dict[str, Any]:
         """Make a draft the rules in force: validate, write ``config.yaml``, notify the router.
 
-        The previous file is kept as ``config.yaml.bak``. Comments in the ``rules`` section
-        are not preserved (the section is written from the validated rules).
+        The previous file is kept as ``config.yaml.bak``; only the ``rules:`` section of the file
+        changes (comments elsewhere, and unchanged rules, are kept as written).
         """
         try:
             parsed = self.parse_draft(draft)
@@ -502,18 +502,24 @@ class AdminBackend:
                 "config_path": str(self.config_path) if self.config_path else None}
 
     def _write_rules(self, rules: list[RuleConfig]) -> None:
+        """Write ``rules`` as the ``rules:`` section of ``config.yaml``, atomically.
+
+        Only that section's lines change (round-trip through ruamel.yaml, see
+        :mod:`dicom_node.config_edit`): every comment and every other setting stays as written.
+        The previous file is kept as ``config.yaml.bak``.
+
+        Raises:
+            AdminError: 500 when the file on disk cannot be edited (not YAML, not a mapping).
+        """
         assert self.config_path is not None
         path = self.config_path
-        raw: dict[str, Any] = {}
+        before = path.read_text(encoding="utf-8") if path.exists() else ""
+        try:
+            text = replace_rules(before, rules)
+        except ConfigEditError as err:
+            raise AdminError(500, f"{path.name} cannot be edited: {err}") from None
         if path.exists():
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-            raw = loaded if isinstance(loaded, dict) else {}
             shutil.copy2(path, path.with_name(path.name + ".bak"))
-        raw["rules"] = [r.model_dump(mode="json", exclude_defaults=True) | {"name": r.name}
-                        for r in rules]
-        stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        text = (f"# rules last applied through the admin API at {stamp}\n"
-                + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True))
         fd, tmp = tempfile.mkstemp(prefix=".config-", dir=str(path.parent))
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
