@@ -13,6 +13,9 @@ Three tables live in the node database (``storage.database_path``, opened with
 ``series_events``
     One durable row per completed revision (``UNIQUE(series_instance_uid, revision)``, so a
     revision completes exactly once); ``routed_at`` is NULL until the router consumed it.
+    ``failed_at``/``failure`` (added by :func:`_migrate` to older databases): the router could
+    not route it (the reason, without patient values); such an event is not retried, so it
+    never holds up the ones after it, until :meth:`SeriesIndex.retry_failed` clears it.
 
 Times are stored as UNIX epoch seconds (REAL, UTC) and returned as aware ``datetime``.
 """
@@ -92,6 +95,26 @@ RECONCILE_WITHOUT_WATERMARK = 1000
 """Newest rows :meth:`SeriesIndex.reconcile` checks when no ``flushed_upto`` was recorded."""
 
 
+_SERIES_COLUMNS = (
+    "s.*, (SELECT e.failure FROM series_events e WHERE e.series_instance_uid ="
+    " s.series_instance_uid AND e.revision = s.revision AND s.state = 'complete'"
+    " AND e.routed_at IS NULL AND e.failed_at IS NOT NULL) AS failure")
+"""Columns of a series row plus ``failure``: why its current revision could not be routed."""
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add the columns newer code needs to a database made by older code (idempotent)."""
+    have = {r[1] for r in conn.execute("PRAGMA table_info(series_events)")}
+    for column, kind in (("failed_at", "REAL"), ("failure", "TEXT")):
+        if column in have:
+            continue
+        try:
+            conn.execute(f"ALTER TABLE series_events ADD COLUMN {column} {kind}")
+        except sqlite3.OperationalError as err:  # another process added it meanwhile
+            if "duplicate column" not in str(err):
+                raise
+
+
 def _dt(epoch: float | None) -> datetime:
     return datetime.fromtimestamp(epoch or 0.0, tz=UTC)
 
@@ -167,6 +190,7 @@ class SeriesIndex:
         self.db_path = Path(db_path)
         self._local = threading.local()
         self.conn.executescript(SCHEMA)
+        _migrate(self.conn)
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -463,9 +487,41 @@ class SeriesIndex:
     # -- the router's side -----------------------------------------------------------------
 
     def pending_events(self) -> list[CompletionEvent]:
-        """Completion events not yet routed (``routed_at`` NULL), oldest first."""
+        """Completion events not yet routed (``routed_at`` NULL) nor failed, oldest first."""
         return [self._event(r) for r in self.conn.execute(
-            "SELECT * FROM series_events WHERE routed_at IS NULL ORDER BY id")]
+            "SELECT * FROM series_events WHERE routed_at IS NULL AND failed_at IS NULL"
+            " ORDER BY id")]
+
+    def mark_failed(self, event_id: int, reason: str,
+                    conn: sqlite3.Connection | None = None) -> None:
+        """Put a completion event in the failed state: not routed, not retried, visible.
+
+        Args:
+            event_id: ``CompletionEvent.event_id``.
+            reason: Why (an exception type and a message without patient values).
+            conn: The caller's open transaction, or ``None`` to commit on its own.
+        """
+        with self._write(conn) as c:
+            c.execute("UPDATE series_events SET failed_at = ?, failure = ?"
+                      " WHERE id = ? AND routed_at IS NULL", (time.time(), reason, event_id))
+
+    def failed_events(self) -> list[tuple[CompletionEvent, str]]:
+        """Completion events the router gave up on, with their reasons, oldest first."""
+        return [(self._event(r), r["failure"] or "") for r in self.conn.execute(
+            "SELECT * FROM series_events WHERE routed_at IS NULL AND failed_at IS NOT NULL"
+            " ORDER BY id")]
+
+    def retry_failed(self, series_uid: str | None = None) -> int:
+        """Make failed completion events pending again (all, or one series'); returns how many."""
+        with self._write() as c:
+            if series_uid is None:
+                cur = c.execute("UPDATE series_events SET failed_at = NULL, failure = NULL"
+                                " WHERE routed_at IS NULL AND failed_at IS NOT NULL")
+            else:
+                cur = c.execute("UPDATE series_events SET failed_at = NULL, failure = NULL"
+                                " WHERE routed_at IS NULL AND failed_at IS NOT NULL"
+                                " AND series_instance_uid = ?", (series_uid,))
+            return int(cur.rowcount)
 
     def events(self, series_uid: str | None = None) -> list[CompletionEvent]:
         """All completion events (of one series when given), oldest first."""
@@ -562,26 +618,33 @@ class SeriesIndex:
 
         Keys: ``series_instance_uid``, ``study_instance_uid``, ``modality``,
         ``series_description``, ``instance_count``, ``expected_count``, ``state``
-        (``receiving`` | ``complete``), ``revision``, ``first_received_at``,
+        (``receiving`` | ``complete`` | ``failed``: the router could not route its current
+        revision), ``failure`` (the reason, or ``None``), ``revision``, ``first_received_at``,
         ``last_received_at``, ``completed_at`` (ISO 8601 UTC or ``None``), ``calling_ae``,
         ``called_ae``, ``peer_host``.
         """
         rows = self.conn.execute(
-            "SELECT * FROM series ORDER BY last_received_at DESC LIMIT ?", (limit,)).fetchall()
+            f"SELECT {_SERIES_COLUMNS} FROM series s"
+            " ORDER BY last_received_at DESC LIMIT ?", (limit,)).fetchall()
         return [self._series_dict(r) for r in rows]
 
     def get_series(self, series_uid: str) -> dict[str, Any] | None:
         """One series as in :meth:`list_series`, plus ``events`` (its completion events)."""
-        r = self.conn.execute("SELECT * FROM series WHERE series_instance_uid = ?",
-                              (series_uid,)).fetchone()
+        r = self.conn.execute(f"SELECT {_SERIES_COLUMNS} FROM series s"
+                              " WHERE series_instance_uid = ?", (series_uid,)).fetchone()
         if r is None:
             return None
         d = self._series_dict(r)
         d["events"] = [
-            {"event_id": e.event_id, "revision": e.revision,
-             "completed_at": e.completed_at.isoformat(), "reason": e.reason,
-             "instance_count": e.instance_count}
-            for e in self.events(series_uid)
+            {"event_id": int(e["id"]), "revision": int(e["revision"]),
+             "completed_at": _dt(e["completed_at"]).isoformat(), "reason": e["reason"],
+             "instance_count": int(e["instance_count"]),
+             "routed_at": None if e["routed_at"] is None else _dt(e["routed_at"]).isoformat(),
+             "failed_at": None if e["failed_at"] is None else _dt(e["failed_at"]).isoformat(),
+             "failure": e["failure"]}
+            for e in self.conn.execute(
+                "SELECT * FROM series_events WHERE series_instance_uid = ? ORDER BY id",
+                (series_uid,))
         ]
         return d
 
@@ -597,7 +660,8 @@ class SeriesIndex:
             "series_description": r["series_description"],
             "instance_count": int(r["instance_count"]),
             "expected_count": r["expected_count"],
-            "state": r["state"],
+            "state": "failed" if r["failure"] is not None else r["state"],
+            "failure": r["failure"],
             "revision": int(r["revision"]),
             "first_received_at": iso(r["first_received_at"]),
             "last_received_at": iso(r["last_received_at"]),

@@ -23,6 +23,7 @@ and stacking the source pixels), ``inference`` (model: load, pre-processing, eng
 post-processing, model-specific results), ``export`` (building the DICOM outputs and writing
 them into the spool), ``dispatch`` (sending them to the destinations).
     metrics.record_dispatch_failure("pacs")         # dispatcher, per failed delivery attempt
+    metrics.record_stage_failure("routing")         # an item a stage gave up on (failed state)
     metrics.bind_node(settings)                     # once at start: jobs table + spool disk
     body, content_type = metrics.render()           # the /metrics answer
 
@@ -95,6 +96,12 @@ STAGE_SECONDS: Final = Histogram(
 DISPATCH_FAILURES: Final = Counter(
     "omnimri_dispatch_failures", "Failed delivery attempts, by destination.", ["destination"],
     registry=REGISTRY,
+)
+
+STAGE_FAILURES: Final = Counter(
+    "omnimri_stage_failures",
+    "Items a stage gave up on and put in a visible failed state (the queue moves on), by stage.",
+    ["stage"], registry=REGISTRY,
 )
 
 for _r in ASSOCIATION_RESULTS:
@@ -188,11 +195,17 @@ def record_dispatch_failure(destination: str) -> None:
     DISPATCH_FAILURES.labels(destination=destination).inc()
 
 
+def record_stage_failure(stage: str) -> None:
+    """Count one item ``stage`` (``routing``, ``job``, ...) put in its failed state."""
+    STAGE_FAILURES.labels(stage=stage).inc()
+
+
 class NodeStateCollector(Collector):
     """Scrape-time gauges read from the node's database and spool folder.
 
     * ``omnimri_jobs{state,pipeline}``: rows of the ``jobs`` table (when it exists).
     * ``omnimri_spool_disk_bytes{kind=total|used|free}``: the file system holding the spool.
+    * ``omnimri_series_routing_failed``: completion events the router could not route.
     """
 
     def __init__(self) -> None:
@@ -228,6 +241,32 @@ class NodeStateCollector(Collector):
             for kind, value in usage.items():
                 disk.add_metric([kind], value)
         yield disk
+        failed = routing_failed_count(database)
+        if failed is not None:
+            yield GaugeMetricFamily(
+                "omnimri_series_routing_failed",
+                "Series completions the router could not route (failed state, see series show).",
+                value=failed)
+
+
+def routing_failed_count(database: Path | None) -> int | None:
+    """Completion events in the failed state; ``None`` when the database or column is absent."""
+    if database is None or not Path(database).exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=2.0)
+    except sqlite3.Error:
+        return None
+    try:
+        if "failed_at" not in {r[1] for r in conn.execute("PRAGMA table_info(series_events)")}:
+            return None
+        return int(conn.execute("SELECT COUNT(*) FROM series_events WHERE routed_at IS NULL"
+                                " AND failed_at IS NOT NULL").fetchone()[0])
+    except sqlite3.Error as err:
+        log.warning("metrics_events_unreadable", error=str(err))
+        return None
+    finally:
+        conn.close()
 
 
 def job_counts(database: Path | None) -> dict[tuple[str, str], int]:

@@ -16,18 +16,27 @@ never loses an event nor routes it twice (enqueueing is idempotent anyway).
   one the job goes to its other destinations and a clear error is logged.
 * When two rules send the same series to the same pipeline, one job carries the union of their
   destinations and the most urgent priority.
+* A completion event that cannot be routed (its files unreadable, or anything raising while
+  its attributes are read or the rules evaluated) goes to the *failed* state with its reason
+  (``series show``, the admin API, ``omnimri_series_routing_failed``, a ``rule_decision`` audit
+  line with ``error``) and the next event is routed at once; it is not retried (also not after
+  a restart) until ``SeriesIndex.retry_failed`` or a rules reload. Only database errors
+  (locked, disk full: they would hit every event alike) leave the event pending for the next
+  poll.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Callable
 
+from dicom_node import metrics
 from dicom_node.audit import get_audit
 from dicom_node.config import DimseDestination, NodeSettings, RuleConfig
 from dicom_node.index import CompletionEvent, SeriesIndex
 from dicom_node.jobs import PRIORITY_RANK, JobQueue, NewJob
-from dicom_node.logs import get_logger
+from dicom_node.logs import get_logger, scrub_text
 from dicom_node.rules import RuleSet, SeriesAttributes, SeriesReadError, attributes_for_series
 from dicom_node.series import Series
 
@@ -112,6 +121,10 @@ class Router:
             self.settings = settings
             self.rules = rules
         log.info("router rules replaced", rules=len(rules))
+        retried = self.index.retry_failed()
+        if retried:
+            log.info("failed completion events retried under the new rules", events=retried)
+            self.wake()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -130,8 +143,28 @@ class Router:
         for event in self.index.pending_events():
             if self._stop.is_set():
                 break
-            created += self.route_event(event)
+            try:
+                created += self.route_event(event)
+            except sqlite3.Error:
+                raise  # the database, not the event: every event would fail; poll again
+            except Exception as exc:  # noqa: BLE001 - isolate the event, route the next one
+                self._fail(event, exc)
         return created
+
+    def _fail(self, event: CompletionEvent, exc: BaseException) -> None:
+        """Put an event that cannot be routed in the failed state (visible, not retried)."""
+        reason = failure_reason(exc)
+        self.index.mark_failed(event.event_id, reason)
+        metrics.record_stage_failure("routing")
+        log.error("completion event cannot be routed; marked failed", event_id=event.event_id,
+                  series_uid=event.series_instance_uid, revision=event.revision,
+                  error=reason)
+        try:
+            get_audit().rule_decision(
+                series_uid=event.series_instance_uid, revision=event.revision, matched=[],
+                discarded=False, pipelines=[], destinations=[], jobs=[], error=reason)
+        except OSError as err:
+            log.error("audit write failed", error=str(err))
 
     def route_event(self, event: CompletionEvent) -> int:
         """Route one completion event (jobs + routed mark in one transaction).
@@ -143,13 +176,13 @@ class Router:
             settings, rules = self.settings, self.rules
         try:
             series = self.index.load_series(event.series_instance_uid, event.revision)
-            attrs = attributes_for_series(series)
-        except (KeyError, SeriesReadError, OSError) as exc:
-            log.error("completion event cannot be routed", event_id=event.event_id,
+        except KeyError as exc:  # purged meanwhile: nothing left to route
+            log.error("completion event has no series; skipped", event_id=event.event_id,
                       series_uid=event.series_instance_uid, revision=event.revision,
-                      error=str(exc))
+                      error=failure_reason(exc))
             self.index.mark_routed(event.event_id)
             return 0
+        attrs = attributes_for_series(series)  # SeriesReadError etc.: the caller fails it
         decision = rules.evaluate(attrs)
         new_jobs: list[NewJob] = []
         if not decision.discarded:
@@ -254,6 +287,17 @@ class Router:
         log.info("study rule ready", rule=rule.name, study_uid=series.study_instance_uid,
                  series=len(wanted))
         return jobs
+
+
+MAX_REASON_CHARS = 300
+"""Longest failure reason kept (characters)."""
+
+
+def failure_reason(exc: BaseException) -> str:
+    """``Type: message`` of an exception, scrubbed of patient-like values and shortened."""
+    text = scrub_text(str(exc))
+    reason = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return reason[:MAX_REASON_CHARS]
 
 
 def _merge(jobs: list[NewJob]) -> list[NewJob]:

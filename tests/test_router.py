@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -9,10 +10,11 @@ from typing import Any
 import pydicom
 import pytest
 
+from dicom_node import metrics
 from dicom_node.config import NodeSettings, parse_config
 from dicom_node.index import InstanceRecord, SeriesIndex
 from dicom_node.jobs import JobQueue
-from dicom_node.router import Router, resolve_sender
+from dicom_node.router import Router, failure_reason, resolve_sender
 from dicom_node.samples import synthetic_series, write_series
 
 STUDY = "1.2.826.0.1.3680043.10.1526.777"
@@ -181,11 +183,100 @@ def test_enqueue_and_routed_mark_are_one_transaction(tmp_path: Path, monkeypatch
         return real(job, conn)
 
     monkeypatch.setattr(env.queue, "enqueue", crash_on_second)
-    with pytest.raises(RuntimeError):
-        env.router.route_pending()
-    assert env.queue.list_jobs() == [] and len(env.index.pending_events()) == 1
+    assert env.router.route_pending() == 0  # the event failed, no job half-written
+    assert env.queue.list_jobs() == [] and env.index.pending_events() == []
+    [(event, reason)] = env.index.failed_events()
+    assert reason == "RuntimeError: simulated crash mid-routing"
     monkeypatch.setattr(env.queue, "enqueue", real)
+    assert env.index.retry_failed() == 1
     assert env.router.route_pending() == 2 and env.index.pending_events() == []
+    assert env.index.failed_events() == []
+
+
+def test_database_error_leaves_the_event_pending(tmp_path: Path, monkeypatch: Any) -> None:
+    """Database trouble is not the event's fault: it stays pending for the next poll."""
+    env = Env(tmp_path, [{"name": "mr", "when": "true", "pipelines": ["preview"],
+                          "destinations": ["pacs"]}])
+    env.receive("T1")
+    real = env.queue.enqueue
+
+    def locked(job: Any, conn: Any = None) -> Any:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(env.queue, "enqueue", locked)
+    with pytest.raises(sqlite3.OperationalError):
+        env.router.route_pending()
+    assert len(env.index.pending_events()) == 1 and env.index.failed_events() == []
+    monkeypatch.setattr(env.queue, "enqueue", real)
+    assert env.router.route_pending() == 1
+
+
+def _poison(path: Path) -> None:
+    """Give SliceThickness the VR ``ZZ`` in a stored file (same size: pydicom then raises)."""
+    data = path.read_bytes()
+    tag = b"\x18\x00\x50\x00DS"
+    assert data.count(tag) == 1
+    path.write_bytes(data.replace(tag, b"\x18\x00\x50\x00ZZ"))
+
+
+def test_a_poisoned_series_fails_visibly_and_the_next_is_routed(tmp_path: Path) -> None:
+    """Issue #17 item 3: VR ZZ made the router raise on every poll and route nothing more."""
+    rules = [{"name": "all", "when": "SliceThickness > 0", "pipelines": ["preview"],
+              "destinations": ["archive"]}]
+    env = Env(tmp_path, rules)
+    bad = env.receive("POISON")
+    for p in (tmp_path / f"s{env.n}").glob("*.dcm"):
+        _poison(p)
+    good = env.receive("GOOD")
+    before = metrics.sample("omnimri_stage_failures_total", {"stage": "routing"})
+    assert env.router.route_pending() == 1
+    assert env.jobs() == [(good, "preview", ("archive",), "normal")]
+    info = env.index.get_series(bad)
+    assert info is not None and info["state"] == "failed"
+    assert info["failure"].startswith("NotImplementedError")
+    assert info["events"][0]["failure"] == info["failure"]
+    assert info["events"][0]["failed_at"] and info["events"][0]["routed_at"] is None
+    assert env.index.get_series(good)["state"] == "complete"  # type: ignore[index]
+    assert [s["state"] for s in env.index.list_series() if s["series_instance_uid"] == bad] == [
+        "failed"]
+    assert metrics.sample("omnimri_stage_failures_total", {"stage": "routing"}) == before + 1
+    assert metrics.routing_failed_count(env.settings.storage.database_path) == 1
+    # Across a restart (a new router on the same database): not retried, nothing blocks.
+    again = Router(env.settings, JobQueue(env.settings), SeriesIndex(
+        env.settings.storage.database_path))
+    later = env.receive("LATER")
+    assert again.route_pending() == 1
+    assert {j[0] for j in env.jobs()} == {good, later}
+    # A rules reload retries failed events once (here: fails again, still visible).
+    again.apply_settings(env.settings)
+    assert again.route_pending() == 0
+    assert env.index.get_series(bad)["state"] == "failed"  # type: ignore[index]
+
+
+def test_failure_reason_has_no_patient_values() -> None:
+    exc = ValueError("Invalid value for VR UI: 'DOE^JANE19700101' in element")
+    reason = failure_reason(exc)
+    assert "DOE" not in reason and "1970" not in reason and reason.startswith("ValueError")
+
+
+def test_old_database_gains_the_failure_columns(tmp_path: Path) -> None:
+    """A database made before the failed state: the columns are added, rows kept."""
+    db = tmp_path / "old.db"
+    conn = sqlite3.connect(db)
+    conn.executescript(
+        "CREATE TABLE series_events (id INTEGER PRIMARY KEY, series_instance_uid TEXT NOT NULL,"
+        " revision INTEGER NOT NULL, completed_at REAL NOT NULL, reason TEXT NOT NULL,"
+        " routed_at REAL, instance_count INTEGER NOT NULL DEFAULT 0,"
+        " UNIQUE (series_instance_uid, revision));"
+        "INSERT INTO series_events (series_instance_uid, revision, completed_at, reason)"
+        " VALUES ('1.2.3', 1, 0, 'quiet');")
+    conn.commit()
+    conn.close()
+    index = SeriesIndex(db)
+    assert [e.series_instance_uid for e in index.pending_events()] == ["1.2.3"]
+    SeriesIndex(db)  # idempotent
+    cols = {r[1] for r in index.conn.execute("PRAGMA table_info(series_events)")}
+    assert {"failed_at", "failure"} <= cols
 
 
 def test_router_service_routes_in_background(tmp_path: Path) -> None:
