@@ -1,8 +1,9 @@
 # OmniMRI Node — the two commands of the README's quick start, and a few for developers.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-APT_PACKAGES := dcmtk orthanc orthanc-dicomweb chromium chromium-driver
+APT_PACKAGES := dcmtk orthanc orthanc-dicomweb chromium chromium-driver pixelmed-apps
 PYTEST_ARGS ?=
+OHIF_VERSION := 3.13.2
 
 .PHONY: run install install-test test lint typecheck bench model
 
@@ -23,6 +24,11 @@ install-test:
 	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi; \
 	fi
 	$(PIP) install -q -e '.[test,train]'
+	@# OHIF Viewer for tests/test_ohif.py: the npm package's prebuilt dist/, unpacked in .ohif/
+	@if command -v npm >/dev/null && [ ! -f .ohif/package/dist/index.html ]; then \
+	  mkdir -p .ohif && npm pack --silent --pack-destination .ohif @ohif/app@$(OHIF_VERSION) \
+	  && tar -xzf .ohif/ohif-app-$(OHIF_VERSION).tgz -C .ohif && rm .ohif/ohif-app-$(OHIF_VERSION).tgz; \
+	fi
 
 lint:
 	ruff check dicom_node inference export tests benchmarks

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from export.context import ExportContext, OutputKind
-from inference.results import Code, ModelInfo
+from inference.results import Code, Detection, ModelInfo, SegmentLabel
 
 RESEARCH = "RESEARCH"
 """ContentQualification value written on every derived object."""
@@ -178,3 +178,63 @@ def display_window(array: npt.NDArray[np.float32]) -> tuple[float, float]:
         return 0.0, 1.0
     lo, hi = np.percentile(sample, [0.5, 99.5])
     return float(lo), float(max(hi, lo + 1e-6))
+
+
+def detection_ellipse(
+    det: Detection, k: int, mask: npt.NDArray[np.bool_] | None, shape: tuple[int, int],
+    pad: float = 1.5,
+) -> npt.NDArray[np.float64]:
+    """Axis-aligned ellipse around detection ``det`` on slice ``k``, in PIXEL coordinates.
+
+    Four ``(column, row)`` points, the end points of the major then minor axis (DICOM SCOORD /
+    GSPS ELLIPSE; (0, 0) is the top left corner of the top left pixel), around the in-plane
+    extent of the detection's segment ``mask`` inside its bounding box on that slice (the
+    bounding box if ``mask`` is ``None`` or empty there), ``pad`` pixels wider, kept inside the
+    ``(rows, columns)`` image.
+    """
+    rows, cols = shape
+    _, j0, i0, _, j1, i1 = det.bbox_index
+    bj0, bi0, bj1, bi1 = float(j0), float(i0), float(j1), float(i1)
+    if mask is not None:
+        sub = mask[k, j0:j1, i0:i1]
+        if sub.any():
+            jj, ii = np.nonzero(sub)
+            bj0, bj1 = j0 + float(jj.min()), j0 + float(jj.max()) + 1.0
+            bi0, bi1 = i0 + float(ii.min()), i0 + float(ii.max()) + 1.0
+    bj0, bj1 = max(bj0 - pad, 0.0), min(bj1 + pad, float(rows))
+    bi0, bi1 = max(bi0 - pad, 0.0), min(bi1 + pad, float(cols))
+    cj, ci = (bj0 + bj1) / 2.0, (bi0 + bi1) / 2.0
+    horizontal = [[bi0, cj], [bi1, cj]]
+    vertical = [[ci, bj0], [ci, bj1]]
+    major_first = horizontal + vertical if bi1 - bi0 >= bj1 - bj0 else vertical + horizontal
+    return np.array(major_first, dtype=np.float64)
+
+
+DISPLAY_RGB: dict[str, tuple[int, int, int]] = {
+    "32060008": (70, 130, 240),    # Cerebrospinal fluid: blue
+    "389080004": (190, 90, 215),   # Gray matter: violet
+    "389079006": (60, 180, 120),   # White matter: green
+    "12738006": (230, 180, 120),   # Brain: sand (a union; not drawn in the SEG)
+}
+"""Display colours of tissues whose model colour may be achromatic (sRGB, by SNOMED CT code)."""
+
+LESION_RGB = (255, 40, 40)
+"""Fallback colour of a pathological segment with an achromatic model colour: salient red."""
+TISSUE_RGB = (80, 170, 200)
+"""Fallback colour of an anatomical segment with an achromatic model colour."""
+
+
+def display_rgb(label: SegmentLabel) -> tuple[int, int, int]:
+    """The colour a segment is shown in (SEG Recommended Display CIELab, SC overlays, legends).
+
+    The model's colour, unless it is achromatic (grey, white or black: channels within 40 of
+    each other), which on an MR image reads as image intensity, not as an overlay: then the
+    tissue's colour from :data:`DISPLAY_RGB`, else :data:`LESION_RGB` for pathological and
+    :data:`TISSUE_RGB` for anatomical segments.
+    """
+    rgb = tuple(min(max(int(v), 0), 255) for v in label.color_rgb)
+    if max(rgb) - min(rgb) >= 40:
+        return rgb  # type: ignore[return-value]
+    if label.type.value in DISPLAY_RGB:
+        return DISPLAY_RGB[label.type.value]
+    return LESION_RGB if label.task == "pathological" else TISSUE_RGB

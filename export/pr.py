@@ -11,7 +11,6 @@ PACS viewers that support GSPS show these as overlays over the original images.
 from __future__ import annotations
 
 import highdicom as hd
-import numpy as np
 import structlog
 from pydicom.dataset import Dataset
 
@@ -19,6 +18,7 @@ from export import uids
 from export.common import (
     NOT_FOR_DIAGNOSIS,
     contributing_equipment,
+    detection_ellipse,
     display_window,
     finish,
     key_slices,
@@ -27,23 +27,11 @@ from export.common import (
     software_versions,
 )
 from export.context import ExportContext
+from export.text import detection_label
 
 log = structlog.get_logger(__name__)
 
 LAYER = "AI_DETECTIONS"
-
-
-def _ellipse(
-    j0: float, i0: float, j1: float, i1: float, rows: int, cols: int
-) -> np.ndarray:
-    """Axis-aligned ellipse in PIXEL units: ``(column, row)`` endpoints of both axes.
-
-    Kept inside the image (``0..cols``, ``0..rows``): GSPS pixel coordinates cannot be negative.
-    """
-    j0, j1 = max(j0, 0.0), min(j1, float(rows))
-    i0, i1 = max(i0, 0.0), min(i1, float(cols))
-    cj, ci = (j0 + j1) / 2.0, (i0 + i1) / 2.0
-    return np.array([[i0, cj], [i1, cj], [ci, j0], [ci, j1]], dtype=np.float64)
 
 
 def _annotations(ctx: ExportContext, layer: hd.pr.GraphicLayer) -> list[hd.pr.GraphicAnnotation]:
@@ -55,35 +43,27 @@ def _annotations(ctx: ExportContext, layer: hd.pr.GraphicLayer) -> list[hd.pr.Gr
         name = det.tracking_id or f"lesion-{n}"
         seg = by_number.get(det.segment_number)
         for k in range(max(k0, 0), min(k1, ctx.volume.shape[0])):
-            bj0, bi0, bj1, bi1 = float(j0), float(i0), float(j1), float(i1)
-            if seg is not None:
-                sub = seg.mask[k, j0:j1, i0:i1]
-                if not sub.any():
-                    continue
-                jj, ii = np.nonzero(sub)
-                bj0, bj1 = j0 + jj.min(), j0 + jj.max() + 1.0
-                bi0, bi1 = i0 + ii.min(), i0 + ii.max() + 1.0
-            pad = 1.5
+            if seg is not None and not seg.mask[k, j0:j1, i0:i1].any():
+                continue
+            ellipse = detection_ellipse(det, k, seg.mask if seg is not None else None,
+                                        (rows, cols))
             graphics, texts = per_slice.setdefault(k, ([], []))
             graphics.append(
                 hd.pr.GraphicObject(
                     graphic_type=hd.pr.GraphicTypeValues.ELLIPSE,
-                    graphic_data=_ellipse(
-                        bj0 - pad, bi0 - pad, bj1 + pad, bi1 + pad, rows, cols
-                    ),
+                    graphic_data=ellipse,
                     units=hd.pr.AnnotationUnitsValues.PIXEL,
                     tracking_id=name[:64],
                     tracking_uid=uids.derived_uid(ctx.job_id, "detection", n),
                 )
             )
+            right = float(ellipse[:, 0].max())
+            top = float(ellipse[:, 1].min())
             texts.append(
                 hd.pr.TextObject(
-                    text_value=f"AI {name}: {det.finding.meaning} {det.diameter_mm:.0f} mm "
-                    f"p={det.probability:.2f}"[:1024],
+                    text_value=f"AI {detection_label(det, n)}"[:1024],
                     units=hd.pr.AnnotationUnitsValues.PIXEL,
-                    anchor_point=(
-                        float(min(bi1 + pad, cols)), float(min(max(bj0 - pad, 0.0), rows))
-                    ),
+                    anchor_point=(min(right, float(cols)), min(max(top, 0.0), float(rows))),
                     anchor_point_visible=True,
                 )
             )
@@ -126,9 +106,10 @@ def build_pr(ctx: ExportContext) -> list[Dataset]:
     images = ctx.slice_sources()
     lo, hi = display_window(ctx.volume.array)
     voi = hd.pr.SoftcopyVOILUTTransformation(
-        window_center=float((lo + hi) / 2.0),
-        window_width=float(max(hi - lo, 1.0)),
-        window_explanation="AI display window",
+        # Lists of one: highdicom splits a str explanation into one value per character.
+        window_center=[float((lo + hi) / 2.0)],
+        window_width=[float(max(hi - lo, 1.0))],
+        window_explanation=["AI display window"],
     )
     pr = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=images,

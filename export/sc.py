@@ -29,6 +29,7 @@ from export import uids
 from export.common import (
     NOT_FOR_DIAGNOSIS,
     contributing_equipment,
+    display_rgb,
     display_window,
     finish,
     key_slices,
@@ -36,6 +37,7 @@ from export.common import (
     software_versions,
 )
 from export.context import ExportContext
+from export.text import detection_label, detection_line, sentence_case
 
 log = structlog.get_logger(__name__)
 
@@ -108,7 +110,7 @@ def render_key_slice(
         m = np.repeat(np.repeat(s.mask[k], f, axis=0), f, axis=1)
         if not m.any():
             continue
-        colour = np.array(s.label.color_rgb, dtype=np.float64)
+        colour = np.array(display_rgb(s.label), dtype=np.float64)
         rgb[m] = (1.0 - ALPHA) * rgb[m] + ALPHA * colour
         edge = m & ~ndimage.binary_erosion(m, iterations=max(1, f // 3))
         rgb[edge] = colour
@@ -122,10 +124,30 @@ def render_key_slice(
         pad = 2 * f
         box = (i0 * f - pad, j0 * f - pad, i1 * f + pad, j1 * f + pad)
         draw.ellipse(box, outline=WARNING_RED, width=max(2, f // 2))
-        name = det.tracking_id or f"lesion-{n}"
-        label = f"{name} {det.diameter_mm:.0f} mm p={det.probability:.2f}"
-        draw.text((box[0], max(0, box[1] - small.size - 4)), label, fill=WARNING_RED, font=small)
+        label = detection_label(det, n)
+        draw.text(label_position(draw, label, small, box, img.size), label, fill=WARNING_RED,
+                  font=small, stroke_width=2, stroke_fill=(0, 0, 0))
     return _with_legend(ctx, np.asarray(img), k)
+
+
+def label_position(
+    draw: ImageDraw.ImageDraw, text: str, font: Font, box: tuple[int, int, int, int],
+    size: tuple[int, int],
+) -> tuple[int, int]:
+    """Top left corner (pixels) of ``text`` next to ``box``, inside the image.
+
+    Above the box, else below it, shifted so that the whole text lies inside the ``(width,
+    height)`` image.
+    """
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font, stroke_width=2)
+    w, h = right - left, bottom - top
+    width, height = size
+    x = min(max(box[0], 0), max(width - w - 2, 0))
+    y = box[1] - h - 6
+    if y < 0:
+        y = box[3] + 4
+    y = min(max(y, 0), max(height - h - 2, 0))
+    return int(x), int(y)
 
 
 def _with_legend(ctx: ExportContext, image: npt.NDArray[np.uint8], k: int) -> npt.NDArray[np.uint8]:
@@ -150,7 +172,7 @@ def _with_legend(ctx: ExportContext, image: npt.NDArray[np.uint8], k: int) -> np
     y += line
     by_number = {s.label.number: s for s in ctx.results.segments}
     for lab in entries:
-        draw.rectangle((6, y + 3, 22, y + 17), fill=tuple(lab.color_rgb))
+        draw.rectangle((6, y + 3, 22, y + 17), fill=display_rgb(lab))
         ml = by_number[lab.number].volume_ml(spacing)
         draw.text((30, y), f"{lab.label}: {ml:.1f} ml", fill=(230, 230, 230), font=font)
         y += line
@@ -204,7 +226,7 @@ def render_summary_card(ctx: ExportContext) -> npt.NDArray[np.uint8]:
     if res.segments:
         section("Volumes")
         for s in sorted(res.segments, key=lambda m: m.label.number):
-            draw.rectangle((36, y + 4, 54, y + 22), fill=tuple(s.label.color_rgb))
+            draw.rectangle((36, y + 4, 54, y + 22), fill=display_rgb(s.label))
             draw.text(
                 (64, y), f"{s.label.label}: {s.volume_ml(spacing):.1f} ml", fill=(235, 235, 235),
                 font=body,
@@ -212,16 +234,12 @@ def render_summary_card(ctx: ExportContext) -> npt.NDArray[np.uint8]:
             y += 26
     section("Detections")
     if not res.detections:
-        text_line("none")
+        text_line("None.")
     for n, det in enumerate(res.detections, start=1):
-        where = det.location or det.side or "location not given"
-        text_line(
-            f"{det.tracking_id or f'lesion-{n}'}: {det.finding.meaning}, {where}, "
-            f"{det.diameter_mm:.1f} mm, {det.volume_ml:.2f} ml, p={det.probability:.2f}"
-        )
+        text_line(detection_line(det, n))
     if res.diagnosis is not None:
         section("Suggestion")
-        text_line(f"{res.diagnosis.code.meaning} (p={res.diagnosis.probability:.2f})")
+        text_line(f"{res.diagnosis.code.meaning} (p = {res.diagnosis.probability:.2f})")
         others = ", ".join(f"{k} {v:.2f}" for k, v in res.diagnosis.probabilities.items())
         for part in textwrap.wrap(others, 80)[:3]:
             text_line(part, (180, 180, 180))
@@ -229,7 +247,7 @@ def render_summary_card(ctx: ExportContext) -> npt.NDArray[np.uint8]:
         report = res.report
         for heading, text in (("Findings", report.findings), ("Impression", report.impression)):
             section(heading)
-            for part in textwrap.wrap(text, 80)[:8]:
+            for part in textwrap.wrap(sentence_case(text), 80)[:8]:
                 text_line(part)
     draw.rectangle((0, h - 60, w, h), fill=WARNING_RED)
     draw.text(

@@ -5,8 +5,16 @@
   Derivation Image references filled by highdicom).
 * Segment numbers are 1..N in the order of the results' segment numbers (see
   :func:`segment_numbering`); SR references use the same mapping.
-* ``auto`` type: LABELMAP (SOP class 1.2.840.10008.5.1.4.1.1.66.7) when no voxel belongs to two
-  segments, else BINARY; FRACTIONAL writes the probabilities (8-bit, 255 = 1.0).
+* ``auto`` type: BINARY (1.2.840.10008.5.1.4.1.1.66.4), the SEG every PACS and viewer takes
+  (Debian's Orthanc refuses Label Map Segmentation Storage by C-STORE, DCMTK 3.6.7 does not
+  know it); ``labelmap`` writes LABELMAP (1.2.840.10008.5.1.4.1.1.66.7) for sites whose PACS
+  and viewers accept it; FRACTIONAL writes the probabilities (8-bit, 255 = 1.0).
+* What is drawn: every segment except a *union* segment, one equal to the union of two or more
+  other anatomical segments (the model's Brain = CSF + grey + white matter): drawn over them it
+  would hide them and the image (viewers show every segment of a SEG on opening). Its volume is
+  still reported (SR, summary card). See :func:`seg_segments`.
+* Colours (Recommended Display CIELab): :func:`export.common.display_rgb`; grey/white model
+  colours become chromatic ones so overlays do not read as image intensity.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from export import uids
 from export.common import (
     algorithm_identification,
     contributing_equipment,
+    display_rgb,
     finish,
     lab_color,
     series_description,
@@ -42,8 +51,39 @@ _TRANSFER_SYNTAX: dict[str, UID] = {
 }
 
 
+def union_segments(segments: list[SegmentMask]) -> set[int]:
+    """Numbers of the anatomical segments that are unions of others.
+
+    A union equals the union of two or more other anatomical segments (e.g. Brain = CSF + grey
+    matter + white matter).
+    """
+    anatomical = [s for s in segments if s.label.task != "pathological"]
+    out: set[int] = set()
+    for s in anatomical:
+        parts = [o for o in anatomical if o is not s and o.label.number not in out
+                 and o.mask.sum() < s.mask.sum()
+                 and not (o.mask & ~s.mask).any()]
+        if len(parts) < 2 or not s.mask.any():
+            continue
+        union = np.zeros_like(s.mask)
+        for o in parts:
+            union |= o.mask
+        if np.array_equal(union, s.mask):
+            out.add(s.label.number)
+    return out
+
+
+def seg_segments(segments: list[SegmentMask]) -> list[SegmentMask]:
+    """The segments the SEG holds: all but the union segments (:func:`union_segments`)."""
+    unions = union_segments(segments)
+    return [s for s in segments if s.label.number not in unions]
+
+
 def segment_numbering(segments: list[SegmentMask]) -> dict[int, int]:
-    """Map each result segment number to its SEG segment number (1..N, sorted by number)."""
+    """Map each result segment number to its SEG segment number (1..N, sorted by number).
+
+    Pass the segments the SEG holds (:func:`seg_segments`).
+    """
     return {s.label.number: i + 1 for i, s in enumerate(sorted(segments, key=_number))}
 
 
@@ -62,15 +102,11 @@ def segments_overlap(segments: list[SegmentMask]) -> bool:
 
 
 def resolve_type(ctx: ExportContext) -> hd.seg.SegmentationTypeValues:
-    """The segmentation type to write, resolving ``auto`` (LABELMAP unless segments overlap)."""
+    """The segmentation type to write, resolving ``auto`` (BINARY, accepted everywhere)."""
     wanted = ctx.options.seg.segmentation_type
-    segs = ctx.results.segments
+    segs = seg_segments(ctx.results.segments)
     if wanted == "auto":
-        return (
-            hd.seg.SegmentationTypeValues.BINARY
-            if segments_overlap(segs)
-            else hd.seg.SegmentationTypeValues.LABELMAP
-        )
+        return hd.seg.SegmentationTypeValues.BINARY
     if wanted == "labelmap" and segments_overlap(segs):
         raise ExportError("segments overlap: LABELMAP cannot encode them (use auto or binary)")
     return hd.seg.SegmentationTypeValues(wanted.upper())
@@ -79,7 +115,7 @@ def resolve_type(ctx: ExportContext) -> hd.seg.SegmentationTypeValues:
 def _descriptions(ctx: ExportContext, numbering: dict[int, int]) -> list[hd.seg.SegmentDescription]:
     algo = algorithm_identification(ctx.results.model)
     out = []
-    for seg in sorted(ctx.results.segments, key=_number):
+    for seg in sorted(seg_segments(ctx.results.segments), key=_number):
         lab = seg.label
         out.append(
             hd.seg.SegmentDescription(
@@ -91,7 +127,7 @@ def _descriptions(ctx: ExportContext, numbering: dict[int, int]) -> list[hd.seg.
                 algorithm_identification=algo,
                 tracking_uid=uids.derived_uid(ctx.job_id, "segment", lab.number),
                 tracking_id=f"{lab.label} ({lab.task})"[:64],
-                display_color=lab_color(lab.color_rgb),
+                display_color=lab_color(display_rgb(lab)),
             )
         )
     return out
@@ -101,7 +137,7 @@ def _frames_array(
     ctx: ExportContext, seg_type: hd.seg.SegmentationTypeValues, numbering: dict[int, int]
 ) -> npt.NDArray[np.generic]:
     """Pixel array in source frame order: label map ``[f, r, c]`` or stacked ``[f, r, c, s]``."""
-    segs = sorted(ctx.results.segments, key=_number)
+    segs = sorted(seg_segments(ctx.results.segments), key=_number)
     shape = ctx.volume.shape
     if seg_type == hd.seg.SegmentationTypeValues.FRACTIONAL:
         stacked_f = np.zeros((*shape, len(segs)), dtype=np.float32)
@@ -142,7 +178,7 @@ def build_seg(ctx: ExportContext) -> list[Dataset]:
         return []
     t0 = time.perf_counter()
     opts = ctx.options.seg
-    numbering = segment_numbering(ctx.results.segments)
+    numbering = segment_numbering(seg_segments(ctx.results.segments))
     seg_type = resolve_type(ctx)
     pixels = _frames_array(ctx, seg_type, numbering)
     mf = ctx.multiframe_source

@@ -1,27 +1,40 @@
-"""Comprehensive 3D SR, TID 1500 Measurement Report, with highdicom.
+"""Comprehensive 3D SR, TID 1500 Measurement Report, with highdicom, written for viewers.
 
 Content tree::
 
     Imaging Measurement Report (126000, DCM)            TID 1500, PRELIMINARY / UNVERIFIED
     ├─ observer: device = the model on this node
-    ├─ procedure reported: Brain MRI (24590-2, LN)
-    ├─ Image Library: every source instance
-    ├─ Imaging Measurements
-    │   ├─ per segment: Measurement Group (TID 1411) → Referenced Segment (the SEG segment),
-    │   │   Volume (118565006, SCT) in ml; tracking id + UID (same UID as the SEG segment)
-    │   └─ per detection: Measurement Group (TID 1411) → SCOORD3D POINT at the centroid,
-    │       Diameter (81827009, SCT) mm, Volume ml, Probability (122157, DCM); tracking id + UID
+    ├─ procedure reported: MRI unspecified body region (25056-3, LN; CID 100)
+    ├─ Image Library: the detections' key source images and the key slices
+    ├─ Imaging Measurements                     (only detections: every group has coordinates)
+    │   └─ per detection: TID 1410 planar ROI, SCOORD ELLIPSE around the detection on its
+    │       centre slice (SELECTED FROM that source image), Diameter (81827009, SCT) mm,
+    │       Volume ml, Probability (122157, DCM), finding site lobe + laterality; tracking
+    │       id (lesion-1) + UID
     └─ Qualitative Evaluations (C0034375, UMLS)
         ├─ CODE Finding (121071, DCM) = the diagnostic suggestion
         │   └─ HAS PROPERTIES NUM Probability (122157, DCM), no units (0..1)
-        ├─ TEXT Finding (121071, DCM) = generated findings
-        └─ TEXT Impression (121073, DCM) = generated impression
+        ├─ TEXT Finding (121071, DCM) = generated findings, in sentences
+        ├─ TEXT Impression (121073, DCM) = generated impression, in sentences
+        └─ per segment: TID 1411 group → Referenced Segment (the SEG segment), Volume ml;
+            segments not in the SEG (a union such as Brain) as TID 1501 groups, no reference
+
+Why the segment volumes are not in Imaging Measurements: OHIF (3.13, ``cornerstone-dicom-sr``)
+turns every Measurement Group there into a measurement and dereferences its first coordinate;
+a group with a number and a segment reference but no coordinates throws (``reading
+'ReferencedSOPSequence'``) and leaves the SR viewport black. OHIF reads only that container, so
+the volumes sit in the Qualitative Evaluations container (TID 1500 is extensible; pixelmed's
+DicomSRValidator: "not in template" warnings, no error), where :func:`segment_volume_groups`
+and text renderings find them. The Derived Imaging Measurements container (row 10) would fit
+better but makes pixelmed 20220618 fail internally (its TID 1420 needs a CID 7465 it lacks).
+The 2D SCOORD on a referenced source image is what OHIF draws (a SCOORD3D point is not drawn,
+and pixelmed refuses TID 1410 and 1411 groups mixed in one container, so there is no 3D
+duplicate); the first NUM (Diameter) is OHIF's label and the first finding site its location.
 """
 
 from __future__ import annotations
 
 import highdicom as hd
-import numpy as np
 import structlog
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -30,22 +43,36 @@ from pydicom.sr.coding import Code as PydicomCode
 from export import uids
 from export.common import (
     contributing_equipment,
+    detection_ellipse,
     finish,
     key_slices,
     series_description,
     to_coded,
 )
 from export.context import ExportContext
-from export.seg import segment_numbering
-from inference.results import BRAIN
+from export.seg import seg_segments, segment_numbering
+from export.text import sentence_case
+from inference.results import BRAIN, Detection
 
 log = structlog.get_logger(__name__)
 
 MILLILITER = PydicomCode("ml", "UCUM", "milliliter")
 NO_UNITS = codes.UCUM.NoUnits
 QUALITATIVE_EVALUATIONS = PydicomCode("C0034375", "UMLS", "Qualitative Evaluations")
-BRAIN_MRI = codes.LN.BrainMRI
-"""Procedure reported: Brain MRI (24590-2, LN)."""
+PROCEDURE = codes.LN.MRIUnspecifiedBodyRegion
+"""Procedure reported (TID 1500 row 4, CID 100): MRI unspecified body region (25056-3, LN).
+
+CID 100 has no brain MRI code in the template version validators check against (Brain MRI,
+24590-2 LN, is refused by pixelmed's DicomSRValidator); the anatomy is in the finding sites."""
+
+LOBE_CODES: dict[str, PydicomCode] = {
+    "frontal": codes.SCT.FrontalLobe,
+    "parietal": codes.SCT.ParietalLobe,
+    "temporal": codes.SCT.TemporalLobe,
+    "occipital": codes.SCT.OccipitalLobe,
+    "cerebellum": codes.SCT.Cerebellum,
+}
+"""Finding site codes (SNOMED CT) of the lobes the results name."""
 
 
 def _observation_context(ctx: ExportContext) -> hd.sr.ObservationContext:
@@ -75,7 +102,7 @@ def _algorithm(ctx: ExportContext) -> hd.sr.AlgorithmIdentification:
 def _referenced_segment(
     seg: Dataset, seg_number: int, source_series_uid: str
 ) -> hd.sr.ReferencedSegment:
-    """Reference to one SEG segment, with its source named by series (TID 1411 row 8 option).
+    """Reference to one SEG segment, with its source named by series (TID 1411 row 12 option).
 
     Naming the source series rather than every source image keeps the SR small and fast for
     long series (the SEG itself references each source frame). Built directly rather than with
@@ -90,6 +117,11 @@ def _referenced_segment(
     )
 
 
+def _centre_slice(ctx: ExportContext, det: Detection) -> int:
+    n = ctx.volume.shape[0]
+    return int(min(max(round(det.centroid_index[0]), 0), n - 1))
+
+
 def _library(ctx: ExportContext) -> list[Dataset] | None:
     """Image Library entries: the images the content points at (detections) and key slices.
 
@@ -97,8 +129,7 @@ def _library(ctx: ExportContext) -> list[Dataset] | None:
     """
     if ctx.multiframe_source is not None:
         return None
-    n = ctx.volume.shape[0]
-    slices = [min(max(round(d.centroid_index[0]), 0), n - 1) for d in ctx.results.detections]
+    slices = [_centre_slice(ctx, d) for d in ctx.results.detections]
     slices += key_slices(ctx)
     chosen: dict[str, Dataset] = {}
     for k in slices:
@@ -107,19 +138,22 @@ def _library(ctx: ExportContext) -> list[Dataset] | None:
     return list(chosen.values()) or None
 
 
-def _segment_groups(
-    ctx: ExportContext, seg: Dataset | None
-) -> list[
+VolumeGroup = (
     hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
     | hd.sr.MeasurementsAndQualitativeEvaluations
-]:
-    """Volume per segment; referencing the SEG segment (TID 1411), or TID 1501 without a SEG."""
-    numbering = segment_numbering(ctx.results.segments)
+)
+
+
+def _segment_groups(ctx: ExportContext, seg: Dataset | None) -> list[VolumeGroup]:
+    """Volume per segment, referencing its SEG segment (TID 1411).
+
+    TID 1501 without a reference when there is no SEG, or for a segment the SEG leaves out
+    (see :func:`export.seg.seg_segments`).
+    """
+    in_seg = seg_segments(ctx.results.segments) if seg is not None else []
+    numbering = segment_numbering(in_seg)
     spacing = ctx.volume.spacing
-    groups: list[
-        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-        | hd.sr.MeasurementsAndQualitativeEvaluations
-    ] = []
+    groups: list[VolumeGroup] = []
     for s in sorted(ctx.results.segments, key=lambda m: m.label.number):
         lab = s.label
         tracking = hd.sr.TrackingIdentifier(
@@ -131,7 +165,7 @@ def _segment_groups(
                 name=codes.SCT.Volume, value=round(s.volume_ml(spacing), 3), unit=MILLILITER
             )
         ]
-        if seg is None:
+        if seg is None or lab.number not in numbering:
             groups.append(
                 hd.sr.MeasurementsAndQualitativeEvaluations(
                     tracking_identifier=tracking,
@@ -157,36 +191,57 @@ def _segment_groups(
     return groups
 
 
+def finding_sites(det: Detection) -> list[hd.sr.FindingSite]:
+    """Finding site of a detection: its lobe (else Brain) with its side.
+
+    Laterality Left or Right, or the topographical modifier Midline.
+    """
+    lobe = det.location.strip().removesuffix(" lobe").split(" ")[0] if det.location else ""
+    site = LOBE_CODES.get(lobe, to_coded(BRAIN))
+    laterality = None
+    modifier = None
+    if det.side in ("left", "right"):
+        laterality = codes.SCT.Left if det.side == "left" else codes.SCT.Right
+    elif det.side == "midline":
+        modifier = codes.SCT.Midline
+    return [
+        hd.sr.FindingSite(
+            anatomic_location=site, laterality=laterality, topographical_modifier=modifier
+        )
+    ]
+
+
 def _detection_groups(
     ctx: ExportContext,
-) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
-    groups = []
-    n_slices = ctx.volume.shape[0]
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """Per detection a planar ROI (TID 1410).
+
+    A 2D ellipse on its centre slice, diameter, volume, probability, finding site.
+    """
+    by_number = {s.label.number: s for s in ctx.results.segments}
+    groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
     for n, det in enumerate(ctx.results.detections, start=1):
-        k = min(max(round(det.centroid_index[0]), 0), n_slices - 1)
+        k = _centre_slice(ctx, det)
         src, frame = ctx.source_of_slice(k)
-        source_image = hd.sr.SourceImageForSegmentation.from_source_image(
-            src, referenced_frame_numbers=[frame] if frame is not None else None
-        )
-        sites = None
-        if det.side in ("left", "right"):
-            side = codes.SCT.Left if det.side == "left" else codes.SCT.Right
-            sites = [hd.sr.FindingSite(anatomic_location=to_coded(BRAIN), laterality=side)]
+        seg = by_number.get(det.segment_number)
+        ellipse = detection_ellipse(det, k, seg.mask if seg is not None else None,
+                                    ctx.volume.shape[1:])
         groups.append(
-            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
                     uid=uids.derived_uid(ctx.job_id, "detection", n),
                     identifier=(det.tracking_id or f"lesion-{n}")[:64],
                 ),
-                referenced_volume_surface=hd.sr.VolumeSurface(
-                    graphic_type=hd.sr.GraphicTypeValues3D.POINT,
-                    graphic_data=np.array([det.centroid_lps_mm], dtype=np.float64),
-                    frame_of_reference_uid=str(src.FrameOfReferenceUID),
-                    source_images=[source_image],
+                referenced_region=hd.sr.ImageRegion(
+                    graphic_type=hd.sr.GraphicTypeValues.ELLIPSE,
+                    graphic_data=ellipse,
+                    source_image=hd.sr.SourceImageForRegion.from_source_image(
+                        src, referenced_frame_numbers=[frame] if frame is not None else None
+                    ),
                 ),
                 finding_type=to_coded(det.finding),
                 algorithm_id=_algorithm(ctx),
-                finding_sites=sites,
+                finding_sites=finding_sites(det),
                 measurements=[
                     hd.sr.Measurement(
                         name=codes.SCT.Diameter, value=round(det.diameter_mm, 2),
@@ -196,7 +251,8 @@ def _detection_groups(
                         name=codes.SCT.Volume, value=round(det.volume_ml, 3), unit=MILLILITER
                     ),
                     hd.sr.Measurement(
-                        name=codes.DCM.Probability, value=round(det.probability, 4), unit=NO_UNITS
+                        name=codes.DCM.Probability, value=round(det.probability, 4),
+                        unit=NO_UNITS,
                     ),
                 ],
             )
@@ -204,10 +260,15 @@ def _detection_groups(
     return groups
 
 
-def _qualitative_evaluations(ctx: ExportContext) -> hd.sr.ContainerContentItem | None:
+def _qualitative_evaluations(
+    ctx: ExportContext, volume_groups: list[VolumeGroup]
+) -> hd.sr.ContainerContentItem | None:
+    """The Qualitative Evaluations container.
+
+    Suggestion, findings, impression, then the segment volume groups (see the module docstring
+    for why they are here).
+    """
     res = ctx.results
-    if res.diagnosis is None and res.report is None:
-        return None
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
@@ -237,14 +298,42 @@ def _qualitative_evaluations(ctx: ExportContext) -> hd.sr.ContainerContentItem |
             if text:
                 items.append(
                     hd.sr.TextContentItem(
-                        name=name, value=text,
+                        name=name, value=sentence_case(text),
                         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
                     )
                 )
+    for group in volume_groups:
+        items.extend(group)  # type: ignore[arg-type]  # a Template is a list of items
     if not items:
         return None
     container.ContentSequence = hd.sr.ContentSequence(items)
     return container
+
+
+def segment_volume_groups(
+    sr: Dataset,
+) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
+    """The per-segment volume groups (TID 1411 with a Referenced Segment) of an SR written here.
+
+    They sit in the Qualitative Evaluations container (see the module docstring), which
+    ``MeasurementReport.get_volumetric_roi_measurement_groups`` does not search.
+    """
+    out = []
+    for item in sr.ContentSequence:
+        name = item.ConceptNameCodeSequence[0]
+        if name.CodeValue != QUALITATIVE_EVALUATIONS.value:
+            continue
+        for group in item.get("ContentSequence", []):
+            kids = group.get("ContentSequence", [])
+            if group.ValueType == "CONTAINER" and any(
+                k.ConceptNameCodeSequence[0].CodeValue == "121191" for k in kids
+            ):
+                out.append(
+                    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations.from_sequence(
+                        [group]
+                    )
+                )
+    return out
 
 
 def build_sr(ctx: ExportContext, seg: Dataset | None) -> list[Dataset]:
@@ -257,50 +346,46 @@ def build_sr(ctx: ExportContext, seg: Dataset | None) -> list[Dataset]:
             reference to the segment (TID 1501 groups).
     """
     res = ctx.results
-    groups: list[
-        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-        | hd.sr.MeasurementsAndQualitativeEvaluations
-    ] = []
     evidence: list[Dataset] = []
+    volume_groups: list[VolumeGroup] = []
     if res.segments:
         if seg is not None:
             evidence.append(seg)
-        groups.extend(_segment_groups(ctx, seg))
-    groups.extend(_detection_groups(ctx))
-    if not groups and res.diagnosis is not None:
-        # TID 1500 needs at least one measurement group: a TID 1501 group with the suggestion.
-        groups.append(
-            hd.sr.MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=uids.derived_uid(ctx.job_id, "diagnosis"), identifier="diagnosis"
-                ),
-                algorithm_id=_algorithm(ctx),
-                qualitative_evaluations=[
-                    hd.sr.QualitativeEvaluation(
-                        name=codes.DCM.Finding, value=to_coded(res.diagnosis.code)
-                    )
-                ],
-            )
-        )
-    if not groups:
+        volume_groups = _segment_groups(ctx, seg)
+    detections = _detection_groups(ctx)
+    if not detections and not volume_groups and res.diagnosis is None:
         log.info("sr skipped: nothing measured", job_id=ctx.job_id)
         return []
     sources = ctx.slice_sources()
     evidence.extend(sources)
+    # highdicom's MeasurementReport needs one Imaging Measurements group; without detections
+    # a placeholder is built and the container removed (TID 1500 then has rows 10 and 12).
+    placeholder = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=uids.derived_uid(ctx.job_id, "placeholder"), identifier="placeholder"
+        ),
+    )
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(ctx),
-        procedure_reported=BRAIN_MRI,
-        imaging_measurements=groups,
+        procedure_reported=PROCEDURE,
+        imaging_measurements=detections or [placeholder],
         referenced_images=_library(ctx),
     )
-    qualitative = _qualitative_evaluations(ctx)
+    root = report[0]
+    if not detections:
+        root.ContentSequence = hd.sr.ContentSequence(
+            [i for i in root.ContentSequence
+             if i.ConceptNameCodeSequence[0].CodeValue != codes.DCM.ImagingMeasurements.value],
+            is_root=False, is_sr=True,
+        )
+    qualitative = _qualitative_evaluations(ctx, volume_groups)
     if qualitative is not None:
-        report[0].ContentSequence.append(qualitative)
+        root.ContentSequence.append(qualitative)
     model = res.model
     when = ctx.content_datetime
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
-        content=report[0],
+        content=root,
         series_instance_uid=uids.series_uid(ctx.job_id, "sr"),
         series_number=ctx.options.series_numbers.get("sr", 9002),
         sop_instance_uid=uids.instance_uid(ctx.job_id, "sr"),
@@ -319,6 +404,7 @@ def build_sr(ctx: ExportContext, seg: Dataset | None) -> list[Dataset]:
     )
     finish(sr, ctx, image=False)
     log.info(
-        "sr built", job_id=ctx.job_id, groups=len(groups), evidence=len(evidence),
+        "sr built", job_id=ctx.job_id, detections=len(res.detections),
+        volumes=len(volume_groups), evidence=len(evidence),
     )
     return [sr]

@@ -46,6 +46,7 @@ from pydicom.sr.codedict import codes
 from scipy import ndimage
 
 from dicom_node.samples import brain_series
+from export.sr import segment_volume_groups
 from inference.package import ModelPackage
 from tests.fixtures.node import NodeProcess
 from tests.fixtures.orthanc import ORTHANC_BIN, OrthancServer
@@ -347,7 +348,7 @@ def test_pacs_to_node_to_pacs_every_output_kind(
     checked = 0
     report = sr.content
     assert isinstance(report, hd.sr.MeasurementReport)
-    for group in report.get_volumetric_roi_measurement_groups():
+    for group in segment_volume_groups(sr_ds):  # outside Imaging Measurements (export/sr.py)
         ref = group.referenced_segment
         if ref is None or ref.referenced_sop_instance_uid != seg_ds.SOPInstanceUID:
             continue

@@ -14,6 +14,7 @@ reference label map segments by number. The same SR over a BINARY SEG is checked
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
@@ -26,8 +27,11 @@ from scipy import ndimage
 from export import ExportContext, ExportError, ExportOptions, SegExportOptions, build_outputs
 from export.common import key_slices
 from export.sc import ALPHA, display_scale
-from export.seg import build_seg, segment_numbering
+from export.seg import build_seg, segment_numbering, union_segments
+from export.sr import LOBE_CODES, segment_volume_groups
+from export.text import detection_label, sentence_case
 from inference import results as r
+from tests.fixtures import pixelmed
 from tests.test_export_data import (
     SourceSeries,
     brain,
@@ -86,7 +90,11 @@ def exported(
 ) -> dict[str, tuple[ExportContext, dict[str, list[Dataset]]]]:
     out = {}
     for case in CASES:
-        ctx = make_context(sources[case], job_id=f"job-{case}", overlap=case != "axial-nonoverlap")
+        # auto writes BINARY; the non-overlapping case asks for LABELMAP, which it can encode
+        options = (ExportOptions(seg=SegExportOptions(segmentation_type="labelmap"))
+                   if case == "axial-nonoverlap" else None)
+        ctx = make_context(sources[case], job_id=f"job-{case}",
+                           overlap=case != "axial-nonoverlap", options=options)
         out[case] = (ctx, build_outputs(ctx))
     return out
 
@@ -246,9 +254,10 @@ def test_sr_values_equal_measurements(case: str, exported: dict, folder: Path) -
     assert isinstance(sr, hd.sr.Comprehensive3DSR)
     content = sr.content
     assert isinstance(content, hd.sr.MeasurementReport)
-    groups = content.get_volumetric_roi_measurement_groups()
     spacing = ctx.volume.spacing
-    by_id = {g.tracking_identifier: g for g in groups}
+    # segment volumes: TID 1411 groups referencing the SEG, outside Imaging Measurements
+    assert content.get_volumetric_roi_measurement_groups() == []
+    by_id = {g.tracking_identifier: g for g in segment_volume_groups(sr)}
     seg_uid = outputs["seg"][0].SOPInstanceUID
     for s in ctx.results.segments:
         g = by_id[s.label.label]
@@ -262,17 +271,30 @@ def test_sr_values_equal_measurements(case: str, exported: dict, folder: Path) -
         assert ref.referenced_segment_numbers == [
             segment_numbering(ctx.results.segments)[s.label.number]
         ]
+    # detections: TID 1410 with a 2D ellipse on the centre slice's source image
     det = ctx.results.detections[0]
-    g = by_id[det.tracking_id]
-    assert g.reference_type.value == "121231"  # Volume Surface (SCOORD3D)
-    surface = g.roi
-    assert isinstance(surface, hd.sr.VolumeSurface) and surface.graphic_type.value == "POINT"
-    assert surface.frame_of_reference_uid == ctx.sources[0].FrameOfReferenceUID
-    point = np.asarray(surface.graphic_data, dtype=float).reshape(-1, 3)[0]
-    assert np.allclose(point, det.centroid_lps_mm, atol=1e-3)
+    (g,) = content.get_planar_roi_measurement_groups()
+    assert g.tracking_identifier == det.tracking_id and g.tracking_uid
+    assert g.reference_type.value == "111030"  # Image Region (SCOORD)
+    region = g.roi
+    assert isinstance(region, hd.sr.ImageRegion) and region.graphic_type.value == "ELLIPSE"
+    k = int(round(det.centroid_index[0]))
+    src, frame = ctx.source_of_slice(k)
+    (selected,) = region.ContentSequence
+    assert selected.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    if frame is not None:
+        assert selected.ReferencedSOPSequence[0].ReferencedFrameNumber == frame
+    cols, rows = np.asarray(region.value).reshape(-1, 2).T
+    # the ellipse holds the centroid (column, row; pixel centres at +0.5)
+    assert cols.min() < det.centroid_index[2] + 0.5 < cols.max()
+    assert rows.min() < det.centroid_index[1] + 0.5 < rows.max()
     (diam,) = g.get_measurements(name=codes.SCT.Diameter)
     assert diam.value == pytest.approx(det.diameter_mm, abs=0.01)
-    assert g.tracking_uid
+    (site,) = g.finding_sites
+    assert site.value == codes.SCT.Brain or site.value.value in {
+        c.value for c in LOBE_CODES.values()
+    }
+    assert site.laterality == codes.SCT.Right
     # qualitative evaluations: suggestion (+ probability), findings, impression
     root = sr.ContentSequence
     (qual,) = [i for i in root if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
@@ -283,8 +305,8 @@ def test_sr_values_equal_measurements(case: str, exported: dict, folder: Path) -
     assert dx.ConceptCodeSequence[0].CodeValue == ctx.results.diagnosis.code.value
     prob = dx.ContentSequence[0]
     assert float(prob.MeasuredValueSequence[0].NumericValue) == pytest.approx(0.72)
-    assert items[("121071", "TEXT")].TextValue == ctx.results.report.findings
-    assert items[("121073", "TEXT")].TextValue == ctx.results.report.impression
+    assert items[("121071", "TEXT")].TextValue == sentence_case(ctx.results.report.findings)
+    assert items[("121073", "TEXT")].TextValue == sentence_case(ctx.results.report.impression)
     # evidence: the SEG and every source instance
     evidence = {
         inst.ReferencedSOPInstanceUID
@@ -361,7 +383,11 @@ def test_pr_circles_each_detection(exported: dict) -> None:
     pts = np.asarray(obj.GraphicData, dtype=float).reshape(-1, 2)
     centre = pts.mean(axis=0)  # (column, row)
     assert np.allclose(centre, (det.centroid_index[2] + 0.5, det.centroid_index[1] + 0.5), atol=1)
-    assert "lesion-1" in ann.TextObjectSequence[0].UnformattedTextValue
+    assert ann.TextObjectSequence[0].UnformattedTextValue == f"AI {detection_label(det, 1)}"
+    # one VOI window, explained by one value (not one value per character)
+    (voi,) = pr.SoftcopyVOILUTSequence
+    assert voi["WindowCenterWidthExplanation"].VM == 1
+    assert voi.WindowCenterWidthExplanation == "AI display window"
     # the presentation state applies to the whole source series
     refs = {
         i.ReferencedSOPInstanceUID
@@ -427,7 +453,9 @@ def test_uids_are_deterministic_per_job(sources: dict) -> None:
     def tracking(ds: Dataset) -> list[str]:
         content = hd.sr.Comprehensive3DSR.from_dataset(ds).content
         assert isinstance(content, hd.sr.MeasurementReport)
-        return [str(g.tracking_uid) for g in content.get_volumetric_roi_measurement_groups()]
+        groups = [*content.get_planar_roi_measurement_groups(), *segment_volume_groups(ds)]
+        assert groups
+        return [str(g.tracking_uid) for g in groups]
 
     assert tracking(a["sr"][0]) == tracking(b["sr"][0])
 
@@ -470,3 +498,138 @@ def test_bad_input_is_refused_with_a_reason(sources: dict) -> None:
         ExportContext(job_id="j", results=r.Results(model=model), volume=vol, sources=datasets[1:])
     with pytest.raises(ExportError, match="job id"):
         ExportContext(job_id="", results=r.Results(model=model), volume=vol, sources=datasets)
+
+
+def _ohif_measurement_groups(sr: Dataset) -> list[Dataset]:
+    """The Measurement Groups OHIF 3.13's SR extension turns into measurements: those in the
+    first Imaging Measurements (126010) container of an Imaging Measurement Report."""
+    if sr.ConceptNameCodeSequence[0].CodeValue != "126000":
+        return []
+    containers = [i for i in sr.ContentSequence
+                  if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    if not containers:
+        return []
+    return [g for g in containers[0].ContentSequence
+            if g.ConceptNameCodeSequence[0].CodeValue == "125007"]
+
+
+def _assert_ohif_safe(sr: Dataset, sources: set[str]) -> int:
+    """Every group OHIF walks has what it dereferences: a tracking UID, a tracking id and a
+    top-level 2D SCOORD selected from one source image (no NUM-only group); returns how many."""
+    groups = _ohif_measurement_groups(sr)
+    for g in groups:
+        kids = g.ContentSequence
+        names = {k.ConceptNameCodeSequence[0].CodeValue for k in kids}
+        assert {"112040", "112039"} <= names
+        scoords = [k for k in kids if k.ValueType in ("SCOORD", "SCOORD3D")]
+        assert scoords and scoords[0].ValueType == "SCOORD"
+        assert scoords[0].GraphicType in ("POINT", "MULTIPOINT", "POLYLINE", "CIRCLE", "ELLIPSE")
+        (image,) = scoords[0].ContentSequence
+        assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID in sources
+    return len(groups)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sr_gives_ohif_coordinates_for_every_group(case: str, exported: dict) -> None:
+    ctx, outputs = exported[case]
+    sources = {ref.sop_instance_uid for ref in ctx.volume.slices}
+    assert _assert_ohif_safe(outputs["sr"][0], sources) == len(ctx.results.detections)
+
+
+def test_sr_without_detections_has_no_group_for_ohif(sources: dict) -> None:
+    ctx = make_context(sources["axial"], lesion=False)
+    sr = build_outputs(ctx)["sr"][0]
+    assert _ohif_measurement_groups(sr) == []
+    assert len(segment_volume_groups(sr)) == len(ctx.results.segments)
+    hd.sr.Comprehensive3DSR.from_dataset(sr)  # still a valid TID 1500 for highdicom
+
+
+def test_sr_finding_site_names_the_lobe(sources: dict) -> None:
+    ctx = make_context(sources["axial"], options=ExportOptions(outputs=("sr",)))
+    det = ctx.results.detections[0]
+    det.location, det.side = "frontal lobe", "left"
+    sr = hd.sr.Comprehensive3DSR.from_dataset(build_outputs(ctx)["sr"][0])
+    content = sr.content
+    assert isinstance(content, hd.sr.MeasurementReport)
+    (site,) = content.get_planar_roi_measurement_groups()[0].finding_sites
+    assert site.value == codes.SCT.FrontalLobe and site.laterality == codes.SCT.Left
+
+
+@pytest.mark.slow
+def test_every_sr_passes_pixelmed_template_validation(
+    exported: dict, sources: dict, tmp_path: Path
+) -> None:
+    why = pixelmed.available()
+    if why:
+        pytest.skip(why)
+    srs = {f"{case}": exported[case][1]["sr"][0] for case in CASES}
+    no_seg = make_context(sources["single"], options=ExportOptions(outputs=("sr",)))
+    srs["no-seg"] = build_outputs(no_seg)["sr"][0]
+    no_det = make_context(sources["axial"], lesion=False, options=ExportOptions(outputs=("sr",)))
+    srs["no-detection"] = build_outputs(no_det)["sr"][0]
+    dx_only = make_context(sources["single"], lesion=False)
+    dx_only.results.segments.clear()
+    srs["diagnosis-only"] = build_outputs(dx_only)["sr"][0]
+    errors = pixelmed.validate_sr(srs, tmp_path)
+    assert errors == {name: [] for name in srs}, errors
+
+
+def test_seg_leaves_out_union_segments_and_shows_colours(sources: dict, folder: Path) -> None:
+    ctx = make_context(sources["axial"], options=ExportOptions(outputs=("seg", "sr", "sc")))
+    res = ctx.results
+    grey, white = res.segments[0], res.segments[1]
+    # the model's achromatic tissue colours and a Brain union (as OmniMRI writes them)
+    grey.label = replace(grey.label, color_rgb=(150, 150, 150))
+    white.label = replace(white.label, color_rgb=(240, 240, 240))
+    brain_label = r.SegmentLabel(
+        9, "Brain", r.ANATOMICAL_STRUCTURE, r.BRAIN, (230, 200, 170), "anatomical")
+    res.segments.append(r.SegmentMask(brain_label, grey.mask | white.mask))
+    assert union_segments(res.segments) == {9}
+    out = build_outputs(ctx)
+    seg = hd.seg.Segmentation.from_dataset(out["seg"][0])
+    labels = [seg.get_segment_description(n).segment_label for n in seg.segment_numbers]
+    assert "Brain" not in labels and len(labels) == 3
+    for n in seg.segment_numbers:
+        value = [int(v) for v in seg.get_segment_description(n).RecommendedDisplayCIELabValue]
+        rgb = np.asarray(hd.color.CIELabColor.from_dicom_value(value).to_rgb(), dtype=int)
+        assert np.ptp(rgb) >= 60, (seg.get_segment_description(n).segment_label, rgb)
+    # the Brain volume is still reported, without a SEG reference
+    sr = out["sr"][0]
+    qual = next(i for i in sr.ContentSequence
+                if i.ConceptNameCodeSequence[0].CodeValue == "C0034375")
+    groups = [g for g in qual.ContentSequence if g.ValueType == "CONTAINER"]
+    brain_group = next(
+        g for g in groups
+        if any(k.get("TextValue") == "Brain" for k in g.ContentSequence)
+    )
+    assert not any(k.ConceptNameCodeSequence[0].CodeValue == "121191"
+                   for k in brain_group.ContentSequence)
+    assert len(segment_volume_groups(sr)) == 3
+    assert _errors(out["seg"][0], folder, "seg-union") == []
+    assert _errors(sr, folder, "sr-union") == []
+
+
+def test_key_slice_label_stays_inside_the_image(sources: dict) -> None:
+    ctx = make_context(sources["axial"], options=ExportOptions(outputs=("sc",)))
+    det = ctx.results.detections[0]
+    lesion = next(s for s in ctx.results.segments if s.label.task == "pathological")
+    k = int(round(det.centroid_index[0]))
+    rows, cols = ctx.volume.shape[1:]
+    lesion.mask[:] = False
+    lesion.mask[k, 0:3, cols - 3 : cols] = True  # top-right corner
+    det.bbox_index = (k, 0, cols - 3, k + 1, 3, cols)
+    from PIL import Image, ImageDraw
+
+    from export.sc import _font, label_position
+
+    f = display_scale(rows, cols)
+    draw = ImageDraw.Draw(Image.new("RGB", (cols * f, rows * f)))
+    font = _font(min(22, max(12, 4 * f)))
+    text = detection_label(det, 1)
+    box = ((cols - 3) * f - 2 * f, -2 * f, cols * f + 2 * f, 3 * f + 2 * f)
+    x, y = label_position(draw, text, font, box, (cols * f, rows * f))
+    left, top, right, bottom = draw.textbbox((x, y), text, font=font, stroke_width=2)
+    assert left >= 0 and right <= cols * f and top >= 0 and bottom <= rows * f
+    img = build_outputs(ctx)["sc"][1].pixel_array
+    red = (img[..., 0] > 200) & (img[..., 1] < 80) & (img[..., 2] < 80)
+    assert red[: rows * f, : cols * f].sum() > 50  # circle and label drawn in the image
