@@ -1,21 +1,37 @@
 #!/usr/bin/env python3
-"""Engine benchmark: ONNX Runtime vs PyTorch eager (CPU), TensorRT vs PyTorch eager (GPU).
+"""Engine benchmark: how close each engine gets to the CPU's limit, and ORT vs PyTorch eager.
 
-Same package, same input volume, same sliding windows, same run: each engine runs the whole
-:func:`inference.runner.run_model` pipeline on the MNI152 brain at 2 mm (91×109×91), runs are
-interleaved (A, B, A, B, ...) so machine load hits both alike, and the median per volume is
-printed with the ratio. ``inference`` is the time inside the engine over all windows; ``total``
-adds the (identical) pre- and post-processing.
+Prints, in one run:
 
-The default network is a small 3-D U-Net (16/32 channels, 4 classes + a 2-class head) built
-here with a fixed seed and exported to ONNX; ``--package PATH`` benchmarks a real package
-instead (ONNX Runtime vs its TorchScript ``1/model.pt``).
+1. **the machine**: physical cores, load average before and after (a loaded machine makes
+   absolute numbers meaningless; ratios of interleaved runs still hold), ORT and torch versions;
+2. **the CPU's peak**: best square-GEMM rate at float32, bfloat16 and int8
+   (:func:`inference.engines.flops.measure_peak`: torch/oneDNN, ONNX Runtime MLAS, numpy);
+3. per network: **FLOPs** per window and per volume (Conv/MatMul/Gemm MACs from the ONNX graph
+   × windows), then every engine on the whole :func:`inference.runner.run_model` pipeline on
+   the same volume, same windows, runs interleaved (A, B, C, A, B, C, ...): median inference
+   and total ms, CPU seconds, achieved GFLOP/s and **% of the peak** of the engine's precision,
+   and the **ratio** to PyTorch eager at its best thread count;
+4. with ``--profile``: ORT's per-operator kernel time, and the Conv kernels' own GFLOP/s and %
+   of peak (the dominant kernels);
+5. with ``--batch-sizes``: ms per window of ONNX Runtime on the volume's real windows per batch
+   size (how ``input.batch_size`` is chosen).
 
-Targets (docs/engines.md): ONNX Runtime CPU ≤ 0.5× PyTorch eager; TensorRT ≤ 0.25× on a GPU.
+Engines: ``onnxruntime`` (tuned: :class:`inference.engines.onnxruntime.OnnxRuntimeEngine`,
+optimised-graph cache, physical-core threads) with every graph variant of the package
+(``fp32``, ``int8`` QDQ, ...), and PyTorch eager float32 at 1 and N threads (the baseline).
+``--package`` without a TorchScript ``1/model.pt``: an OmniMRI package's eager baseline is the
+same architecture (``extra.architecture``) with seeded random weights: speed does not depend on
+the weight values; outputs are not compared here (``omnimri-node engines verify`` does that).
+
+Targets (docs/engines.md): ONNX Runtime ≤ 0.5× PyTorch eager; ≥ 50 % of peak for the dominant
+kernels or a profile that says why not; TensorRT ≤ 0.25× on a GPU (``--gpu``).
 
 Usage::
 
-    python3 benchmarks/engines.py [--repeats 3] [--threads N] [--gpu] [--package PATH] [--json F]
+    python3 benchmarks/engines.py [--package models/omnimri-tiny] [--net unet|tiny|all]
+        [--repeats 3] [--threads N] [--profile] [--batch-sizes 1,2,4,8,16,32] [--no-peak]
+        [--gpu] [--json F]
 """
 
 from __future__ import annotations
@@ -33,14 +49,26 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 from inference.engines import Engine  # noqa: E402
+from inference.engines.flops import (  # noqa: E402
+    count_macs,
+    measure_peak,
+    physical_cores,
+    profile_ops,
+)
 from inference.package import ModelPackage  # noqa: E402
+from inference.preprocess import extract_batch, pad_to_patch, prepare, sliding_windows  # noqa: E402
 from inference.runner import run_model  # noqa: E402
 from inference.volume import SliceRef, Volume  # noqa: E402
 
 PATCH = (48, 48, 48)
+
+PRECISION_OF_VARIANT = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8",
+                        "fp16": "float32", "fp8": "int8"}
+"""Which measured peak an engine is compared against."""
 
 
 def bench_unet(seed: int = 0) -> Any:
@@ -107,6 +135,33 @@ def build_bench_package(folder: Path) -> tuple[ModelPackage, Any]:
     return ModelPackage.load(folder), net
 
 
+def eager_module(package: ModelPackage) -> tuple[Any, str, list[str]]:
+    """The package's PyTorch baseline: TorchScript ``1/model.pt``, else the OmniMRI architecture.
+
+    Returns:
+        ``(module, label, output names in the module's order)``.
+
+    Raises:
+        SystemExit: Neither is available.
+    """
+    import torch
+
+    ts = package.torchscript_path()
+    if ts.is_file():
+        return (torch.jit.load(str(ts), map_location="cpu"), "torch TorchScript fp32",
+                package.spec.engine_outputs())
+    arch = package.spec.extra.get("architecture")
+    if package.spec.extra.get("family") == "omnimri" and isinstance(arch, dict):
+        from inference.omnimri.config import OmniMRIConfig
+        from inference.omnimri.export import VISION_OUTPUTS, _Vision
+        from inference.omnimri.model import OmniMRI
+
+        torch.manual_seed(0)
+        return (_Vision(OmniMRI(OmniMRIConfig.from_dict(arch))).eval(),
+                "torch eager fp32 (same arch)", list(VISION_OUTPUTS))
+    raise SystemExit(f"{package.folder}: no 1/model.pt and no OmniMRI architecture to build")
+
+
 def brain_volume() -> Volume:
     """The MNI152 template at 2 mm as a Volume (shipped with nilearn: no download)."""
     from dicom_node.samples import mni_brain
@@ -117,106 +172,283 @@ def brain_volume() -> Volume:
                           for k in range(arr.shape[0])])
 
 
+def machine() -> dict[str, Any]:
+    """Cores, load average, library versions."""
+    import onnxruntime as ort
+
+    info: dict[str, Any] = {"physical_cores": physical_cores(), "cpu_count": os.cpu_count(),
+                            "loadavg": os.getloadavg(), "onnxruntime": ort.__version__}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return info
+
+
 def compare(
-    label_a: str, make_a: Callable[[], Engine], label_b: str, make_b: Callable[[], Engine],
-    package: ModelPackage, volume: Volume, repeats: int,
+    engines: dict[str, Callable[[], Engine]], package: ModelPackage, volume: Volume,
+    repeats: int, gflop_per_volume: float, peaks: dict[str, float], precisions: dict[str, str],
+    baseline: list[str],
 ) -> dict[str, Any]:
-    """Interleaved runs of two engines; medians (ms per volume) and ratio a/b."""
-    eng_a, eng_b = make_a(), make_b()
+    """Interleaved :func:`run_model` runs of every engine; medians, % of peak, ratios.
+
+    Args:
+        engines: Label → factory.
+        package: The package all engines serve.
+        volume: The input volume.
+        repeats: Timed rounds (one warm-up round first).
+        gflop_per_volume: The graph's GFLOP for this volume's windows.
+        peaks: Precision → measured peak GFLOP/s.
+        precisions: Label → precision (``float32`` / ``bfloat16`` / ``int8``).
+        baseline: Labels of the PyTorch eager runs; the fastest is the ratio's denominator.
+    """
+    made = {label: make() for label, make in engines.items()}
     times: dict[str, dict[str, list[float]]] = {
-        label_a: {"inference": [], "total": []}, label_b: {"inference": [], "total": []}}
+        k: {"inference": [], "total": [], "cpu": []} for k in made}
     windows = 0
     for r in range(repeats + 1):  # first round is warm-up
-        for label, eng in ((label_a, eng_a), (label_b, eng_b)):
+        for label, eng in made.items():
+            c0 = time.process_time()
             t0 = time.perf_counter()
             raw = run_model(package, volume, eng)
             total = time.perf_counter() - t0
+            cpu = time.process_time() - c0
             windows = raw.windows
             if r > 0:
                 times[label]["inference"].append(raw.timings_s["inference"] * 1000)
                 times[label]["total"].append(total * 1000)
-    eng_a.close()
-    eng_b.close()
+                times[label]["cpu"].append(cpu)
+    for eng in made.values():
+        eng.close()
     med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in times.items()}
-    result = {
-        "a": label_a, "b": label_b, "windows": windows, "repeats": repeats,
-        "ms_per_volume": med,
-        "ratio_inference": med[label_a]["inference"] / med[label_b]["inference"],
-        "ratio_total": med[label_a]["total"] / med[label_b]["total"],
-    }
-    print(f"  {'engine':34s} {'inference ms':>13s} {'total ms':>10s}")
-    for label in (label_a, label_b):
-        print(f"  {label:34s} {med[label]['inference']:13.1f} {med[label]['total']:10.1f}")
-    print(f"  ratio {label_a} / {label_b}: inference {result['ratio_inference']:.3f}x, "
-          f"total {result['ratio_total']:.3f}x  ({windows} windows, median of {repeats})")
-    return result
+    best_base = min(baseline, key=lambda k: med[k]["inference"])
+    rows: dict[str, dict[str, Any]] = {}
+    print(f"  {'engine':38s} {'infer ms':>9s} {'total ms':>9s} {'CPU s':>6s} "
+          f"{'GFLOP/s':>8s} {'% peak':>7s} {'ratio':>6s}")
+    for label in made:
+        m = med[label]
+        rate = gflop_per_volume / (m["inference"] / 1000)
+        peak = peaks.get(precisions[label], 0.0)
+        ratio = m["inference"] / med[best_base]["inference"]
+        rows[label] = {**m, "gflops": rate, "pct_peak": 100 * rate / peak if peak else 0.0,
+                       "peak_precision": precisions[label], "ratio_vs_best_torch": ratio}
+        print(f"  {label:38s} {m['inference']:9.1f} {m['total']:9.1f} {m['cpu']:6.2f} "
+              f"{rate:8.1f} {rows[label]['pct_peak']:6.1f}% {ratio:5.2f}x")
+    print(f"  ({windows} windows, median of {repeats}; ratio = inference / {best_base}; "
+          f"% peak against the measured {', '.join(sorted(set(precisions.values())))} peak)")
+    return {"windows": windows, "repeats": repeats, "baseline": best_base, "engines": rows}
+
+
+def batch_sweep(model_path: Path, package: ModelPackage, volume: Volume, sizes: list[int],
+                threads: int, repeats: int) -> dict[int, float]:
+    """ms per window of ONNX Runtime over the volume's real windows, per batch size."""
+    from inference.engines.onnxruntime import OnnxRuntimeEngine
+
+    spec = package.spec.input
+    prepared = prepare(volume.array, volume.affine, spec)
+    padded = pad_to_patch(prepared.array, spec)
+    windows = sliding_windows(prepared.transform.model_shape, spec)
+    eng = OnnxRuntimeEngine(model_path, providers=["CPUExecutionProvider"],
+                            intra_op_threads=threads)
+    per: dict[int, list[float]] = {b: [] for b in sizes}
+    for r in range(repeats + 1):
+        for b in sizes:  # interleaved
+            t0 = time.perf_counter()
+            for s in range(0, len(windows), b):
+                eng.run({spec.name: extract_batch(padded, windows[s:s + b], spec)})
+            if r > 0:
+                per[b].append((time.perf_counter() - t0) * 1000 / len(windows))
+    eng.close()
+    out = {b: statistics.median(v) for b, v in per.items()}
+    best = min(out, key=lambda b: out[b])
+    print(f"  batch sweep {model_path.name} ({len(windows)} windows, ms/window, median of "
+          f"{repeats}): " + "  ".join(f"{b}: {v:.1f}{'*' if b == best else ''}"
+                                      for b, v in out.items()))
+    return out
+
+
+def profile_section(model_path: Path, package: ModelPackage, macs_per_window: dict[str, int],
+                    peaks: dict[str, float], precision: str, threads: int) -> dict[str, Any]:
+    """ORT per-operator time on one real batch; the Conv kernels' own rate and % of peak."""
+    spec = package.spec.input
+    x = np.random.default_rng(0).standard_normal(
+        (spec.batch_size, spec.channels, *spec.patch_size)).astype(np.float32)
+    ops = profile_ops(model_path, {spec.name: x}, threads=threads)
+    total = sum(ops.values())
+    print(f"  profile {model_path.name}, batch {spec.batch_size}: kernels {total:.0f} ms/run")
+    for op, ms in list(ops.items())[:10]:
+        print(f"    {op:28s} {ms:8.1f} ms {100 * ms / total:5.1f} %")
+    conv_ms = sum(ms for op, ms in ops.items() if "Conv" in op)
+    conv_macs = sum(v for k, v in macs_per_window.items() if "Conv" in k) * spec.batch_size
+    conv_rate = 2 * conv_macs / 1e9 / (conv_ms / 1000) if conv_ms else 0.0
+    peak = peaks.get(precision, 0.0)
+    pct = 100 * conv_rate / peak if peak else 0.0
+    print(f"    Conv kernels: {conv_rate:.1f} GFLOP/s = {pct:.1f} % of the {precision} peak; "
+          f"Conv is {100 * conv_ms / total:.0f} % of kernel time")
+    return {"ops_ms": ops, "conv_gflops": conv_rate, "conv_pct_peak": pct,
+            "conv_share_of_time": conv_ms / total if total else 0.0}
 
 
 def main() -> None:
     """Parse arguments, run the CPU section and, with ``--gpu``, the GPU section."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                    help="intra-op threads for both engines")
-    ap.add_argument("--package", type=Path, help="benchmark this package (needs 1/model.pt)")
+    ap.add_argument("--threads", type=int, default=physical_cores(),
+                    help="intra-op threads for ONNX Runtime (default: physical cores)")
+    ap.add_argument("--package", type=Path, help="benchmark this package (every variant)")
     ap.add_argument("--net", choices=("unet", "tiny", "all"), default="unet",
                     help="built-in network(s): the 3-D U-Net (compute-bound) and/or the tests' "
                          "tiny net (per-call overhead-bound)")
+    ap.add_argument("--profile", action="store_true", help="ORT per-operator profile")
+    ap.add_argument("--batch-sizes", help="comma list: ORT ms/window per batch size")
+    ap.add_argument("--no-peak", action="store_true", help="skip the GEMM peak measurement")
     ap.add_argument("--gpu", action="store_true", help="also TensorRT vs torch eager on CUDA")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
 
-    import torch
-
     from inference.engines.onnxruntime import OnnxRuntimeEngine
     from inference.engines.torch import TorchEngine
 
-    torch.set_num_threads(args.threads)
+    info = machine()
+    print(f"machine: {info['physical_cores']} physical cores, load average "
+          f"{' '.join(f'{x:.2f}' for x in info['loadavg'])} (1/5/15 min), onnxruntime "
+          f"{info['onnxruntime']}, torch {info.get('torch', '-')}")
+    results: dict[str, Any] = {"machine": info, "threads": args.threads}
+    peaks = {"float32": 0.0, "bfloat16": 0.0, "int8": 0.0}
+    if not args.no_peak:
+        peak = measure_peak(args.threads)
+        print(f"CPU peak, {args.threads} threads, best square GEMM (n={peak['float32'].size}):")
+        for prec, p in peak.items():
+            tried = ", ".join(f"{k} {v:.0f}" for k, v in p.tried.items())
+            print(f"  {prec:9s} {p.gflops:8.1f} GFLOP/s  ({tried})")
+            peaks[prec] = p.gflops
+        results["peak_gflops"] = {k: {"gflops": v.gflops, "library": v.library,
+                                      "tried": v.tried} for k, v in peak.items()}
     volume = brain_volume()
-    results: dict[str, Any] = {"threads": args.threads, "volume_shape": volume.shape}
+    results["volume_shape"] = volume.shape
     with tempfile.TemporaryDirectory() as tmp:
-        cases: list[tuple[ModelPackage, Any, str]] = []
+        cases: list[tuple[ModelPackage, Any, str, list[str]]] = []
         if args.package:
             package = ModelPackage.load(args.package)
-            module = torch.jit.load(str(package.torchscript_path()), map_location="cpu")
-            cases.append((package, module, "torch TorchScript (cpu)"))
+            cases.append((package, *eager_module(package)))
         if not args.package and args.net in ("unet", "all"):
             package, module = build_bench_package(Path(tmp) / "bench-unet")
-            cases.append((package, module, "torch eager (cpu)"))
+            cases.append((package, module, "torch eager fp32", package.spec.engine_outputs()))
         if not args.package and args.net in ("tiny", "all"):
             from tests.fixtures.tiny_model import build_tiny_package, make_tiny_net
 
-            cases.append((build_tiny_package(Path(tmp) / "tiny"), make_tiny_net(),
-                          "torch eager (cpu)"))
-        for package, module, torch_label in cases:
-            outs = package.spec.engine_outputs()
+            tiny = build_tiny_package(Path(tmp) / "tiny")
+            cases.append((tiny, make_tiny_net(), "torch eager fp32", tiny.spec.engine_outputs()))
+        for package, module, torch_label, outs in cases:
             inp = [package.spec.input.name]
-            print(f"CPU: {package.name}, volume {volume.shape}, {args.threads} threads")
-            res = compare(
-                "onnxruntime CPUExecutionProvider",
-                lambda p=package: OnnxRuntimeEngine(  # type: ignore[misc]
-                    p.onnx_path(), providers=["CPUExecutionProvider"],
-                    intra_op_threads=args.threads),
-                torch_label,
-                lambda m=module, i=inp, o=outs: TorchEngine(  # type: ignore[misc]
-                    m, i, o, device="cpu"),
-                package, volume, args.repeats,
-            )
+            cost = count_macs(package.onnx_path())
+            spec_in = package.spec.input
+            prepared = prepare(volume.array, volume.affine, spec_in)
+            n_windows = len(sliding_windows(prepared.transform.model_shape, spec_in))
+            gflop_volume = cost.gflops * n_windows
+            shares = ", ".join(f"{k} {100 * cost.share(k):.0f} %" for k in cost.by_op)
+            print(f"CPU: {package.name} (runs variant {package.spec.variant!r}), volume "
+                  f"{volume.shape}: {cost.gflops:.3f} GFLOP per window ({shares}) × "
+                  f"{n_windows} windows = {gflop_volume:.1f} GFLOP per volume")
+            engines: dict[str, Callable[[], Engine]] = {}
+            precisions: dict[str, str] = {}
+            for variant in package.variant_names():
+                path = package.model_path(variant=variant)
+                if not path.is_file():
+                    continue
+                prec = PRECISION_OF_VARIANT.get(
+                    "fp32" if variant == "fp32" else package.spec.variant_spec(variant)
+                    .precision, "float32")  # type: ignore[union-attr]
+                label = f"onnxruntime {variant} ({args.threads} thr)"
+                cache_dir = package.ort_cache_dir()
+                engines[label] = lambda p=path, c=cache_dir: (  # type: ignore[misc]
+                    OnnxRuntimeEngine(p, providers=["CPUExecutionProvider"],
+                                      intra_op_threads=args.threads, optimized_dir=c))
+                precisions[label] = prec
+            baseline = []
+            for t in sorted({1, args.threads}):
+                label = f"{torch_label} ({t} thr)"
+
+                def make(m: Any = module, t: int = t, i: list[str] = inp,
+                         o: list[str] = outs) -> Engine:
+                    return _ThreadedTorch(TorchEngine(m, i, o, device="cpu"), t)
+
+                engines[label] = make
+                precisions[label] = "float32"
+                baseline.append(label)
+            res = compare(engines, package, volume, args.repeats, gflop_volume, peaks,
+                          precisions, baseline)
+            res.update({"gflop_per_window": cost.gflops, "gflop_per_volume": gflop_volume,
+                        "macs_by_op": cost.by_op})
+            best_ort = min((k for k in res["engines"] if k.startswith("onnxruntime")),
+                           key=lambda k: res["engines"][k]["inference"])
+            ratio = res["engines"][best_ort]["ratio_vs_best_torch"]
+            print(f"  best ONNX Runtime: {best_ort}, {ratio:.3f}x PyTorch eager; target <= 0.5x: "
+                  f"{'met' if ratio <= 0.5 else 'NOT met'}")
             results[f"cpu:{package.name}"] = res
-            print(f"  target <= 0.5x: {'met' if res['ratio_inference'] <= 0.5 else 'NOT met'}")
+            if args.profile:
+                macs_by = dict(cost.by_op)
+                res["profile"] = {}
+                for variant in package.variant_names():
+                    path = package.model_path(variant=variant)
+                    if path.is_file():
+                        prec = "float32" if variant == "fp32" else "int8"
+                        res["profile"][variant] = profile_section(
+                            path, package, macs_by, peaks, prec, args.threads)
+            if args.batch_sizes:
+                sizes = [int(b) for b in args.batch_sizes.split(",")]
+                res["batch_sweep"] = {}
+                for variant in package.variant_names():
+                    path = package.model_path(variant=variant)
+                    if path.is_file():
+                        res["batch_sweep"][variant] = batch_sweep(
+                            path, package, volume, sizes, args.threads, args.repeats)
             if args.gpu:
                 results[f"gpu:{package.name}"] = gpu_section(
                     package, module, inp, outs, volume, args.repeats)
+    info_after = os.getloadavg()
+    results["loadavg_after"] = info_after
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in info_after)} "
+          f"(above ~0.5 the machine was not quiet: compare ratios, not absolute times)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2, default=str))
+
+
+class _ThreadedTorch:
+    """A TorchEngine that sets ``torch.set_num_threads`` before each run (process-wide)."""
+
+    def __init__(self, engine: Any, threads: int) -> None:
+        self._engine = engine
+        self._threads = threads
+        self.name = engine.name
+        self.provider = f"{engine.provider} {threads} thr"
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self._engine.input_names)
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._engine.output_names)
+
+    def run(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        torch.set_num_threads(self._threads)
+        return dict(self._engine.run(inputs))
+
+    def close(self) -> None:
+        self._engine.close()
 
 
 def gpu_section(
     package: ModelPackage, module: Any, inp: list[str], outs: list[str], volume: Volume,
     repeats: int,
 ) -> dict[str, Any]:
-    """TensorRT plan vs torch eager on CUDA; skipped with the reason on a CPU machine."""
+    """TensorRT plans (fp32 and each QDQ variant) vs torch eager on CUDA; skipped on CPU."""
     from inference.engines import EngineUnavailable
     from inference.engines.tensorrt import TensorRTEngine, build_plan, tensorrt_status
     from inference.engines.torch import TorchEngine
@@ -226,19 +458,30 @@ def gpu_section(
     if not status.startswith("ok"):
         print("  GPU section skipped")
         return {"skipped": status}
-    try:
-        t0 = time.perf_counter()
-        plan = build_plan(package)
-        print(f"  plan {plan.name} ready in {time.perf_counter() - t0:.1f} s")
-    except EngineUnavailable as err:
-        print(f"  GPU section skipped: {err}")
-        return {"skipped": str(err)}
-    result = compare(
-        "tensorrt plan (fp32)", lambda: TensorRTEngine(plan),
-        "torch eager (cuda)", lambda: TorchEngine(module, inp, outs, device="cuda"),
-        package, volume, repeats,
-    )
-    print(f"  target <= 0.25x: {'met' if result['ratio_inference'] <= 0.25 else 'NOT met'}")
+    engines: dict[str, Callable[[], Engine]] = {}
+    precisions: dict[str, str] = {}
+    for variant in package.variant_names():
+        try:
+            t0 = time.perf_counter()
+            plan = build_plan(package, variant=variant)
+            print(f"  plan {plan.name} ready in {time.perf_counter() - t0:.1f} s")
+        except EngineUnavailable as err:
+            print(f"  {variant}: skipped: {err}")
+            continue
+        label = f"tensorrt {variant}"
+        engines[label] = lambda p=plan: TensorRTEngine(p)  # type: ignore[misc]
+        precisions[label] = "gpu"
+    if not engines:
+        return {"skipped": "no plan could be built"}
+    engines["torch eager (cuda)"] = lambda: TorchEngine(module, inp, outs, device="cuda")
+    precisions["torch eager (cuda)"] = "gpu"
+    result = compare(engines, package, volume, repeats, 0.0, {}, precisions,
+                     ["torch eager (cuda)"])
+    best = min((k for k in result["engines"] if k.startswith("tensorrt")),
+               key=lambda k: result["engines"][k]["inference"])
+    ratio = result["engines"][best]["ratio_vs_best_torch"]
+    print(f"  best TensorRT: {best}, {ratio:.3f}x; target <= 0.25x: "
+          f"{'met' if ratio <= 0.25 else 'NOT met'}")
     return result
 
 

@@ -6,6 +6,7 @@ Triton when one machine is not enough::
     models/<name>/
       model.yaml            # this module's ModelSpec
       1/model.onnx          # portable engine (ONNX Runtime, TensorRT build input, Triton)
+      1/model.int8.onnx     # optional variants (``variants:``; ``variant:`` says which runs)
       1/model.pt            # optional TorchScript (torch engine, speed baseline)
       1/model.<key>.plan    # optional TensorRT plan, keyed by GPU compute capability + TRT version
       1/decoder.onnx        # optional text decoder (``kind: text`` outputs)
@@ -61,6 +62,9 @@ ONNX_FILE = "model.onnx"
 
 TORCHSCRIPT_FILE = "model.pt"
 """Name of the optional TorchScript module inside a version folder."""
+
+FP32_VARIANT = "fp32"
+"""Name of the implicit variant that is ``model.onnx`` itself."""
 
 
 class PackageError(ValueError):
@@ -306,6 +310,33 @@ class Provenance(BaseModel):
         return [v] if isinstance(v, str) else v
 
 
+Precision = Literal["fp32", "bf16", "fp16", "int8", "fp8"]
+"""Arithmetic precision of a graph variant."""
+
+
+class VariantSpec(_Strict):
+    """A second graph of the same model in the version folder (e.g. INT8 QDQ).
+
+    The float32 ``model.onnx`` is always the variant ``fp32`` and is not listed.
+    """
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Variant name, e.g. ``int8``; ``fp32`` is reserved for ``model.onnx``."""
+    file: str = Field(min_length=1)
+    """File name in the version folder, e.g. ``model.int8.onnx``."""
+    precision: Precision
+    quantisation: dict[str, Any] = Field(default_factory=dict)
+    """How it was made (format QDQ, calibration set and size, op types): free form."""
+    accuracy_check: dict[str, Any] | None = None
+    """The accuracy check's numbers against ``fp32`` on held-out cases; ``passed`` (bool)
+    decides whether the variant may run. ``None``: not checked."""
+
+    @property
+    def passed(self) -> bool:
+        """Whether the recorded accuracy check passed."""
+        return bool(self.accuracy_check and self.accuracy_check.get("passed") is True)
+
+
 class ModelSpec(_Strict):
     """The content of ``model.yaml``."""
 
@@ -328,6 +359,11 @@ class ModelSpec(_Strict):
     manufacturer: str = "OmniMRI Node"
     extra: dict[str, Any] = Field(default_factory=dict)
     """Model-specific settings (free form), e.g. an atlas for lobe names."""
+    variants: list[VariantSpec] = Field(default_factory=list)
+    """Further graphs of the model (INT8, ...); ``model.onnx`` is the implicit ``fp32``."""
+    variant: str = "fp32"
+    """The variant engines run by default; any but ``fp32`` must have passed its accuracy
+    check. Default ``fp32``."""
 
     @field_validator("version", mode="before")
     @classmethod
@@ -351,7 +387,33 @@ class ModelSpec(_Strict):
                 raise ValueError(
                     f"text output {o.name!r}: memory_output {o.memory_output!r} is not an output"
                 )
+        vnames = [v.name for v in self.variants]
+        if FP32_VARIANT in vnames or len(set(vnames)) != len(vnames):
+            raise ValueError(f"variant names must be unique and not {FP32_VARIANT!r}: {vnames}")
+        if self.variant != FP32_VARIANT:
+            chosen = next((v for v in self.variants if v.name == self.variant), None)
+            if chosen is None:
+                raise ValueError(f"variant {self.variant!r} is not declared in variants "
+                                 f"({[FP32_VARIANT, *vnames]})")
+            if not chosen.passed:
+                raise ValueError(f"variant {self.variant!r} has not passed its accuracy check "
+                                 "(accuracy_check.passed is not true); it cannot run")
         return self
+
+    def variant_spec(self, name: str | None = None) -> VariantSpec | None:
+        """The declared variant ``name`` (default: the one that runs); ``None`` for ``fp32``.
+
+        Raises:
+            PackageError: ``name`` is not ``fp32`` nor declared.
+        """
+        name = name or self.variant
+        if name == FP32_VARIANT:
+            return None
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise PackageError(f"model {self.name!r} has no variant {name!r}; it has "
+                           f"{[FP32_VARIANT, *[v.name for v in self.variants]]}")
 
     def output(self, name: str) -> OutputSpec:
         """The output named ``name``; ``KeyError`` if absent."""
@@ -433,6 +495,9 @@ class ModelPackage:
             raise PackageError(
                 f"{folder}: no version folder (e.g. 1/) holding {ONNX_FILE} or {TORCHSCRIPT_FILE}"
             )
+        chosen = pkg.model_path()
+        if spec.variant != FP32_VARIANT and not chosen.is_file():
+            raise PackageError(f"{path}: variant {spec.variant!r} runs but {chosen} is missing")
         return pkg
 
     @property
@@ -466,6 +531,19 @@ class ModelPackage:
         """``<version>/model.onnx`` (may not exist if the package is TorchScript only)."""
         return self.file(ONNX_FILE, version)
 
+    def model_path(self, version: int | None = None, variant: str | None = None) -> Path:
+        """The ONNX graph of ``variant`` (default: the spec's ``variant``, i.e. what runs).
+
+        Raises:
+            PackageError: An undeclared variant.
+        """
+        v = self.spec.variant_spec(variant)
+        return self.onnx_path(version) if v is None else self.file(v.file, version)
+
+    def variant_names(self) -> list[str]:
+        """``fp32`` and every declared variant, in declaration order."""
+        return [FP32_VARIANT, *[v.name for v in self.spec.variants]]
+
     def torchscript_path(self, version: int | None = None) -> Path:
         """``<version>/model.pt`` (optional)."""
         return self.file(TORCHSCRIPT_FILE, version)
@@ -492,6 +570,10 @@ class ModelPackage:
     def engine_cache_dir(self, version: int | None = None) -> Path:
         """Folder for ORT TensorRT engine and timing caches: ``<version>/trt_cache``."""
         return self.version_folder(version) / "trt_cache"
+
+    def ort_cache_dir(self, version: int | None = None) -> Path:
+        """Folder for ONNX Runtime's optimised graphs (CPU): ``<version>/ort_cache``."""
+        return self.version_folder(version) / "ort_cache"
 
     def decoder_path(self, output: TextOutput, version: int | None = None) -> Path:
         """The decoder ONNX file of a ``text`` output."""

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -72,3 +73,23 @@ def test_verify_agrees_then_catches_a_wrong_engine(models_config: Path) -> None:
     result = runner.invoke(app, ["engines", "verify", "tiny", "-c", str(models_config)])
     assert result.exit_code == 1
     assert "outputs differ by more than 0.001" in result.stderr
+
+
+def test_verify_reports_a_variant_without_failing_on_it(models_config: Path) -> None:
+    from inference.quantize import INT8_FILE, add_variant, quantize_onnx
+
+    folder = models_config.parent / "models" / "omnimri-tiny-test"
+    pkg = ModelPackage.load(folder)
+    x = [np.random.default_rng(s).standard_normal((1, 1, *TINY_PATCH)).astype(np.float32)
+         for s in range(4)]
+    info = quantize_onnx(pkg.onnx_path(), pkg.file(INT8_FILE), x, "image")
+    add_variant(folder, "int8", INT8_FILE, "int8", quantisation=info, check=None,
+                make_default=False)
+    result = CliRunner().invoke(app, ["engines", "verify", "tiny", "-c", str(models_config),
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["engine"]: r for r in json.loads(result.stdout)}
+    row = rows["onnxruntime:int8"]
+    assert row["status"] == "ran" and row["variant"] == "int8" and row["ok"] == "see --accuracy"
+    assert 0 < float(row["max_abs_diff"]) and set(row["argmax_agreement"]) == {"tissues",
+                                                                               "diagnosis"}

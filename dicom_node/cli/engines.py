@@ -4,8 +4,14 @@
   ``models.path`` (with any package that fails validation and why).
 * ``build MODEL``: the TensorRT plan of a package for this GPU (keyed by compute capability and
   TensorRT version). Exit code 3 with the reason where TensorRT or a GPU is missing.
-* ``verify MODEL``: one fixed, seeded input through every engine that can run the package here;
-  prints each output's max abs difference to ONNX Runtime, exit code 1 beyond the tolerance.
+* ``verify MODEL``: one fixed, seeded input through every engine that can run the package here
+  and through every graph variant (``int8``, ...) on ONNX Runtime; prints each output's max abs
+  difference to ONNX Runtime fp32 (and, for variants, the argmax agreement of the class
+  outputs), exit code 1 when an engine differs beyond the tolerance. ``--accuracy N``: also the
+  variants' accuracy check through the served path on N held-out cases (exit 1 if one fails).
+* ``quantize MODEL``: write the INT8 QDQ variant (``1/model.int8.onnx``, calibrated on
+  validation cases), run the accuracy check and declare the variant in ``model.yaml``; with
+  ``--make-default`` it becomes the variant that runs, if it passed and is faster.
 """
 
 from __future__ import annotations
@@ -122,9 +128,11 @@ def register(app: typer.Typer) -> None:
         config: ConfigOption = DEFAULT_CONFIG_PATH,
         tolerance: Annotated[float, typer.Option(help="Max abs difference allowed.")] = 1e-3,
         seed: Annotated[int, typer.Option(help="Seed of the known input.")] = 0,
+        accuracy: Annotated[int, typer.Option(
+            help="Also run each variant's accuracy check on this many held-out cases.")] = 0,
         as_json: JsonOption = False,
     ) -> None:
-        """Run a known input through every engine available for MODEL and compare outputs."""
+        """Run a known input through every engine and variant for MODEL and compare outputs."""
         from inference.engines import EngineUnavailable, create_engine
 
         settings = load_or_exit(config)
@@ -134,51 +142,125 @@ def register(app: typer.Typer) -> None:
         x = np.random.default_rng(seed).standard_normal(shape).astype(np.dtype(spec.dtype))
         outputs: dict[str, dict[str, np.ndarray]] = {}
         rows: list[dict[str, Any]] = []
-        for name in ("onnxruntime", "tensorrt", "torch", "triton"):
+        runs: list[tuple[str, str, str | None]] = [
+            (name, name, "fp32" if name in ("onnxruntime", "tensorrt") else None)
+            for name in ("onnxruntime", "tensorrt", "torch", "triton")]
+        runs += [(f"onnxruntime:{v}", "onnxruntime", v) for v in pkg.variant_names()[1:]]
+        for label, name, variant in runs:
             try:
                 engine = create_engine(
                     name, pkg, intra_op_threads=settings.models.intra_op_threads,
-                    triton_url=settings.models.triton_url, build_plan=False,
+                    triton_url=settings.models.triton_url, build_plan=False, variant=variant,
                 )
             except EngineUnavailable as err:
-                rows.append({"engine": name, "provider": "", "status": f"skipped: {err}"})
+                rows.append({"engine": label, "provider": "", "status": f"skipped: {err}"})
                 continue
             try:
                 t0 = time.perf_counter()
-                outputs[name] = engine.run({spec.name: x})
+                outputs[label] = engine.run({spec.name: x})
                 ms = (time.perf_counter() - t0) * 1000
             finally:
                 engine.close()
-            rows.append({"engine": name, "provider": engine.provider, "status": "ran",
-                         "ms": round(ms, 1)})
+            rows.append({"engine": label, "provider": engine.provider, "status": "ran",
+                         "ms": round(ms, 1), "variant": variant or ""})
         if not outputs:
             typer.echo("no engine can run this package here", err=True)
             raise typer.Exit(EXIT_UNAVAILABLE)
         ref_name = next(iter(outputs))
         ref = outputs[ref_name]
+        class_outputs = {o.name for o in pkg.spec.outputs if o.kind in ("segmentation",
+                                                                         "classification")}
         failed = False
         for row in rows:
             got = outputs.get(row["engine"])
             if got is None:
                 continue
-            diffs = {}
+            diffs, agree = {}, {}
             for out_name, want in ref.items():
                 if out_name not in got or got[out_name].shape != want.shape:
                     diffs[out_name] = float("inf")
                     continue
                 diffs[out_name] = float(np.max(np.abs(got[out_name].astype(np.float64)
                                                       - want.astype(np.float64))))
+                if out_name in class_outputs and want.ndim >= 2:
+                    agree[out_name] = float(np.mean(got[out_name].argmax(1)
+                                                    == want.argmax(1)))
             worst = max(diffs.values()) if diffs else 0.0
             row["max_abs_diff"] = f"{worst:.3g}"
             row["vs"] = ref_name
-            row["ok"] = worst <= tolerance
             row["per_output"] = {k: f"{v:.3g}" for k, v in diffs.items()}
+            row["argmax_agreement"] = {k: round(v, 4) for k, v in agree.items()}
+            if row["engine"].startswith("onnxruntime:"):
+                # a quantised graph differs by design; its gate is the accuracy check
+                row["ok"] = "see --accuracy"
+                row["agree"] = f"{min(agree.values()):.3f}" if agree else ""
+                continue
+            row["ok"] = worst <= tolerance
             failed |= worst > tolerance
+        checks: dict[str, Any] = {}
+        if accuracy > 0:
+            from inference.quantize import accuracy_check
+
+            for v in pkg.variant_names()[1:]:
+                if not pkg.model_path(variant=v).is_file():
+                    continue
+                res = accuracy_check(pkg, v, cases=accuracy,
+                                     threads=settings.models.intra_op_threads)
+                res.pop("per_case", None)
+                checks[v] = res
+                failed |= not res["passed"]
         if as_json:
-            typer.echo(json.dumps(rows, indent=2))
+            typer.echo(json.dumps({"engines": rows, "accuracy": checks} if accuracy else rows,
+                                  indent=2))
         else:
-            print_table(rows, ("engine", "provider", "ms", "max_abs_diff", "vs", "ok", "status"),
-                        False)
+            print_table(rows, ("engine", "provider", "ms", "max_abs_diff", "agree", "vs", "ok",
+                               "status"), False)
+            for v, res in checks.items():
+                typer.echo(f"accuracy check {v} vs fp32 on {res['cases']} held-out cases: "
+                           f"{'PASSED' if res['passed'] else 'FAILED'}")
+                typer.echo("  " + json.dumps({k: w for k, w in res.items() if k != "passed"}))
         if failed:
-            typer.echo(f"outputs differ by more than {tolerance}", err=True)
+            typer.echo(f"outputs differ by more than {tolerance}" if not checks or all(
+                c["passed"] for c in checks.values()) else "a variant failed its accuracy check",
+                err=True)
+            raise typer.Exit(EXIT_MISMATCH)
+
+    @group.command("quantize")
+    def quantize(
+        model: Annotated[str, typer.Argument(help="Package name or folder.")],
+        config: ConfigOption = DEFAULT_CONFIG_PATH,
+        cases: Annotated[int, typer.Option(help="Validation cases to calibrate on.")] = 6,
+        every: Annotated[int, typer.Option(help="Keep every n-th window of a case.")] = 3,
+        check: Annotated[int, typer.Option(help="Held-out cases of the accuracy check.")] = 6,
+        method: Annotated[str, typer.Option(help="minmax, percentile or entropy.")] = "minmax",
+        make_default: Annotated[bool, typer.Option(
+            "--make-default", help="Run the variant by default if it passed and is faster.")]
+        = False,
+    ) -> None:
+        """Write MODEL's INT8 QDQ variant, check its accuracy, declare it in model.yaml."""
+        from inference.quantize import INT8_FILE, accuracy_check, add_variant, quantize_package
+
+        settings = load_or_exit(config)
+        pkg = _resolve_package(model, settings)
+        path, info = quantize_package(pkg, cases=cases, every=every, method=method)
+        typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {info['seconds']} s, "
+                   f"{info['calibration_windows']} validation windows)")
+        add_variant(pkg.folder, "int8", INT8_FILE, "int8", quantisation=info, check=None,
+                    make_default=False)
+        from inference.package import ModelPackage
+
+        pkg = ModelPackage.load(pkg.folder)
+        res = accuracy_check(pkg, "int8", cases=check,
+                             threads=settings.models.intra_op_threads,
+                             progress=lambda m: typer.echo(m, err=True))
+        res.pop("per_case", None)
+        passed = bool(res["passed"])
+        faster = float(res.get("speedup", 0.0)) > 1.0
+        add_variant(pkg.folder, "int8", INT8_FILE, "int8", quantisation=info, check=res,
+                    make_default=make_default and passed and faster)
+        typer.echo(json.dumps(res, indent=2))
+        verdict = "PASSED" if passed else "FAILED"
+        typer.echo(f"accuracy check {verdict}; speed-up {res['speedup']}x; the package runs "
+                   f"{ModelPackage.load(pkg.folder).spec.variant!r}")
+        if not passed:
             raise typer.Exit(EXIT_MISMATCH)

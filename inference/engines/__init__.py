@@ -11,14 +11,13 @@ a missing dependency or device raises :class:`EngineUnavailable` with the reason
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy.typing as npt
 import structlog
 
-from inference.package import ModelPackage
+from inference.package import ModelPackage, PackageError
 
 _log = structlog.get_logger(__name__)
 
@@ -72,6 +71,7 @@ def create_engine(
     intra_op_threads: int = 0,
     triton_url: str | None = None,
     build_plan: bool = True,
+    variant: str | None = None,
 ) -> Engine:
     """Create one engine of kind ``name`` for ``package`` or raise :class:`EngineUnavailable`.
 
@@ -79,24 +79,34 @@ def create_engine(
         name: One of :data:`ENGINE_NAMES`.
         package: The loaded model package.
         version: Package version folder; the highest when ``None``.
-        intra_op_threads: CPU threads per inference (0 = library default, all cores).
+        intra_op_threads: CPU threads per inference (0 = the physical cores this process may
+            use).
         triton_url: ``host:port`` of a Triton server (``http://`` or ``grpc://`` prefix picks
             the protocol; HTTP by default). Needed for ``triton``.
         build_plan: ``tensorrt`` only: build the plan for this GPU if it is missing.
+        variant: Graph variant (``fp32``, ``int8``, ...) for ``onnxruntime`` and ``tensorrt``;
+            ``None`` = the package's ``variant`` (the fastest one that passed its accuracy
+            check).
     """
+    if name in ("onnxruntime", "tensorrt"):
+        try:
+            path = package.model_path(version, variant)
+        except PackageError as err:
+            raise EngineUnavailable(str(err)) from None
     if name == "onnxruntime":
         from inference.engines.onnxruntime import OnnxRuntimeEngine
 
-        path = package.onnx_path(version)
         if not path.is_file():
             raise EngineUnavailable(f"package {package.name!r} has no {path.name}")
         return OnnxRuntimeEngine(
-            path, cache_dir=package.engine_cache_dir(version), intra_op_threads=intra_op_threads
+            path, cache_dir=package.engine_cache_dir(version), intra_op_threads=intra_op_threads,
+            optimized_dir=package.ort_cache_dir(version),
         )
     if name == "tensorrt":
         from inference.engines.tensorrt import TensorRTEngine
 
-        return TensorRTEngine.for_package(package, version=version, build=build_plan)
+        return TensorRTEngine.for_package(package, version=version, build=build_plan,
+                                          variant=variant)
     if name == "torch":
         from inference.engines.torch import TorchEngine
 
@@ -118,6 +128,7 @@ def select_engine(
     version: int | None = None,
     intra_op_threads: int = 0,
     build_plan: bool = True,
+    variant: str | None = None,
 ) -> Engine:
     """The first engine in ``preference`` that works here; logs the choice and reasons once.
 
@@ -129,6 +140,7 @@ def select_engine(
         version: Package version folder.
         intra_op_threads: CPU threads per inference (0 = default).
         build_plan: Let ``tensorrt`` build a missing plan (minutes) instead of skipping it.
+        variant: Graph variant; ``None`` = the package's ``variant``.
 
     Raises:
         EngineUnavailable: None of the engines can run; the message lists every reason.
@@ -142,13 +154,15 @@ def select_engine(
         try:
             engine = create_engine(
                 name, package, version=version, intra_op_threads=intra_op_threads,
-                triton_url=triton_url, build_plan=build_plan,
+                triton_url=triton_url, build_plan=build_plan, variant=variant,
             )
         except EngineUnavailable as err:
             skipped[name] = str(err)
             continue
         _log.info(
             "engine selected", model=package.name, engine=engine.name, provider=engine.provider,
+            variant=(variant or package.spec.variant)
+            if engine.name in ("onnxruntime", "tensorrt") else None,
             not_used=skipped or None, fallback=getattr(engine, "fallback_reason", "") or None,
         )
         return engine
@@ -175,10 +189,6 @@ def engine_availability() -> dict[str, str]:
     return out
 
 
-_SHARED: dict[tuple[str, str, str | None, int], Engine] = {}
-_SHARED_LOCK = threading.Lock()
-
-
 def shared_engine(
     package: ModelPackage,
     preference: str | Sequence[str] = "auto",
@@ -190,29 +200,19 @@ def shared_engine(
     """One engine per (package folder, preference) for the whole process, warmed up once.
 
     Worker threads call this for every job; the first call selects (and logs) the engine and
-    runs one zero batch through it, later calls return the same thread-safe instance.
+    runs one zero batch through it, later calls return the same thread-safe instance. It is
+    the process's :func:`inference.engines.cache.default_cache`: when the package's files
+    change the next call loads it again and the old engine is closed.
     """
-    pref = preference if isinstance(preference, str) else ",".join(preference)
-    key = (str(package.folder), pref, triton_url, intra_op_threads)
-    with _SHARED_LOCK:
-        engine = _SHARED.get(key)
-        if engine is None:
-            engine = select_engine(
-                package, preference, triton_url, intra_op_threads=intra_op_threads
-            )
-            if warm_up:
-                from inference.runner import warm_up as _warm
+    from inference.engines.cache import default_cache
 
-                seconds = _warm(package, engine)
-                _log.info("engine warmed up", model=package.name, engine=engine.name,
-                          seconds=round(seconds, 3))
-            _SHARED[key] = engine
-        return engine
+    return default_cache().get(package.folder, preference, triton_url,
+                               intra_op_threads=intra_op_threads, warm_up=warm_up,
+                               package=package).engine
 
 
 def close_shared_engines() -> None:
-    """Close every engine made by :func:`shared_engine` (at node shutdown)."""
-    with _SHARED_LOCK:
-        for engine in _SHARED.values():
-            engine.close()
-        _SHARED.clear()
+    """Close every engine of the process's engine cache (at node shutdown)."""
+    from inference.engines.cache import default_cache
+
+    default_cache().close()

@@ -3,18 +3,36 @@
 With the TensorRT provider, ORT's engine cache and timing cache live under the package's
 version folder (``<version>/trt_cache``), so the slow TensorRT build happens once per GPU.
 ``InferenceSession.run`` is thread-safe: one engine is shared by all worker threads.
+
+CPU tuning (measurements in docs/engines.md):
+
+* graph optimisations at ``ORT_ENABLE_ALL`` (constant folding, fusions, NCHWc layout); the
+  optimised graph is written once to ``<version>/ort_cache/`` and loaded from there with
+  optimisations off (faster session start). The file name carries the source graph's SHA-256,
+  the ORT version, the provider and a hash of the CPU's feature flags (NCHWc blocking depends on
+  the vector width), so a changed model, ORT, provider or CPU never loads a stale graph;
+  stale files of the same graph are removed. A read-only package folder just skips the cache.
+* intra-op threads = the physical cores this process may use (affinity mask, SMT siblings once)
+  unless set; inter-op threads 1, sequential execution (the graphs are chains).
+* thread spinning off (the node shares its cores with the listener and other workers).
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import structlog
 
 from inference.engines import EngineUnavailable, Tensors
 from inference.engines._io import NamedIO
+from inference.engines.flops import physical_cores
+
+_log = structlog.get_logger(__name__)
 
 PREFERRED_PROVIDERS = (
     "TensorrtExecutionProvider",
@@ -52,6 +70,26 @@ def _provider_options(name: str, cache_dir: Path | None, fp16: bool) -> dict[str
     return {}
 
 
+def _cpu_key() -> str:
+    """8 hex digits from this CPU's feature flags (what NCHWc and kernel choice depend on)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        import platform
+
+        flags = platform.machine() + platform.processor()
+    return hashlib.sha256(flags.encode()).hexdigest()[:8]
+
+
+def optimized_model_path(model_path: Path, cache_dir: Path, provider: str) -> Path:
+    """Where the ORT-optimised copy of ``model_path`` lives for this ORT, provider and CPU."""
+    digest = hashlib.sha256(Path(model_path).read_bytes()).hexdigest()[:12]
+    prov = provider.removesuffix("ExecutionProvider").lower()
+    return cache_dir / (f"{Path(model_path).stem}.{digest}.ort{ort.__version__}.{prov}."
+                        f"cpu{_cpu_key()}.onnx")
+
+
 class OnnxRuntimeEngine(NamedIO):
     """An ``onnxruntime.InferenceSession`` behind the :class:`~inference.engines.Engine` Protocol.
 
@@ -59,11 +97,16 @@ class OnnxRuntimeEngine(NamedIO):
         model_path: The ``.onnx`` file.
         providers: Providers to try, best first; default :func:`available_providers`.
         cache_dir: Folder for the TensorRT provider's engine and timing caches.
-        intra_op_threads: Threads per inference on CPU (0 = ORT default: all physical cores).
+        intra_op_threads: Threads per inference on CPU (0 = the physical cores this process
+            may use, :func:`inference.engines.flops.physical_cores`).
         fp16: Let the TensorRT provider use FP16 kernels.
         allow_spinning: Let idle ORT threads spin-wait. Off by default: on a node that shares its
             cores with the listener and other workers, spinning burns CPU (and measured ~10-15 %
             slower under load here).
+        optimized_dir: Folder for the cached optimised graph (CPU provider only); ``None``: no
+            cache, optimise at every session start.
+        mem_arena: ORT's CPU memory arena and memory-pattern planning (on by default: the
+            window batches have one shape, so buffers are reused run after run).
 
     Raises:
         EngineUnavailable: The file is missing or ORT cannot load it.
@@ -80,30 +123,54 @@ class OnnxRuntimeEngine(NamedIO):
         intra_op_threads: int = 0,
         fp16: bool = False,
         allow_spinning: bool = False,
+        optimized_dir: Path | None = None,
+        mem_arena: bool = True,
     ) -> None:
-        if not Path(model_path).is_file():
+        model_path = Path(model_path)
+        if not model_path.is_file():
             raise EngineUnavailable(f"{model_path} does not exist")
         wanted = providers if providers is not None else available_providers()
         if not wanted:
             raise EngineUnavailable("no usable ONNX Runtime execution provider")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads > 0:
-            opts.intra_op_num_threads = intra_op_threads
+        self.intra_op_threads = intra_op_threads if intra_op_threads > 0 else physical_cores()
+        opts.intra_op_num_threads = self.intra_op_threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.enable_cpu_mem_arena = mem_arena
+        opts.enable_mem_pattern = mem_arena
         opts.log_severity_level = 3
         spin = "1" if allow_spinning else "0"
         opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
         opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        load_path = model_path
+        self.optimized_path: Path | None = None
+        """The cached optimised graph this session loaded or wrote (``None``: not cached)."""
+        if optimized_dir is not None and wanted == ["CPUExecutionProvider"]:
+            load_path = self._use_cache(model_path, optimized_dir, opts)
         self._session: Any = None
+        prov = [(p, _provider_options(p, cache_dir, fp16)) for p in wanted]
         try:
-            self._session = ort.InferenceSession(
-                str(model_path), sess_options=opts,
-                providers=[(p, _provider_options(p, cache_dir, fp16)) for p in wanted],
-            )
+            try:
+                self._session = ort.InferenceSession(str(load_path), sess_options=opts,
+                                                     providers=prov)
+            except Exception:
+                if load_path == model_path:
+                    raise
+                # a damaged cached graph: drop it, optimise the source again
+                _log.warning("cached optimised graph unreadable; rebuilding",
+                             file=load_path.name)
+                load_path.unlink(missing_ok=True)
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                opts.optimized_model_filepath = str(load_path)
+                self._session = ort.InferenceSession(str(model_path), sess_options=opts,
+                                                     providers=prov)
         except Exception as err:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise EngineUnavailable(f"ONNX Runtime cannot load {model_path.name}: {err}") from None
         used = self._session.get_providers()
         self.provider = used[0] if used else "CPUExecutionProvider"
+        self.model_path = model_path
         self.fallback_reason = (
             "" if not wanted or used[:1] == wanted[:1]
             else f"{wanted[0]} requested but ORT fell back to {self.provider}"
@@ -113,6 +180,29 @@ class OnnxRuntimeEngine(NamedIO):
         }
         self._outputs = [o.name for o in self._session.get_outputs()]
 
+    def _use_cache(self, model_path: Path, cache: Path, opts: Any) -> Path:
+        """Load the cached optimised graph, or have this session write it; returns what to load."""
+        target = optimized_model_path(model_path, cache, "CPUExecutionProvider")
+        if target.is_file():
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            self.optimized_path = target
+            return target
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            mine = re.compile(re.escape(model_path.stem) + r"\.[0-9a-f]{12}\.ort.*\.onnx")
+            for old in cache.iterdir():  # this graph's copies for another digest/ORT/CPU
+                if old.name != target.name and mine.fullmatch(old.name):
+                    old.unlink(missing_ok=True)
+            probe = cache / f".{target.name}.probe"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            _log.info("optimised-graph cache not writable; optimising at every start",
+                      folder=str(cache), error=str(err))
+            return model_path
+        opts.optimized_model_filepath = str(target)
+        self.optimized_path = target
+        return model_path
 
     def run(self, inputs: Tensors) -> Tensors:
         """Run the session; inputs are cast to the graph's element types."""

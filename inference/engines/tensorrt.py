@@ -6,6 +6,11 @@
 * Networks are built **strongly typed**: precision comes from the ONNX graph. FP16 is obtained
   by converting the graph first (``modelopt.onnx.autocast.convert_to_mixed_precision``,
   keeping float32 I/O), not with the deprecated ``BuilderFlag.FP16`` (removed in TensorRT 11).
+* INT8 (and FP8) come from the package's quantised **QDQ** variant (``variants:`` in
+  ``model.yaml``, e.g. ``model.int8.onnx`` from :mod:`inference.quantize`): in a strongly typed
+  network the Q/DQ scales fix every int8 tensor, so the plan computes exactly what ONNX Runtime
+  computes on CPU from the same file (no TensorRT calibrator, no ``BuilderFlag.INT8``). FP8
+  needs an FP8 QDQ graph (NVIDIA ModelOpt ``modelopt.onnx.quantization``, Hopper/Ada GPUs).
 * One optimisation profile makes the batch dimension dynamic: min 1, opt the package's
   ``input.batch_size``, max ``max_batch`` (default 2 × batch size).
 * Execution uses torch CUDA tensors for device memory and a CUDA stream; ``run`` is serialised by
@@ -93,6 +98,41 @@ def fp16_onnx(onnx_path: Path, out_path: Path) -> Path:
     return out_path
 
 
+def build_input(
+    package: ModelPackage, *, version: int | None = None, precision: str = "fp32",
+    variant: str | None = None,
+) -> tuple[Path, str]:
+    """The ONNX file a plan is built from and the plan's precision label.
+
+    ``variant`` ``None`` means ``fp32`` here (plans are asked for explicitly; the package's
+    default variant applies through :meth:`TensorRTEngine.for_package`).
+
+    Raises:
+        EngineUnavailable: Unknown precision or variant, or the file is missing.
+    """
+    from inference.package import FP32_VARIANT, PackageError
+
+    if variant not in (None, FP32_VARIANT):
+        try:
+            v = package.spec.variant_spec(variant)
+        except PackageError as err:
+            raise EngineUnavailable(str(err)) from None
+        assert v is not None
+        if v.precision not in ("int8", "fp8"):
+            raise EngineUnavailable(
+                f"variant {v.name!r} is {v.precision}; TensorRT builds QDQ int8/fp8 variants "
+                "(fp16 comes from model.onnx with --precision fp16)")
+        onnx_path, precision = package.file(v.file, version), v.precision
+    elif precision in ("fp32", "fp16"):
+        onnx_path = package.onnx_path(version)
+    else:
+        raise EngineUnavailable(
+            f"unknown precision {precision!r}: fp32, fp16, or a QDQ variant (--variant int8)")
+    if not onnx_path.is_file():
+        raise EngineUnavailable(f"package {package.name!r} has no {onnx_path.name} to build from")
+    return onnx_path, precision
+
+
 def build_plan(
     package: ModelPackage,
     *,
@@ -101,13 +141,17 @@ def build_plan(
     max_batch: int | None = None,
     workspace_gib: float = 4.0,
     force: bool = False,
+    variant: str | None = None,
 ) -> Path:
     """Build (or reuse) the TensorRT plan of ``package`` for this GPU and TensorRT version.
 
     Args:
         package: The model package (its ``<version>/model.onnx`` is the build input).
         version: Package version folder; highest when ``None``.
-        precision: ``fp32`` (graph as is) or ``fp16`` (graph converted with ModelOpt AutoCast).
+        precision: ``fp32`` (graph as is) or ``fp16`` (graph converted with ModelOpt AutoCast);
+            ignored when ``variant`` names a quantised variant (its precision is used).
+        variant: A declared QDQ variant (``int8``, ``fp8``) to build from; ``None``/``fp32``:
+            ``model.onnx``.
         max_batch: Largest batch the profile accepts; default ``2 * input.batch_size``.
         workspace_gib: Builder workspace limit, GiB.
         force: Rebuild even if the plan exists.
@@ -118,18 +162,15 @@ def build_plan(
     Raises:
         EngineUnavailable: No tensorrt, no CUDA device, no ONNX file, or the build failed.
     """
+    onnx_path, precision = build_input(package, version=version, precision=precision,
+                                       variant=variant)
     trt = _import_trt()
     cc, trt_version = gpu_key()
     plan = package.plan_path(cc, trt_version, version, precision)
-    onnx_path = package.onnx_path(version)
-    if not onnx_path.is_file():
-        raise EngineUnavailable(f"package {package.name!r} has no {onnx_path.name} to build from")
     if plan.is_file() and not force and plan.stat().st_mtime >= onnx_path.stat().st_mtime:
         return plan
     if precision == "fp16":
         onnx_path = fp16_onnx(onnx_path, plan.with_suffix(".fp16.onnx"))
-    elif precision != "fp32":
-        raise EngineUnavailable(f"unknown precision {precision!r} (fp32 or fp16)")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
@@ -201,13 +242,20 @@ class TensorRTEngine(NamedIO):
     @classmethod
     def for_package(
         cls, package: ModelPackage, *, version: int | None = None, build: bool = True,
-        precision: str = "fp32",
+        precision: str = "fp32", variant: str | None = None,
     ) -> TensorRTEngine:
-        """The engine for this GPU's plan; builds it first when missing and ``build``."""
+        """The engine for this GPU's plan; builds it first when missing and ``build``.
+
+        ``variant`` ``None`` = the package's ``variant`` (an accuracy-checked INT8 QDQ variant
+        gives an INT8 plan).
+        """
+        variant = variant or package.spec.variant
+        _, precision = build_input(package, version=version, precision=precision,
+                                   variant=variant)
         cc, trt_version = gpu_key()
         plan = package.plan_path(cc, trt_version, version, precision)
         if build:  # reuses an up-to-date plan, rebuilds a missing or stale one
-            plan = build_plan(package, version=version, precision=precision)
+            plan = build_plan(package, version=version, precision=precision, variant=variant)
         elif not plan.is_file():
             raise EngineUnavailable(
                 f"no plan {plan.name} for this GPU; run `omnimri-node engines build "
