@@ -2,8 +2,9 @@
 # GPU checks of the engine runtime: run on a machine with an NVIDIA GPU, from the repo root.
 #   tests/gpu/run_gpu_checks.sh            # pytest -m gpu + GPU benchmark
 # Needs: torch with CUDA; for TensorRT tests `pip install tensorrt` (and nvidia-modelopt for
-# FP16); for ORT CUDA/TensorRT providers `pip install onnxruntime-gpu`. Missing pieces skip with
-# the reason; on a CPU-only machine everything skips.
+# FP16 and FP8); for ORT CUDA/TensorRT providers `pip install onnxruntime-gpu`. INT8 plans are
+# built from the QDQ variant ONNX Runtime runs on CPU. Missing pieces skip with the reason; on
+# a CPU-only machine everything skips.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 python3 - <<'PY'
@@ -12,4 +13,4 @@ for name, status in engine_availability().items():
     print(f"{name:12s} {status}")
 PY
 python3 -m pytest -q -rs -m gpu tests/gpu -p no:cacheprovider
-python3 benchmarks/engines.py --gpu --repeats "${REPEATS:-10}"
+python3 benchmarks/engines.py --gpu --no-peak --repeats "${REPEATS:-10}"

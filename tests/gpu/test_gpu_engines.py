@@ -165,3 +165,62 @@ def test_run_model_with_tensorrt_matches_cpu(pkg: ModelPackage) -> None:
     np.testing.assert_allclose(trt_raw.segmentation["tissues"].probabilities,
                                cpu_raw.segmentation["tissues"].probabilities, atol=FP32_ATOL)
     assert trt_raw.text == cpu_raw.text
+
+
+def _int8_variant(pkg: ModelPackage) -> ModelPackage:
+    from inference.quantize import INT8_FILE, add_variant, quantize_onnx
+
+    info = quantize_onnx(pkg.onnx_path(), pkg.file(INT8_FILE), [_x(1, s) for s in range(8)],
+                         "image")
+    add_variant(pkg.folder, "int8", INT8_FILE, "int8", quantisation=info,
+                check={"passed": True, "note": "test only"}, make_default=True)
+    return ModelPackage.load(pkg.folder)
+
+
+def test_tensorrt_int8_plan_from_the_qdq_variant(pkg: ModelPackage) -> None:
+    """The same QDQ file ONNX Runtime runs on CPU builds a strongly typed INT8 plan."""
+    _trt()
+    from inference.engines.tensorrt import TensorRTEngine, build_plan
+
+    pkg = _int8_variant(pkg)
+    plan = build_plan(pkg, variant="int8")
+    assert plan.name.endswith(".int8.plan")
+    x = _x(2)
+    cpu_int8 = OnnxRuntimeEngine(pkg.model_path(variant="int8"),
+                                 providers=["CPUExecutionProvider"]).run({"image": x})
+    got = TensorRTEngine(plan).run({"image": x})
+    scale = float(np.abs(cpu_int8["tissues"]).max())
+    assert float(np.abs(got["tissues"] - cpu_int8["tissues"]).max()) < 0.05 * scale
+    assert (got["tissues"].argmax(1) == cpu_int8["tissues"].argmax(1)).mean() > 0.95
+    # the package's default variant (int8, accuracy-checked) gives the INT8 plan by default
+    eng = create_engine("tensorrt", pkg)
+    assert eng.provider.endswith(".int8.plan")
+
+
+def test_tensorrt_fp8_plan_from_modelopt(pkg: ModelPackage) -> None:
+    _trt()
+    import torch
+
+    pytest.importorskip("modelopt.onnx.quantization", reason="nvidia-modelopt is not installed")
+    if torch.cuda.get_device_capability(0) < (8, 9):
+        pytest.skip("FP8 needs an Ada or Hopper GPU (sm89+)")
+    import onnx
+
+    from inference.engines.tensorrt import TensorRTEngine, build_plan
+    from inference.quantize import FP8_FILE, add_variant
+
+    out = pkg.file(FP8_FILE)
+    from modelopt.onnx.quantization import quantize as mo_quantize
+
+    mo_quantize(str(pkg.onnx_path()), quantize_mode="fp8",
+                calibration_data={"image": np.concatenate([_x(1, s) for s in range(8)])},
+                calibration_method="max", output_path=str(out))
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out)).graph.node)
+    add_variant(pkg.folder, "fp8", FP8_FILE, "fp8", quantisation={"tool": "modelopt"},
+                check=None, make_default=False)
+    pkg = ModelPackage.load(pkg.folder)
+    plan = build_plan(pkg, variant="fp8")
+    assert plan.name.endswith(".fp8.plan")
+    x = _x(2)
+    got, want = TensorRTEngine(plan).run({"image": x}), _cpu(pkg, x)
+    assert (got["tissues"].argmax(1) == want["tissues"].argmax(1)).mean() > 0.9
