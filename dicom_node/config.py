@@ -215,6 +215,14 @@ class JobsConfig(_Section):
     """Longest retry delay, seconds. Default 900."""
     poll_interval_s: float = Field(default=0.5, gt=0)
     """How often idle workers look for due jobs, seconds. Default 0.5."""
+    dispatch_retry_for_s: float = Field(default=14400.0, ge=0)
+    """How long a job whose outputs cannot be delivered keeps retrying, seconds, counted from
+    its first failed delivery (a PACS maintenance window); only then is it failed (dead
+    letter). Delivery retries do not count against ``max_attempts``. Default 14400 (4 h)."""
+    probe_interval_s: float = Field(default=15.0, gt=0)
+    """While jobs wait for a destination that failed, it is probed (C-ECHO, HTTP check) this
+    often, seconds; when it answers, they are retried at once instead of after their
+    back-off. Default 15."""
 
 
 class DimseDestination(_Section):

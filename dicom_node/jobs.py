@@ -5,6 +5,13 @@ to ``queued`` with an exponential backoff (``jobs.backoff_initial_s`` doubling p
 most ``jobs.backoff_max_s``) until ``jobs.max_attempts`` is spent, then to ``failed`` (the dead
 letter, ``omnimri-node jobs retry ID`` brings it back). ``cancelled`` is set by an operator.
 
+A failed *delivery* (destination down, outputs not acknowledged) is counted apart: the job
+retries with the same capped backoff for ``jobs.dispatch_retry_for_s`` (default 4 h) from its
+first failed delivery, whatever ``max_attempts`` says, and records the destinations it waits
+for (``waiting_for``); the worker pool probes those (C-ECHO / HTTP check) every
+``jobs.probe_interval_s`` and retries the waiting jobs at once when one answers
+(:meth:`JobQueue.resume_waiting`). Only after the window is the job failed.
+
 Crash safety
 ------------
 * A worker *claims* a job with a lease (owner + expiry). The owner names the process
@@ -107,6 +114,27 @@ CREATE TABLE IF NOT EXISTS deliveries (
 """
 
 
+_MIGRATIONS = (
+    ("dispatch_failing_since", "REAL"),
+    ("dispatch_attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("waiting_for", "TEXT"),
+)
+"""Columns added to ``jobs`` after its first release (ALTERed into older databases)."""
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add :data:`_MIGRATIONS` columns a database made by older code lacks (idempotent)."""
+    have = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+    for column, kind in _MIGRATIONS:
+        if column in have:
+            continue
+        try:
+            conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+        except sqlite3.OperationalError as err:  # another process added it meanwhile
+            if "duplicate column" not in str(err):
+                raise
+
+
 class JobError(Exception):
     """A job operation was refused (unknown id, wrong state); the message says why."""
 
@@ -141,6 +169,12 @@ class Job:
     last_error: str | None
     event_id: str | None
     series_json: str = field(repr=False)
+    dispatch_failing_since: float | None = None
+    """UTC epoch seconds of the first failed delivery since the last success (``None``: none)."""
+    dispatch_attempts: int = 0
+    """Attempts whose delivery failed (not counted against ``jobs.max_attempts``)."""
+    waiting_for: tuple[str, ...] = ()
+    """Destinations the last attempt could not deliver to (probed while the job waits)."""
 
     @property
     def series(self) -> Series:
@@ -165,6 +199,8 @@ class Job:
             "finished": _iso(self.finished_at),
             "next_attempt": _iso(self.next_attempt_at) if self.state == "queued" else None,
             "last_error": self.last_error,
+            "waiting_for": ",".join(self.waiting_for),
+            "dispatch_failing_since": _iso(self.dispatch_failing_since),
         }
 
 
@@ -317,6 +353,7 @@ class JobQueue:
         self.owner = worker_identity()
         with self._lock:
             self._conn.executescript(_SCHEMA)
+            _migrate(self._conn)
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -504,7 +541,8 @@ class JobQueue:
                 if row is None:
                     return None
                 job = _row_to_job(row)
-                if job.state in ACTIVE_STATES and job.attempts >= self.cfg.max_attempts:
+                if (job.state in ACTIVE_STATES
+                        and job.attempts - job.dispatch_attempts >= self.cfg.max_attempts):
                     c.execute(
                         "UPDATE jobs SET state='failed', finished_at=?, updated_at=?,"
                         " lease_owner=NULL, lease_expires_at=NULL,"
@@ -610,13 +648,14 @@ class JobQueue:
             self._owned_update(
                 c, job_id, owner or self.owner,
                 "state='done', finished_at=?, updated_at=?, lease_owner=NULL,"
-                " lease_expires_at=NULL, last_error=NULL",
+                " lease_expires_at=NULL, last_error=NULL, waiting_for=NULL",
                 (t, t),
             )
         log.info("job done", job_id=job_id)
 
     def fail(self, job_id: str, error: str, owner: str | None = None,
-             permanent: bool = False) -> JobState:
+             permanent: bool = False, undelivered: Sequence[str] | None = None,
+             now: float | None = None) -> JobState:
         """Record a failed attempt: back to ``queued`` after a backoff, or ``failed``.
 
         Args:
@@ -624,17 +663,25 @@ class JobQueue:
             error: One-line reason (no patient data).
             owner: Lease owner; default this process.
             permanent: Skip the remaining attempts (e.g. an unknown pipeline).
+            undelivered: The attempt failed at delivery, to these destinations: the job
+                retries for ``jobs.dispatch_retry_for_s`` from its first failed delivery
+                (``max_attempts`` does not apply) and waits for them (see
+                :meth:`resume_waiting`).
+            now: UTC epoch seconds (tests); default the clock.
 
         Returns:
             The new state, ``queued`` or ``failed``.
         """
-        t = time.time()
+        t = time.time() if now is None else now
         owner = owner or self.owner
+        if undelivered is not None and not permanent:
+            return self._fail_delivery(job_id, error, owner, tuple(undelivered), t)
         with self.transaction() as c:
-            row = c.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = c.execute("SELECT attempts, dispatch_attempts FROM jobs WHERE id = ?",
+                            (job_id,)).fetchone()
             if row is None:
                 raise JobError(f"no job {job_id!r}")
-            attempts = int(row[0])
+            attempts = int(row[0]) - int(row[1] or 0)
             if permanent or attempts >= self.cfg.max_attempts:
                 self._owned_update(
                     c, job_id, owner,
@@ -659,6 +706,77 @@ class JobQueue:
             log.warning("job attempt failed, will retry", job_id=job_id, attempts=attempts,
                         retry_in_s=round(delay, 3), error=error)
         return state
+
+    def _fail_delivery(self, job_id: str, error: str, owner: str,
+                       undelivered: tuple[str, ...], t: float) -> JobState:
+        window = self.cfg.dispatch_retry_for_s
+        with self.transaction() as c:
+            row = c.execute("SELECT dispatch_failing_since, dispatch_attempts FROM jobs"
+                            " WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobError(f"no job {job_id!r}")
+            since = t if row[0] is None else float(row[0])
+            tries = int(row[1] or 0) + 1
+            failing_s = t - since
+            if failing_s >= window:
+                error = (f"{error} (not delivered for {failing_s:.0f} s,"
+                         f" jobs.dispatch_retry_for_s = {window:g})")
+                self._owned_update(
+                    c, job_id, owner,
+                    "state='failed', finished_at=?, updated_at=?, last_error=?,"
+                    " lease_owner=NULL, lease_expires_at=NULL, dispatch_failing_since=?,"
+                    " dispatch_attempts=?, waiting_for=?",
+                    (t, t, error[:2000], since, tries, json.dumps(list(undelivered))),
+                )
+                state: JobState = "failed"
+                delay = 0.0
+            else:
+                # Capped exponential backoff; the last retry falls at the window's end.
+                delay = min(backoff_s(tries, self.cfg), since + window - t)
+                self._owned_update(
+                    c, job_id, owner,
+                    "state='queued', next_attempt_at=?, updated_at=?, last_error=?,"
+                    " lease_owner=NULL, lease_expires_at=NULL, dispatch_failing_since=?,"
+                    " dispatch_attempts=?, waiting_for=?",
+                    (t + delay, t, error[:2000], since, tries, json.dumps(list(undelivered))),
+                )
+                state = "queued"
+        if state == "failed":
+            log.error("job failed (dead letter)", job_id=job_id, delivery_attempts=tries,
+                      failing_s=round(failing_s, 1), error=error)
+        else:
+            log.warning("job delivery failed, will retry", job_id=job_id,
+                        delivery_attempts=tries, retry_in_s=round(delay, 3),
+                        failing_s=round(failing_s, 1), waiting_for=list(undelivered),
+                        error=error)
+        return state
+
+    def waiting_destinations(self, now: float | None = None) -> dict[str, list[str]]:
+        """Destinations that queued jobs wait for (not due yet) → those jobs' ids."""
+        t = time.time() if now is None else now
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT id, waiting_for FROM jobs WHERE state = 'queued'"
+                " AND waiting_for IS NOT NULL AND next_attempt_at > ?", (t,)).fetchall()
+        out: dict[str, list[str]] = {}
+        for r in rows:
+            for name in json.loads(r["waiting_for"]):
+                out.setdefault(str(name), []).append(r["id"])
+        return out
+
+    def resume_waiting(self, destination: str, now: float | None = None) -> int:
+        """Make the queued jobs waiting for ``destination`` due now; returns how many."""
+        t = time.time() if now is None else now
+        ids = self.waiting_destinations(t).get(destination, [])
+        if not ids:
+            return 0
+        with self.transaction() as c:
+            n = 0
+            for jid in ids:
+                n += c.execute("UPDATE jobs SET next_attempt_at = ?, updated_at = ?"
+                               " WHERE id = ? AND state = 'queued' AND next_attempt_at > ?",
+                               (t, t, jid, t)).rowcount
+        return n
 
     # -- operator actions -------------------------------------------------------------------
 
@@ -686,7 +804,9 @@ class JobQueue:
                 c.execute("DELETE FROM deliveries WHERE job_id = ?", (job.id,))
             c.execute(
                 "UPDATE jobs SET state='queued', attempts=0, next_attempt_at=?, updated_at=?,"
-                " finished_at=NULL, lease_owner=NULL, lease_expires_at=NULL WHERE id=?",
+                " finished_at=NULL, lease_owner=NULL, lease_expires_at=NULL,"
+                " dispatch_failing_since=NULL, dispatch_attempts=0, waiting_for=NULL"
+                " WHERE id=?",
                 (t, t, job.id),
             )
         log.info("job queued again by operator", job_id=job.id, rerun=rerun)
@@ -736,4 +856,7 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         last_error=row["last_error"],
         event_id=row["event_id"],
         series_json=row["series_json"],
+        dispatch_failing_since=row["dispatch_failing_since"],
+        dispatch_attempts=int(row["dispatch_attempts"] or 0),
+        waiting_for=tuple(json.loads(row["waiting_for"])) if row["waiting_for"] else (),
     )

@@ -53,6 +53,9 @@ TEXT_KEYS = frozenset({"error", "exception"})
 """Event keys whose free text (exception messages, tracebacks) :func:`scrub_text` cleans."""
 
 _QUOTES = re.compile(r"""['"]""")
+_OPENS = re.compile(r"(?:^|[^A-Za-z0-9])b?$")
+"""What precedes an opening quote: no word character, or a lone ``b`` (a bytes repr); a quote
+after a word character is an apostrophe."""
 _PERSON_NAME = re.compile(r"[^\s'\"=:,;()\[\]<>]*\^[^\s'\",;()\[\]<>]*")
 _DATE = re.compile(r"(?<![\d.])(?:19|20)\d\d-?(?:0[1-9]|1[0-2])-?(?:0[1-9]|[12]\d|3[01])(?![\d.])")
 VALUE = "<value>"
@@ -62,8 +65,9 @@ VALUE = "<value>"
 def scrub_text(text: str) -> str:
     """Free text without what could be a patient value, line by line.
 
-    Everything from a line's first quote to its last (``'...'``, ``"..."``, ``b'...'``: how
-    libraries quote values) and, past a lone quote, the rest of the line; person names
+    Everything from a line's first opening quote to the last quote of that kind (``'...'``,
+    ``"..."``, ``b'...'``: how libraries quote values; an apostrophe inside a word does not
+    open one) and, past a lone opening quote, the rest of the line; person names
     (``DOE^JANE``: a caret) and dates (``19700101``, ``1970-01-01``; not inside a UID) →
     ``<value>``. Tag numbers, VRs, UIDs, paths outside quotes and counts stay.
 
@@ -76,11 +80,12 @@ def scrub_text(text: str) -> str:
         return text
     out = []
     for line in text.splitlines():
-        quotes = [m.start() for m in _QUOTES.finditer(line)]
-        if len(quotes) == 1:
-            line = line[:quotes[0]] + VALUE
-        elif quotes:
-            line = line[:quotes[0]] + VALUE + line[quotes[-1] + 1:]
+        # An opening quote follows no letter or digit (``sender's`` is an apostrophe).
+        opening = next((m.start() for m in _QUOTES.finditer(line)
+                        if _OPENS.search(line, 0, m.start())), None)
+        if opening is not None:
+            close = line.rfind(line[opening], opening + 1)
+            line = line[:opening] + VALUE + ("" if close < 0 else line[close + 1:])
         line = _PERSON_NAME.sub(VALUE, line)
         out.append(_DATE.sub(VALUE, line))
     return "\n".join(out)

@@ -12,10 +12,13 @@ One job, one worker thread::
                   ─▶ done
 
 A pipeline error or an undelivered output is a failed attempt: the job goes back to the queue
-with a backoff (and to ``failed`` when its attempts are spent); the next attempt resumes where
-the last one stopped (stored outputs are not computed again, delivered ones not sent again).
-A heartbeat thread renews the leases of the jobs being worked on, so only a dead process
-loses its jobs.
+with a backoff (and to ``failed`` when its attempts are spent, or, for undelivered outputs,
+after ``jobs.dispatch_retry_for_s``); the next attempt resumes where the last one stopped
+(stored outputs are not computed again, delivered ones not sent again). A heartbeat thread
+renews the leases of the jobs being worked on, so only a dead process loses its jobs. A probe
+thread checks the destinations that waiting jobs could not deliver to (``Destination.test``:
+C-ECHO, HTTP check) every ``jobs.probe_interval_s`` and makes those jobs due at once when one
+answers again, so an hours-long PACS outage ends in delivery within seconds of its end.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from dicom_node.config import NodeSettings
 from dicom_node.destinations import DestinationError, destination_for
 from dicom_node.destinations.folder import write_atomic
 from dicom_node.jobs import LEASE_S, Job, JobError, JobOutput, JobQueue, LeaseLost, results_dir
-from dicom_node.logs import get_logger
+from dicom_node.logs import get_logger, scrub_text
 from dicom_node.pipelines import Pipeline, PipelineError, get_pipeline
 from dicom_node.router import SENDER, resolve_sender
 
@@ -47,7 +50,16 @@ is taken again by the next start. Default 10."""
 
 
 class DispatchIncomplete(Exception):
-    """Some outputs were not acknowledged by some destination (the attempt failed)."""
+    """Some outputs were not acknowledged by some destination (the attempt failed).
+
+    Args:
+        message: What failed, per destination.
+        undelivered: The destinations (configured names) that did not take every output.
+    """
+
+    def __init__(self, message: str, undelivered: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.undelivered = tuple(undelivered)
 
 
 def _run_with_timeout(fn: Callable[[], list[pydicom.Dataset]], timeout_s: float,
@@ -110,6 +122,10 @@ class WorkerPool:
         hb = threading.Thread(target=self._heartbeat, name="job-heartbeat", daemon=True)
         hb.start()
         self._threads.append(hb)
+        probe = threading.Thread(target=self._probe_loop, name="destination-probe",
+                                 daemon=True)
+        probe.start()
+        self._threads.append(probe)
         log.info("worker pool started", workers=n, queued=self.queue.counts().get("queued", 0))
 
     def stop(self) -> None:
@@ -173,6 +189,54 @@ class WorkerPool:
                 except Exception:  # noqa: BLE001
                     log.exception("lease renewal failed", job_id=jid)
 
+    def _probe_loop(self) -> None:
+        down: set[str] = set()
+        while not self._stop.wait(self.settings.jobs.probe_interval_s):
+            try:
+                self.probe_waiting(down)
+            except Exception:  # noqa: BLE001 - database trouble: try at the next interval
+                log.exception("probing destinations failed")
+
+    def probe_waiting(self, down: set[str] | None = None) -> int:
+        """Check each destination that queued jobs wait for; resume them when it is back.
+
+        Jobs are made due when a destination that a probe found not answering answers again
+        (a destination that answers its check but refused the outputs is not retried faster
+        than the backoff).
+
+        Args:
+            down: Names found not answering so far (updated from call to call).
+
+        Returns:
+            How many jobs were made due now.
+        """
+        down = set() if down is None else down
+        resumed = 0
+        with self._pipelines_lock:
+            settings = self.settings
+        for name in sorted(self.queue.waiting_destinations()):
+            if self._stop.is_set():
+                break
+            try:
+                destination_for(name, settings).test()
+            except Exception as exc:  # noqa: BLE001 - any failure means: not yet
+                if name not in down:
+                    log.info("destination still not answering; jobs keep waiting",
+                             destination=name, error=scrub_text(str(exc))[:300])
+                    down.add(name)
+                continue
+            if name not in down:
+                continue  # it answered all along: the jobs failed otherwise, keep backing off
+            down.discard(name)
+            n = self.queue.resume_waiting(name)
+            if n:
+                resumed += n
+                log.info("destination answers again; waiting jobs retried now",
+                         destination=name, jobs=n)
+        if resumed:
+            self.wake()
+        return resumed
+
     # -- one job ----------------------------------------------------------------------------
 
     def process(self, job: Job) -> None:
@@ -191,17 +255,24 @@ class WorkerPool:
             log.warning("job dropped by this worker", job_id=job.id, reason=str(exc))
         except PipelineError as exc:
             self._fail(job, f"pipeline {job.pipeline}: {exc}", permanent=exc.permanent)
-        except (DestinationError, DispatchIncomplete) as exc:
-            self._fail(job, str(exc))
+        except DispatchIncomplete as exc:
+            self._fail(job, str(exc), undelivered=exc.undelivered)
+        except DestinationError as exc:
+            self._fail(job, str(exc), undelivered=job.destinations)
         except Exception as exc:  # noqa: BLE001 - any other error is one failed attempt
             log.exception("job attempt crashed", job_id=job.id)
-            self._fail(job, f"{exc.__class__.__name__}: {exc}")
+            self._fail(job, f"{exc.__class__.__name__}: {scrub_text(str(exc))}")
 
-    def _fail(self, job: Job, error: str, permanent: bool = False) -> None:
+    def _fail(self, job: Job, error: str, permanent: bool = False,
+              undelivered: Sequence[str] | None = None) -> None:
         try:
-            self.queue.fail(job.id, error, permanent=permanent)
+            state = self.queue.fail(job.id, error, permanent=permanent,
+                                    undelivered=undelivered)
         except (LeaseLost, JobError) as exc:
             log.warning("could not record the failure", job_id=job.id, reason=str(exc))
+            return
+        if state == "failed":
+            metrics.record_stage_failure("dispatch" if undelivered is not None else "job")
 
     def _pipeline(self, name: str) -> Pipeline:
         with self._pipelines_lock:
@@ -278,6 +349,7 @@ class WorkerPool:
 
     def _dispatch(self, job: Job, outputs: Sequence[JobOutput]) -> None:
         problems: list[str] = []
+        undelivered: list[str] = []
         for name in job.destinations:
             done = self.queue.delivered(job.id, name)
             todo = [o for o in outputs if o.sop_instance_uid not in done]
@@ -297,6 +369,7 @@ class WorkerPool:
             except DestinationError as exc:
                 metrics.record_dispatch_failure(name)
                 problems.append(str(exc))
+                undelivered.append(target or name)
                 _audit("delivery", job_id=job.id, destination=name, status="failed",
                        instances=0, error=str(exc))
                 continue
@@ -308,6 +381,7 @@ class WorkerPool:
                    sop_instance_uids=ok, failed=len(failed))
             if failed or len(results) < len(todo):
                 metrics.record_dispatch_failure(name)
+                undelivered.append(target)
                 problems.append(
                     f"destination {name}: {len(todo) - len(ok)} of {len(todo)} not delivered"
                     f" ({failed[0].detail if failed else 'no answer'})"
@@ -316,7 +390,7 @@ class WorkerPool:
                 log.info("job outputs delivered", job_id=job.id, destination=name,
                          count=len(ok))
         if problems:
-            raise DispatchIncomplete("; ".join(problems))
+            raise DispatchIncomplete("; ".join(problems), undelivered)
 
 
 def output_kind(sop_class_uid: str) -> str:

@@ -182,3 +182,104 @@ def test_retry_and_cancel(queue: JobQueue, tmp_path: Path) -> None:
         queue.get("ffffffffffff")
     with pytest.raises(JobError, match="unknown state"):
         queue.list_jobs(state="weird")
+
+
+def _outage_settings(tmp_path: Path) -> NodeSettings:
+    return parse_config({
+        "storage": {"path": "spool", "fsync": False},
+        "jobs": {"max_attempts": 5, "backoff_initial_s": 5, "backoff_max_s": 900,
+                 "dispatch_retry_for_s": 14400},
+        "pipelines": {"preview": {"kind": "preview", "model": None, "outputs": ["sc"]}},
+    }, tmp_path)
+
+
+def test_two_hour_outage_on_a_simulated_clock(tmp_path: Path) -> None:
+    """Issue #17 item 8: a 2-hour PACS outage, the shipped defaults, a simulated clock.
+
+    The job keeps retrying (capped backoff, max_attempts does not apply to deliveries) and is
+    made due at once when the PACS answers again; it is never dead-lettered.
+    """
+    queue = JobQueue(_outage_settings(tmp_path))
+    jid = queue.enqueue(NewJob(make_series("8.1"), "preview", ("pacs",)))[0]
+    t0 = t = float(int(time.time()) + 10)
+    delays = []
+    while t < t0 + 7200:
+        assert queue.claim(now=t) is not None
+        assert queue.fail(jid, "destination pacs: association rejected",
+                          undelivered=["pacs"], now=t) == "queued"
+        job = queue.get(jid)
+        delays.append(job.next_attempt_at - t)
+        assert job.waiting_for == ("pacs",) and job.dispatch_failing_since == t0
+        t = job.next_attempt_at
+    assert delays[:4] == [5, 10, 20, 40] and max(delays) == 900  # capped
+    assert len(delays) == 15  # attempts in 2 h: 8 doubling, then one per 15 min
+    # The PACS answers again at 2 h, mid-backoff: the probe makes the job due now.
+    back = t0 + 7200
+    assert queue.get(jid).next_attempt_at > back
+    assert queue.waiting_destinations(now=back) == {"pacs": [jid]}
+    assert queue.resume_waiting("pacs", now=back) == 1
+    claimed = queue.claim(now=back)
+    assert claimed is not None and claimed.id == jid and claimed.state == "running"
+    queue.complete(jid)
+    done = queue.get(jid)
+    assert done.state == "done" and done.waiting_for == ()
+
+
+def test_outage_longer_than_the_window_dead_letters(tmp_path: Path) -> None:
+    queue = JobQueue(_outage_settings(tmp_path))
+    jid = queue.enqueue(NewJob(make_series("8.2"), "preview", ("pacs",)))[0]
+    t0 = t = float(int(time.time()) + 10)
+    states = []
+    while True:
+        assert queue.claim(now=t) is not None
+        states.append(queue.fail(jid, "down", undelivered=["pacs"], now=t))
+        if states[-1] == "failed":
+            break
+        t = queue.get(jid).next_attempt_at
+    assert t == t0 + 14400  # the last retry falls on the window's end, then dead letter
+    job = queue.get(jid)
+    assert job.state == "failed" and "jobs.dispatch_retry_for_s" in (job.last_error or "")
+    assert states.count("queued") == len(states) - 1
+    # An operator retry starts a fresh window.
+    queue.retry(jid)
+    fresh = queue.get(jid)
+    assert fresh.dispatch_failing_since is None and fresh.dispatch_attempts == 0
+
+
+def test_pipeline_failures_still_use_max_attempts(tmp_path: Path) -> None:
+    queue = JobQueue(_outage_settings(tmp_path))
+    jid = queue.enqueue(NewJob(make_series("8.3"), "preview", ("pacs",)))[0]
+    t = time.time() + 10
+    for _ in range(3):  # three failed deliveries do not use up the pipeline's attempts
+        assert queue.claim(now=t) is not None
+        queue.fail(jid, "down", undelivered=["pacs"], now=t)
+        t = queue.get(jid).next_attempt_at
+    for k in range(5):
+        assert queue.claim(now=t) is not None
+        state = queue.fail(jid, "pipeline crashed", now=t)
+        assert state == ("failed" if k == 4 else "queued")
+        t = queue.get(jid).next_attempt_at
+
+
+def test_old_jobs_table_gains_the_dispatch_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    settings = _outage_settings(tmp_path)
+    db = settings.storage.database_path
+    db.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, series_key TEXT NOT NULL,"
+                 " series_uid TEXT NOT NULL, study_uid TEXT NOT NULL, revision INTEGER NOT NULL,"
+                 " pipeline TEXT NOT NULL, destinations TEXT NOT NULL, rule TEXT NOT NULL"
+                 " DEFAULT '', priority INTEGER NOT NULL DEFAULT 1, state TEXT NOT NULL DEFAULT"
+                 " 'queued', attempts INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL,"
+                 " updated_at REAL NOT NULL, started_at REAL, finished_at REAL,"
+                 " next_attempt_at REAL NOT NULL, lease_owner TEXT, lease_expires_at REAL,"
+                 " last_error TEXT, event_id TEXT, series_json TEXT NOT NULL,"
+                 " UNIQUE (series_key, pipeline))")
+    conn.commit()
+    conn.close()
+    queue = JobQueue(settings)
+    jid = queue.enqueue(NewJob(make_series("8.4"), "preview", ("pacs",)))[0]
+    assert queue.get(jid).dispatch_attempts == 0
+    JobQueue(settings).close()  # idempotent

@@ -90,17 +90,21 @@ def test_pacs_down_backoff_then_resume_without_rerunning(
     assert orthanc.sop_uids(SOPClassUID="1.2.840.10008.5.1.4.1.1.7") == [preview_uids(jid)[1]]
 
 
-def test_dead_letter_after_max_attempts(tmp_path: Path, series: Any) -> None:
-    settings = settings_for(tmp_path, free_port(), max_attempts=2)
+def test_dead_letter_after_the_dispatch_window(tmp_path: Path, series: Any) -> None:
+    """An unreachable destination: retried for jobs.dispatch_retry_for_s, not max_attempts."""
+    settings = settings_for(tmp_path, free_port(), max_attempts=1, dispatch_retry_for_s=1.0)
     queue = JobQueue(settings)
     pool = WorkerPool(settings, queue)
     jid, _ = queue.enqueue(NewJob(series, "preview", ("pacs",)))
     pool.process(queue.claim())
-    assert queue.get(jid).state == "queued"
+    job = queue.get(jid)
+    assert job.state == "queued" and job.waiting_for == ("pacs",)  # max_attempts 1 spent
+    time.sleep(1.1)
     pool.process(queue.claim(now=time.time() + 10))
     job = queue.get(jid)
-    assert job.state == "failed" and job.attempts == 2
+    assert job.state == "failed" and job.attempts == 2 and job.dispatch_attempts == 2
     assert "association" in (job.last_error or "")
+    assert "jobs.dispatch_retry_for_s" in (job.last_error or "")
 
 
 def test_unsupported_series_fails_at_once(tmp_path: Path) -> None:
@@ -196,3 +200,35 @@ def test_pipeline_overrunning_its_timeout_is_a_failed_attempt(tmp_path: Path,
     assert time.monotonic() - t0 < 0.9
     job = queue.get(jid)
     assert job.state == "queued" and "did not finish within 0.2 s" in (job.last_error or "")
+
+
+def test_probe_resumes_waiting_jobs_when_the_destination_answers(tmp_path: Path,
+                                                                  series: Any) -> None:
+    """A job waiting out a long backoff is retried as soon as the PACS answers a C-ECHO."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    port = free_port()
+    settings = settings_for(tmp_path, port, backoff_initial_s=600, backoff_max_s=600)
+    queue = JobQueue(settings)
+    pool = WorkerPool(settings, queue)
+    jid, _ = queue.enqueue(NewJob(series, "preview", ("pacs",)))
+    claimed = queue.claim()
+    assert claimed is not None
+    pool.process(claimed)
+    job = queue.get(jid)
+    assert job.state == "queued" and job.next_attempt_at > time.time() + 500
+    down: set[str] = set()
+    assert pool.probe_waiting(down) == 0 and down == {"pacs"}  # still down: keeps waiting
+    assert queue.get(jid).next_attempt_at > time.time() + 500
+    scp = AE(ae_title="ORTHANC")
+    scp.add_supported_context(Verification)
+    server = scp.start_server(("127.0.0.1", port), block=False,
+                              evt_handlers=[(evt.EVT_C_ECHO, lambda e: 0x0000)])
+    assert server is not None
+    try:
+        assert pool.probe_waiting(down) == 1 and down == set()
+        assert queue.get(jid).next_attempt_at <= time.time()
+        assert pool.probe_waiting(down) == 0  # due already: nothing more to do
+    finally:
+        server.shutdown()
