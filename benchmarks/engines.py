@@ -31,7 +31,7 @@ Usage::
 
     python3 benchmarks/engines.py [--package models/omnimri-tiny] [--net unet|tiny|all]
         [--repeats 3] [--threads N] [--profile] [--batch-sizes 1,2,4,8,16,32] [--no-peak]
-        [--gpu] [--json F]
+        [--torch-bf16] [--gpu] [--json F]
 """
 
 from __future__ import annotations
@@ -304,6 +304,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="ORT per-operator profile")
     ap.add_argument("--batch-sizes", help="comma list: ORT ms/window per batch size")
     ap.add_argument("--no-peak", action="store_true", help="skip the GEMM peak measurement")
+    ap.add_argument("--torch-bf16", action="store_true",
+                    help="also PyTorch eager under bf16 autocast (what AMX/AVX-512 BF16 gives; "
+                         "ONNX Runtime's CPU provider has no bf16 Conv/MatMul kernels)")
     ap.add_argument("--gpu", action="store_true", help="also TensorRT vs torch eager on CUDA")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
@@ -378,6 +381,16 @@ def main() -> None:
                 engines[label] = make
                 precisions[label] = "float32"
                 baseline.append(label)
+            if args.torch_bf16:
+                label = f"{torch_label.replace('fp32', 'bf16 autocast')} ({args.threads} thr)"
+
+                def make_bf16(m: Any = module, i: list[str] = inp, o: list[str] = outs
+                              ) -> Engine:
+                    return _ThreadedTorch(TorchEngine(m, i, o, device="cpu"), args.threads,
+                                          bf16=True)
+
+                engines[label] = make_bf16
+                precisions[label] = "bfloat16"
             res = compare(engines, package, volume, args.repeats, gflop_volume, peaks,
                           precisions, baseline)
             res.update({"gflop_per_window": cost.gflops, "gflop_per_volume": gflop_volume,
@@ -418,13 +431,18 @@ def main() -> None:
 
 
 class _ThreadedTorch:
-    """A TorchEngine that sets ``torch.set_num_threads`` before each run (process-wide)."""
+    """A TorchEngine that sets ``torch.set_num_threads`` before each run (process-wide).
 
-    def __init__(self, engine: Any, threads: int) -> None:
+    ``bf16``: run under ``torch.autocast("cpu", torch.bfloat16)`` (oneDNN AMX/AVX-512 BF16
+    kernels where the CPU has them), outputs back to float32.
+    """
+
+    def __init__(self, engine: Any, threads: int, bf16: bool = False) -> None:
         self._engine = engine
         self._threads = threads
+        self._bf16 = bf16
         self.name = engine.name
-        self.provider = f"{engine.provider} {threads} thr"
+        self.provider = f"{engine.provider} {threads} thr{' bf16' if bf16 else ''}"
 
     @property
     def input_names(self) -> list[str]:
@@ -438,7 +456,12 @@ class _ThreadedTorch:
         import torch
 
         torch.set_num_threads(self._threads)
-        return dict(self._engine.run(inputs))
+        if not self._bf16:
+            return dict(self._engine.run(inputs))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = dict(self._engine.run(inputs))
+        return {k: v.astype(np.float32) if v.dtype != np.float32 and v.dtype.kind == "f" else v
+                for k, v in out.items()}
 
     def close(self) -> None:
         self._engine.close()

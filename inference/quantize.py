@@ -163,7 +163,7 @@ def quantize_onnx(
 def quantize_package(
     package: ModelPackage, *, out_path: Path | None = None, cases: int = 6, seed: int = 0,
     every: int = 3, op_types: Sequence[str] = DEFAULT_OPS, exclude_nodes: Sequence[str] = (),
-    method: str = "minmax", version: int | None = None,
+    method: str = "percentile", version: int | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Write the INT8 QDQ variant of ``package`` (default ``<version>/model.int8.onnx``).
 

@@ -3,7 +3,8 @@
 * ``list``: engines and providers usable on this machine, and the model packages under
   ``models.path`` (with any package that fails validation and why).
 * ``build MODEL``: the TensorRT plan of a package for this GPU (keyed by compute capability and
-  TensorRT version). Exit code 3 with the reason where TensorRT or a GPU is missing.
+  TensorRT version); ``--variant int8`` builds the INT8 plan from the QDQ variant. Exit code 3
+  with the reason where TensorRT or a GPU is missing.
 * ``verify MODEL``: one fixed, seeded input through every engine that can run the package here
   and through every graph variant (``int8``, ...) on ONNX Runtime; prints each output's max abs
   difference to ONNX Runtime fp32 (and, for variants, the argmax agreement of the class
@@ -106,6 +107,8 @@ def register(app: typer.Typer) -> None:
         force: Annotated[bool, typer.Option("--force", help="Rebuild an existing plan.")] = False,
         max_batch: Annotated[int | None, typer.Option(help="Largest batch of the profile.")]
         = None,
+        variant: Annotated[str | None, typer.Option(
+            help="Build from a QDQ variant (int8, fp8) instead of model.onnx.")] = None,
     ) -> None:
         """Build the TensorRT plan of MODEL for this GPU and TensorRT version."""
         from inference.engines import EngineUnavailable
@@ -115,7 +118,8 @@ def register(app: typer.Typer) -> None:
         pkg = _resolve_package(model, settings)
         t0 = time.perf_counter()
         try:
-            plan = build_plan(pkg, precision=precision, force=force, max_batch=max_batch)
+            plan = build_plan(pkg, precision=precision, force=force, max_batch=max_batch,
+                              variant=variant)
         except EngineUnavailable as err:
             typer.echo(f"cannot build a TensorRT plan here: {err}", err=True)
             raise typer.Exit(EXIT_UNAVAILABLE) from None
@@ -232,7 +236,7 @@ def register(app: typer.Typer) -> None:
         cases: Annotated[int, typer.Option(help="Validation cases to calibrate on.")] = 6,
         every: Annotated[int, typer.Option(help="Keep every n-th window of a case.")] = 3,
         check: Annotated[int, typer.Option(help="Held-out cases of the accuracy check.")] = 6,
-        method: Annotated[str, typer.Option(help="minmax, percentile or entropy.")] = "minmax",
+        method: Annotated[str, typer.Option(help="minmax, percentile or entropy.")] = "percentile",
         make_default: Annotated[bool, typer.Option(
             "--make-default", help="Run the variant by default if it passed and is faster.")]
         = False,
