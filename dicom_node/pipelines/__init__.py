@@ -29,6 +29,11 @@ class PipelineError(Exception):
     permanent: bool = False
     """``True`` when retrying cannot help (unsupported input): the job fails at once."""
 
+    def __init__(self, message: str = "", *, permanent: bool | None = None) -> None:
+        super().__init__(message)
+        if permanent is not None:
+            self.permanent = permanent
+
 
 class UnsupportedSeries(PipelineError):
     """The series cannot be processed by this pipeline (retrying will not help)."""
@@ -69,9 +74,7 @@ def get_pipeline(name: str, cfg: PipelineConfig, settings: NodeSettings) -> Pipe
     """
     target = _KINDS.get(cfg.kind)
     if target is None:
-        err = PipelineError(f"pipeline {name!r}: unknown kind {cfg.kind!r}")
-        err.permanent = True
-        raise err
+        raise PipelineError(f"pipeline {name!r}: unknown kind {cfg.kind!r}", permanent=True)
     module_name, _, cls_name = target.partition(":")
     try:
         module = importlib.import_module(module_name)
