@@ -421,6 +421,10 @@ class AdminConfig(_Section):
     """HTTP port. Default 8080."""
     tokens: list[AdminToken] = Field(default_factory=list)
     """Bearer tokens; without any the API refuses every call but health."""
+    max_body_bytes: int = Field(default=8 * 1024**2, ge=0)
+    """Largest request body the API reads, bytes; a larger one is answered 413 before it is
+    read (a declared Content-Length) or as soon as it passes the limit (a streamed body).
+    Default 8 MiB (a rules test with an uploaded instance, base64, fits)."""
 
 
 class AuditConfig(_Section):

@@ -22,7 +22,7 @@ from dicom_node.admin import AdminServer, create_app
 from dicom_node.audit import read_audit
 from dicom_node.config import NodeSettings, load_config
 from dicom_node.index import InstanceRecord, SeriesIndex
-from dicom_node.samples import synthetic_series, write_series
+from omnimri_samples import synthetic_series, write_series
 from tests.fixtures.net import free_port, wait_for_port
 
 VIEWER = "viewer-token-0123456789"
@@ -462,3 +462,89 @@ def test_admin_server_reports_a_port_in_use(tmp_path: Path) -> None:
         server = AdminServer(settings, host="127.0.0.1", port=s.getsockname()[1])
         with pytest.raises(RuntimeError, match="admin API did not start"):
             server.start()
+
+
+# ---- request-body limits (issue #17 item 7) ---------------------------------------------
+
+LIMIT = 1024 * 1024
+
+
+def _limited_server(tmp_path: Path) -> AdminServer:
+    cfg = _config(tmp_path, free_port())
+    cfg["admin"]["max_body_bytes"] = LIMIT
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    settings = load_config(path)
+    server = AdminServer(settings, host="127.0.0.1", port=free_port())
+    server.start()
+    return server
+
+
+def _read_response(sock: Any, timeout_s: float) -> bytes:
+    sock.settimeout(timeout_s)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_declared_body_over_the_limit_is_refused_unread(tmp_path: Path) -> None:
+    """A 200 MB Content-Length from a viewer token: 413 at once, nothing read."""
+    import socket
+
+    server = _limited_server(tmp_path)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            t0 = time.monotonic()
+            s.sendall(b"POST /api/v1/rules/test HTTP/1.1\r\nHost: x\r\n"
+                      b"Authorization: Bearer " + VIEWER.encode() + b"\r\n"
+                      b"Content-Type: application/json\r\n"
+                      b"Content-Length: 200000000\r\n\r\n" + b"{" * 1000)
+            head = _read_response(s, 10)
+            elapsed = time.monotonic() - t0
+        assert head.startswith(b"HTTP/1.1 413"), head[:200]
+        assert b"admin.max_body_bytes" in head or b"close" in head.lower()
+        assert elapsed < 5
+        # Under the limit the same endpoint still answers (422: not a valid draft).
+        r = httpx.post(f"{server.url}/api/v1/rules/test", json={"yaml": "x" * 1000},
+                       headers={"Authorization": f"Bearer {VIEWER}"}, timeout=10)
+        assert r.status_code in (200, 422), r.text
+    finally:
+        server.stop()
+
+
+def test_streamed_body_over_the_limit_is_cut_off(tmp_path: Path) -> None:
+    """A chunked body without a length: 413 once it passes the limit; the rest is not read."""
+    import socket
+
+    server = _limited_server(tmp_path)
+    sent = 0
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+            s.sendall(b"POST /api/v1/rules/test HTTP/1.1\r\nHost: x\r\n"
+                      b"Authorization: Bearer " + VIEWER.encode() + b"\r\n"
+                      b"Content-Type: application/json\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n")
+            chunk = b"a" * 65536
+            try:
+                while sent < 200 * LIMIT:  # up to 200 MiB, unless the server stops us
+                    s.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                    sent += len(chunk)
+            except OSError:  # the server answered and closed the connection
+                pass
+            head = _read_response(s, 10)
+        assert head.startswith(b"HTTP/1.1 413"), head[:200]
+        assert sent < 20 * LIMIT, sent  # cut off near the limit, not after 200 MiB
+    finally:
+        server.stop()
+
+
+def test_max_body_bytes_is_configurable_and_documented() -> None:
+    from dicom_node.config import AdminConfig
+
+    assert AdminConfig().max_body_bytes == 8 * 1024**2
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
+    assert shipped["admin"]["max_body_bytes"] == AdminConfig().max_body_bytes

@@ -12,6 +12,7 @@ from dicom_node import __version__
 from dicom_node.admin.api import router as api_router
 from dicom_node.admin.backend import AdminBackend, AdminError
 from dicom_node.admin.console import router as console_router
+from dicom_node.admin.limits import BodyLimitMiddleware, too_large_detail
 from dicom_node.audit import AuditLog
 from dicom_node.config import NodeSettings
 from dicom_node.logs import get_logger
@@ -42,6 +43,7 @@ def create_app(settings: NodeSettings, *, config_path: Path | None = None,
     """
     app = FastAPI(title="OmniMRI Node admin API", version=__version__, description=DESCRIPTION,
                   openapi_url="/openapi.json", docs_url="/docs", redoc_url=None)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.admin.max_body_bytes)
     app.state.backend = backend or AdminBackend(settings, config_path=config_path, audit=audit,
                                                 ready_check=ready_check)
 
@@ -53,6 +55,17 @@ def create_app(settings: NodeSettings, *, config_path: Path | None = None,
         if err.status >= 500:
             log.error("admin_request_failed", path=request.url.path, status=err.status)
         return JSONResponse(body, status_code=err.status)
+
+    limit = settings.admin.max_body_bytes
+
+    @app.exception_handler(413)
+    async def _too_large(request: Request, err: Exception) -> JSONResponse:
+        # A streamed body passed admin.max_body_bytes (BodyLimitMiddleware); "Connection:
+        # close" makes the server drop the connection rather than drain the rest.
+        log.warning("admin_request_refused", path=request.url.path, status=413,
+                    detail=too_large_detail(limit))
+        return JSONResponse({"detail": too_large_detail(limit)}, status_code=413,
+                            headers={"Connection": "close"})
 
     @app.get("/", include_in_schema=False)
     def _root() -> RedirectResponse:
