@@ -2,7 +2,11 @@
 
 * :func:`to_source_grid` inverts :func:`inference.preprocess.to_model_grid` (resampling with the
   inverse cell-centred mapping, then the exact inverse permutation/flips).
-* :func:`activate`, :func:`label_map`: softmax/sigmoid, argmax/threshold.
+* :func:`source_plane_means`: the per-slice in-plane mean of :func:`to_source_grid`'s output,
+  computed without building it (three small contractions instead of a full-size map).
+* :func:`activate`, :func:`label_map`: softmax/sigmoid, argmax/threshold. Labels are always
+  made from probabilities *on the source grid* (interpolated first, then argmax/threshold), so
+  segment edges follow the source voxels, not the model grid's.
 * :func:`connected_components`: components of a mask with their centroid (index and LPS mm),
   bounding box, diameter (mm) and volume (ml).
 """
@@ -122,6 +126,42 @@ def to_source_grid(
                 ch = np.flip(ch, axis=a)
         np.copyto(out[c], np.transpose(ch, inverse_axes))
     return out.reshape((*lead, *t.source_shape))
+
+
+def _tap_weights(n_in: int, n_out: int, inv_scale: float, flip: bool) -> npt.NDArray[np.float64]:
+    """Mean over the output positions of :func:`_axis_lerp`'s interpolation, per input index."""
+    i0, i1, w = _axis_lerp(n_in, n_out, inv_scale, flip)
+    v = np.zeros(n_in, dtype=np.float64)
+    np.add.at(v, i0, 1.0 - w.astype(np.float64))
+    np.add.at(v, i1, w.astype(np.float64))
+    out: npt.NDArray[np.float64] = v / max(n_out, 1)
+    return out
+
+
+def source_plane_means(array: npt.NDArray[np.floating], t: GridTransform) -> Array:
+    """``to_source_grid(array, t).mean(axis=(-2, -1))`` without the full source-grid array.
+
+    Linear mapping is separable, so the in-plane mean of the mapped array is the model-grid
+    array contracted with the in-plane axes' mean interpolation weights, then mapped along the
+    slice axis only. For ``[..., D, H, W]`` returns ``[..., K]`` (float32; equal to the full
+    computation up to float32 rounding of the latter).
+    """
+    arr = np.asarray(array, dtype=np.float32)
+    if tuple(arr.shape[-3:]) != t.model_shape or arr.ndim < 3:
+        raise ValueError(f"array shape {arr.shape} is not the model grid {t.model_shape}")
+    lead = arr.shape[:-3]
+    flat = arr.reshape((-1, *t.model_shape))
+    inverse_axes = [int(x) for x in np.argsort(t.axes)]
+    inv = 1.0 / np.asarray(t.scale, dtype=np.float64)
+    a = np.transpose(flat, [0, *(1 + r for r in inverse_axes)]).astype(np.float64)
+    for s in (2, 1):  # contract source axes i, then j
+        r = inverse_axes[s]
+        v = _tap_weights(t.model_shape[r], t.reoriented_shape[r], float(inv[r]), t.flips[r])
+        a = np.tensordot(a, v, axes=([1 + s], [0]))
+    r = inverse_axes[0]
+    i0, i1, w = _axis_lerp(t.model_shape[r], t.reoriented_shape[r], float(inv[r]), t.flips[r])
+    out = a[:, i0] + w.astype(np.float64) * (a[:, i1] - a[:, i0])
+    return out.astype(np.float32).reshape((*lead, t.source_shape[0]))
 
 
 def activate(logits: Array, activation: str, axis: int = 0) -> Array:

@@ -2,8 +2,10 @@
 
 :func:`run_model` prepares the volume as the package's ``input`` spec says, runs the engine over
 sliding windows in batches, aggregates window outputs (Gaussian-weighted for dense outputs,
-averaged for global ones), maps dense outputs back onto the source grid, applies activations,
-label maps, connected components and greedy text decoding, and returns :class:`RawOutputs`.
+averaged for global ones), applies activations, maps dense outputs back onto the source grid
+(segmentation probabilities lazily, on first use: then label maps and connected components,
+made from the source-grid probabilities) and runs greedy text decoding, and returns
+:class:`RawOutputs`.
 Model-specific interpretation (lobe names, report sections, ...) builds
 :class:`inference.results.Results` from it.
 """
@@ -35,6 +37,7 @@ from inference.postprocess import (
     activate,
     connected_components,
     label_map,
+    source_plane_means,
     to_source_grid,
 )
 from inference.preprocess import (
@@ -56,20 +59,76 @@ Array = npt.NDArray[np.float32]
 
 @dataclass(slots=True)
 class SegmentationResult:
-    """One ``segmentation`` output on the source grid."""
+    """One ``segmentation`` output, on the source grid.
 
-    probabilities: Array
-    """``[C, K, J, I]`` float32 after the activation (C = logit channels)."""
+    The activated probabilities are kept on the model grid (``model_probabilities``) and
+    mapped onto the source grid on first use (:attr:`probabilities`); label maps and
+    components are also made on first use, from the source-grid probabilities (so labels
+    follow the source voxels). A caller that needs only per-slice means
+    (:meth:`plane_means`) never builds the full source-grid array.
+    """
+
     labels: list[LabelSpec]
     activation: str
     threshold: float
-    label_map: npt.NDArray[np.uint16]
-    """``[K, J, I]``: label value per voxel (0 = none); see :func:`postprocess.label_map`."""
+    model_probabilities: Array | None = None
+    """``[C, D, H, W]`` on the model grid after the activation (C = logit channels)."""
+    transform: GridTransform | None = None
+    """How the model grid maps back onto the source grid."""
     detection: DetectionSpec | None = None
     """The output's ``detection`` settings (``None``: no components)."""
     affine: npt.NDArray[np.float64] | None = None
     """The source grid's 4x4 LPS affine (mm), for the components."""
+    _probabilities: Array | None = None
+    _label_map: npt.NDArray[np.uint16] | None = None
+    _plane_means: Array | None = None
     _components: dict[int, list[Component]] | None = None
+
+    @property
+    def probabilities(self) -> Array:
+        """``[C, K, J, I]`` float32 on the source grid.
+
+        Linear interpolation of the model grid's probabilities
+        (:func:`postprocess.to_source_grid`), computed on first use.
+        """
+        if self._probabilities is None:
+            if self.model_probabilities is None or self.transform is None:
+                raise ValueError("segmentation result holds no probabilities")
+            self._probabilities = to_source_grid(self.model_probabilities, self.transform,
+                                                 order=1)
+        return self._probabilities
+
+    @probabilities.setter
+    def probabilities(self, value: Array) -> None:
+        self._probabilities = value
+        self._label_map = self._plane_means = self._components = None
+
+    @property
+    def label_map(self) -> npt.NDArray[np.uint16]:
+        """``[K, J, I]``: label value per voxel (0 = none); see :func:`postprocess.label_map`."""
+        if self._label_map is None:
+            self._label_map = label_map(self.probabilities, self.activation,
+                                        [lab.value for lab in self.labels], self.threshold)
+        return self._label_map
+
+    def plane_means(self) -> Array:
+        """``[C, K]``: each channel's mean over every source slice (in-plane), float32."""
+        if self._plane_means is None:
+            if self._probabilities is not None:
+                self._plane_means = np.asarray(self._probabilities.mean(axis=(2, 3)),
+                                               dtype=np.float32)
+            elif self.model_probabilities is not None and self.transform is not None:
+                self._plane_means = source_plane_means(self.model_probabilities,
+                                                       self.transform)
+            else:
+                raise ValueError("segmentation result holds no probabilities")
+        return self._plane_means
+
+    def release(self) -> None:
+        """Drop the large arrays once :meth:`plane_means` is all that is needed (caches)."""
+        self.plane_means()
+        self.model_probabilities = None
+        self._probabilities = self._label_map = None
 
     @property
     def components(self) -> dict[int, list[Component]]:
@@ -216,12 +275,9 @@ def run_model(
                 raise ValueError(
                     f"output {o.name!r} has {logits.shape[0]} channels; labels need {o.channels}"
                 )
-            probs = to_source_grid(activate(logits, o.activation, axis=0), t, order=1)
-            values = [lab.value for lab in o.labels]
             seg = SegmentationResult(
-                probabilities=probs, labels=list(o.labels), activation=o.activation,
-                threshold=o.threshold,
-                label_map=label_map(probs, o.activation, values, o.threshold),
+                labels=list(o.labels), activation=o.activation, threshold=o.threshold,
+                model_probabilities=activate(logits, o.activation, axis=0), transform=t,
                 detection=o.detection, affine=np.asarray(volume.affine, dtype=np.float64),
             )
             raw.segmentation[o.name] = seg

@@ -448,7 +448,7 @@ def results_from_raw(package: Any, raw: Any, volume: Any, instructions: list[str
         heads.lesion = seg["lesion"].probabilities
     if "diagnosis_map" in seg:
         heads.slice_diagnosis = np.ascontiguousarray(
-            seg["diagnosis_map"].probabilities.mean(axis=(2, 3)).T, dtype=np.float32)
+            seg["diagnosis_map"].plane_means().T, dtype=np.float32)  # per-slice mean
     elif "diagnosis" in raw.classification:
         c = raw.classification["diagnosis"]
         heads.diagnosis = np.array([c.probabilities[k.name] for k in c.classes], np.float32)
