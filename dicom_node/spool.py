@@ -272,10 +272,10 @@ class Spool:
     def has_room(self, min_free_bytes: int, min_free_percent: float, incoming_bytes: int = 0
                  ) -> bool:
         """Whether storing ``incoming_bytes`` more keeps the disk above its watermark."""
-        free, pct = self.free_space()
         st = os.statvfs(self.root)
+        free = st.f_bavail * st.f_frsize
         total = st.f_blocks * st.f_frsize
-        after_pct = 100.0 * (free - incoming_bytes) / total if total else pct
+        after_pct = 100.0 * (free - incoming_bytes) / total if total else 0.0
         return free - incoming_bytes >= min_free_bytes and after_pct >= min_free_percent
 
     def install(self, tmp: Path, final: Path, *, sync_first: bool = True) -> set[Path]:

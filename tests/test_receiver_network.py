@@ -328,3 +328,29 @@ def test_invalid_command_uid_gets_a_failure_status_and_the_association_goes_on(
     assert ev["status"] == "0xC003" and "not a valid UID" in ev["reason"]
     assert node.index().count_instances() == 1
     assert not node.events("association_protocol_error")
+
+
+def test_malformed_data_sets_are_refused_at_the_door(
+        node_factory: Callable[..., NodeProcess]) -> None:
+    """Invalid VRs and native pixel data of undefined length get 0xC000, never 0x0000."""
+    node = node_factory()
+    sc, _ = mr_context()
+    good = dataset_bytes(MR)
+    pixel = good.find(b"\xe0\x7f\x10\x00OW\x00\x00")
+    assert good[:6] == b"\x08\x00\x08\x00CS" and pixel > 0
+    cases = {
+        "invalid VR": b"\x08\x00\x08\x00ZZ" + good[6:],
+        "native pixel data, undefined length, no delimiter":
+            good[:pixel + 8] + b"\xff\xff\xff\xff" + good[pixel + 12:],
+    }
+    a = RawAssociation(node.port, [mr_context()], timeout_s=10)
+    try:
+        for k, (what, data) in enumerate(cases.items()):
+            assert a.store(sc, f"1.2.826.0.1.9.{k}".encode(), data) == \
+                status.CANNOT_UNDERSTAND, what
+        assert a.echo() == status.SUCCESS
+    finally:
+        a.release()
+    refused = node.wait_for_event("instance_refused", count=len(cases))
+    assert {e["status"] for e in refused} == {"0xC000"}
+    assert node.index().count_instances() == 0

@@ -44,6 +44,12 @@ class AssociationStats:
     duplicates: int = 0
     failed: int = 0
     bytes: int = 0
+    requests: int = 0
+    """DIMSE requests received (C-ECHO-RQ, C-STORE-RQ)."""
+    responses: int = 0
+    """DIMSE responses written to the socket."""
+    last_response: float = 0.0
+    """``time.monotonic()`` of the last response written (0: none yet)."""
     counted: bool = False
     """Counted in the open-associations gauge (so it is decremented exactly once)."""
     store_s: float = 0.0

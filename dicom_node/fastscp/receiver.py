@@ -66,6 +66,7 @@ from dicom_node.logs import get_logger
 from dicom_node.series_tracker import SeriesTracker, expected_count, log_completion
 from dicom_node.spool import GroupCommit, InstanceRejected, Spool, read_header
 from dicom_node.tls import TLSConfigError, server_context
+from dicom_node.validate import validate
 
 log = get_logger("listener")
 
@@ -219,10 +220,12 @@ class _Received:
             return False
 
 
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(InstanceRecord) if f.name != "path")
+
+
 def _record_header(rec: InstanceRecord) -> dict[str, Any]:
-    d = dataclasses.asdict(rec)
-    d.pop("path")
-    return d
+    """The index fields of a journal record (every field but the path; flat values)."""
+    return {name: getattr(rec, name) for name in _RECORD_FIELDS}
 
 
 _CommitItem = tuple[InstanceRecord, set[Path], Path | None]
@@ -646,7 +649,11 @@ class Listener:
                         peer_host=st.peer_host, reason=str(err))
         except TimeoutError:
             self._abort(sock, "association_timeout", assoc_id=st.assoc_id,
-                        peer_host=st.peer_host, timeout_s=idle_s, pdu_timeout_s=pdu_s)
+                        peer_host=st.peer_host, timeout_s=idle_s, pdu_timeout_s=pdu_s,
+                        requests=st.requests, responses=st.responses,
+                        since_last_response_s=round(time.monotonic() - st.last_response, 3)
+                        if st.last_response else None,
+                        pending_data_set=rx is not None)
         except (ul.PeerClosed, OSError):
             pass
         finally:
@@ -677,6 +684,7 @@ class Listener:
         field = ul.command_us(cmd, 0x0100)
         msg_id = ul.command_us(cmd, 0x0110)
         st = assoc.stats
+        st.requests += 1
         if field == ul.C_ECHO_RQ and rx is None:
             log.info("c_echo", assoc_id=st.assoc_id, calling_ae=st.calling_ae,
                      peer_host=st.peer_host)
@@ -692,6 +700,8 @@ class Listener:
             raise ul.UpperLayerError(f"unsupported DIMSE command 0x{field:04X}")
         sock.settimeout(self.settings.node.dimse_timeout_s)
         sock.sendall(ul.p_data_tf(cx_id, rsp))
+        st.responses += 1
+        st.last_response = time.monotonic()
 
     # -- C-STORE: the one intake --------------------------------------------------------------
 
@@ -760,12 +770,21 @@ class Listener:
                                    size):
             raise InstanceRejected(status.OUT_OF_RESOURCES, "spool disk below its watermark")
         t0 = time.perf_counter()
+        limit = cfg.node.max_instance_bytes
         if rx.path is not None:
             rx.finish()
-            header = read_header(rx.path)
+            with open(rx.path, "rb") as f:
+                rejection = validate(f, ts, offset=len(rx.meta), max_inflated_bytes=limit)
             part10 = b""
         else:
             part10 = rx.join()
+            rejection = validate(memoryview(part10), ts, offset=len(rx.meta),
+                                 max_inflated_bytes=limit)
+        if rejection is not None:
+            raise InstanceRejected(rejection.status, rejection.reason)
+        if rx.path is not None:
+            header = read_header(rx.path)
+        else:
             header = (scan_header(memoryview(part10)[len(rx.meta):], ts)
                       or read_header_bytes(part10))
         st.header_s += time.perf_counter() - t0
