@@ -31,7 +31,7 @@ Usage::
 
     python3 benchmarks/engines.py [--package models/omnimri-tiny] [--net unet|tiny|all]
         [--repeats 3] [--threads N] [--profile] [--batch-sizes 1,2,4,8,16,32] [--no-peak]
-        [--torch-bf16] [--gpu] [--json F]
+        [--peak-from EARLIER.json] [--torch-bf16] [--gpu] [--json F]
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def eager_module(package: ModelPackage) -> tuple[Any, str, list[str]]:
 
 def brain_volume() -> Volume:
     """The MNI152 template at 2 mm as a Volume (shipped with nilearn: no download)."""
-    from dicom_node.samples import mni_brain
+    from omnimri_samples import mni_brain
 
     arr, aff = mni_brain(2)
     return Volume(array=arr, affine=aff,
@@ -304,6 +304,11 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="ORT per-operator profile")
     ap.add_argument("--batch-sizes", help="comma list: ORT ms/window per batch size")
     ap.add_argument("--no-peak", action="store_true", help="skip the GEMM peak measurement")
+    ap.add_argument("--peak-from", type=Path,
+                    help="take the peak from an earlier run's --json (e.g. measured when the "
+                         "machine was quiet) instead of measuring it now")
+    ap.add_argument("--peak-only", action="store_true",
+                    help="measure the peak (and write --json), nothing else")
     ap.add_argument("--torch-bf16", action="store_true",
                     help="also PyTorch eager under bf16 autocast (what AMX/AVX-512 BF16 gives; "
                          "ONNX Runtime's CPU provider has no bf16 Conv/MatMul kernels)")
@@ -320,7 +325,13 @@ def main() -> None:
           f"{info['onnxruntime']}, torch {info.get('torch', '-')}")
     results: dict[str, Any] = {"machine": info, "threads": args.threads}
     peaks = {"float32": 0.0, "bfloat16": 0.0, "int8": 0.0}
-    if not args.no_peak:
+    if args.peak_from:
+        earlier = json.loads(args.peak_from.read_text())["peak_gflops"]
+        peaks = {k: float(v["gflops"]) for k, v in earlier.items()}
+        results["peak_gflops"] = earlier
+        print(f"CPU peak from {args.peak_from}: "
+              + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()))
+    elif not args.no_peak:
         peak = measure_peak(args.threads)
         print(f"CPU peak, {args.threads} threads, best square GEMM (n={peak['float32'].size}):")
         for prec, p in peak.items():
@@ -329,6 +340,11 @@ def main() -> None:
             peaks[prec] = p.gflops
         results["peak_gflops"] = {k: {"gflops": v.gflops, "library": v.library,
                                       "tried": v.tried} for k, v in peak.items()}
+    if args.peak_only:
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2, default=str))
+        return
     volume = brain_volume()
     results["volume_shape"] = volume.shape
     with tempfile.TemporaryDirectory() as tmp:

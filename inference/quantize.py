@@ -87,6 +87,34 @@ def validation_inputs(package: ModelPackage, cases: int = 6, *, seed: int = 0, e
     return out
 
 
+def light_nodes(model_path: Path, min_macs_per_output: int = 64) -> list[str]:
+    """Nodes not worth quantising: too little arithmetic per element to pay for Q/DQ.
+
+    A ``Conv`` whose every output element costs fewer than ``min_macs_per_output``
+    multiply-accumulates (``Cin/group × kernel`` from its weight: stems on few input channels,
+    1×1 heads) spends more time quantising and dequantising its tensors than it saves in
+    integer arithmetic, and is where the quantisation error reaches the outputs directly.
+    A ``MatMul`` of two activations (attention scores and mixing) has no constant weight to
+    quantise per channel. Both stay float.
+    """
+    import onnx
+
+    model = onnx.load(str(model_path))
+    consts = {i.name: list(i.dims) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute:
+            consts[node.output[0]] = list(node.attribute[0].t.dims)
+    out = []
+    for node in model.graph.node:
+        name = node.name or node.output[0]
+        if node.op_type == "Conv" and node.input[1] in consts:
+            if int(np.prod(consts[node.input[1]][1:])) < min_macs_per_output:
+                out.append(name)
+        elif node.op_type == "MatMul" and not any(i in consts for i in node.input[:2]):
+            out.append(name)
+    return out
+
+
 class _Reader:
     """``onnxruntime.quantization.CalibrationDataReader`` over a list of tensors."""
 
@@ -163,19 +191,23 @@ def quantize_onnx(
 def quantize_package(
     package: ModelPackage, *, out_path: Path | None = None, cases: int = 6, seed: int = 0,
     every: int = 3, op_types: Sequence[str] = DEFAULT_OPS, exclude_nodes: Sequence[str] = (),
-    method: str = "percentile", version: int | None = None,
+    method: str = "percentile", version: int | None = None, exclude_light: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
     """Write the INT8 QDQ variant of ``package`` (default ``<version>/model.int8.onnx``).
 
-    Calibrated on ``cases`` OmniMRI validation cases (every ``every``-th window).
+    Calibrated on ``cases`` OmniMRI validation cases (every ``every``-th window);
+    ``exclude_light`` keeps :func:`light_nodes` in float as well as ``exclude_nodes``.
 
     Returns:
         ``(path, info)``; ``info`` adds the validation cases and seed to :func:`quantize_onnx`'s.
     """
     out_path = out_path or package.file(INT8_FILE, version)
     inputs = validation_inputs(package, cases, seed=seed, every=every)
+    exclude = list(exclude_nodes)
+    if exclude_light:
+        exclude += [n for n in light_nodes(package.onnx_path(version)) if n not in exclude]
     info = quantize_onnx(package.onnx_path(version), out_path, inputs, package.spec.input.name,
-                         op_types=op_types, exclude_nodes=exclude_nodes, method=method)
+                         op_types=op_types, exclude_nodes=exclude, method=method)
     info.update({"calibration_set": "validation", "calibration_cases": cases,
                  "calibration_seed": seed})
     return out_path, info

@@ -225,3 +225,38 @@ def test_same_detections_matching() -> None:
     assert not _same_detections(a, [_det("wmh", (0, 0, 0)), _det("mass", (20, 0, 0))])  # moved
     assert not _same_detections(a, [_det("wmh", (0, 0, 0)), _det("wmh", (10, 0, 0))])  # kind
     assert _same_detections([], [])
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "omnimri-tiny"
+
+
+@pytest.mark.slow
+def test_shipped_model_int8_through_the_served_path(tmp_path: Path) -> None:
+    """Calibrate on one validation case, check on one held-out case: the numbers and the gate."""
+    from inference.quantize import accuracy_check, quantize_package, validation_inputs
+
+    shutil.copytree(SHIPPED, tmp_path / "pkg", ignore=shutil.ignore_patterns("ort_cache"))
+    pkg = ModelPackage.load(tmp_path / "pkg")
+    inputs = validation_inputs(pkg, cases=1, every=10)
+    spec = pkg.spec.input
+    assert inputs and inputs[0].shape == (1, spec.channels, *spec.patch_size)
+    path, info = quantize_package(pkg, cases=1, every=10)
+    assert path == pkg.file(INT8_FILE) and info["calibration_set"] == "validation"
+    assert info["calibration_windows"] == len(inputs)
+    add_variant(pkg.folder, "int8", INT8_FILE, "int8", quantisation=info, check=None,
+                make_default=False)
+    res = accuracy_check(ModelPackage.load(pkg.folder), "int8", cases=1)
+    assert res["set"] == "held-out" and res["cases"] == 1
+    for k in ("brain", "csf", "gm", "wm"):
+        d = res[f"dice_{k}"]
+        assert 0 < d["fp32"] <= 1 and 0 < d["int8"] <= 1
+        assert d["delta"] == pytest.approx(d["int8"] - d["fp32"], abs=2e-5)
+    gate = (res["tissue_dice_max_mean_delta"] <= 0.005 and res["same_detections_cases"] == 1
+            and res["same_diagnosis_cases"] == 1)
+    assert res["passed"] is gate
+    assert res["detections"]["matched"] <= min(res["detections"]["fp32"],
+                                               res["detections"]["int8"])
+    if not res["passed"]:
+        with pytest.raises(ValueError, match="did not pass"):
+            add_variant(pkg.folder, "int8", INT8_FILE, "int8", quantisation=info, check=res,
+                        make_default=True)

@@ -237,6 +237,9 @@ def register(app: typer.Typer) -> None:
         every: Annotated[int, typer.Option(help="Keep every n-th window of a case.")] = 3,
         check: Annotated[int, typer.Option(help="Held-out cases of the accuracy check.")] = 6,
         method: Annotated[str, typer.Option(help="minmax, percentile or entropy.")] = "percentile",
+        exclude_light: Annotated[bool, typer.Option(
+            "--exclude-light", help="Keep stems, 1x1 heads and attention MatMuls in float.")]
+        = False,
         make_default: Annotated[bool, typer.Option(
             "--make-default", help="Run the variant by default if it passed and is faster.")]
         = False,
@@ -246,7 +249,8 @@ def register(app: typer.Typer) -> None:
 
         settings = load_or_exit(config)
         pkg = _resolve_package(model, settings)
-        path, info = quantize_package(pkg, cases=cases, every=every, method=method)
+        path, info = quantize_package(pkg, cases=cases, every=every, method=method,
+                                      exclude_light=exclude_light)
         typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {info['seconds']} s, "
                    f"{info['calibration_windows']} validation windows)")
         add_variant(pkg.folder, "int8", INT8_FILE, "int8", quantisation=info, check=None,
