@@ -137,6 +137,9 @@ def eval_cmd(
     baselines: Annotated[bool, typer.Option(
         help="Also score the conventional baselines (Gaussian mixture, robust z > 3) on the "
              "same cases.")] = False,
+    recon_cases: Annotated[int | None, typer.Option(
+        help="Cases (the first of each seed) that also measure reconstruction; default all.")
+    ] = None,
     checkpoint: Annotated[
         Path | None,
         typer.Option(help="Evaluate a PyTorch checkpoint instead."),
@@ -172,9 +175,10 @@ def eval_cmd(
     for s in seed or [0]:
         if checkpoint is not None:
             r = evaluate_checkpoint(checkpoint, cases, seed=s, baselines=baselines,
-                                    progress=prog)
+                                    recon_cases=recon_cases, progress=prog)
         else:
-            r = evaluate_package(model, cases, seed=s, baselines=baselines, progress=prog)
+            r = evaluate_package(model, cases, seed=s, baselines=baselines,
+                                 recon_cases=recon_cases, progress=prog)
         reports.append(r)
         for line in r.lines():
             typer.echo(line)
