@@ -31,7 +31,7 @@ install-test:
 	fi
 
 lint:
-	ruff check dicom_node inference export tests benchmarks
+	ruff check dicom_node inference export omnimri_samples tests benchmarks
 	mypy
 
 bench: install-test

@@ -60,7 +60,7 @@ from pydicom.dataset import Dataset
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dicom_node.samples import brain_volume, make_mr_series  # noqa: E402
+from omnimri_samples import brain_volume, make_mr_series  # noqa: E402
 from tests.fixtures.net import free_port, wait_for_port  # noqa: E402
 from tests.fixtures.node import NODE_AE, node_command, write_node_config  # noqa: E402
 from tests.fixtures.orthanc import OrthancServer  # noqa: E402
@@ -78,7 +78,7 @@ def padded_brain(resolution_mm: int = 1, size: int = 256, slices: int | None = N
 
     The padding is split evenly around the template and the origin moved by the pixels added
     before it, so positions in LPS millimetres are unchanged. Intensities as in
-    :func:`dicom_node.samples.brain_series` (0–1000).
+    :func:`omnimri_samples.brain_series` (0–1000).
     """
     arr, aff = brain_volume(resolution_mm, slices)
     _, rows, cols = arr.shape

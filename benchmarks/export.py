@@ -22,10 +22,10 @@ sys.path.insert(0, str(_HERE.parent))
 
 import numpy as np  # noqa: E402
 
-from dicom_node.samples import synthetic_series  # noqa: E402
 from export import ExportContext, ExportOptions, SegExportOptions, build_outputs  # noqa: E402
 from export.seg import build_seg  # noqa: E402
 from inference import results as r  # noqa: E402
+from omnimri_samples import synthetic_series  # noqa: E402
 from tests.test_export_data import volume_from_datasets  # noqa: E402
 
 SLICES, SIZE = 180, 256

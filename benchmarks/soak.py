@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pydicom  # noqa: E402
 
-from dicom_node.samples import synthetic_series, write_series  # noqa: E402
+from omnimri_samples import synthetic_series, write_series  # noqa: E402
 from tests.fixtures.node import dataset_bytes, write_node_config  # noqa: E402
 from tests.test_receiver_network import RawAssociation, rss_mib  # noqa: E402
 

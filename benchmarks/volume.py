@@ -34,8 +34,8 @@ def write_series(folder: Path, slices: int, size: int, syntax: str, chunk: int =
     """Write the series chunk by chunk; returns the raw pixel bytes."""
     from pydicom.uid import RLELossless, generate_uid
 
-    from dicom_node.samples import UID_PREFIX, make_mr_series
-    from dicom_node.samples import write_series as save
+    from omnimri_samples import UID_PREFIX, make_mr_series
+    from omnimri_samples import write_series as save
 
     series_uid = generate_uid(prefix=UID_PREFIX)
     study_uid = generate_uid(prefix=UID_PREFIX)

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from dicom_node.samples import synthetic_series, write_series
+from omnimri_samples import synthetic_series, write_series
 from tests.fixtures.net import free_port, wait_for_port
 from tests.fixtures.node import NodeProcess, store_files
 

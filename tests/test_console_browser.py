@@ -39,7 +39,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AdminServ
     cfg.write_text(yaml.safe_dump(_config(tmp, free_port())))
     settings = load_config(cfg)
     settings.storage.path.mkdir(parents=True)
-    from dicom_node.samples import brain_series
+    from omnimri_samples import brain_series
 
     uid, _ = _index_series(settings, datasets=brain_series(resolution_mm=2, slices=9))
     srv = AdminServer(settings, config_path=cfg, host="127.0.0.1", port=free_port())

@@ -23,8 +23,8 @@ from dicom_node.destinations.dimse import DimseStore
 from dicom_node.destinations.folder import FolderStore
 from dicom_node.pipelines import get_pipeline
 from dicom_node.pipelines.preview import SERIES_DESCRIPTION, preview_uids
-from dicom_node.samples import synthetic_series, write_series
 from dicom_node.series import Series, StoredInstance
+from omnimri_samples import synthetic_series, write_series
 from tests.fixtures.net import free_port, wait_for_port
 from tests.fixtures.orthanc import OrthancServer
 

@@ -20,7 +20,7 @@ import pydicom
 import pytest
 
 from dicom_node.pipelines.preview import SERIES_DESCRIPTION, preview_uids
-from dicom_node.samples import synthetic_series, write_series
+from omnimri_samples import synthetic_series, write_series
 from tests.fixtures.node import NodeProcess, store_files
 from tests.fixtures.orthanc import OrthancServer
 

@@ -45,9 +45,9 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from scipy import ndimage
 
-from dicom_node.samples import brain_series
 from export.sr import segment_volume_groups
 from inference.package import ModelPackage
+from omnimri_samples import brain_series
 from tests.fixtures.node import NodeProcess
 from tests.fixtures.orthanc import ORTHANC_BIN, OrthancServer
 from tests.test_export import LABELMAP_REF_GAP, LABELMAP_UID

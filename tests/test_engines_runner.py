@@ -276,8 +276,8 @@ def test_engine_without_declared_output(tmp_path: Path, tiny_package: ModelPacka
 
 def test_dicom_series_to_aligned_detection(tmp_path: Path) -> None:
     """Oblique DICOM series → Volume → resampled identity model → component at the right LPS."""
-    from dicom_node.samples import make_mr_series, write_series
     from inference.volume import build_volume
+    from omnimri_samples import make_mr_series, write_series
     from tests.test_volume import oblique_affine
 
     arr = -np.ones((16, 20, 22), dtype=np.float32)

@@ -16,10 +16,10 @@ import pydicom
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from dicom_node.samples import brain_series, mni_brain, ras_image_to_axial_lps, write_series
 from export.context import ExportContext, ExportOptions
 from inference import results as r
 from inference.volume import SliceRef, Volume, build_volume
+from omnimri_samples import brain_series, mni_brain, ras_image_to_axial_lps, write_series
 
 RES_MM = 2
 
@@ -189,7 +189,7 @@ def oblique_series(slices: int) -> list[Dataset]:
     out = aff.copy()
     out[:3, :3] = ry @ rx @ aff[:3, :3]
     out[:3, 3] = ry @ rx @ (aff @ np.array([start, 0, 0, 1.0]))[:3]
-    from dicom_node.samples import make_mr_series
+    from omnimri_samples import make_mr_series
 
     return make_mr_series(arr, out, description="T1 OBLIQUE")
 

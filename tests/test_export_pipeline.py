@@ -19,9 +19,9 @@ import pytest
 from dicom_node.config import NodeSettings, PipelineConfig
 from dicom_node.pipelines import Pipeline, PipelineError, UnsupportedSeries, get_pipeline
 from dicom_node.pipelines.omnimri import load_model
-from dicom_node.samples import write_series
 from dicom_node.series import Series, StoredInstance
 from inference.package import ModelPackage
+from omnimri_samples import write_series
 from tests.test_export import _errors
 from tests.test_export_data import brain
 

@@ -25,8 +25,8 @@ from dicom_node.fastscp import upper_layer as ul
 from dicom_node.fastscp.journal import Journal, read_segment
 from dicom_node.fastscp.receiver import scan_header
 from dicom_node.index import SeriesIndex
-from dicom_node.samples import iter_pydicom_mr_files, synthetic_series, write_series
 from dicom_node.spool import InstanceRejected, Spool, read_header
+from omnimri_samples import iter_pydicom_mr_files, synthetic_series, write_series
 from tests.fixtures.dcmtk import dcmsend, echoscu
 from tests.fixtures.net import free_port
 from tests.fixtures.node import NodeProcess, associate, dataset_bytes, store_files

@@ -15,8 +15,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from dicom_node.config import NodeSettings, parse_config
 from dicom_node.jobs import JobQueue, NewJob, results_dir
 from dicom_node.pipelines.preview import preview_uids
-from dicom_node.samples import synthetic_series, write_series
 from dicom_node.worker import WorkerPool
+from omnimri_samples import synthetic_series, write_series
 from tests.fixtures.net import free_port
 from tests.fixtures.orthanc import OrthancServer
 from tests.test_destinations import series_from_files

@@ -3,7 +3,7 @@
 Senders: pynetdicom's SCU (raw bytes of each file, chunked send) and DCMTK's echoscu,
 storescu and dcmsend (``TCP_NODELAY=1``). Data: pydicom's shipped MR files in every transfer
 syntax they come in, a few other shipped files for the remaining syntaxes, an MNI152 brain
-MR series and an Enhanced MR multi-frame instance from :mod:`dicom_node.samples`.
+MR series and an Enhanced MR multi-frame instance from :mod:`omnimri_samples`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pydicom.uid import (
 )
 
 from dicom_node import status
-from dicom_node.samples import (
+from omnimri_samples import (
     PatientInfo,
     brain_series,
     iter_pydicom_mr_files,

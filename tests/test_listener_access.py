@@ -11,7 +11,7 @@ import pytest
 from dicom_node import status
 from dicom_node.config import NodeSettings
 from dicom_node.listener import CallerPolicy
-from dicom_node.samples import synthetic_series, write_series
+from omnimri_samples import synthetic_series, write_series
 from tests.fixtures.dcmtk import echoscu
 from tests.fixtures.node import NodeProcess, associate, store_files
 

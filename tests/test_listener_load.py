@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from dicom_node.samples import synthetic_series, write_series
+from omnimri_samples import synthetic_series, write_series
 from tests.fixtures.dcmtk import popen_dcmtk
 from tests.fixtures.node import NodeProcess, dataset_bytes
 

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dicom_node.samples import synthetic_series, write_series
+from omnimri_samples import synthetic_series, write_series
 from tests.fixtures.dcmtk import dcmsend, popen_dcmtk
 from tests.fixtures.node import NodeProcess, dataset_bytes
 

@@ -12,7 +12,7 @@ import httpx
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.samples import synthetic_series, write_series
+from omnimri_samples import synthetic_series, write_series
 from tests.fixtures.net import free_port, wait_for_port
 from tests.fixtures.node import NodeProcess, store_files
 

@@ -19,10 +19,10 @@ import pytest
 
 from dicom_node.config import NodeSettings, PipelineConfig
 from dicom_node.pipelines import omnimri as pipe
-from dicom_node.samples import make_mr_series, write_series
 from inference.omnimri import evaluate as E
 from inference.omnimri.tasks import TaskSettings
 from inference.volume import build_volume
+from omnimri_samples import make_mr_series, write_series
 
 PACKAGE = Path(__file__).resolve().parents[1] / "models" / "omnimri-tiny"
 pytestmark = pytest.mark.skipif(not (PACKAGE / "model.yaml").is_file(),

@@ -27,8 +27,8 @@ from dicom_node.config import parse_config
 from dicom_node.fastscp import Listener
 from dicom_node.fastscp.journal import read_segment as receiver_read_segment
 from dicom_node.index import SeriesIndex
-from dicom_node.samples import synthetic_series, write_series
 from dicom_node.spool import Spool
+from omnimri_samples import synthetic_series, write_series
 from tests.fixtures.net import free_port
 from tests.fixtures.node import NodeProcess, dataset_bytes, store_files
 from tests.test_receiver_network import RawAssociation

@@ -21,8 +21,8 @@ from dicom_node.config import NodeSettings, parse_config
 from dicom_node.index import InstanceRecord, SeriesIndex
 from dicom_node.jobs import JobQueue, NewJob, results_dir
 from dicom_node.retention import RetentionService, expired_series, interval_s, purge_expired
-from dicom_node.samples import synthetic_series
 from dicom_node.spool import Spool
+from omnimri_samples import synthetic_series
 
 DAY = 86_400.0
 STUDY = "1.2.826.0.1.3680043.10.1.1"

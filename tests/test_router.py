@@ -15,7 +15,7 @@ from dicom_node.config import NodeSettings, parse_config
 from dicom_node.index import InstanceRecord, SeriesIndex
 from dicom_node.jobs import JobQueue
 from dicom_node.router import Router, failure_reason, resolve_sender
-from dicom_node.samples import synthetic_series, write_series
+from omnimri_samples import synthetic_series, write_series
 
 STUDY = "1.2.826.0.1.3680043.10.1526.777"
 

@@ -19,8 +19,8 @@ from dicom_node.rules import (
     evaluate,
     parse_condition,
 )
-from dicom_node.samples import make_mr_series, synthetic_series, write_series
 from dicom_node.series import Series, StoredInstance
+from omnimri_samples import make_mr_series, synthetic_series, write_series
 
 # ----------------------------------------------------------------------------- headers
 

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dicom_node.cli import app
-from dicom_node.samples import synthetic_series, write_series
+from omnimri_samples import synthetic_series, write_series
 
 CONFIG = """\
 storage:

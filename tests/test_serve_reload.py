@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from dicom_node.samples import synthetic_series, write_series
+from omnimri_samples import synthetic_series, write_series
 from tests.fixtures.node import store_files
 
 

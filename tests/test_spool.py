@@ -11,7 +11,6 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node import status
-from dicom_node.samples import iter_pydicom_mr_files, synthetic_series
 from dicom_node.spool import (
     GroupCommit,
     InstanceRejected,
@@ -19,6 +18,7 @@ from dicom_node.spool import (
     read_header,
     safe_component,
 )
+from omnimri_samples import iter_pydicom_mr_files, synthetic_series
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 

@@ -18,7 +18,6 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import MRImageStorage, Verification
 
 from dicom_node.config import DimseDestination, TLSConfig
-from dicom_node.samples import iter_pydicom_mr_files
 from dicom_node.tls import (
     TestPKI,
     TLSConfigError,
@@ -27,6 +26,7 @@ from dicom_node.tls import (
     make_test_pki,
     server_context,
 )
+from omnimri_samples import iter_pydicom_mr_files
 from tests.fixtures.net import free_port, wait_for_port
 
 DCMTK = Path("/usr/bin")

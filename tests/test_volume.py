@@ -12,8 +12,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEGLSLossless, RLELossless, generate_uid
 
-from dicom_node.samples import UID_PREFIX, iter_pydicom_mr_files, make_mr_series, write_series
 from inference.volume import VolumeError, build_volume, build_volumes, split_stacks
+from omnimri_samples import UID_PREFIX, iter_pydicom_mr_files, make_mr_series, write_series
 
 
 def _rotation(ax: float, ay: float, az: float) -> npt.NDArray[np.float64]:

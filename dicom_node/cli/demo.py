@@ -2,7 +2,7 @@
 
 Starts a local Orthanc (Debian's ``Orthanc``, temporary configuration on free loopback ports) as
 the PACS, starts the node (``omnimri-node serve`` with a generated ``config.yaml``, admin
-console on), puts a sample brain MR series (MNI152 template, :func:`dicom_node.samples.
+console on), puts a sample brain MR series (MNI152 template, :func:`omnimri_samples.
 brain_series`) into Orthanc, has Orthanc send it to the node by C-STORE, waits until the node's
 results are back in Orthanc, and prints where to look. Everything lives in one working folder
 (kept, so it can be inspected); nothing is downloaded.
@@ -190,7 +190,7 @@ class Demo:
         """
         import httpx
 
-        from dicom_node.samples import brain_series
+        from omnimri_samples import brain_series
 
         t0 = time.monotonic()
         if self.orthanc_bin is None:

@@ -28,8 +28,8 @@ from dicom_node import __version__, metrics
 from dicom_node.config import NodeSettings, PipelineConfig
 from dicom_node.logs import get_logger
 from dicom_node.pipelines import PipelineError, UnsupportedSeries
-from dicom_node.samples import UID_PREFIX
 from dicom_node.series import Series
+from export.uids import UID_PREFIX
 
 log = get_logger(__name__)
 

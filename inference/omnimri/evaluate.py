@@ -225,7 +225,7 @@ def case_volume(case: syn.Case, image: npt.NDArray[np.floating] | None = None) -
 
     The image is scaled to 0-:data:`SCANNER_MAX` and rounded (a 12-bit MR series; the model's
     percentile normalisation does not see the scale), so :func:`inference.volume.build_volume`
-    on the series :func:`dicom_node.samples.make_mr_series` writes from it gives this array
+    on the series :func:`omnimri_samples.make_mr_series` writes from it gives this array
     exactly. The affine is the case's ``(k, j, i, 1)`` -> LPS mm.
     """
     img = np.asarray(case.image if image is None else image, dtype=np.float64)

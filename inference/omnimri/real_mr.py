@@ -2,7 +2,7 @@
 
 Three inputs ship inside installed packages: pydicom's ``MR_small.dcm`` (one 64x64 slice),
 nibabel's ``tests/data/anatomical.nii`` (33x41x25, 2 mm, skull on) and the MNI152 template as a
-1 mm DICOM series (:func:`dicom_node.samples.brain_series`). :func:`describe` runs each through
+1 mm DICOM series (:func:`omnimri_samples.brain_series`). :func:`describe` runs each through
 ONNX Runtime and the task post-processing with every instruction and summarises the results,
 so the model card's "Real MR sanity" section is measured, not written by hand
 (``omnimri-node eval --real-mr``).
@@ -22,8 +22,8 @@ ALL = ["segment brain tissues", "detect abnormalities", "suggest a diagnosis",
 
 def pydicom_mr_small() -> Any:
     """The file ``MR_small.dcm`` from pydicom as a :class:`inference.volume.Volume`."""
-    from dicom_node.samples import iter_pydicom_mr_files
     from inference.volume import build_volume
+    from omnimri_samples import iter_pydicom_mr_files
 
     path = next(p for p in iter_pydicom_mr_files() if p.name == "MR_small.dcm")
     return build_volume([path])
@@ -48,8 +48,8 @@ def nibabel_anatomical() -> Any:
 
 def mni_brain_series(folder: Path) -> Any:
     """The MNI152 template written as a 1 mm DICOM series into ``folder``, read back."""
-    from dicom_node.samples import brain_series, write_series
     from inference.volume import build_volume
+    from omnimri_samples import brain_series, write_series
 
     return build_volume(write_series(brain_series(), folder))
 

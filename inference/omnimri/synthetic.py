@@ -1,7 +1,7 @@
 """Synthetic brain MR cases built around the MNI152 2009 template shipped with nilearn.
 
 Every case is made on the model grid (2 mm isotropic, axial ``[slice, row, col]`` in LPS, the
-same orientation as :func:`dicom_node.samples.mni_brain`) from the ICBM152 2009a T1 template and
+same orientation as :func:`omnimri_samples.mni_brain`) from the ICBM152 2009a T1 template and
 its grey/white-matter maps (nilearn wheel, no download):
 
 * random affine (rotation, scale, translation) and smooth elastic deformation;
@@ -93,7 +93,7 @@ class Case:
 def _ras_to_axial_lps(
     data_xyz: npt.NDArray[np.floating], ras_affine: npt.NDArray[np.float64]
 ) -> tuple[Array, npt.NDArray[np.float64]]:
-    """NIfTI ``[x, y, z]`` RAS+ volume to axial ``[k, j, i]`` LPS (as dicom_node.samples)."""
+    """NIfTI ``[x, y, z]`` RAS+ volume to axial ``[k, j, i]`` LPS (as omnimri_samples)."""
     vox = np.abs(np.diag(ras_affine)[:3])
     nx, ny, _ = data_xyz.shape
     arr = np.ascontiguousarray(np.transpose(data_xyz[::-1, ::-1, :], (2, 1, 0)))

@@ -1,6 +1,8 @@
-"""Sample MR series made on this machine: for tests, benchmarks and ``omnimri-node demo``.
+"""Sample MR series made on this machine: for tests, benchmarks, evaluation and the demo.
 
-Nothing here downloads anything. The brain comes from nilearn's MNI152 2009 template, which
+A leaf package: the node's production modules never import it (``tests/test_import_rules.py``
+checks; ``omnimri-node demo`` and the real-MR evaluation import it inside the command). Nothing
+here downloads anything. The brain comes from nilearn's MNI152 2009 template, which
 ships inside the nilearn wheel; geometry is written exactly, so tests can check volumes,
 affines and segment alignment against known values.
 """
@@ -24,8 +26,11 @@ from pydicom.uid import (
     generate_uid,
 )
 
-UID_PREFIX = "1.2.826.0.1.3680043.10.1526."
-"""Prefix for UIDs the node makes itself (test and derived objects)."""
+from export.uids import UID_PREFIX  # the node's one UID root (sample series use it too)
+
+__all__ = ["UID_PREFIX", "PatientInfo", "brain_series", "brain_volume", "iter_pydicom_mr_files",
+           "make_mr_series", "mni_brain", "ras_image_to_axial_lps", "synthetic_series",
+           "write_series"]
 
 
 @dataclass(frozen=True)
