@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dicom_node.jobs import job_id_for  # noqa: E402
 from dicom_node.pipelines.preview import preview_uids  # noqa: E402
-from dicom_node.samples import synthetic_series  # noqa: E402
+from omnimri_samples import synthetic_series  # noqa: E402
 from tests.fixtures.net import free_port, wait_for_port  # noqa: E402
 from tests.fixtures.node import NODE_AE, node_command, write_node_config  # noqa: E402
 from tests.fixtures.orthanc import OrthancServer  # noqa: E402

@@ -19,7 +19,7 @@ from dicom_node.pipelines.preview import (
     montage,
     preview_uids,
 )
-from dicom_node.samples import brain_series, iter_pydicom_mr_files, write_series
+from omnimri_samples import brain_series, iter_pydicom_mr_files, write_series
 from tests.test_destinations import series_from_files
 
 SETTINGS = parse_config({"pipelines": {"preview": {"kind": "preview", "model": None}}},
