@@ -23,6 +23,7 @@ from dicom_node.jobs import JobQueue, NewJob, results_dir
 from dicom_node.retention import RetentionService, expired_series, interval_s, purge_expired
 from dicom_node.spool import Spool
 from omnimri_samples import synthetic_series
+from tests.fixtures.wait import wait_until
 
 DAY = 86_400.0
 STUDY = "1.2.826.0.1.3680043.10.1.1"
@@ -219,9 +220,7 @@ def test_service_runs_at_start(node: Node, settings: NodeSettings) -> None:
         update={"retention_days": 0})}), node.index)
     svc.start()
     try:
-        deadline = time.monotonic() + 10
-        while svc.runs < 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: svc.runs >= 1, 10, interval_s=0.02, message="retention never ran")
     finally:
         svc.stop()
     assert svc.runs >= 1 and _rows(node.index, "1.2.6.1") == (0, 0, 0)
@@ -254,8 +253,8 @@ def test_cli_series_purge(node: Node, settings: NodeSettings, tmp_path: Path) ->
 
 def test_serve_adds_the_service_only_with_retention_days(
         settings: NodeSettings, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dicom_node.cli.serve import run_node
     from dicom_node.runtime import Node as RealNode
+    from dicom_node.runtime import run_node
 
     built: list[RealNode] = []
     monkeypatch.setattr(RealNode, "serve_forever", lambda self: built.append(self))

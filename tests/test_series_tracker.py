@@ -14,6 +14,7 @@ from dicom_node.db import connect
 from dicom_node.index import InstanceRecord, SeriesIndex
 from dicom_node.series_tracker import SeriesTracker, expected_count
 from dicom_node.spool import InstanceHeader
+from tests.fixtures.wait import wait_until
 
 STUDY = "1.2.826.0.1.3680043.10.1526.1"
 SERIES = "1.2.826.0.1.3680043.10.1526.2"
@@ -167,9 +168,7 @@ def test_tracker_thread_resumes_from_index(tmp_path: Path) -> None:
     tracker.add_listener(lambda ev: seen.append(ev.revision))
     tracker.start()
     try:
-        deadline = time.monotonic() + 5
-        while not seen and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: seen, 5, interval_s=0.02, message="no completion event")
     finally:
         tracker.stop()
     assert seen == [1]
