@@ -252,7 +252,7 @@ def series_detail(request: Request, series_uid: str) -> Response:
         return _page("Series", f"<h1>Series</h1><p>{_e(err)}</p>", active="series", who=who)
     facts = "".join(f"<tr><th>{_e(k)}</th><td class='mono'>{_e(s.get(k))}</td></tr>" for k in (
         "series_instance_uid", "study_instance_uid", "modality", "series_description",
-        "instance_count", "expected_count", "state", "revision", "first_received_at",
+        "instance_count", "expected_count", "state", "failure", "revision", "first_received_at",
         "completed_at", "calling_ae", "called_ae", "peer_host"))
     jobs = "".join(f"<tr><td class='mono'>{_e(j['id'])[:12]}</td><td>{_badge(j['state'])}</td>"
                    f"<td>{_e(j['pipeline'])}</td><td>{_e(j['destinations'])}</td>"
