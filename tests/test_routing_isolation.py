@@ -120,4 +120,4 @@ def test_a_poisoned_series_fails_visibly_and_the_next_gets_its_job(
     _wait(lambda: _jobs_for(node, later), 30, "a job for the series after the restart")
     assert len(node.events("completion event cannot be routed; marked failed")) == 1
     assert not node.events("routing failed; retrying at the next poll")
-    assert node.index().get_series(bad)["state"] == "failed"  # type: ignore[index]
+    assert node.index().get_series(bad)["state"] == "failed"
