@@ -201,7 +201,12 @@ def to_model_grid(array: npt.NDArray[np.floating], t: GridTransform, order: int 
 
 
 def normalise(array: Array, spec: NormalisationSpec) -> tuple[Array, Normalisation]:
-    """Normalise intensities as ``spec`` says; returns the array and the record to undo it."""
+    """Normalise intensities as ``spec`` says; returns the array and the record to undo it.
+
+    ``percentile`` maps the low/high percentiles to 0/1 and clips only below 0 (values above
+    the high percentile keep their contrast). Training calls this same function
+    (:func:`inference.omnimri.synthetic.normalise`).
+    """
     if spec.kind == "none":
         return array, Normalisation(0.0, 1.0)
     values = array[array != 0] if spec.mask == "nonzero" else array.ravel()
@@ -218,7 +223,9 @@ def normalise(array: Array, spec: NormalisationSpec) -> tuple[Array, Normalisati
         scale = 1.0
     out = (array - np.float32(offset)) / np.float32(scale)
     if spec.kind == "percentile":
-        np.clip(out, 0.0, 1.0, out=out)
+        # Below the low percentile is noise floor: clipped to 0. Above the high one nothing is
+        # clipped: a lesion brighter than the brightest tissue stays brighter (values > 1).
+        np.maximum(out, 0.0, out=out)
     return out.astype(np.float32, copy=False), Normalisation(offset, scale)
 
 

@@ -24,7 +24,7 @@ def test_synthetic_case_is_deterministic_and_labelled() -> None:
     a = syn.make_case(5, diagnosis=1)
     b = syn.make_case(5, diagnosis=1)
     np.testing.assert_array_equal(a.image, b.image)
-    assert a.image.shape == a.tissue.shape == a.lesion.shape == (95, 117, 99)
+    assert a.image.shape == a.tissue.shape == a.lesion.shape == syn.load_template().t1.shape
     assert set(np.unique(a.tissue)) == {0, 1, 2, 3}
     assert a.diagnosis == 1 and a.lesions
     # every instance is a WMH lesion, in the lesion mask, and described in the report

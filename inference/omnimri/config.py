@@ -20,6 +20,12 @@ INSTRUCTIONS: dict[str, tuple[str, ...]] = {
 """Task instruction -> the heads it runs (the report needs the lesion and diagnosis heads)."""
 
 
+NORMALISATION: dict[str, Any] = {"kind": "percentile", "low": 0.5, "high": 99.5, "mask": "none"}
+"""The input normalisation of every OmniMRI package (``model.yaml`` ``input.normalisation``),
+used by training through the served function :func:`inference.preprocess.normalise`: the
+0.5th/99.5th percentiles of the whole volume map to 0/1; nothing is clipped above."""
+
+
 def heads_for(instructions: list[str]) -> set[str]:
     """Heads needed for a list of instructions; unknown words raise ``ValueError``."""
     out: set[str] = set()

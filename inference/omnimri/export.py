@@ -25,7 +25,7 @@ import yaml
 from torch import Tensor, nn
 
 from inference.omnimri import report_text as rt
-from inference.omnimri.config import INSTRUCTIONS
+from inference.omnimri.config import INSTRUCTIONS, NORMALISATION
 from inference.omnimri.model import OmniMRI, ReportDecoder
 from inference.omnimri.tasks import DIAGNOSIS_CODES, MNI_BRAIN_BBOX_MM, TaskSettings
 
@@ -146,7 +146,7 @@ def model_spec(model: OmniMRI, name: str, version: str, *, metrics: dict[str, fl
             "name": "image", "layout": "NCHW", "context_slices": cfg.context_slices,
             "spacing_mm": [cfg.spacing_mm] * 3, "orientation": "LPS-axial",
             "patch_size": [cfg.patch_size, cfg.patch_size], "overlap": 0.25, "batch_size": 16,
-            "normalisation": {"kind": "percentile", "low": 0.5, "high": 99.5, "mask": "none"},
+            "normalisation": dict(NORMALISATION),
         },
         "outputs": [
             {"kind": "segmentation", "name": "tissue", "activation": "softmax", "labels": [

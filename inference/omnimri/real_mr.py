@@ -1,16 +1,33 @@
-"""Real MR that no one here made, through the whole OmniMRI model: what comes out.
+"""Real MR that no one here made, through the served OmniMRI path: what comes out.
 
-Three inputs ship inside installed packages: pydicom's ``MR_small.dcm`` (one 64x64 slice),
-nibabel's ``tests/data/anatomical.nii`` (33x41x25, 2 mm, skull on) and the MNI152 template as a
-1 mm DICOM series (:func:`omnimri_samples.brain_series`). :func:`describe` runs each through
-ONNX Runtime and the task post-processing with every instruction and summarises the results,
-so the model card's "Real MR sanity" section is measured, not written by hand
-(``omnimri-node eval --real-mr``).
+The acceptance list: every normal adult brain MR found in installed or installable packages
+(no network at run time), plus the MNI152 template as a DICOM series. Each runs exactly what a
+node job runs (:class:`inference.volume.Volume` -> :func:`inference.preprocess.prepare` ->
+engine -> post-processing -> :class:`inference.results.Results`, through
+:func:`inference.omnimri.tasks.run_omnimri`) with every instruction, and one line per scan
+gives the detections, the diagnosis, the brain volume (ml) and the tissue fractions, so the
+model card's real-MR section is measured, not written by hand (``omnimri-node eval --real-mr``).
+
+Sources (``SOURCES``; a missing optional package skips its scans, said so in the output):
+
+* ``nibabel``: ``tests/data/anatomical.nii`` - T1, 2 mm, a skull-less *central crop* of a brain
+  (33x41x25 voxels), not a whole brain;
+* ``dipy``: ``data/files/aniso_vox.nii.gz`` - a whole head (skull on), T2-like, 4x4x5 mm;
+* ``pydicom``: ``MR_small.dcm`` - one 64x64 slice (a crop), not a brain volume;
+* the MNI152 2009a template (nilearn) written as a 1 mm DICOM series and read back by the
+  node's volume builder - a whole, skull-stripped brain (the template brain is 1.88 l).
+
+Looked at and left out: ``pydicom-data``'s ``emri_small.dcm`` (Enhanced MR, a 64x64 sagittal
+crop of a head) carries no geometry at all, and the volume builder refuses it by name;
+``dipy``'s ``S0_10slices.nii.gz`` declares 53 mm between its 10 slices (a broken header);
+scikit-image's ``data.brain()`` is not in its wheel (fetched from the network on first use).
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,31 +36,57 @@ import numpy as np
 ALL = ["segment brain tissues", "detect abnormalities", "suggest a diagnosis",
        "write the report", "reconstruct"]
 
-
-def pydicom_mr_small() -> Any:
-    """The file ``MR_small.dcm`` from pydicom as a :class:`inference.volume.Volume`."""
-    from inference.volume import build_volume
-    from omnimri_samples import iter_pydicom_mr_files
-
-    path = next(p for p in iter_pydicom_mr_files() if p.name == "MR_small.dcm")
-    return build_volume([path])
+BRAIN_ML_RANGE = (1000.0, 1800.0)
+"""Target brain volume of a whole adult brain, ml (issue #11)."""
 
 
-def nibabel_anatomical() -> Any:
-    """The nibabel test volume ``anatomical.nii`` on an axial LPS ``[k, j, i]`` grid."""
+def _nifti_volume(path: Path) -> Any:
+    """A NIfTI file as a :class:`inference.volume.Volume` on its own ``[k, j, i]`` grid.
+
+    NIfTI ``[x, y, z]`` with a RAS+ affine becomes ``[k=z, j=y, i=x]`` with the LPS affine
+    (x and y negated); nothing is resampled.
+    """
     import nibabel as nib
 
     from inference.volume import SliceRef, Volume
 
-    img: Any = nib.load(str(Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"))
-    data = np.asarray(img.get_fdata(), np.float32)  # [x, y, z]
-    arr = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))  # [k=z, j=y, i=x]
+    img: Any = nib.load(str(path))
+    data = np.asarray(img.get_fdata(), np.float32)
+    if data.ndim == 4:
+        data = data[..., 0]
+    arr = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
     ras = np.asarray(img.affine, np.float64)
     kji_to_ijk = np.zeros((4, 4))
     kji_to_ijk[0, 2] = kji_to_ijk[1, 1] = kji_to_ijk[2, 0] = kji_to_ijk[3, 3] = 1.0
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ras @ kji_to_ijk
-    return Volume(arr, affine, [SliceRef(f"1.2.3.{k}", "1.2.840.10008.5.1.4.1.1.4")
+    return Volume(arr, affine, [SliceRef(f"2.25.{k + 1}", "1.2.840.10008.5.1.4.1.1.4")
                                 for k in range(arr.shape[0])])
+
+
+def pydicom_mr_small() -> Any:
+    """``MR_small.dcm`` from pydicom's own test files as a one-slice volume."""
+    from pydicom.data import get_testdata_file
+
+    from inference.volume import build_volume
+
+    path = get_testdata_file("MR_small.dcm")
+    if path is None:
+        raise FileNotFoundError("pydicom test file MR_small.dcm not found")
+    return build_volume([Path(str(path))])
+
+
+def nibabel_anatomical() -> Any:
+    """The nibabel test file ``tests/data/anatomical.nii`` (skull-less central crop, T1, 2 mm)."""
+    import nibabel as nib
+
+    return _nifti_volume(Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii")
+
+
+def dipy_aniso_vox() -> Any:
+    """The dipy file ``data/files/aniso_vox.nii.gz``: a whole head, skull on, T2-like, 4x4x5 mm."""
+    import dipy
+
+    return _nifti_volume(Path(dipy.__file__).parent / "data" / "files" / "aniso_vox.nii.gz")
 
 
 def mni_brain_series(folder: Path) -> Any:
@@ -52,6 +95,82 @@ def mni_brain_series(folder: Path) -> Any:
     from omnimri_samples import brain_series, write_series
 
     return build_volume(write_series(brain_series(), folder))
+
+
+@dataclass(frozen=True)
+class Source:
+    """One real scan of the acceptance list."""
+
+    name: str
+    whole_brain: bool
+    """Whether the brain-volume target (:data:`BRAIN_ML_RANGE`) applies (not to crops)."""
+    make: Callable[[Path], Any]
+    """Builds the volume (``folder`` for scratch files)."""
+
+
+SOURCES: tuple[Source, ...] = (
+    Source("nibabel anatomical.nii (T1, skull-less central crop)", False,
+           lambda _: nibabel_anatomical()),
+    Source("dipy aniso_vox.nii.gz (T2-like head, skull on, 4x4x5 mm)", True,
+           lambda _: dipy_aniso_vox()),
+    Source("pydicom MR_small.dcm (one 64x64 slice)", False, lambda _: pydicom_mr_small()),
+    Source("MNI152 2009a template as 1 mm DICOM (skull-stripped)", True, mni_brain_series),
+)
+
+
+@dataclass
+class RealResult:
+    """What the served model said about one real scan."""
+
+    name: str
+    shape: tuple[int, ...]
+    whole_brain: bool
+    brain_ml: float
+    fractions: dict[str, float]
+    """CSF / grey matter / white matter volume over brain volume."""
+    detections: list[str]
+    diagnosis: str
+    probability: float
+    findings: str
+
+    @property
+    def normal(self) -> bool:
+        """No detection and diagnosis normal."""
+        return not self.detections and self.diagnosis == "Normal"
+
+    @property
+    def brain_ok(self) -> bool | None:
+        """Brain volume within :data:`BRAIN_ML_RANGE` (``None`` for crops)."""
+        if not self.whole_brain:
+            return None
+        return BRAIN_ML_RANGE[0] <= self.brain_ml <= BRAIN_ML_RANGE[1]
+
+    def line(self) -> str:
+        """One line for the CLI and the model card."""
+        fr = " ".join(f"{k} {v:.2f}" for k, v in self.fractions.items())
+        dets = "; ".join(self.detections) or "none"
+        target = {None: "no target (crop)", True: "PASS", False: "MISS"}[self.brain_ok]
+        return (f"{self.name} {self.shape}: normal {'PASS' if self.normal else 'MISS'}; "
+                f"detections: {dets}; diagnosis: {self.diagnosis} (p = {self.probability:.2f}); "
+                f"brain {self.brain_ml:.0f} ml [{target}]; fractions {fr}; "
+                f"findings: \"{self.findings}\"")
+
+
+def result_of(name: str, whole_brain: bool, res: Any, volume: Any) -> RealResult:
+    """Summarise :class:`inference.results.Results` of one scan."""
+    spacing = volume.spacing
+    seg = {s.label.label: s.volume_ml(spacing) for s in res.segments}
+    brain = float(seg.get("Brain", 0.0))
+    fr = {k: (float(seg.get(n, 0.0)) / brain if brain > 0 else 0.0)
+          for k, n in (("CSF", "CSF"), ("GM", "Grey matter"), ("WM", "White matter"))}
+    dets = [f"{'mass' if 'Mass' in d.finding.meaning else 'WMH'} {d.diameter_mm:.0f} mm "
+            f"{d.side} {d.location} (p {d.probability:.2f})" for d in res.detections]
+    dg = res.diagnosis
+    return RealResult(name=name, shape=tuple(int(v) for v in volume.shape),
+                      whole_brain=whole_brain, brain_ml=brain, fractions=fr, detections=dets,
+                      diagnosis=dg.code.meaning if dg else "-",
+                      probability=float(dg.probability) if dg else 0.0,
+                      findings=res.report.findings if res.report else "")
 
 
 def summarise(res: Any, spacing: Any) -> str:
@@ -66,17 +185,35 @@ def summarise(res: Any, spacing: Any) -> str:
             f"findings: \"{res.report.findings if res.report else ''}\"")
 
 
-def describe(package: Any) -> list[str]:
-    """Run the three real inputs through ``package`` (all instructions); one line each."""
+def run_all(package: Any, sources: tuple[Source, ...] = SOURCES) -> list[RealResult | str]:
+    """Run every source through ``package`` on the served path; a string for a skipped one."""
     from inference.omnimri.tasks import run_omnimri
 
-    out = []
+    out: list[RealResult | str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, make in (("pydicom MR_small.dcm", pydicom_mr_small),
-                           ("nibabel anatomical.nii", nibabel_anatomical),
-                           ("MNI152 template as 1 mm DICOM",
-                            lambda: mni_brain_series(Path(tmp)))):
-            vol = make()
+        for n, src in enumerate(sources):
+            try:
+                folder = Path(tmp) / str(n)
+                folder.mkdir()
+                vol = src.make(folder)
+            except (ImportError, FileNotFoundError) as exc:
+                out.append(f"{src.name}: skipped ({type(exc).__name__}: {exc})")
+                continue
             res = run_omnimri(package, vol, ALL)
-            out.append(f"{name} {tuple(vol.shape)}: {summarise(res, vol.spacing)}")
+            out.append(result_of(src.name, src.whole_brain, res, vol))
     return out
+
+
+def describe(package: Any) -> list[str]:
+    """One line per real scan, then a tally against the targets."""
+    results = run_all(package)
+    lines = [r if isinstance(r, str) else r.line() for r in results]
+    done = [r for r in results if isinstance(r, RealResult)]
+    n_normal = sum(r.normal for r in done)
+    whole = [r for r in done if r.whole_brain]
+    n_brain = sum(bool(r.brain_ok) for r in whole)
+    lines.append(f"real MR: {n_normal}/{len(done)} read as normal (no detection, diagnosis "
+                 f"normal); brain volume in {BRAIN_ML_RANGE[0]:.0f}-{BRAIN_ML_RANGE[1]:.0f} ml "
+                 f"for {n_brain}/{len(whole)} whole brains")
+    return lines
+

@@ -1,19 +1,29 @@
-"""Synthetic brain MR cases built around the MNI152 2009 template shipped with nilearn.
+"""Synthetic head MR built around the MNI152 2009a template shipped with nilearn.
 
-Every case is made on the model grid (2 mm isotropic, axial ``[slice, row, col]`` in LPS, the
-same orientation as :func:`omnimri_samples.mni_brain`) from the ICBM152 2009a T1 template and
-its grey/white-matter maps (nilearn wheel, no download):
+Domain randomisation from label maps, as SynthSeg does (Billot et al., Medical Image Analysis
+2023). Every case is made on the model grid (2 mm isotropic, axial ``[slice, row, col]`` in LPS,
+the same orientation as the node's volumes) from the symmetric ICBM152 2009a template
+(``mni_icbm152_t1_tal_nlin_sym_09a``) and its grey/white-matter maps (nilearn wheel, no
+download), padded 40 mm below the brain so the skull base and neck fit:
 
-* random affine (rotation, scale, translation) and smooth elastic deformation;
-* contrast: T1-like (template intensities), T2-like and FLAIR-like (tissue maps with the T1
-  texture added), tissue means jittered per case;
+* anatomy: random affine plus smooth elastic deformation at three scales; enlarged ventricles
+  and widened sulci (CSF grown into tissue) in some cases;
+* a head around the brain, grown from the template brain mask: extra-cerebral CSF, skull
+  (inner and outer tables of cortical bone, diploic marrow), temporal muscle, subcutaneous fat,
+  skin, eyes and orbital fat, air sinuses, the neck (muscle and fat, vertebra, airway, spinal
+  canal) and air. All of it is *background* for the tissue head: the brain is the brain;
 * synthetic lesions: small white-matter hyperintensities (WMH, 4-12 mm) or one larger mass
   (16-40 mm) with surrounding oedema, each with a ground-truth mask and instance id;
+* intensities: a mean per label (:data:`LABELS`) per case, every label independent (lesions
+  included: a mass core is not CSF-like by construction), for T1-, T2-, FLAIR- and PD-like
+  tables (jittered), an inverted T1 and fully random contrasts; the template's texture with a
+  random sign and strength, and smooth per-label noise;
+* acquisition: voxel size 2-6 mm along one axis and 2-3 mm in-plane (blur, then down- and
+  up-sampling), partial field of view, multiplicative bias field, gamma, ghosting and motion,
+  Rician noise and a global intensity scale;
 * a diagnosis label (``normal`` / ``small_vessel`` / ``mass``) and a templated report written
-  from the ground truth;
-* acquisition effects: multiplicative bias field, resolution loss (thick slices or in-plane
-  blur), Rician noise and a global intensity scale;
-* reconstruction pairs: Cartesian 4x undersampling of each slice's k-space (zero-filled).
+  from the ground truth; reconstruction pairs: Cartesian 4x undersampling of each slice's
+  k-space (zero-filled).
 
 Training and held-out cases use different seeds *and* disjoint lesion layouts: lesion centres
 are drawn from alternating 16 mm cells (parity 0 for training, 1 for held-out).
@@ -35,14 +45,14 @@ SPACING_MM = 2.0
 TISSUE_CLASSES = ("background", "csf", "grey_matter", "white_matter")
 LESION_CLASSES = ("none", "wm_hyperintensity", "mass", "edema")
 DIAGNOSES = ("normal", "small_vessel", "mass")
-CONTRASTS = ("T1", "T2", "FLAIR")
+CONTRASTS = ("T1", "T2", "FLAIR", "PD")
+"""Clinical-like contrasts (held-out evaluation cycles these)."""
+TRAINING_CONTRASTS = (*CONTRASTS, "inverted", "random")
+"""Every contrast the generator makes; training draws them with :data:`CONTRAST_WEIGHTS`."""
+CONTRAST_WEIGHTS = (0.24, 0.18, 0.18, 0.1, 0.1, 0.2)
 
-# Tissue means per contrast: background, CSF, GM, WM, WMH, mass core, oedema (T1 scale 0-1).
-_MEANS: dict[str, tuple[float, ...]] = {
-    "T1": (0.0, 0.39, 0.65, 0.84, 0.58, 0.42, 0.66),
-    "T2": (0.0, 1.00, 0.62, 0.45, 0.86, 0.80, 0.76),
-    "FLAIR": (0.0, 0.16, 0.62, 0.46, 0.97, 0.78, 0.88),
-}
+BELOW_BRAIN_PAD = 20
+"""Slices (2 mm) added below the template grid, whose bottom is the brain's, for the neck."""
 
 Array = npt.NDArray[np.float32]
 
@@ -85,6 +95,9 @@ class Case:
     affine: npt.NDArray[np.float64]
     """``(k, j, i, 1)`` to LPS millimetres (template space, the deformation is not in it)."""
     meta: dict[str, float] = field(default_factory=dict)
+    """Generation parameters of the case (voxel size, gamma, noise, anatomy changes)."""
+    hard_slices: npt.NDArray[np.int_] = field(default_factory=lambda: np.zeros(0, np.int_))
+    """Slices through ventricles, deep grey matter or basal cisterns (hard negatives)."""
 
 
 # --------------------------------------------------------------------------- template
@@ -108,12 +121,18 @@ def _ras_to_axial_lps(
 
 @dataclass(frozen=True)
 class Template:
-    """The MNI152 2009 template on the 2 mm axial LPS grid."""
+    """The MNI152 2009a template on the 2 mm axial LPS grid, padded below the brain."""
 
     t1: Array
     probs: Array
     """``[4, k, j, i]`` probabilities of background, CSF, GM, WM."""
     affine: npt.NDArray[np.float64]
+    texture: Array
+    """T1 minus the probability-weighted mean T1 of each class (the template's own texture)."""
+    dist_out: Array
+    """Distance outside the brain mask (``P(background) < 0.5``), mm; 0 inside."""
+    dist_in: Array
+    """Distance inside the brain mask to its surface, mm; 0 outside."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -123,6 +142,7 @@ def load_template() -> Template:
 
     t1_img = datasets.load_mni152_template(resolution=2)
     t1, affine = _ras_to_axial_lps(np.asarray(t1_img.get_fdata()), t1_img.affine)
+
     def load(fn: str) -> Array:
         img = getattr(datasets, fn)(resolution=2)
         return _ras_to_axial_lps(np.asarray(img.get_fdata()), t1_img.affine)[0]
@@ -133,9 +153,20 @@ def load_template() -> Template:
     gm = np.clip(gm, 0, 1) * mask
     wm = np.clip(wm, 0, 1) * mask
     csf = np.clip(mask - gm - wm, 0, 1)
-    probs = np.stack([1.0 - mask, csf, gm, wm]).astype(np.float32)
-    t1 = np.clip(t1, 0, None) * (mask > 0)
-    return Template(t1=t1.astype(np.float32), probs=probs, affine=affine)
+    pad = ((BELOW_BRAIN_PAD, 0), (0, 0), (0, 0))
+    probs = np.stack([np.pad(1.0 - mask, pad, constant_values=1.0)]
+                     + [np.pad(p, pad) for p in (csf, gm, wm)]).astype(np.float32)
+    t1 = np.pad(np.clip(t1, 0, None) * (mask > 0), pad).astype(np.float32)
+    affine = affine.copy()
+    affine[:3, 3] -= BELOW_BRAIN_PAD * affine[:3, 0]
+    cls_mean = [float((t1 * p).sum() / max(float(p.sum()), 1e-6)) for p in probs]
+    texture = (t1 - np.tensordot(np.array(cls_mean, np.float32), probs, axes=1)) * (
+        probs[0] < 0.5)
+    brain = probs[0] < 0.5
+    dist_out = ndimage.distance_transform_edt(~brain, sampling=SPACING_MM).astype(np.float32)
+    dist_in = ndimage.distance_transform_edt(brain, sampling=SPACING_MM).astype(np.float32)
+    return Template(t1=t1, probs=probs, affine=affine, texture=texture.astype(np.float32),
+                    dist_out=dist_out, dist_in=dist_in)
 
 
 # --------------------------------------------------------------------------- anatomy words
@@ -195,16 +226,17 @@ def _random_warp(
     grid = np.indices(shape, dtype=np.float32).reshape(3, -1)
     coords = (mat @ (grid - centre[:, None])) + centre[:, None] + shift[:, None]
     coords = coords.reshape(3, *shape)
-    # Elastic: coarse random displacements (voxels), smoothly upsampled.
-    coarse = rng.normal(0, 1.2 * strength, (3, 6, 7, 6)).astype(np.float32)
-    m0, m1, m2 = (_spline_zoom_matrix(c, s) for c, s in zip(coarse.shape[1:], shape, strict=True))
-    for d in range(3):
-        coords[d] += np.einsum("ai,bj,ck,ijk->abc", m0, m1, m2, coarse[d].astype(np.float64),
-                               optimize=True).astype(np.float32)
+    # Elastic at three scales: random displacements (voxels) on coarse grids, upsampled.
+    for grid_shape, sd in (((3, 4, 3), 2.0), ((6, 7, 6), 1.2), ((12, 14, 12), 0.35)):
+        coarse = rng.normal(0, sd * strength, (3, *grid_shape))
+        m0, m1, m2 = (_spline_zoom_matrix(c, s) for c, s in zip(grid_shape, shape, strict=True))
+        for d in range(3):
+            coords[d] += np.einsum("ai,bj,ck,ijk->abc", m0, m1, m2, coarse[d],
+                                   optimize=True).astype(np.float32)
     return coords.astype(np.float32)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=32)
 def _spline_zoom_matrix(n_in: int, n_out: int) -> npt.NDArray[np.float64]:
     """``[n_out, n_in]`` matrix of 1-D cubic-spline zoom (``ndimage.zoom(order=3)``).
 
@@ -215,8 +247,9 @@ def _spline_zoom_matrix(n_in: int, n_out: int) -> npt.NDArray[np.float64]:
     return out
 
 
-def _warp(vol: Array, coords: npt.NDArray[np.float32], order: int = 1) -> Array:
-    return ndimage.map_coordinates(vol, coords, order=order, mode="constant", cval=0.0).astype(
+def _warp(vol: Array, coords: npt.NDArray[np.float32], order: int = 1,
+          mode: str = "constant") -> Array:
+    return ndimage.map_coordinates(vol, coords, order=order, mode=mode, cval=0.0).astype(
         np.float32
     )
 
@@ -351,6 +384,249 @@ def facts_from_lesions(diagnosis: str, lesions: list[Lesion]) -> dict[str, str]:
     }
 
 
+# --------------------------------------------------------------------------- head and contrasts
+
+
+LABELS = ("air", "csf", "grey_matter", "white_matter", "extracerebral_csf", "bone", "marrow",
+          "fat", "muscle", "skin", "eye", "wm_hyperintensity", "mass", "edema")
+"""Labels of the generative model (SynthSeg-style): each gets its own intensity per case.
+Only ``csf``/``grey_matter``/``white_matter`` are brain (tissue head); the head tissues
+(``extracerebral_csf`` .. ``eye``) and air are background/non-brain."""
+
+_N_ANATOMY = 11
+"""Labels 0-10 are anatomy (fractions per voxel); 11-13 are lesions blended on top."""
+
+# Means (0-1 scale) for labels 0-10 per realistic contrast; lesions: (lo, hi) ranges.
+_TABLES: dict[str, tuple[tuple[float, ...], tuple[tuple[float, float], ...]]] = {
+    "T1": ((0.0, 0.18, 0.55, 0.78, 0.18, 0.05, 0.75, 0.95, 0.40, 0.50, 0.15),
+           ((0.25, 0.50), (0.10, 0.95), (0.25, 0.55))),
+    "T2": ((0.0, 1.00, 0.55, 0.40, 1.00, 0.04, 0.55, 0.75, 0.25, 0.45, 1.00),
+           ((0.70, 1.00), (0.25, 1.00), (0.65, 0.95))),
+    "FLAIR": ((0.0, 0.10, 0.60, 0.45, 0.10, 0.04, 0.55, 0.80, 0.30, 0.45, 0.10),
+              ((0.80, 1.30), (0.25, 1.30), (0.75, 1.20))),
+    "PD": ((0.0, 0.85, 0.75, 0.62, 0.85, 0.05, 0.65, 0.85, 0.45, 0.55, 0.85),
+           ((0.82, 1.00), (0.35, 1.00), (0.78, 1.00))),
+}
+
+_EYES_MNI = ((32.0, 52.0, -36.0), (-32.0, 52.0, -36.0))
+"""Eyeball centres, MNI RAS mm (outside the template brain by 17 mm); radius 12 mm."""
+_SINUSES_MNI = (((28.0, 40.0, -62.0), (12.0, 14.0, 16.0)), ((-28.0, 40.0, -62.0),
+                (12.0, 14.0, 16.0)), ((0.0, 50.0, -40.0), (8.0, 18.0, 16.0)))
+"""Air sinuses (maxillary, ethmoid/nasal): centre and radii, MNI RAS mm."""
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int, int],
+                  coarse: tuple[int, int, int] = (6, 7, 6)) -> Array:
+    """A smooth random field (about unit standard deviation) upsampled from a coarse grid."""
+    c = rng.normal(0, 1, coarse)
+    m0, m1, m2 = (_spline_zoom_matrix(a, b) for a, b in zip(coarse, shape, strict=True))
+    out: Array = np.einsum("ai,bj,ck,ijk->abc", m0, m1, m2, c, optimize=True).astype(np.float32)
+    return out
+
+
+def _ellipsoid(xyz: Array, centre: tuple[float, float, float],
+               radii: tuple[float, float, float]) -> npt.NDArray[np.bool_]:
+    """Voxels whose MNI position ``xyz`` ``[3, ...]`` is inside an ellipsoid (mm)."""
+    r2 = sum(((xyz[d] - centre[d]) / radii[d]) ** 2 for d in range(3))
+    out: npt.NDArray[np.bool_] = r2 <= 1.0
+    return out
+
+
+def _head_fractions(rng: np.random.Generator, dist_mm: Array, xyz: Array, nonbrain: Array,
+                    augment: float, extra_csf_mm: float) -> Array:
+    """Fractions ``[11, k, j, i]`` of every anatomy label in the non-brain part of each voxel.
+
+    ``dist_mm`` is the distance outside the brain mask (mm, 0 inside), ``xyz`` the MNI position
+    each voxel was warped from, ``nonbrain`` the non-brain fraction (1 - brain probability).
+    Layers outward from the brain: extra-cerebral CSF, inner table (cortical bone), diploe
+    (marrow), outer table, temporal muscle (laterally), subcutaneous fat, skin; then the neck
+    (muscle/fat, vertebra, airway, spinal canal) and face (eyes, orbital fat, air sinuses).
+    """
+    shape = dist_mm.shape
+    a = augment
+    u = (lambda lo, hi: float(rng.uniform(lo, hi))) if a > 0 else (lambda lo, hi: (lo + hi) / 2)
+    d = dist_mm + (1.5 * a) * _smooth_noise(rng, shape)
+    t_csf = u(1.0, 4.0) + extra_csf_mm
+    b1 = t_csf
+    b2 = b1 + u(1.0, 2.5)
+    dip = u(1.5, 5.0) * (1 + 0.35 * a * _smooth_noise(rng, shape))
+    b3 = b2 + np.clip(dip, 0.5, None)
+    b4 = b3 + u(1.0, 2.5)
+    x, z = xyz[0], xyz[2]
+    temporal = np.clip((np.abs(x) - 45.0) / 15.0, 0, 1) * np.clip((35.0 - z) / 20.0, 0, 1)
+    b5 = b4 + u(0.0, 9.0) * temporal
+    b6 = b5 + u(2.0, 7.0)
+    b7 = b6 + u(1.5, 3.0)
+
+    def beyond(b: Array | float) -> Array:
+        out: Array = np.clip((d - b) / SPACING_MM + 0.5, 0.0, 1.0).astype(np.float32)
+        return out
+
+    f1, f2, f3, f4, f5, f6, f7 = (beyond(b) for b in (b1, b2, b3, b4, b5, b6, b7))
+    w = np.zeros((_N_ANATOMY, *shape), np.float32)
+    w[4] = 1 - f1
+    w[5] = (f1 - f2) + (f3 - f4)
+    w[6] = f2 - f3
+    w[8] = f4 - f5
+    w[7] = f5 - f6
+    w[9] = f6 - f7
+    outside = f7
+    # Neck, face and what replaces the layers there (outside the extra-cerebral CSF): all of it
+    # lies below MNI z = 2 mm, so only the slices reaching that low are searched.
+    low = int(np.flatnonzero((z < 2.0).any(axis=(1, 2))).max(initial=-1)) + 1
+    xyz = xyz[:, :low]
+    x, y, z = xyz[0], xyz[1], xyz[2]
+    neck = (z < -30.0) & ((x / 55.0) ** 2 + ((y + 15.0) / 55.0) ** 2 <= 1.0)
+    face = _ellipsoid(xyz, (0.0, 45.0, -40.0), (62.0, 50.0, 42.0)) & (y > 0)
+    marble = _smooth_noise(rng, shape, (10, 12, 10))[:low] > u(-0.3, 0.8)
+    w[0] = outside
+    soft = (neck | face).astype(np.float32) * outside[:low]
+    w[7, :low] += soft * marble
+    w[8, :low] += soft * ~marble
+    w[0, :low] -= soft
+    out_csf = d[:low] > b1 + 1.0
+    below = z < -60.0
+    over: list[tuple[npt.NDArray[np.bool_], int]] = [
+        (neck & below & ((x / 11.0) ** 2 + ((y + 15.0) / 11.0) ** 2 <= 1.0), 6),  # vertebra
+        (neck & (z < -72.0) & ((x / 8.0) ** 2 + ((y + 40.0) / 8.0) ** 2 <= 1.0), 4),  # canal
+        (neck & (z < -72.0) & ((x / 4.5) ** 2 + ((y + 40.0) / 4.5) ** 2 <= 1.0), 8),  # cord
+        (neck & (z < -50.0) & ((x / 7.0) ** 2 + ((y - 12.0) / 9.0) ** 2 <= 1.0), 0),  # airway
+    ]
+    for c, r in _SINUSES_MNI:
+        over.append((_ellipsoid(xyz, c, r) & out_csf, 0))
+    for e in _EYES_MNI:
+        back = (e[0] * 0.9, e[1] - 8.0, e[2])
+        over.append((_ellipsoid(xyz, back, (16.0, 20.0, 14.0)) & out_csf, 7))  # orbital fat
+        over.append((_ellipsoid(xyz, e, (12.0, 12.0, 12.0)) & out_csf, 10))
+    for mask, lab in over:
+        w[:, :low][:, mask] = 0.0
+        w[lab, :low][mask] = 1.0
+    w *= nonbrain[None]
+    return w
+
+
+def _draw_means(rng: np.random.Generator, contrast: str, augment: float) -> npt.NDArray[np.float64]:
+    """Mean intensity of every label in :data:`LABELS` for one case (0-1 scale).
+
+    Realistic contrasts jitter their table; ``inverted`` is the T1 table upside down;
+    ``random`` draws every label uniformly. Lesion means are drawn independently of the
+    anatomy (a mass is not CSF-like by construction) but kept visibly apart from grey and white
+    matter (0.1 and 0.15 at least), as lesions are by definition.
+    """
+    if contrast == "random":
+        anat = rng.uniform(0.0, 1.0, _N_ANATOMY)
+        anat[0] = rng.uniform(0.0, 0.08)
+        ranges: tuple[tuple[float, float], ...] = ((0.0, 1.2),) * 3
+    elif contrast == "inverted":
+        base = np.array(_TABLES["T1"][0])
+        anat = np.where(np.arange(_N_ANATOMY) == 0, 0.0, 1.05 - base)
+        anat = anat * (rng.uniform(0.85, 1.15, _N_ANATOMY) if augment > 0 else 1.0)
+        ranges = ((0.0, 1.2),) * 3
+    else:
+        tab, ranges = _TABLES[contrast]
+        anat = np.array(tab) * (rng.uniform(0.85, 1.15, _N_ANATOMY) ** augment)
+    anat[4] = anat[1] * (rng.uniform(0.95, 1.05) if augment > 0 else 1.0)
+    les = []
+    for lo, hi in ranges:
+        v = (lo + hi) / 2
+        for _ in range(50):
+            v = float(rng.uniform(lo, hi))
+            if abs(v - anat[3]) >= 0.15 and abs(v - anat[2]) >= 0.10:
+                break
+        les.append(v)
+    return np.concatenate([anat, les])
+
+
+def _resample_axis(img: Array, axis: int, factor: float, offset: float) -> Array:
+    """Down-sample ``img`` by ``factor`` along ``axis`` (linear) and back to its size."""
+    n = img.shape[axis]
+    pos = np.arange(offset, n - 1, factor)
+    if len(pos) < 2:
+        return img
+    i0 = np.floor(pos).astype(int)
+    t = (pos - i0).astype(np.float32)
+    sh = [1, 1, 1]
+    sh[axis] = -1
+    low = (np.take(img, i0, axis) * (1 - t).reshape(sh)
+           + np.take(img, np.minimum(i0 + 1, n - 1), axis) * t.reshape(sh))
+    q = np.clip((np.arange(n) - offset) / factor, 0, len(pos) - 1)
+    j0 = np.minimum(np.floor(q).astype(int), len(pos) - 2)
+    s = (q - j0).astype(np.float32)
+    out: Array = (np.take(low, j0, axis) * (1 - s).reshape(sh)
+                  + np.take(low, j0 + 1, axis) * s.reshape(sh)).astype(np.float32)
+    return out
+
+
+def _acquire(rng: np.random.Generator, img: Array, augment: float) -> tuple[Array, dict[str,
+                                                                                       float]]:
+    """Acquisition effects on a 0-1 scale image: resolution, bias, gamma, ghosting, noise."""
+    a = augment
+    meta: dict[str, float] = {}
+    shape = img.shape
+    if rng.random() < 0.7:
+        # Voxel size: one thick axis (slice thickness 2-6 mm; axial most often), the in-plane
+        # axes 2-3 mm (finer than the 2 mm grid is the grid itself).
+        thick = int(rng.choice(3, p=[0.6, 0.2, 0.2]))
+        spacing = [float(rng.uniform(2.0, 3.0)) for _ in range(3)]
+        spacing[thick] = float(rng.uniform(2.0, 2.0 + 4.0 * a))
+        sig = [max(0.0, s / 2.355 / SPACING_MM) if s > 2.2 else 0.0 for s in spacing]
+        if any(v > 0 for v in sig):
+            img = ndimage.gaussian_filter(img, sig).astype(np.float32)
+        for ax, s in enumerate(spacing):
+            if s > 2.4:
+                img = _resample_axis(img, ax, s / SPACING_MM, float(rng.uniform(0, s / 2)))
+        meta.update({f"spacing_{n}_mm": s for n, s in zip("kji", spacing, strict=True)})
+    g = np.indices(shape, dtype=np.float32) / np.array(shape, np.float32)[:, None, None, None]
+    field_ = sum(rng.normal(0, 0.15 * a) * (g[d] - 0.5) for d in range(3))
+    field_ = field_ + rng.normal(0, 0.15 * a) * (g[0] - 0.5) * (g[2] - 0.5) * 4
+    field_ = field_ + 0.08 * a * _smooth_noise(rng, shape, (4, 4, 4))
+    img = (img * np.exp(field_)).astype(np.float32)
+    gamma = float(np.exp(rng.normal(0, 0.2 * a)))
+    img = np.power(np.clip(img, 0, None), gamma).astype(np.float32)
+    meta["gamma"] = gamma
+    if rng.random() < 0.25 * a:  # ghosting along a phase-encode axis
+        ax = int(rng.integers(1, 3))
+        shift = shape[ax] // 2 if rng.random() < 0.5 else int(rng.integers(3, shape[ax] // 3))
+        img = img + np.float32(rng.uniform(0.03, 0.12)) * np.roll(img, shift, axis=ax)
+        meta["ghost_axis"] = ax
+    if rng.random() < 0.2 * a:  # rigid motion between two halves of k-space: a blurred copy
+        ax = int(rng.integers(0, 3))
+        b = np.float32(rng.uniform(0.1, 0.35))
+        img = (1 - b) * img + b * np.roll(img, int(rng.integers(1, 3)), axis=ax)
+    sigma = rng.uniform(0.005, 0.05) * a
+    re = img + rng.normal(0, sigma, shape)
+    im = rng.normal(0, sigma, shape)
+    img = np.sqrt(re**2 + im**2).astype(np.float32)
+    meta["noise_sigma"] = float(sigma)
+    return img, meta
+
+
+def _field_of_view(rng: np.random.Generator, brain: npt.NDArray[np.bool_]
+                   ) -> npt.NDArray[np.bool_] | None:
+    """A partial field of view (``True`` = imaged) cutting into the brain, or ``None``.
+
+    The cut removes up to a quarter of the brain's extent from one side (top, bottom, front,
+    back or one side); at least 60 % of the brain stays.
+    """
+    idx = np.argwhere(brain)
+    if len(idx) == 0:
+        return None
+    lo, hi = idx.min(0), idx.max(0)
+    for _ in range(5):
+        ax = int(rng.choice(3, p=[0.6, 0.25, 0.15]))
+        cut = int(rng.uniform(0.05, 0.25) * (hi[ax] - lo[ax]))
+        keep = np.ones(brain.shape, bool)
+        sl: list[slice] = [slice(None)] * 3
+        if rng.random() < 0.5:
+            sl[ax] = slice(hi[ax] - cut + 1, None)
+        else:
+            sl[ax] = slice(0, lo[ax] + cut)
+        keep[tuple(sl)] = False
+        if (brain & keep).sum() >= 0.6 * brain.sum():
+            return keep
+    return None
+
+
 # --------------------------------------------------------------------------- the generator
 
 
@@ -358,38 +634,77 @@ def make_case(
     seed: int, *, heldout: bool = False, diagnosis: int | None = None, contrast: str | None = None,
     augment: float = 1.0,
 ) -> Case:
-    """Generate one synthetic case.
+    """Generate one synthetic case (SynthSeg-style domain randomisation from label maps).
 
     Args:
         seed: Random seed (the same seed gives the same case).
         heldout: Use the held-out lesion layout (parity-1 cells) instead of the training one.
         diagnosis: Force a class (index into :data:`DIAGNOSES`); random if ``None``.
-        contrast: Force ``T1`` / ``T2`` / ``FLAIR``; random if ``None``.
-        augment: Strength of deformation and acquisition effects (0 = the plain template).
+        contrast: Force one of :data:`TRAINING_CONTRASTS`; random if ``None`` (drawn with
+            :data:`CONTRAST_WEIGHTS`).
+        augment: Strength of deformation, anatomy and acquisition effects (0 = the plain
+            template with a head of median layer thicknesses and the table intensities).
     """
     rng = np.random.default_rng(seed)
     tpl = load_template()
-    shape = tpl.t1.shape
+    shape = (int(tpl.t1.shape[0]), int(tpl.t1.shape[1]), int(tpl.t1.shape[2]))
     if augment > 0:
         coords = _random_warp(rng, shape, augment)
-        t1 = _warp(tpl.t1, coords)
-        probs = np.stack([_warp(p, coords) for p in tpl.probs[1:]])
-        probs = np.concatenate([np.clip(1 - probs.sum(0, keepdims=True), 0, 1), probs])
+        probs3 = np.stack([_warp(p, coords) for p in tpl.probs[1:]])
+        tex = _warp(tpl.texture, coords)
+        signed = _warp(tpl.dist_out - tpl.dist_in, coords, mode="nearest")
+        dist_out, dist_in = np.maximum(signed, 0.0), np.maximum(-signed, 0.0)
     else:
         coords = np.indices(shape, dtype=np.float32)
-        t1 = tpl.t1.copy()
-        probs = tpl.probs.copy()
-    tissue = np.argmax(probs, axis=0).astype(np.uint8)
+        probs3 = tpl.probs[1:].copy()
+        tex = tpl.texture.copy()
+        dist_out, dist_in = tpl.dist_out.copy(), tpl.dist_in.copy()
     diag = int(rng.integers(3)) if diagnosis is None else int(diagnosis)
-    contrast = contrast or str(rng.choice(CONTRASTS))
+    if contrast is None:
+        contrast = str(rng.choice(TRAINING_CONTRASTS, p=CONTRAST_WEIGHTS))
+    if contrast not in TRAINING_CONTRASTS:
+        raise ValueError(f"unknown contrast {contrast!r}; known: {', '.join(TRAINING_CONTRASTS)}")
     parity = 1 if heldout else 0
+    meta: dict[str, float] = {}
+
+    # Anatomical variety: enlarged ventricles, widened sulci (CSF grown into tissue).
+    extra_csf = 0.0
+    if augment > 0 and rng.random() < 0.5:
+        vent = (probs3[0] > 0.5) & (dist_in > 12.0)
+        lab, n_lab = ndimage.label(vent)
+        sizes = np.bincount(lab.ravel(), minlength=n_lab + 1)
+        sizes[0] = 0
+        vent = sizes[lab] >= 150  # the ventricles, not deep sulcal CSF
+        n_it = int(rng.integers(1, 4))
+        ball = ndimage.generate_binary_structure(3, 2)
+        grown = ndimage.binary_dilation(vent, ball, iterations=n_it) & (dist_in > 8.0) & ~vent
+        probs3[0][grown], probs3[1][grown], probs3[2][grown] = 1.0, 0.0, 0.0
+        tex[grown] = 0.0
+        meta["ventricle_dilation_mm"] = 2.0 * n_it
+    if augment > 0 and rng.random() < 0.4:
+        sulci = (probs3[0] > 0.5) & (dist_in <= 8.0)
+        grow = ndimage.binary_dilation(sulci) & (probs3[1] > 0.5) & (dist_in <= 8.0)
+        grow &= _smooth_noise(rng, shape, (10, 12, 10)) > 0
+        probs3[0][grow], probs3[1][grow], probs3[2][grow] = 1.0, 0.0, 0.0
+        tex[grow] = 0.0
+        extra_csf = float(rng.uniform(0.0, 3.0))
+        meta["atrophy"] = 1.0
+    fov = _field_of_view(rng, probs3.sum(0) > 0.5) if (augment > 0
+                                                         and rng.random() < 0.25) else None
+    if fov is not None:
+        probs3 *= fov[None]
+        meta["partial_fov"] = 1.0
+    probs = np.concatenate([np.clip(1 - probs3.sum(0, keepdims=True), 0, 1), probs3])
+    tissue = np.argmax(probs, axis=0).astype(np.uint8)
 
     lesion = np.zeros(shape, np.uint8)
     instances = np.zeros(shape, np.int16)
     soft = {1: np.zeros(shape, np.float32), 2: np.zeros(shape, np.float32),
             3: np.zeros(shape, np.float32)}
     lesions: list[Lesion] = []
-    mni_z_ok = mni_of_index(np.indices(shape).reshape(3, -1).T, tpl.affine)[:, 2].reshape(shape)
+    # MNI z of each output voxel's grid position (the template affine is axial: z from k).
+    z_k = (tpl.affine[2, 0] * np.arange(shape[0]) + tpl.affine[2, 3]).astype(np.float32)
+    mni_z_ok = np.broadcast_to(z_k[:, None, None], shape)
     if diag == 1:
         cand = np.argwhere((probs[3] > 0.9) & (mni_z_ok > -20))
         n = int(rng.choice([1, 2, 3, 4, 5, 6, 8], p=[0.2, 0.15, 0.15, 0.15, 0.15, 0.1, 0.1]))
@@ -434,50 +749,49 @@ def make_case(
     if diag != 0 and not lesions:
         diag = 0  # no room for the lesion: a normal case
 
-    # Image formation.
-    means = np.array(_MEANS[contrast]) * rng.uniform(0.9, 1.1, 7) * np.r_[0, np.ones(6)]
-    tissue_mix = np.tensordot(means[:4], probs, axes=1).astype(np.float32)
-    if contrast == "T1":
-        img = t1.copy()
-    else:
-        base_t1 = np.tensordot(np.array(_MEANS["T1"][:4]), probs, axes=1)
-        img = tissue_mix + 0.6 * (t1 - base_t1).astype(np.float32)
-    for cls, mean_idx in ((3, 6), (1, 4), (2, 5)):
+    # Image formation: every label its own mean; partial volumes from the soft maps.
+    means = _draw_means(rng, contrast, augment)
+    xyz = (np.tensordot(tpl.affine[:3, :3], coords, axes=(1, 0))
+           + tpl.affine[:3, 3, None, None, None]).astype(np.float32) * np.array(
+               [-1.0, -1.0, 1.0], np.float32)[:, None, None, None]
+    w = _head_fractions(rng, dist_out, xyz, probs[0], augment, extra_csf)
+    w[1:4] += probs[1:4]
+    img = np.tensordot(means[:_N_ANATOMY].astype(np.float32), w, axes=1).astype(np.float32)
+    # Texture: the template's own (sign and strength random per case: contrasts differ) plus
+    # smooth noise with a per-label strength.
+    sign = {"T1": 1.0, "random": float(rng.choice([-1.0, 1.0]))}.get(contrast, -1.0)
+    gain = sign * (float(rng.uniform(0.3, 1.0)) if augment > 0 else 0.7)
+    img += np.float32(gain) * tex * (probs[2] + probs[3])
+    if augment > 0:
+        noise = _smooth_noise(rng, shape, (24, 28, 24))
+        std = rng.uniform(0.0, 0.06, _N_ANATOMY).astype(np.float32)
+        img += noise * np.tensordot(std, w, axes=1)
+    for cls, mean_idx in ((3, 13), (1, 11), (2, 12)):
         a = soft[cls]
         if cls == 2:
-            tex = ndimage.gaussian_filter(rng.normal(0, 1, shape), 1.0).astype(np.float32)
-            target = means[mean_idx] * (1 + 0.25 * tex)
+            tx = ndimage.gaussian_filter(rng.normal(0, 1, shape), 1.0).astype(np.float32)
+            target = means[mean_idx] * (1 + 0.25 * tx)
         else:
             target = np.float32(means[mean_idx])
         img = img * (1 - a) + a * target
     img = np.clip(img, 0, None).astype(np.float32)
     if augment > 0:
-        # Resolution change.
-        mode = rng.integers(3)
-        if mode == 1:
-            img = ndimage.gaussian_filter(img, (rng.uniform(0.5, 1.5) * augment, 0, 0))
-        elif mode == 2:
-            s = rng.uniform(0.3, 0.9) * augment
-            img = ndimage.gaussian_filter(img, (0, s, s))
-        # Bias field: smooth multiplicative, about +-20 %.
-        g = np.indices(shape, dtype=np.float32) / np.array(shape, np.float32)[:, None, None, None]
-        field_ = sum(rng.normal(0, 0.12 * augment) * (g[d] - 0.5) for d in range(3))
-        field_ = field_ + rng.normal(0, 0.1 * augment) * (g[0] - 0.5) * (g[2] - 0.5) * 4
-        img = img * np.exp(field_).astype(np.float32)
-        # Rician noise.
-        sigma = rng.uniform(0.005, 0.04) * augment
-        re = img + rng.normal(0, sigma, shape)
-        im = rng.normal(0, sigma, shape)
-        img = np.sqrt(re**2 + im**2).astype(np.float32)
+        img, acq = _acquire(rng, img, augment)
+        meta.update(acq)
+        if fov is not None:
+            img *= fov
         img *= np.float32(rng.uniform(0.3, 3.0) * 1000.0)
     else:
         img *= np.float32(1000.0)
+    deep = (((probs[1] > 0.5) | (probs[2] > 0.5)) & (dist_in > 20.0)) | (
+        (probs[1] > 0.5) & (mni_z_ok < -5.0) & (mni_z_ok > -45.0) & (dist_in > 6.0))
     dname = DIAGNOSES[diag]
     findings, impression = write_report(facts_from_lesions(dname, lesions))
     return Case(
         image=img.astype(np.float32), tissue=tissue, lesion=lesion, instances=instances,
         lesions=lesions, diagnosis=diag, contrast=contrast,
         report=f"findings : {findings} impression : {impression}", affine=tpl.affine.copy(),
+        meta=meta, hard_slices=np.flatnonzero(deep.any(axis=(1, 2))),
     )
 
 
@@ -524,11 +838,15 @@ def zero_filled(
     return out.astype(np.float32)
 
 
-def normalise(image: npt.NDArray[np.floating], lo_pct: float = 0.5,
-              hi_pct: float = 99.5) -> Array:
-    """Percentile normalisation used by the model: ``(x - p_lo) / (p_hi - p_lo)`` in [0, 1].
+def normalise(image: npt.NDArray[np.floating]) -> Array:
+    """The model's input normalisation (the served function, the packaged spec).
 
-    Clipped to [0, 1], statistics over all voxels (``model.yaml``: kind percentile, mask none).
+    :func:`inference.preprocess.normalise` with :data:`inference.omnimri.config.NORMALISATION`,
+    which ``model.yaml`` declares: the same code in training and serving.
     """
-    lo, hi = np.percentile(image, [lo_pct, hi_pct])
-    return np.clip((image - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0).astype(np.float32)
+    from inference.omnimri.config import NORMALISATION
+    from inference.package import NormalisationSpec
+    from inference.preprocess import normalise as served
+
+    out, _ = served(np.asarray(image, dtype=np.float32), NormalisationSpec(**NORMALISATION))
+    return out

@@ -40,9 +40,10 @@ log = structlog.get_logger(__name__)
 
 STAGES = ("pretrain", "align", "multimodal", "instruct")
 
-DEFAULT_STEPS: dict[str, int] = {"pretrain": 150, "align": 80, "multimodal": 4000,
-                                 "instruct": 5000}
-"""Steps of the shipped ``tiny`` run (batch 12 crops of 96x96 pixels)."""
+DEFAULT_STEPS: dict[str, int] = {"pretrain": 150, "align": 80, "multimodal": 3000,
+                                 "instruct": 3000}
+"""Steps of the shipped ``tiny`` run (batch 12 crops of 96x96 pixels): what one CPU core
+shared with other work trains in about an hour, head synthesis included."""
 
 SEG_HEADS = frozenset({"tissue", "lesion", "diagnosis"})
 """Heads trained from one forward pass of the image (one shared segmentation decoder)."""
@@ -61,12 +62,24 @@ class TrainSettings:
     pool_cases: int = 24
     """Cases held in memory; ``refresh_cases`` of them are regenerated every ``refresh_every``."""
     refresh_cases: int = 1
-    refresh_every: int = 20
+    refresh_every: int = 40
+    """Steps between pool refreshes (a head case costs ~1.4 s of one core to generate)."""
+    hard_fraction: float = 0.5
+    """Share of a normal case's non-lesion slices drawn from its hard negatives (slices through
+    ventricles, deep grey matter, basal cisterns: what a model mistakes for a mass)."""
     save_every: int = 100
-    threads: int = 2
+    threads: int = 1
+    """Torch CPU threads. One: on a shared 2-core machine two OpenMP threads spin-wait on each
+    other (3.5 s per multimodal step measured vs ~0.5 s with one). The thread count can change
+    floating-point results, so a bit-for-bit rerun must use the same count."""
     bf16: bool = True
     """bfloat16 autocast on the CPU (fp32 master weights): ~2.5x faster steps on CPUs with
     AVX512-BF16/AMX; the exported model is float32 either way."""
+    device: str = "cpu"
+    """``cpu`` (the shipped recipe) or ``cuda`` (``scripts/train_gpu.sh``)."""
+    workers: int = 0
+    """Processes generating pool cases ahead of time (0: in the training process). Cases depend
+    only on their seeds, so the data, and the weights, do not depend on this."""
     cfg_overrides: dict[str, Any] | None = None
 
     def config(self) -> OmniMRIConfig:
@@ -90,10 +103,11 @@ class PoolCase:
     facts: dict[str, str]
     brain_slices: npt.NDArray[np.int_]
     lesion_slices: npt.NDArray[np.int_]
+    hard_slices: npt.NDArray[np.int_]
 
 
 def prepare_case(case: syn.Case, max_tokens: int, kspace_seed: int) -> PoolCase:
-    """Normalise a case and add its 4x zero-filled reconstruction."""
+    """Normalise a case (the served normalisation) and add its 4x zero-filled reconstruction."""
     img = syn.normalise(case.image)
     zf = syn.zero_filled(img, 4, seed=kspace_seed)
     brain = np.flatnonzero((case.tissue > 0).any(axis=(1, 2)))
@@ -103,7 +117,7 @@ def prepare_case(case: syn.Case, max_tokens: int, kspace_seed: int) -> PoolCase:
         image=img, zero_filled=zf, tissue=case.tissue.astype(np.int64),
         lesion=case.lesion.astype(np.int64), diagnosis=case.diagnosis,
         report_tokens=rt.encode(case.report, max_tokens), facts=facts, brain_slices=brain,
-        lesion_slices=les,
+        lesion_slices=les, hard_slices=np.asarray(case.hard_slices, np.int_),
     )
 
 
@@ -128,8 +142,32 @@ class CasePool:
         holds = list(range(n))
         for case_id in range(n, issued):
             holds[self.slot(case_id)] = case_id
+        self._ahead: dict[int, Any] = {}
+        self._exec: Any = None
+        if s.workers > 0:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._exec = ProcessPoolExecutor(s.workers, mp_context=mp.get_context("spawn"))
+            for i in holds:
+                self._ahead[i] = self._exec.submit(_make_pool_case, self.base, i, max_tokens)
         self.cases: list[PoolCase] = [self._make_id(i) for i in holds]
         self.next_id = issued
+        self._prefetch()
+
+    def _prefetch(self) -> None:
+        if self._exec is None:
+            return
+        for i in range(self.next_id, self.next_id + 2 * self.s.workers):
+            if i not in self._ahead:
+                self._ahead[i] = self._exec.submit(_make_pool_case, self.base, i,
+                                                   self.max_tokens)
+
+    def close(self) -> None:
+        """Stop the case-generating processes (if any)."""
+        if self._exec is not None:
+            self._exec.shutdown(wait=False, cancel_futures=True)
+            self._exec = None
 
     def slot(self, case_id: int) -> int:
         """The pool slot of case ``case_id`` (the shipped run's order, kept for reproduction)."""
@@ -137,14 +175,16 @@ class CasePool:
         return case_id if case_id < n else (case_id + 1) % n
 
     def _make_id(self, n: int) -> PoolCase:
-        seed = self.base + n
-        # Class-balanced: cycle the diagnoses.
-        case = syn.make_case(seed, diagnosis=n % 3)
-        return prepare_case(case, self.max_tokens, kspace_seed=seed)
+        fut = self._ahead.pop(n, None)
+        if fut is not None:
+            out: PoolCase = fut.result()
+            return out
+        return _make_pool_case(self.base, n, self.max_tokens)
 
     def _make(self) -> PoolCase:
         case = self._make_id(self.next_id)
         self.next_id += 1
+        self._prefetch()
         return case
 
     def step(self, step: int) -> None:
@@ -153,6 +193,13 @@ class CasePool:
             for _ in range(self.s.refresh_cases):
                 where = self.slot(self.next_id)
                 self.cases[where] = self._make()
+
+
+def _make_pool_case(base: int, n: int, max_tokens: int) -> PoolCase:
+    """Case ``n`` of a pool whose seeds start at ``base`` (class-balanced: diagnoses cycle)."""
+    seed = base + n
+    case = syn.make_case(seed, diagnosis=n % 3)
+    return prepare_case(case, max_tokens, kspace_seed=seed)
 
 
 def _stack(vol: npt.NDArray[np.float32], k: int, c: int) -> npt.NDArray[np.float32]:
@@ -174,7 +221,7 @@ def sample_batch(
 ) -> dict[str, Tensor]:
     """A batch of 2.5D slice stacks with every target, padded to ``patch_size`` squares."""
     c, size = cfg.context_slices, cfg.patch_size
-    xs, zs, ts, ls, ds, rs = [], [], [], [], [], []
+    xs, zs, ts, ls, ds, rs, ns = [], [], [], [], [], [], []
     for b in range(n):
         ci = cases[b] if cases is not None else int(rng.integers(len(pool.cases)))
         pc = pool.cases[ci]
@@ -184,6 +231,9 @@ def sample_batch(
         elif u > 0.9:  # slices without brain (the model must leave them empty)
             empty = np.setdiff1d(np.arange(pc.image.shape[0]), pc.brain_slices)
             k = int(rng.choice(empty)) if len(empty) else int(rng.integers(pc.image.shape[0]))
+        elif (pc.diagnosis == 0 and len(pc.hard_slices)
+              and rng.random() < pool.s.hard_fraction):  # hard negatives
+            k = int(rng.choice(pc.hard_slices))
         else:
             k = int(rng.choice(pc.brain_slices))
         h, w = pc.image.shape[1:]
@@ -196,6 +246,7 @@ def sample_batch(
         ctx = pc.lesion[max(k - c, 0) : k + c + 1]
         ds.append(2 if (ctx == 2).any() else 1 if (ctx == 1).any() else 0)
         rs.append(ci)
+        ns.append(pc.diagnosis == 0)
     crop = pool.s.crop
     a = b = 0
     if crop < size:
@@ -205,14 +256,16 @@ def sample_batch(
         zs = [z[cut] for z in zs]
         ts = [t[cut[1:]] for t in ts]
         ls = [t[cut[1:]] for t in ls]
+    dev = pool.s.device
     return {
         "crop_at": torch.tensor([a, b]),
-        "image": torch.from_numpy(np.stack(xs)),
-        "zero_filled": torch.from_numpy(np.stack(zs)),
-        "tissue": torch.from_numpy(np.stack(ts)),
-        "lesion": torch.from_numpy(np.stack(ls)),
-        "diagnosis": torch.tensor(ds),
+        "image": torch.from_numpy(np.stack(xs)).to(dev),
+        "zero_filled": torch.from_numpy(np.stack(zs)).to(dev),
+        "tissue": torch.from_numpy(np.stack(ts)).to(dev),
+        "lesion": torch.from_numpy(np.stack(ls)).to(dev),
+        "diagnosis": torch.tensor(ds).to(dev),
         "case": torch.tensor(rs),
+        "normal": torch.tensor(ns, dtype=torch.float32).to(dev),
     }
 
 
@@ -245,8 +298,31 @@ LESION_WEIGHTS = torch.tensor([1.0, 20.0, 3.0, 2.0])
 DIAG_WEIGHTS = torch.tensor([1.0, 2.0, 2.0])
 
 
+FALSE_LESION_WEIGHT = 2.0
+"""Weight of :func:`false_lesion_loss` in the lesion loss."""
+FALSE_LESION_TOP = 32
+"""Pixels per slice whose lesion probability :func:`false_lesion_loss` penalises."""
+
+
+def false_lesion_loss(lesion_logits: Tensor, b: dict[str, Tensor]) -> Tensor:
+    """Mean of the ``FALSE_LESION_TOP`` highest P(WMH) + P(mass) on slices without a lesion.
+
+    A small confident false component is what turns a normal case into "mass"; cross-entropy
+    averaged over ~10^4 pixels barely sees it, the top-k mean does. Slices of normal cases
+    weigh twice (their hard negatives: ventricles, deep grey matter, cisterns).
+    """
+    p = lesion_logits.softmax(1)
+    pl = (p[:, 1] + p[:, 2]).flatten(1)
+    top = pl.topk(min(FALSE_LESION_TOP, pl.shape[1]), dim=1).values.mean(1)
+    clean = (b["lesion"].flatten(1).amax(1) == 0).float()
+    w = clean * (1.0 + b["normal"])
+    return (top * w).sum() / w.sum().clamp(min=1.0)
+
+
 def seg_losses(out: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Tissue and lesion losses (cross-entropy + Dice) and the slice diagnosis loss.
+    """Tissue, lesion and slice diagnosis losses.
+
+    Tissue and lesion: cross-entropy + Dice; lesion also :func:`false_lesion_loss`.
 
     Logits are cast to float32 first (the forward pass may run under bfloat16 autocast).
     """
@@ -254,10 +330,11 @@ def seg_losses(out: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Tensor
     return {
         "tissue": F.cross_entropy(tissue, b["tissue"])
         + dice_loss(tissue, b["tissue"], [0, 1, 2, 3]),
-        "lesion": F.cross_entropy(lesion, b["lesion"], weight=LESION_WEIGHTS)
-        + dice_loss(lesion, b["lesion"], [1, 2, 3]),
+        "lesion": F.cross_entropy(lesion, b["lesion"], weight=LESION_WEIGHTS.to(lesion.device))
+        + dice_loss(lesion, b["lesion"], [1, 2, 3])
+        + FALSE_LESION_WEIGHT * false_lesion_loss(lesion, b),
         "diagnosis": F.cross_entropy(out["diagnosis"].float(), b["diagnosis"],
-                                     weight=DIAG_WEIGHTS),
+                                     weight=DIAG_WEIGHTS.to(lesion.device)),
     }
 
 
@@ -298,6 +375,8 @@ def facts_batch(facts: list[dict[str, str]], max_tokens: int) -> tuple[Tensor, T
 
 def decoder_loss(dec: ReportDecoder, mem: Tensor, tokens: Tensor) -> Tensor:
     """Teacher-forced next-token cross-entropy (PAD ignored)."""
+    dev = dec.out.weight.device
+    mem, tokens = mem.to(dev), tokens.to(dev)
     logits = dec(mem, tokens[:, :-1]).float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
                            ignore_index=0)
@@ -360,7 +439,8 @@ def _step_pretrain(m: Modules, pool: CasePool, rng: np.random.Generator, step: i
     cfg = m.vision.cfg
     b = sample_batch(pool, rng, pool.s.batch, cfg, lesion_fraction=0.3)
     g = b["image"].shape[-1] // 8
-    tm = torch.from_numpy((rng.random((b["image"].shape[0], 1, g, g)) < 0.4).astype(np.float32))
+    tm = torch.from_numpy((rng.random((b["image"].shape[0], 1, g, g)) < 0.4).astype(
+        np.float32)).to(b["image"].device)
     out = m.vision(b["image"], token_mask=tm, crop_at=_ca(b), heads=frozenset({"recon"}))
     c = cfg.context_slices
     target = b["image"][:, c : c + 1]
@@ -380,7 +460,8 @@ def _step_align(m: Modules, pool: CasePool, rng: np.random.Generator, step: int,
     b = sample_batch(pool, rng, len(cases), cfg, lesion_fraction=0.8, cases=cases)
     emb = m.vision(b["image"], crop_at=_ca(b), heads=frozenset({"embedding"}))["embedding"]
     emb = F.normalize(emb.float().reshape(n_cases, per, -1).mean(1), dim=1)
-    toks = torch.from_numpy(np.stack([pool.cases[int(c)].report_tokens for c in chosen]))
+    toks = torch.from_numpy(np.stack([pool.cases[int(c)].report_tokens for c in chosen])).to(
+        emb.device)
     txt = m.text(toks).float()
     logits = emb @ txt.T / 0.1
     same = (toks[:, None, :] == toks[None, :, :]).all(-1).float()
@@ -480,6 +561,9 @@ def run_stage(stage: str, s: TrainSettings, steps: int | None = None,
     si = STAGES.index(stage)
     cfg = s.config()
     m = build_modules(cfg, s.seed)
+    if s.device != "cpu":
+        for mod in (m.vision, m.text, m.decoder):
+            mod.to(s.device)
     opt = torch.optim.AdamW(m.params(), lr=_LR[stage], weight_decay=0.01)
     start = 0
     ck = _ckpt(s.out, stage)
@@ -515,7 +599,7 @@ def run_stage(stage: str, s: TrainSettings, steps: int | None = None,
         pool.step(k)
         for gq in opt.param_groups:
             gq["lr"] = lr_at(k)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.bf16):
+        with torch.autocast(torch.device(s.device).type, dtype=torch.bfloat16, enabled=s.bf16):
             losses = fn(m, pool, rng, k, total)
         loss = torch.stack(list(losses.values())).sum()
         opt.zero_grad(set_to_none=True)
@@ -540,6 +624,7 @@ def run_stage(stage: str, s: TrainSettings, steps: int | None = None,
                         "losses": history, "rng": rng.bit_generator.state,
                         "torch_rng": torch.get_rng_state()}, tmp)
             tmp.replace(ck)  # a kill during the save leaves the previous checkpoint
+    pool.close()
     (s.out / f"{stage}.done").write_text(json.dumps({"steps": total, "losses": history,
                                                       "seconds": time.monotonic() - t0}))
     return ck
