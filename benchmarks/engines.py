@@ -190,7 +190,7 @@ def machine() -> dict[str, Any]:
 def compare(
     engines: dict[str, Callable[[], Engine]], package: ModelPackage, volume: Volume,
     repeats: int, gflop_per_volume: float, peaks: dict[str, float], precisions: dict[str, str],
-    baseline: list[str],
+    baseline: list[str], threads: int = 1,
 ) -> dict[str, Any]:
     """Interleaved :func:`run_model` runs of every engine; medians, % of peak, ratios.
 
@@ -203,6 +203,7 @@ def compare(
         peaks: Precision → measured peak GFLOP/s.
         precisions: Label → precision (``float32`` / ``bfloat16`` / ``int8``).
         baseline: Labels of the PyTorch eager runs; the fastest is the ratio's denominator.
+        threads: Threads the peak was measured with (for the per-core share).
     """
     made = {label: make() for label, make in engines.items()}
     times: dict[str, dict[str, list[float]]] = {
@@ -225,19 +226,27 @@ def compare(
     med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in times.items()}
     best_base = min(baseline, key=lambda k: med[k]["inference"])
     rows: dict[str, dict[str, Any]] = {}
-    print(f"  {'engine':38s} {'infer ms':>9s} {'total ms':>9s} {'CPU s':>6s} "
-          f"{'GFLOP/s':>8s} {'% peak':>7s} {'ratio':>6s}")
+    print(f"  {'engine':46s} {'infer ms':>9s} {'total ms':>9s} {'CPU s':>6s} "
+          f"{'GFLOP/s':>8s} {'% peak':>7s} {'GF/CPU-s':>8s} {'% core':>7s} {'ratio':>6s}")
     for label in made:
         m = med[label]
         rate = gflop_per_volume / (m["inference"] / 1000)
+        per_cpu_s = gflop_per_volume / m["cpu"] if m["cpu"] else 0.0
         peak = peaks.get(precisions[label], 0.0)
+        core_peak = peak / threads if threads else 0.0
         ratio = m["inference"] / med[best_base]["inference"]
         rows[label] = {**m, "gflops": rate, "pct_peak": 100 * rate / peak if peak else 0.0,
+                       "gflop_per_cpu_s": per_cpu_s,
+                       "pct_core_peak": 100 * per_cpu_s / core_peak if core_peak else 0.0,
                        "peak_precision": precisions[label], "ratio_vs_best_torch": ratio}
-        print(f"  {label:38s} {m['inference']:9.1f} {m['total']:9.1f} {m['cpu']:6.2f} "
-              f"{rate:8.1f} {rows[label]['pct_peak']:6.1f}% {ratio:5.2f}x")
+        print(f"  {label:46s} {m['inference']:9.1f} {m['total']:9.1f} {m['cpu']:6.2f} "
+              f"{rate:8.1f} {rows[label]['pct_peak']:6.1f}% {per_cpu_s:8.1f} "
+              f"{rows[label]['pct_core_peak']:6.1f}% {ratio:5.2f}x")
     print(f"  ({windows} windows, median of {repeats}; ratio = inference / {best_base}; "
-          f"% peak against the measured {', '.join(sorted(set(precisions.values())))} peak)")
+          f"% peak against the {', '.join(sorted(set(precisions.values())))} peak; "
+          "GF/CPU-s and % core: GFLOP per CPU-second of the whole process against one core's "
+          "share of the peak - what a loaded machine leaves comparable; CPU s includes "
+          "PyTorch's spinning OpenMP threads)")
     return {"windows": windows, "repeats": repeats, "baseline": best_base, "engines": rows}
 
 
@@ -402,13 +411,13 @@ def main() -> None:
 
                 def make_bf16(m: Any = module, i: list[str] = inp, o: list[str] = outs
                               ) -> Engine:
-                    return _ThreadedTorch(TorchEngine(m, i, o, device="cpu"), args.threads,
-                                          bf16=True)
+                    return _ThreadedTorch(TorchEngine(_bf16_module(m), i, o, device="cpu"),
+                                          args.threads, bf16=True)
 
                 engines[label] = make_bf16
                 precisions[label] = "bfloat16"
             res = compare(engines, package, volume, args.repeats, gflop_volume, peaks,
-                          precisions, baseline)
+                          precisions, baseline, args.threads)
             res.update({"gflop_per_window": cost.gflops, "gflop_per_volume": gflop_volume,
                         "macs_by_op": cost.by_op})
             best_ort = min((k for k in res["engines"] if k.startswith("onnxruntime")),
@@ -446,6 +455,25 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=2, default=str))
 
 
+def _bf16_module(module: Any) -> Any:
+    """``module`` under ``torch.autocast("cpu", bfloat16)``, outputs cast back to float32."""
+    import torch
+
+    class Bf16(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = module
+
+        def forward(self, *x: torch.Tensor) -> Any:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = self.inner(*x)
+            if isinstance(out, torch.Tensor):
+                return out.float()
+            return tuple(t.float() for t in out)
+
+    return Bf16().eval()
+
+
 class _ThreadedTorch:
     """A TorchEngine that sets ``torch.set_num_threads`` before each run (process-wide).
 
@@ -472,12 +500,7 @@ class _ThreadedTorch:
         import torch
 
         torch.set_num_threads(self._threads)
-        if not self._bf16:
-            return dict(self._engine.run(inputs))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = dict(self._engine.run(inputs))
-        return {k: v.astype(np.float32) if v.dtype != np.float32 and v.dtype.kind == "f" else v
-                for k, v in out.items()}
+        return dict(self._engine.run(inputs))
 
     def close(self) -> None:
         self._engine.close()
