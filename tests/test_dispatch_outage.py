@@ -196,3 +196,52 @@ def test_kill9_while_dispatching_and_running(orthanc: OrthancServer, node_factor
     deliveries = deliveries_of(node)
     assert len(deliveries) == len(set(deliveries)) == 2 * n
     assert len(node.events("jobs of a dead worker released")) == 2
+
+
+LONG_OUTAGE_S = 30.0
+"""The scaled "2-hour" outage, seconds: half the retry window below (2 h of a 4 h window)."""
+
+
+@pytest.mark.slow
+def test_long_outage_scaled_every_result_arrives_once(orthanc: OrthancServer, node_factory: Any,
+                                                      tmp_path: Path) -> None:
+    """Issue #17 item 8 with shortened settings: a PACS outage of half the retry window
+    (jobs.dispatch_retry_for_s 60 s, like 2 h of the default 4 h), max_attempts 2 (deliveries do
+    not use it up), a backoff grown to 30 s by the time the PACS is back: the destination probe
+    (every 1 s) retries at once, every preview arrives exactly once, nothing is dead-lettered."""
+    n = 3
+    node = node_factory(**node_sections(orthanc, ["pacs", "pacs_rest"], max_attempts=2,
+                                        backoff_initial_s=2, backoff_max_s=30,
+                                        dispatch_retry_for_s=60, probe_interval_s=1))
+    series = make_series(tmp_path, n)
+    orthanc.stop()
+    down_at = time.monotonic()
+    for files in series:
+        assert store_files(node.port, files) == [0] * len(files)
+
+    def delivery_attempts() -> list[int]:
+        conn = sqlite3.connect(f"file:{node.db_path}?mode=ro", uri=True, timeout=5)
+        try:
+            return [int(r[0]) for r in conn.execute("SELECT dispatch_attempts FROM jobs")]
+        except sqlite3.OperationalError:
+            return []
+        finally:
+            conn.close()
+
+    wait_until(lambda: len(jobs_of(node)) == n and min(delivery_attempts() or [0]) >= 3,
+               LONG_OUTAGE_S, "three failed deliveries per job while the PACS is down")
+    time.sleep(max(LONG_OUTAGE_S - (time.monotonic() - down_at), 0))
+    assert {j["state"] for j in jobs_of(node)} <= {"queued", "dispatching"}
+    attempts_during = delivery_attempts()
+    orthanc.start()
+    back_at = time.monotonic()
+    wait_until(lambda: all_done(node, n), 30, "all jobs done after the long outage")
+    resumed_s = time.monotonic() - back_at
+    print(f"outage {time.monotonic() - down_at - resumed_s:.0f} s (window 60 s); failed"
+          f" deliveries per job {attempts_during}; all delivered {resumed_s:.1f} s after"
+          " the PACS came back")
+    assert resumed_s < 15  # the probe, not the 30 s backoff
+    assert_previews_once(orthanc, node, n)
+    assert sorted(d[2] for d in deliveries_of(node)) == ["pacs"] * n + ["pacs_rest"] * n
+    assert not node.events("job failed (dead letter)")
+    assert node.events("destination answers again; waiting jobs retried now")
