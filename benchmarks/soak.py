@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import random
 import shutil
 import signal
@@ -206,7 +207,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=600.0)
     ap.add_argument("--senders", type=int, default=8)
     ap.add_argument("--instances", type=int, default=500, help="distinct instances per sender")
-    ap.add_argument("--timeout-s", type=float, default=3.0,
+    ap.add_argument("--timeout-s", type=float, default=5.0,
                     help="node acse/network/dimse timeouts, seconds")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
@@ -264,6 +265,26 @@ def main() -> int:
             if found is None or not found[0].exists() or dataset_bytes(found[0]) != data:
                 lost += 1
         incoming = list((root / "var" / "spool" / ".incoming").iterdir())
+        events: collections.Counter[str] = collections.Counter()
+        for line in (root / "node.log").read_text(errors="replace").splitlines():
+            try:
+                d = json.loads(line)
+            except ValueError:
+                continue
+            ev = d.get("event", "")
+            if ev == "association_timeout":
+                if d.get("pending_data_set"):
+                    ev += " (mid data set: the sender paused past the timer)"
+                elif d.get("requests") == d.get("responses"):
+                    ev += " (every request answered)"
+                else:
+                    ev += " (a request unanswered)"
+            elif ev == "instance_refused":
+                ev += f" {d.get('status')}"
+            if ev.startswith(("association_timeout", "association_protocol_error",
+                              "instance_refused", "instance_store_failed",
+                              "association_failed", "materialise_failed")):
+                events[ev] += 1
         gaps = sorted(stats.gaps)
         stalls = sum(1 for g in gaps if g > 1.0)
         print(f"soak: {elapsed:.0f} s, {args.senders} senders, node timers {t} s "
@@ -279,6 +300,8 @@ def main() -> int:
         print(f"acknowledged distinct instances: {len(stats.acked)}; lost: {lost}; "
               f"malformed acknowledged: {stats.malformed_acked}; left in .incoming: "
               f"{len(incoming)}; node peak RSS {peak:.0f} MiB")
+        print("node log: " + (", ".join(f"{k} {v}" for k, v in sorted(events.items()))
+                              or "no timeouts, protocol errors or refusals"))
         if stats.errors:
             print("sender-side errors (counted, not failures by themselves):")
             for e, n in stats.errors.most_common(10):

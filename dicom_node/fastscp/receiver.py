@@ -42,6 +42,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,13 @@ class _Assoc:
     last_seq: int = 0
     reserved: bool = False
     """Counted in :attr:`Listener._active` (released exactly once)."""
+    command: bytearray = dataclasses.field(default_factory=bytearray)
+    """Command fragments received so far."""
+    command_cx: int | None = None
+    cmd: dict[int, bytes] | None = None
+    """The C-STORE-RQ whose data set is arriving."""
+    rx: _Received | None = None
+    """Its data set."""
 
 
 class _Received:
@@ -592,58 +600,22 @@ class Listener:
         return assoc
 
     def _run(self, sock: socket.socket, reader: ul.PduReader, assoc: _Assoc) -> None:
-        """Sta6: P-DATA until A-RELEASE or A-ABORT (or a protocol error or a timer)."""
+        """Sta6: one PDU at a time through :data:`STA6_ACTIONS` until the association ends.
+
+        Any PDU type the table lacks, and any :class:`~.upper_layer.UpperLayerError` an
+        action raises, is a protocol error (A-ABORT); a timer expiry is an A-ABORT too.
+        """
         node = self.settings.node
         idle_s, pdu_s = node.network_timeout_s, node.dimse_timeout_s
-        command = bytearray()
-        command_cx: int | None = None
-        cmd: dict[int, bytes] | None = None
-        rx: _Received | None = None
-        how = "association_aborted"
+        how: str | None = None
         st = assoc.stats
         try:
-            while True:
+            while how is None:
                 pdu_type, body = reader.read(idle_s, pdu_s)
-                if pdu_type == ul.P_DATA_TF_TYPE:
-                    for cx_id, is_cmd, last, value in ul.iter_pdvs(body):
-                        if cx_id not in assoc.contexts:
-                            raise ul.UpperLayerError("PDV on a context that was not accepted")
-                        if is_cmd:
-                            if cmd is not None:
-                                raise ul.UpperLayerError("command while a data set is pending")
-                            if len(command) + len(value) > ul.ASSOCIATE_RQ_MAX_BYTES:
-                                raise ul.UpperLayerError("command set over 64 KiB")
-                            command += value
-                            command_cx = cx_id
-                            if not last:
-                                continue
-                            cmd = ul.decode_command(command)
-                            command = bytearray()
-                            if ul.command_us(cmd, 0x0800) == ul.NO_DATASET:
-                                self._dispatch(sock, assoc, cx_id, cmd, None)
-                                cmd = None
-                            else:
-                                rx = self._received(assoc, cx_id, cmd)
-                        else:
-                            if cmd is None or rx is None or cx_id != command_cx:
-                                raise ul.UpperLayerError("data set fragment without a command")
-                            rx.add(value)
-                            if last:
-                                try:
-                                    self._dispatch(sock, assoc, cx_id, cmd, rx)
-                                finally:
-                                    rx.discard()
-                                cmd, rx = None, None
-                elif pdu_type == ul.A_RELEASE_RQ_TYPE:
-                    self._wait_materialised(assoc.last_seq)
-                    sock.settimeout(pdu_s)
-                    sock.sendall(ul.A_RELEASE_RP)
-                    how = "association_released"
-                    return
-                elif pdu_type == ul.A_ABORT_TYPE:
-                    return
-                else:
+                action = STA6_ACTIONS.get(pdu_type)
+                if action is None:
                     raise ul.UpperLayerError(f"unexpected PDU type 0x{pdu_type:02X}")
+                how = action(self, sock, assoc, body)
         except ul.UpperLayerError as err:
             self._abort(sock, "association_protocol_error", assoc_id=st.assoc_id,
                         peer_host=st.peer_host, reason=str(err))
@@ -653,13 +625,63 @@ class Listener:
                         requests=st.requests, responses=st.responses,
                         since_last_response_s=round(time.monotonic() - st.last_response, 3)
                         if st.last_response else None,
-                        pending_data_set=rx is not None)
+                        pending_data_set=assoc.rx is not None)
         except (ul.PeerClosed, OSError):
             pass
         finally:
-            if rx is not None:
-                rx.discard()
-            self._log_end(assoc, how)
+            if assoc.rx is not None:
+                assoc.rx.discard()
+                assoc.rx = None
+            self._log_end(assoc, how or "association_aborted")
+
+    # -- Sta6 actions (see STA6_ACTIONS): each returns the ending log event, or None ----------
+
+    def _on_p_data(self, sock: socket.socket, assoc: _Assoc, body: memoryview) -> str | None:
+        """P-DATA-TF: collect command and data fragments; answer each complete message."""
+        for cx_id, is_cmd, last, value in ul.iter_pdvs(body):
+            if cx_id not in assoc.contexts:
+                raise ul.UpperLayerError("PDV on a context that was not accepted")
+            if is_cmd:
+                if assoc.cmd is not None:
+                    raise ul.UpperLayerError("command while a data set is pending")
+                if len(assoc.command) + len(value) > ul.ASSOCIATE_RQ_MAX_BYTES:
+                    raise ul.UpperLayerError("command set over 64 KiB")
+                assoc.command += value
+                assoc.command_cx = cx_id
+                if not last:
+                    continue
+                cmd = ul.decode_command(assoc.command)
+                assoc.command = bytearray()
+                if ul.command_us(cmd, 0x0800) == ul.NO_DATASET:
+                    self._dispatch(sock, assoc, cx_id, cmd, None)
+                else:
+                    assoc.cmd = cmd
+                    assoc.rx = self._received(assoc, cx_id, cmd)
+                continue
+            rx, request = assoc.rx, assoc.cmd
+            if request is None or rx is None or cx_id != assoc.command_cx:
+                raise ul.UpperLayerError("data set fragment without a command")
+            rx.add(value)
+            if last:
+                assoc.cmd, assoc.rx = None, None
+                try:
+                    self._dispatch(sock, assoc, cx_id, request, rx)
+                finally:
+                    rx.discard()
+        return None
+
+    def _on_release_rq(self, sock: socket.socket, assoc: _Assoc, body: memoryview) -> str:
+        """A-RELEASE-RQ: once the association's instances are in the spool, A-RELEASE-RP."""
+        if assoc.cmd is not None:
+            raise ul.UpperLayerError("A-RELEASE-RQ while a data set is pending")
+        self._wait_materialised(assoc.last_seq)
+        sock.settimeout(self.settings.node.dimse_timeout_s)
+        sock.sendall(ul.A_RELEASE_RP)
+        return "association_released"
+
+    def _on_abort(self, sock: socket.socket, assoc: _Assoc, body: memoryview) -> str:
+        """A-ABORT from the peer: close (a pending reception is dropped)."""
+        return "association_aborted"
 
     def _log_end(self, assoc: _Assoc, how: str) -> None:
         st = assoc.stats
@@ -1072,6 +1094,16 @@ class Listener:
         with self._mat_cond:
             self._mat_cond.wait_for(lambda: self._materialised_upto() >= seq,
                                     timeout=timeout_s)
+
+
+STA6_ACTIONS: dict[int, Callable[[Listener, socket.socket, _Assoc, memoryview], str | None]] = {
+    ul.P_DATA_TF_TYPE: Listener._on_p_data,
+    ul.A_RELEASE_RQ_TYPE: Listener._on_release_rq,
+    ul.A_ABORT_TYPE: Listener._on_abort,
+}
+"""Sta6 (established) of PS3.8's state machine: PDU type → action (in the style of pynetdicom's
+``fsm.py``). Sta2 is :meth:`Listener._associate` (A-ASSOCIATE-RQ only, under ARTIM); every
+PDU type missing here is a protocol error → A-ABORT (AA-1/AA-7)."""
 
 
 def _dataset_of(part10: bytes) -> bytes:
