@@ -50,6 +50,7 @@ from inference.package import ModelPackage
 from omnimri_samples import brain_series
 from tests.fixtures.node import NodeProcess
 from tests.fixtures.orthanc import ORTHANC_BIN, OrthancServer
+from tests.fixtures.wait import wait_until
 from tests.test_export import LABELMAP_REF_GAP, LABELMAP_UID
 from tests.test_export_data import dciodvfy
 
@@ -149,19 +150,19 @@ def wait_for_job(node: NodeProcess, timeout_s: float) -> str:
         AssertionError: An attempt failed (the error and the node's log tail are shown).
         TimeoutError: Not done in ``timeout_s``.
     """
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def done() -> str | None:
         jobs = read_db(node, "SELECT id, state, attempts, last_error FROM jobs")
-        if jobs and jobs[0][1] == "done":
-            assert len(jobs) == 1, jobs
-            return str(jobs[0][0])
         if jobs and jobs[0][3]:
             raise AssertionError(f"job attempt failed: {jobs[0][3]}\n"
                                  + node.log_path.read_text(errors="replace")[-3000:])
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"job not done in {timeout_s} s: {jobs}\n"
-                               + node.log_path.read_text(errors="replace")[-3000:])
-        time.sleep(0.1)
+        if jobs and jobs[0][1] == "done":
+            assert len(jobs) == 1, jobs
+            return str(jobs[0][0])
+        return None
+
+    return wait_until(done, timeout_s, message=lambda: "job not done: " + str(read_db(
+        node, "SELECT id, state FROM jobs")) + "\n" + node.log_path.read_text(
+            errors="replace")[-3000:])
 
 
 def study_instances(orthanc: OrthancServer, study_uid: str) -> list[dict[str, Any]]:
@@ -286,12 +287,13 @@ def test_pacs_to_node_to_pacs_every_output_kind(
     assert {d for _, d in delivered} == {"pacs"}
 
     # Wait (briefly) until Orthanc has indexed every output the node says it delivered.
-    while True:
+    def indexed() -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
         found = study_instances(orthanc, study_uid)
         outputs = [i for i in found if i["MainDicomTags"]["SOPInstanceUID"] not in source_uids]
-        if len(outputs) >= len(out_uids) or time.monotonic() - sent_at > DEADLINE_S:
-            break
-        time.sleep(0.1)
+        return (found, outputs) if len(outputs) >= len(out_uids) else None
+
+    found, outputs = wait_until(indexed, max(0.0, DEADLINE_S - (time.monotonic() - sent_at)),
+                                message="Orthanc has not indexed every delivered output")
     latency_s = time.monotonic() - sent_at
 
     # Exactly once: each output SOP Instance UID once in Orthanc, nothing else added.

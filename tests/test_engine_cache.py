@@ -7,7 +7,7 @@ Real ONNX Runtime (and TorchScript) engines of the tests' tiny package; each eng
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -122,3 +122,35 @@ def test_fingerprint_ignores_engine_caches(folder: Path) -> None:
     assert package_fingerprint(folder) == before
     (folder / "1" / "vocabulary.txt").write_text("a\nb\n")
     assert package_fingerprint(folder) != before
+
+
+def test_node_reload_and_shutdown_close_the_engines(folder: Path, tmp_path: Path) -> None:
+    from dicom_node.config import parse_config
+    from dicom_node.runtime import Node
+    from tests.fixtures.net import free_port
+
+    def config(pipelines: Mapping[str, Mapping[str, str | None]]) -> NodeSettings:
+        return parse_config({"node": {"port": free_port()},
+                             "storage": {"path": "spool", "fsync": False},
+                             "models": {"path": str(folder.parent),
+                                        "engine_order": ["onnxruntime"]},
+                             "pipelines": pipelines}, tmp_path)
+
+    brain: dict[str, Mapping[str, str | None]] = {"brain": {"kind": "omnimri", "model": "tiny"}}
+    settings = config(brain)
+    node = Node(settings)
+    assert node.engines is default_cache()
+    node.engines.close()
+    closes: list[str] = []
+    _, engine = pipe.load_model(settings.pipelines["brain"], settings)
+    _count_closes(engine, closes)
+    node.apply_settings(config(brain | {"preview": {"kind": "preview", "model": None}}))
+    assert closes == [] and len(node.engines) == 1  # still configured: kept warm
+    node.apply_settings(config({"preview": {"kind": "preview", "model": None}}))
+    assert closes == ["onnxruntime"] and len(node.engines) == 0  # pipeline gone: closed
+
+    _, engine = pipe.load_model(settings.pipelines["brain"], settings)
+    _count_closes(engine, closes)
+    node.stop()
+    node.jobs.close()
+    assert closes == ["onnxruntime", "onnxruntime"] and len(node.engines) == 0

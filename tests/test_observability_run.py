@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from omnimri_samples import synthetic_series, write_series
 from tests.fixtures.net import free_port, wait_for_port
 from tests.fixtures.node import NodeProcess, store_files
+from tests.fixtures.wait import wait_until
 
 TOKEN = "observability-token-0123456789"
 
@@ -48,15 +48,14 @@ def test_series_run_metrics_and_audit(
     assert assoc.is_rejected
 
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    deadline = time.monotonic() + 30
-    while True:
+
+    def dispatched() -> str | None:
         text = httpx.get(f"http://127.0.0.1:{admin_port}/metrics", headers=auth, timeout=5).text
         done = re.search(r'^omnimri_stage_duration_seconds_count\{stage="dispatch"\} (\S+)$',
                          text, re.M)
-        if done and float(done.group(1)) >= 1:
-            break
-        assert time.monotonic() < deadline, "the preview job was not dispatched in 30 s"
-        time.sleep(0.2)
+        return text if done and float(done.group(1)) >= 1 else None
+
+    text = wait_until(dispatched, 30, interval_s=0.2, message="the preview job was not dispatched")
     assert _metric(text, "omnimri_instances_received_total") == 5
     assert _metric(text, "omnimri_associations_total", '{result="accepted"}') >= 1
     assert _metric(text, "omnimri_associations_total", '{result="rejected"}') == 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import yaml
 
 from omnimri_samples import synthetic_series, write_series
 from tests.fixtures.node import store_files
+from tests.fixtures.wait import wait_until
 
 
 def _rules(path: Path, rules: list[dict[str, Any]]) -> None:
@@ -35,11 +35,7 @@ def test_reload_on_change_and_sighup_and_refusal(node_factory: Any, tmp_path: Pa
     assert ev["rules"] == 1 and ev["needs_restart"] == []
     files = write_series(synthetic_series(3, 32, 32), tmp_path / "series")
     store_files(node.port, files)
-    deadline = time.monotonic() + 30
-    done: list[Path] = []
-    while not done and time.monotonic() < deadline:
-        done = list(out.rglob("*.dcm"))
-        time.sleep(0.1)
+    done = wait_until(lambda: list(out.rglob("*.dcm")), 30, message="no preview output")
     assert len(done) == 1, "the reloaded MR rule routed the series to the preview pipeline"
 
     # An invalid file is refused with its key path; the node keeps running on the old rules.
