@@ -161,6 +161,10 @@ def eval_cmd(
     from inference.omnimri.evaluate import evaluate_checkpoint, evaluate_package, merge_reports
 
     prog = _echo if verbose else None
+    if not verbose:  # the tables only: no per-run "model run" log lines
+        from dicom_node.logs import configure_logging
+
+        configure_logging("warning", fmt="console")
     if real_mr:
         from inference.omnimri.real_mr import describe
         from inference.package import ModelPackage
