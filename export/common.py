@@ -238,3 +238,18 @@ def display_rgb(label: SegmentLabel) -> tuple[int, int, int]:
     if label.type.value in DISPLAY_RGB:
         return DISPLAY_RGB[label.type.value]
     return LESION_RGB if label.task == "pathological" else TISSUE_RGB
+
+
+def detection_box(
+    det: Detection, k: int, mask: npt.NDArray[np.bool_] | None, shape: tuple[int, int],
+    pad: float = 1.5,
+) -> npt.NDArray[np.float64]:
+    """Closed rectangle around detection ``det`` on slice ``k``: five ``(column, row)`` points.
+
+    The same extent as :func:`detection_ellipse` (PIXEL coordinates, top left corner of the
+    top left pixel at (0, 0)), clockwise from the top left corner back to it.
+    """
+    e = detection_ellipse(det, k, mask, shape, pad)
+    c0, c1 = float(e[:, 0].min()), float(e[:, 0].max())
+    r0, r1 = float(e[:, 1].min()), float(e[:, 1].max())
+    return np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]], dtype=np.float64)

@@ -7,10 +7,10 @@ Content tree::
     ├─ procedure reported: MRI unspecified body region (25056-3, LN; CID 100)
     ├─ Image Library: the detections' key source images and the key slices
     ├─ Imaging Measurements                     (only detections: every group has coordinates)
-    │   └─ per detection: TID 1410 planar ROI, SCOORD ELLIPSE around the detection on its
-    │       centre slice (SELECTED FROM that source image), Diameter (81827009, SCT) mm,
-    │       Volume ml, Probability (122157, DCM), finding site lobe + laterality; tracking
-    │       id (lesion-1) + UID
+    │   └─ per detection: TID 1410 planar ROI, SCOORD closed POLYLINE (rectangle, 5 points)
+    │       around the detection on its centre slice (SELECTED FROM that source image),
+    │       Diameter (81827009, SCT) mm INFERRED FROM the same SCOORD, Volume ml,
+    │       Probability (122157, DCM) %, finding site lobe + laterality; tracking id + UID
     └─ Qualitative Evaluations (C0034375, UMLS)
         ├─ CODE Finding (121071, DCM) = the diagnostic suggestion
         │   └─ HAS PROPERTIES NUM Probability (122157, DCM), no units (0..1)
@@ -30,9 +30,14 @@ better but makes pixelmed 20220618 fail internally (its TID 1420 needs a CID 746
 The 2D SCOORD on a referenced source image is what OHIF draws (a SCOORD3D point is not drawn,
 and pixelmed refuses TID 1410 and 1411 groups mixed in one container, so there is no 3D
 duplicate); the first NUM (Diameter) is OHIF's label and the first finding site its location.
+A rectangle rather than an ellipse: OHIF's adapters hydrate a closed 5-point POLYLINE on Image
+Region (111030, DCM) into its RectangleROI tool, so the detections are listed in its
+Measurements panel (an ELLIPSE is drawn but not hydrated without a Cornerstone tracking id).
 """
 
 from __future__ import annotations
+
+import copy
 
 import highdicom as hd
 import structlog
@@ -43,7 +48,7 @@ from pydicom.sr.coding import Code as PydicomCode
 from export import uids
 from export.common import (
     contributing_equipment,
-    detection_ellipse,
+    detection_box,
     finish,
     key_slices,
     series_description,
@@ -58,6 +63,7 @@ log = structlog.get_logger(__name__)
 
 MILLILITER = PydicomCode("ml", "UCUM", "milliliter")
 NO_UNITS = codes.UCUM.NoUnits
+PERCENT = codes.UCUM.Percent
 QUALITATIVE_EVALUATIONS = PydicomCode("C0034375", "UMLS", "Qualitative Evaluations")
 PROCEDURE = codes.LN.MRIUnspecifiedBodyRegion
 """Procedure reported (TID 1500 row 4, CID 100): MRI unspecified body region (25056-3, LN).
@@ -216,7 +222,8 @@ def _detection_groups(
 ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
     """Per detection a planar ROI (TID 1410).
 
-    A 2D ellipse on its centre slice, diameter, volume, probability, finding site.
+    A closed POLYLINE rectangle (5 points) around the detection on its centre slice, the
+    diameter (INFERRED FROM that rectangle), volume, probability (%), finding site.
     """
     by_number = {s.label.number: s for s in ctx.results.segments}
     groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
@@ -224,40 +231,61 @@ def _detection_groups(
         k = _centre_slice(ctx, det)
         src, frame = ctx.source_of_slice(k)
         seg = by_number.get(det.segment_number)
-        ellipse = detection_ellipse(det, k, seg.mask if seg is not None else None,
-                                    ctx.volume.shape[1:])
-        groups.append(
-            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=uids.derived_uid(ctx.job_id, "detection", n),
-                    identifier=(det.tracking_id or f"lesion-{n}")[:64],
-                ),
-                referenced_region=hd.sr.ImageRegion(
-                    graphic_type=hd.sr.GraphicTypeValues.ELLIPSE,
-                    graphic_data=ellipse,
-                    source_image=hd.sr.SourceImageForRegion.from_source_image(
-                        src, referenced_frame_numbers=[frame] if frame is not None else None
-                    ),
-                ),
-                finding_type=to_coded(det.finding),
-                algorithm_id=_algorithm(ctx),
-                finding_sites=finding_sites(det),
-                measurements=[
-                    hd.sr.Measurement(
-                        name=codes.SCT.Diameter, value=round(det.diameter_mm, 2),
-                        unit=codes.UCUM.Millimeter,
-                    ),
-                    hd.sr.Measurement(
-                        name=codes.SCT.Volume, value=round(det.volume_ml, 3), unit=MILLILITER
-                    ),
-                    hd.sr.Measurement(
-                        name=codes.DCM.Probability, value=round(det.probability, 4),
-                        unit=NO_UNITS,
-                    ),
-                ],
-            )
+        outline = detection_box(det, k, seg.mask if seg is not None else None,
+                                ctx.volume.shape[1:])
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=outline,
+            source_image=hd.sr.SourceImageForRegion.from_source_image(
+                src, referenced_frame_numbers=[frame] if frame is not None else None
+            ),
         )
+        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=uids.derived_uid(ctx.job_id, "detection", n),
+                identifier=(det.tracking_id or f"lesion-{n}")[:64],
+            ),
+            referenced_region=region,
+            finding_type=to_coded(det.finding),
+            algorithm_id=_algorithm(ctx),
+            finding_sites=finding_sites(det),
+            measurements=[
+                hd.sr.Measurement(
+                    name=codes.SCT.Diameter, value=round(det.diameter_mm, 2),
+                    unit=codes.UCUM.Millimeter,
+                ),
+                hd.sr.Measurement(
+                    name=codes.SCT.Volume, value=round(det.volume_ml, 3), unit=MILLILITER
+                ),
+                hd.sr.Measurement(
+                    name=codes.DCM.Probability, value=round(100.0 * det.probability, 2),
+                    unit=PERCENT,
+                ),
+            ],
+        )
+        _infer_diameter_from(group, region)
+        groups.append(group)
     return groups
+
+
+def _infer_diameter_from(
+    group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations, region: hd.sr.ImageRegion
+) -> None:
+    """Give the group's Diameter NUM an INFERRED FROM copy of the image region (TID 300).
+
+    That is the layout OHIF's measurement adapters read back ("hydrate") into editable
+    measurements of its Measurements panel; the region at the group's top level (TID 1410
+    row 5) is what OHIF's SR viewport draws.
+    """
+    (container,) = group
+    inferred = copy.deepcopy(region)
+    inferred.RelationshipType = hd.sr.RelationshipTypeValues.INFERRED_FROM.value
+    for item in container.ContentSequence:
+        if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == (
+            codes.SCT.Diameter.value
+        ):
+            item.ContentSequence = hd.sr.ContentSequence([inferred])
+            return
 
 
 def _qualitative_evaluations(

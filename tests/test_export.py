@@ -271,13 +271,15 @@ def test_sr_values_equal_measurements(case: str, exported: dict, folder: Path) -
         assert ref.referenced_segment_numbers == [
             segment_numbering(ctx.results.segments)[s.label.number]
         ]
-    # detections: TID 1410 with a 2D ellipse on the centre slice's source image
+    # detections: TID 1410 with a 2D rectangle on the centre slice's source image
     det = ctx.results.detections[0]
-    (g,) = content.get_planar_roi_measurement_groups()
-    assert g.tracking_identifier == det.tracking_id and g.tracking_uid
-    assert g.reference_type.value == "111030"  # Image Region (SCOORD)
-    region = g.roi
-    assert isinstance(region, hd.sr.ImageRegion) and region.graphic_type.value == "ELLIPSE"
+    (planar,) = content.get_planar_roi_measurement_groups()
+    assert planar.tracking_identifier == det.tracking_id and planar.tracking_uid
+    assert planar.reference_type.value == "111030"  # Image Region (SCOORD)
+    region = planar.roi
+    assert isinstance(region, hd.sr.ImageRegion) and region.graphic_type.value == "POLYLINE"
+    outline = np.asarray(region.value).reshape(-1, 2)
+    assert len(outline) == 5 and np.array_equal(outline[0], outline[-1])  # closed rectangle
     k = int(round(det.centroid_index[0]))
     src, frame = ctx.source_of_slice(k)
     (selected,) = region.ContentSequence
@@ -288,9 +290,9 @@ def test_sr_values_equal_measurements(case: str, exported: dict, folder: Path) -
     # the ellipse holds the centroid (column, row; pixel centres at +0.5)
     assert cols.min() < det.centroid_index[2] + 0.5 < cols.max()
     assert rows.min() < det.centroid_index[1] + 0.5 < rows.max()
-    (diam,) = g.get_measurements(name=codes.SCT.Diameter)
+    (diam,) = planar.get_measurements(name=codes.SCT.Diameter)
     assert diam.value == pytest.approx(det.diameter_mm, abs=0.01)
-    (site,) = g.finding_sites
+    (site,) = planar.finding_sites
     assert site.value == codes.SCT.Brain or site.value.value in {
         c.value for c in LOBE_CODES.values()
     }
@@ -526,6 +528,11 @@ def _assert_ohif_safe(sr: Dataset, sources: set[str]) -> int:
         assert scoords[0].GraphicType in ("POINT", "MULTIPOINT", "POLYLINE", "CIRCLE", "ELLIPSE")
         (image,) = scoords[0].ContentSequence
         assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID in sources
+        # what OHIF's adapters hydrate: the first NUM INFERRED FROM a SCOORD on the same image
+        num = next(k for k in kids if k.ValueType == "NUM")
+        (inferred,) = num.ContentSequence
+        assert inferred.RelationshipType == "INFERRED FROM" and inferred.ValueType == "SCOORD"
+        assert inferred.GraphicData == scoords[0].GraphicData
     return len(groups)
 
 
