@@ -33,6 +33,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -44,9 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pydicom  # noqa: E402
 
+from dicom_node.fastscp import upper_layer as ul  # noqa: E402
 from omnimri_samples import synthetic_series, write_series  # noqa: E402
 from tests.fixtures.node import dataset_bytes, write_node_config  # noqa: E402
-from tests.test_receiver_network import RawAssociation, rss_mib  # noqa: E402
+from tests.test_receiver_network import RawAssociation, command, rss_mib  # noqa: E402
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 KINDS = {"store": 0.6, "abort": 0.1, "slow": 0.1, "idle": 0.05, "malformed": 0.15}
@@ -159,8 +161,12 @@ class Sender(threading.Thread):
     def do_abort(self) -> None:
         sc, uid, data, _ = self.pick()
         a = RawAssociation(self.port, [(sc, EXPLICIT_LE)], calling=f"ABORT{self.k}")
-        a.send_store(sc, b"9.9." + uid.encode(), data[:len(data) // 2] + b"\0" * 0,
-                     fragment=max(1, len(data) // 4))
+        cx = a.context_of[sc]
+        a.sock.sendall(ul.p_data_tf(cx, command(ul.C_STORE_RQ, 1, sc.encode(), uid.encode(),
+                                                True)))
+        half = data[:len(data) // 2]  # a fragment that is not the last one, then the abort
+        pdv = struct.pack(">LBB", len(half) + 2, cx, 0x00) + half
+        a.sock.sendall(struct.pack(">BxL", ul.P_DATA_TF_TYPE, len(pdv)) + pdv)
         a.abort()
 
     def do_slow(self) -> None:

@@ -354,3 +354,24 @@ def test_malformed_data_sets_are_refused_at_the_door(
     refused = node.wait_for_event("instance_refused", count=len(cases))
     assert {e["status"] for e in refused} == {"0xC000"}
     assert node.index().count_instances() == 0
+
+
+def test_connections_beyond_the_limit_are_closed_at_once(
+        node_factory: Callable[..., NodeProcess]) -> None:
+    """Unassociated connections hold no slot, but they are bounded: 2 x max_associations + 16."""
+    node = node_factory(node={"max_associations": 1, "acse_timeout_s": 30})
+    limit = 2 * 1 + 16
+    held = [socket.create_connection(("127.0.0.1", node.port), timeout=10) for _ in range(limit)]
+    try:
+        time.sleep(0.5)
+        extra = socket.create_connection(("127.0.0.1", node.port), timeout=10)
+        dt = closed_within(extra, 5)
+        assert dt is not None and dt < 2, "a connection beyond the limit was kept"
+        extra.close()
+        assert closed_within(held[0], 0.2) is None  # the others wait for their ARTIM timer
+    finally:
+        for s in held:
+            s.close()
+    node.wait_for_event("connection_refused")
+    time.sleep(0.5)
+    assert echo_s(node.port) < 2  # once they are gone, serving as before

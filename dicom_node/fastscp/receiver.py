@@ -293,6 +293,8 @@ class Listener:
         mx = settings.node.max_pdu_bytes
         self.max_pdu = mx if 0 < mx <= MAX_PDU_CAP else MAX_PDU_CAP
         """Maximum PDU length offered in the A-ASSOCIATE-AC, bytes."""
+        self.max_connections = 2 * settings.node.max_associations + 16
+        """Open connections (associated or not) beyond which new ones are closed at once."""
         self.recover()
 
     # -- start-up: replay what a crash left in the journal --------------------------------
@@ -478,11 +480,24 @@ class Listener:
         self._db_pool.shutdown(wait=False)
 
     def _accept_loop(self, server: socket.socket, tls_ctx: ssl.SSLContext | None) -> None:
+        refused, last_log = 0, 0.0
         while self._serving:
             try:
                 conn, addr = server.accept()
             except OSError:
                 return
+            if len(self._assoc_threads) >= self.max_connections:
+                # Connections that have not associated yet hold no slot; this bounds them
+                # (threads, buffers) until their ARTIM timer closes them.
+                refused += 1
+                with contextlib.suppress(OSError):
+                    conn.close()
+                if time.monotonic() - last_log > 1.0:
+                    log.warning("connection_refused", reason="too many open connections",
+                                limit=self.max_connections, refused=refused,
+                                peer_host=str(addr[0]))
+                    refused, last_log = 0, time.monotonic()
+                continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             t = threading.Thread(target=self._serve, args=(conn, addr, tls_ctx), daemon=True,
                                  name="rx-assoc")
@@ -502,12 +517,17 @@ class Listener:
         try:
             if tls_ctx is not None:
                 conn.settimeout(node.acse_timeout_s)
+                # The socket timeout bounds each read of the handshake; this bounds all of it.
+                artim = threading.Timer(node.acse_timeout_s, _shut, (conn,))
+                artim.start()
                 try:
                     sock = tls_ctx.wrap_socket(conn, server_side=True)
                 except (OSError, ssl.SSLError, TimeoutError) as err:
                     log.info("tls_handshake_failed", peer_host=host,
                              reason=type(err).__name__)
                     return
+                finally:
+                    artim.cancel()
                 with self._conns_lock:
                     self._conns.discard(conn)
                     self._conns.add(sock)
@@ -1094,6 +1114,12 @@ class Listener:
         with self._mat_cond:
             self._mat_cond.wait_for(lambda: self._materialised_upto() >= seq,
                                     timeout=timeout_s)
+
+
+def _shut(sock: socket.socket) -> None:
+    """Shut a socket down (ends a blocking read in another thread)."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 STA6_ACTIONS: dict[int, Callable[[Listener, socket.socket, _Assoc, memoryview], str | None]] = {
