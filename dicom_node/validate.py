@@ -5,7 +5,9 @@
 pydicom objects, no value decoding, pixel data skipped by its length. It refuses
 
 - an element whose value runs past the end of the data (truncation, a flipped length byte);
-- an Explicit VR element with a VR code that is not one of PS3.5 Table 6.2-1's;
+- an Explicit VR element with a VR code that is not one of PS3.5 Table 6.2-1's, or a binary
+  number VR (US, SS, UL, SL, FL, AT, FD, SV, UV) whose length is not a multiple of its size
+  (pydicom raises on such a value when the header is read);
 - native (uncompressed) Pixel Data with undefined length, with or without a delimiter;
 - encapsulated Pixel Data without its Sequence Delimitation Item, or with a non-item inside;
 - an undefined length on an element that cannot have one (only SQ, UN and Pixel Data can);
@@ -64,6 +66,9 @@ _VRS: Final = frozenset({
 _LONG_VRS: Final = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC",
                               b"UN", b"UR", b"UT", b"UV"})
 """VRs with a reserved 2 bytes and a 4-byte length (PS3.5 7.1.2)."""
+_NUMBER_SIZE: Final = {b"US": 2, b"SS": 2, b"UL": 4, b"SL": 4, b"FL": 4, b"AT": 4, b"FD": 8,
+                       b"SV": 8, b"UV": 8}
+"""Binary number VRs and the size of one value, bytes."""
 
 _UNDEFINED: Final = 0xFFFFFFFF
 _PIXEL_DATA: Final = 0x7FE00010
@@ -147,6 +152,8 @@ class _Walker:
                     if top and tag == 0 and not any(buf[pos:end]):
                         return end
                     raise _Bad(f"invalid VR code at offset {pos}")
+                if length % _NUMBER_SIZE.get(vr, 1) and length != _UNDEFINED:
+                    raise _Bad(f"value length not a multiple of its VR's size at offset {pos}")
             else:
                 start = pos + 8
             if length == _UNDEFINED:
