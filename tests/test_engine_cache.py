@@ -16,7 +16,7 @@ from dicom_node.config import NodeSettings, PipelineConfig
 from dicom_node.pipelines import omnimri as pipe
 from dicom_node.pipelines.models import engine_slot, engine_slots
 from inference.engines import Engine
-from inference.engines.cache import EngineCache, default_cache, package_fingerprint, slot_for
+from inference.engines.cache import EngineCache, EngineSlot, default_cache, package_fingerprint
 from inference.package import ModelPackage
 
 
@@ -25,6 +25,10 @@ def folder(tiny_package: ModelPackage, tmp_path: Path) -> Path:
     out = tmp_path / "models" / "tiny"
     shutil.copytree(tiny_package.folder, out)
     return out
+
+
+def _ort(folder: Path) -> EngineSlot:
+    return EngineSlot.of(folder, ["onnxruntime"], intra_op_threads=1)
 
 
 def _count_closes(engine: Engine, closes: list[str]) -> None:
@@ -46,32 +50,32 @@ def _edit_model_yaml(folder: Path, version: str) -> None:
 
 def test_edited_model_yaml_closes_the_old_engine(folder: Path) -> None:
     cache, closes = EngineCache(), list[str]()
-    first = cache.get(folder, ["onnxruntime"], intra_op_threads=1)
+    first = cache.get(_ort(folder))
     _count_closes(first.engine, closes)
-    again = cache.get(folder, ["onnxruntime"], intra_op_threads=1)
+    again = cache.get(_ort(folder))
     assert first.fresh and not again.fresh and again.engine is first.engine
     assert closes == []
 
     _edit_model_yaml(folder, "0.0.2")
     assert ModelPackage.load(folder).spec.version == "0.0.2"
-    edited = cache.get(folder, ["onnxruntime"], intra_op_threads=1)
+    edited = cache.get(_ort(folder))
     assert edited.fresh and edited.engine is not first.engine
     assert edited.package.spec.version == "0.0.2"
     assert closes == ["onnxruntime"] and cache.closes == 1 and len(cache) == 1
     # A replaced graph file is a new package too (same model.yaml).
     graph = folder / "1" / "model.onnx"
     graph.write_bytes(graph.read_bytes())
-    assert cache.get(folder, ["onnxruntime"], intra_op_threads=1).engine is not edited.engine
+    assert cache.get(_ort(folder)).engine is not edited.engine
     assert cache.closes == 2 and cache.loads == 3
     assert cache.close() == 1 and cache.closes == 3 and len(cache) == 0
 
 
 def test_an_engine_in_use_closes_when_its_job_ends(folder: Path) -> None:
     cache, closes = EngineCache(), list[str]()
-    with cache.lease(folder, ["onnxruntime"], intra_op_threads=1) as job:
+    with cache.lease(_ort(folder)) as job:
         _count_closes(job.engine, closes)
         _edit_model_yaml(folder, "0.0.3")
-        newer = cache.get(folder, ["onnxruntime"], intra_op_threads=1)
+        newer = cache.get(_ort(folder))
         assert newer.engine is not job.engine
         assert closes == []  # not under the running job
         assert job.engine.output_names  # still usable
@@ -81,8 +85,8 @@ def test_an_engine_in_use_closes_when_its_job_ends(folder: Path) -> None:
 
 def test_reload_keeps_the_configured_engines_and_closes_the_rest(folder: Path) -> None:
     cache, closes = EngineCache(), list[str]()
-    ort = cache.get(folder, ["onnxruntime"])
-    torch = cache.get(folder, ["torch"])
+    ort = cache.get(EngineSlot.of(folder, ["onnxruntime"]))
+    torch = cache.get(EngineSlot.of(folder, ["torch"]))
     _count_closes(ort.engine, closes)
     _count_closes(torch.engine, closes)
     settings = NodeSettings.model_validate({
@@ -90,9 +94,9 @@ def test_reload_keeps_the_configured_engines_and_closes_the_rest(folder: Path) -
         "pipelines": {"brain": {"kind": "omnimri", "model": "tiny"},
                       "preview": {"kind": "preview", "model": None}}})
     wanted = engine_slots(settings)
-    assert wanted == {slot_for(folder, ["torch"])}
+    assert wanted == {EngineSlot.of(folder, "torch")}
     assert cache.retain(wanted) == 1 and closes == ["onnxruntime"]
-    assert cache.get(folder, ["torch"]).engine is torch.engine
+    assert cache.get(EngineSlot.of(folder, ["torch"])).engine is torch.engine
     assert cache.close() == 1 and closes == ["onnxruntime", "torch"]
     assert cache.close() == 0 and cache.closes == 2  # closed exactly once
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dicom_node.config import NodeSettings, PipelineConfig
 from dicom_node.pipelines import PipelineError
-from inference.engines.cache import Slot, slot_for
+from inference.engines.cache import EngineSlot
 
 
 def model_folder(cfg: PipelineConfig, settings: NodeSettings) -> Path:
@@ -30,24 +30,23 @@ def model_folder(cfg: PipelineConfig, settings: NodeSettings) -> Path:
     return folder.resolve()
 
 
-def engine_preference(cfg: PipelineConfig, settings: NodeSettings) -> str | list[str]:
-    """The engines to try for ``cfg``: its own ``engine``, or ``models.engine_order``."""
-    return list(settings.models.engine_order) if cfg.engine == "auto" else cfg.engine
-
-
-def engine_slot(cfg: PipelineConfig, settings: NodeSettings) -> Slot:
+def engine_slot(cfg: PipelineConfig, settings: NodeSettings) -> EngineSlot:
     """The engine-cache slot of a model pipeline.
+
+    Its package folder; its own ``engine`` or else ``models.engine_order``; the Triton URL and
+    CPU threads of ``models``.
 
     Raises:
         PipelineError: No model configured, or no such folder (permanent).
     """
-    return slot_for(model_folder(cfg, settings), engine_preference(cfg, settings),
-                    settings.models.triton_url, settings.models.intra_op_threads)
+    preference = list(settings.models.engine_order) if cfg.engine == "auto" else cfg.engine
+    return EngineSlot.of(model_folder(cfg, settings), preference, settings.models.triton_url,
+                         settings.models.intra_op_threads)
 
 
-def engine_slots(settings: NodeSettings) -> set[Slot]:
+def engine_slots(settings: NodeSettings) -> set[EngineSlot]:
     """The slots of every model pipeline in ``settings`` whose package folder exists."""
-    out: set[Slot] = set()
+    out: set[EngineSlot] = set()
     for cfg in settings.pipelines.values():
         if not cfg.model:
             continue

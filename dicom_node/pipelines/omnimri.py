@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import pydicom
 
@@ -23,7 +24,7 @@ from dicom_node import __version__, metrics
 from dicom_node.config import NodeSettings, PipelineConfig
 from dicom_node.logs import get_logger
 from dicom_node.pipelines import PipelineError, UnsupportedSeries
-from dicom_node.pipelines.models import engine_preference, model_folder
+from dicom_node.pipelines.models import engine_slot
 from dicom_node.series import Series
 from export import (
     ExportContext,
@@ -55,15 +56,14 @@ def _leased_model(cfg: PipelineConfig, settings: NodeSettings,
     Raises:
         PipelineError: Invalid package or no engine can run it here (permanent).
     """
-    folder = model_folder(cfg, settings)
+    slot = engine_slot(cfg, settings)
     t0 = time.perf_counter()
     with ExitStack() as stack:
         try:
-            loaded = stack.enter_context((cache or default_cache()).lease(
-                folder, engine_preference(cfg, settings), settings.models.triton_url,
-                intra_op_threads=settings.models.intra_op_threads))
+            loaded = stack.enter_context((cache or default_cache()).lease(slot))
         except PackageError as err:
-            raise PipelineError(f"model package {folder.name}: {err}", permanent=True) from err
+            raise PipelineError(f"model package {Path(slot.folder).name}: {err}",
+                                permanent=True) from err
         except EngineUnavailable as err:
             raise PipelineError(str(err), permanent=True) from err
         if loaded.fresh:

@@ -204,11 +204,10 @@ def shared_engine(
     the process's :func:`inference.engines.cache.default_cache`: when the package's files
     change the next call loads it again and the old engine is closed.
     """
-    from inference.engines.cache import default_cache
+    from inference.engines.cache import EngineSlot, default_cache
 
-    return default_cache().get(package.folder, preference, triton_url,
-                               intra_op_threads=intra_op_threads, warm_up=warm_up,
-                               package=package).engine
+    slot = EngineSlot.of(package.folder, preference, triton_url, intra_op_threads)
+    return default_cache().get(slot, warm_up=warm_up, package=package).engine
 
 
 def close_shared_engines() -> None:

@@ -33,13 +33,10 @@ if TYPE_CHECKING:
     from inference.engines import Engine
     from inference.package import ModelPackage
 
-__all__ = ["EngineCache", "Fingerprint", "Loaded", "Slot", "default_cache",
-           "package_fingerprint", "slot_for"]
+__all__ = ["EngineCache", "EngineSlot", "Fingerprint", "Loaded", "default_cache",
+           "package_fingerprint"]
 
 _log = structlog.get_logger(__name__)
-
-Slot = tuple[str, str, str | None, int]
-"""(resolved package folder, engine preference as text, Triton URL, intra-op CPU threads)."""
 
 Fingerprint = tuple[tuple[str, int, int, int], ...]
 """``(relative path, size in bytes, mtime in ns, inode)`` of each file that defines a package."""
@@ -79,11 +76,31 @@ def package_fingerprint(folder: Path | str) -> Fingerprint:
     return tuple(sorted(out))
 
 
-def slot_for(folder: Path | str, preference: str | Sequence[str] = "auto",
-             triton_url: str | None = None, intra_op_threads: int = 0) -> Slot:
-    """The cache key of one package run with one engine configuration."""
-    pref = preference if isinstance(preference, str) else ",".join(preference)
-    return (str(Path(folder).resolve()), pref, triton_url, intra_op_threads)
+@dataclass(frozen=True)
+class EngineSlot:
+    """What one cached engine is for: a package folder run with one engine configuration.
+
+    Build it with :meth:`of`, which resolves the folder and normalises the preference.
+    """
+
+    folder: str
+    """The package folder, resolved."""
+    preference: tuple[str, ...]
+    """Engines to try in order; empty = :data:`inference.engines.DEFAULT_ORDER` (``auto``)."""
+    triton_url: str | None = None
+    """Triton server for ``triton``."""
+    intra_op_threads: int = 0
+    """CPU threads per inference (0 = all cores)."""
+
+    @classmethod
+    def of(cls, folder: Path | str, preference: str | Sequence[str] = "auto",
+           triton_url: str | None = None, intra_op_threads: int = 0) -> EngineSlot:
+        """The slot of ``folder`` with ``preference`` (``"auto"``, one name or a list)."""
+        if isinstance(preference, str):
+            order: tuple[str, ...] = () if preference == "auto" else (preference,)
+        else:
+            order = tuple(preference)
+        return cls(str(Path(folder).resolve()), order, triton_url, intra_op_threads)
 
 
 @dataclass(frozen=True)
@@ -98,7 +115,7 @@ class Loaded:
 
 @dataclass(eq=False)
 class _Entry:
-    slot: Slot
+    slot: EngineSlot
     stamp: Fingerprint
     package: ModelPackage
     engine: Engine
@@ -115,7 +132,7 @@ class EngineCache:
     """
 
     def __init__(self) -> None:
-        self._entries: dict[Slot, _Entry] = {}
+        self._entries: dict[EngineSlot, _Entry] = {}
         self._lock = threading.RLock()
         self.loads = 0
         """Engines created since start."""
@@ -126,67 +143,42 @@ class EngineCache:
         with self._lock:
             return len(self._entries)
 
-    def slots(self) -> list[Slot]:
+    def slots(self) -> list[EngineSlot]:
         """The slots that hold an engine now."""
         with self._lock:
             return list(self._entries)
 
-    def get(
-        self,
-        folder: Path | str,
-        preference: str | Sequence[str] = "auto",
-        triton_url: str | None = None,
-        *,
-        intra_op_threads: int = 0,
-        warm_up: bool = False,
-        package: ModelPackage | None = None,
-    ) -> Loaded:
-        """The ready engine of ``folder`` (loaded now if missing or if the package changed).
+    def get(self, slot: EngineSlot, *, warm_up: bool = False,
+            package: ModelPackage | None = None) -> Loaded:
+        """The ready engine of ``slot`` (loaded now if missing or if the package changed).
 
         The engine stays open until the package changes or the cache evicts or closes it; a
         job that must not see it closed under it uses :meth:`lease`.
 
         Parameters
         ----------
-        folder
-            The package folder.
-        preference
-            ``"auto"``, an engine name or an ordered list (see
-            :func:`inference.engines.select_engine`).
-        triton_url
-            Triton server for ``triton``.
-        intra_op_threads
-            CPU threads per inference (0 = all cores).
+        slot
+            The package folder and engine configuration (:meth:`EngineSlot.of`).
         warm_up
             Run one zero batch through a newly loaded engine (:func:`inference.runner.warm_up`).
         package
-            The already loaded package of ``folder`` (used when the cache loads); default: read
-            ``folder/model.yaml``.
+            The already loaded package of ``slot.folder`` (used when the cache loads); default:
+            read its ``model.yaml``.
 
         Raises
         ------
         inference.package.PackageError
             The package is invalid.
         inference.engines.EngineUnavailable
-            No engine in ``preference`` runs here.
+            No engine in the slot's preference runs here.
         """
-        entry, fresh = self._acquire(folder, preference, triton_url, intra_op_threads,
-                                     warm_up, package, lease=False)
+        entry, fresh = self._acquire(slot, warm_up, package, lease=False)
         return Loaded(entry.package, entry.engine, fresh)
 
     @contextmanager
-    def lease(
-        self,
-        folder: Path | str,
-        preference: str | Sequence[str] = "auto",
-        triton_url: str | None = None,
-        *,
-        intra_op_threads: int = 0,
-        warm_up: bool = False,
-    ) -> Iterator[Loaded]:
+    def lease(self, slot: EngineSlot, *, warm_up: bool = False) -> Iterator[Loaded]:
         """Like :meth:`get`, and the engine is not closed before the ``with`` block ends."""
-        entry, fresh = self._acquire(folder, preference, triton_url, intra_op_threads,
-                                     warm_up, None, lease=True)
+        entry, fresh = self._acquire(slot, warm_up, None, lease=True)
         try:
             yield Loaded(entry.package, entry.engine, fresh)
         finally:
@@ -196,7 +188,7 @@ class EngineCache:
             if close_now:
                 self._close(entry, "replaced while in use")
 
-    def retain(self, keep: Collection[Slot] | Callable[[Slot], bool]) -> int:
+    def retain(self, keep: Collection[EngineSlot] | Callable[[EngineSlot], bool]) -> int:
         """Close the engines whose slot is not in ``keep`` (after a configuration change).
 
         Returns
@@ -219,11 +211,9 @@ class EngineCache:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _acquire(self, folder: Path | str, preference: str | Sequence[str],
-                 triton_url: str | None, intra_op_threads: int, warm_up: bool,
-                 package: ModelPackage | None, *, lease: bool) -> tuple[_Entry, bool]:
-        slot = slot_for(folder, preference, triton_url, intra_op_threads)
-        stamp = package_fingerprint(slot[0])
+    def _acquire(self, slot: EngineSlot, warm_up: bool, package: ModelPackage | None, *,
+                 lease: bool) -> tuple[_Entry, bool]:
+        stamp = package_fingerprint(slot.folder)
         with self._lock:
             entry = self._entries.get(slot)
             if entry is not None and entry.stamp == stamp:
@@ -232,20 +222,19 @@ class EngineCache:
             if entry is not None:
                 del self._entries[slot]
                 self._retire(entry, "package changed")
-            entry = self._load(slot, stamp, preference, triton_url, intra_op_threads,
-                               warm_up, package)
+            entry = self._load(slot, stamp, warm_up, package)
             self._entries[slot] = entry
             entry.users += lease
             return entry, True
 
-    def _load(self, slot: Slot, stamp: Fingerprint, preference: str | Sequence[str],
-              triton_url: str | None, intra_op_threads: int, warm_up: bool,
+    def _load(self, slot: EngineSlot, stamp: Fingerprint, warm_up: bool,
               package: ModelPackage | None) -> _Entry:
         from inference.engines import select_engine
         from inference.package import ModelPackage
 
-        pkg = package if package is not None else ModelPackage.load(slot[0])
-        engine = select_engine(pkg, preference, triton_url, intra_op_threads=intra_op_threads)
+        pkg = package if package is not None else ModelPackage.load(slot.folder)
+        engine = select_engine(pkg, slot.preference, slot.triton_url,
+                               intra_op_threads=slot.intra_op_threads)
         self.loads += 1
         if warm_up:
             from inference.runner import warm_up as _warm
