@@ -6,12 +6,19 @@ console on), puts a sample brain MR series (MNI152 template, :func:`omnimri_samp
 brain_series`) into Orthanc, has Orthanc send it to the node by C-STORE, waits until the node's
 results are back in Orthanc, and prints where to look. Everything lives in one working folder
 (kept, so it can be inspected); nothing is downloaded.
+
+Stopping: Ctrl-C, ``kill`` (SIGTERM) or SIGINT, and a hang-up (SIGHUP, unless the demo runs
+under ``nohup``, which asks to ignore it) stop Orthanc and the node before the demo exits,
+wherever it runs (also ``nohup omnimri-node demo &``, where the shell has SIGINT ignored). Each
+child runs in its own process group, which is signalled whole (SIGTERM, then SIGKILL after
+15 s), so nothing is left re-parented to PID 1.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
 import shutil
 import signal
@@ -19,9 +26,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -39,6 +48,50 @@ EXIT_TIMEOUT = 4
 
 class DemoError(RuntimeError):
     """A step of the demo failed; the message says which and where the log is."""
+
+
+class DemoStopped(Exception):  # noqa: N818 - a request, not an error
+    """A stop signal arrived; ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""Signals that stop the demo and its children."""
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM, SIGINT and SIGHUP into :class:`DemoStopped` while the block runs.
+
+    SIGINT is handled even where it is ignored (``nohup ... &`` in a non-interactive shell):
+    a ``kill -INT`` is then still a request to stop. SIGHUP is left ignored where it is
+    (``nohup``). Only the first signal raises; later ones (while stopping) are ignored, so
+    the clean-up in ``finally`` is not interrupted. The previous handlers come back on exit.
+    """
+    fired = False
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        nonlocal fired
+        if fired:
+            return
+        fired = True
+        raise DemoStopped(signum)
+
+    previous: dict[signal.Signals, Any] = {}
+    for sig in STOP_SIGNALS:
+        current = signal.getsignal(sig)
+        if sig == signal.SIGHUP and current == signal.SIG_IGN:
+            continue
+        previous[sig] = current
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _free_port() -> int:
@@ -252,16 +305,25 @@ class Demo:
             token=self.token, result_series=rows, seconds=time.monotonic() - t0)
 
     def stop(self) -> None:
-        """Stop the node and Orthanc (SIGTERM, then SIGKILL after 15 s), newest first."""
+        """Stop the node and Orthanc, newest first.
+
+        SIGTERM to each child's process group, SIGKILL to the group after 15 s.
+        """
         for proc in reversed(self.procs):
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+                _signal_group(proc, signal.SIGTERM)
                 try:
                     proc.wait(timeout=15)
                 except subprocess.TimeoutExpired:
-                    proc.kill()
+                    _signal_group(proc, signal.SIGKILL)
                     proc.wait(timeout=5)
         self.procs.clear()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Send ``sig`` to the process group ``proc`` leads (``start_new_session``)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
@@ -331,16 +393,23 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(EXIT_NO_ORTHANC)
         folder = workdir or Path(tempfile.mkdtemp(prefix="omnimri-demo-"))
         d = Demo(folder.resolve(), pipeline=pipeline, slices=slices, models=models)
-        try:
-            result = d.run(timeout_s=timeout, say=typer.echo)
-            typer.echo(_summary(result))
-            if keep_running:
-                typer.echo("\nRunning; press Ctrl-C to stop Orthanc and the node.")
-                with contextlib.suppress(KeyboardInterrupt):
+        with stop_on_signals():
+            try:
+                result = d.run(timeout_s=timeout, say=typer.echo)
+                typer.echo(_summary(result))
+                if keep_running:
+                    typer.echo("\nRunning; press Ctrl-C (or kill the demo) to stop Orthanc and "
+                               "the node.")
                     while all(p.poll() is None for p in d.procs):
                         time.sleep(0.5)
-        except DemoError as err:
-            typer.echo(f"demo failed: {err}", err=True)
-            raise typer.Exit(EXIT_TIMEOUT) from None
-        finally:
-            d.stop()
+            except DemoStopped as stop:
+                typer.echo(f"\n{stop}: stopping Orthanc and the node.", err=True)
+                raise typer.Exit(128 + stop.signum) from None
+            except KeyboardInterrupt:
+                typer.echo("\nstopping Orthanc and the node.", err=True)
+                raise typer.Exit(128 + signal.SIGINT) from None
+            except DemoError as err:
+                typer.echo(f"demo failed: {err}", err=True)
+                raise typer.Exit(EXIT_TIMEOUT) from None
+            finally:
+                d.stop()
