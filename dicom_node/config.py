@@ -305,7 +305,7 @@ class SegOptions(_Section):
     """How the Segmentation exporter writes its object."""
 
     segmentation_type: Literal["auto", "labelmap", "binary", "fractional"] = "auto"
-    """``auto``: LABELMAP where segments do not overlap, else BINARY."""
+    """``auto``: BINARY (every PACS takes it); ``labelmap`` where the PACS accepts Label Map SEG."""
     omit_empty_frames: bool = False
     """Leave out frames with no segment pixels (off by default: OHIF misplaces segments)."""
     compression: Literal["none", "jpegls", "jpeg2000"] = "none"
