@@ -119,3 +119,17 @@ def test_hard_negative_slices_cross_the_ventricles(plain: syn.Case) -> None:
 def test_anatomy_varies_between_cases() -> None:
     vols = [float((syn.make_case(s, diagnosis=0).tissue == 1).sum()) for s in range(20, 26)]
     assert max(vols) > 1.15 * min(vols)  # ventricle enlargement / atrophy on some cases
+
+
+def test_skull_stripped_cases_have_no_head_and_leave_other_cases_alone() -> None:
+    a = syn.make_case(11, diagnosis=1, contrast="T2")
+    b = syn.make_case(11, diagnosis=1, contrast="T2", strip=0.0)
+    np.testing.assert_array_equal(a.image, b.image)
+    s = syn.make_case(11, diagnosis=1, contrast="T2", strip=1.0)
+    assert "skull_stripped_dilation_mm" in s.meta
+    np.testing.assert_array_equal(s.tissue, a.tissue)
+    from scipy import ndimage
+
+    # beyond the largest dilation (4 mm) of the case's own brain
+    far = ndimage.distance_transform_edt(s.tissue == 0, sampling=syn.SPACING_MM) > 6.0
+    assert float(s.image[far].max()) == 0.0 and float(a.image[far].max()) > 0.0

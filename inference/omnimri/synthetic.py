@@ -632,7 +632,7 @@ def _field_of_view(rng: np.random.Generator, brain: npt.NDArray[np.bool_]
 
 def make_case(
     seed: int, *, heldout: bool = False, diagnosis: int | None = None, contrast: str | None = None,
-    augment: float = 1.0,
+    augment: float = 1.0, strip: float = 0.0,
 ) -> Case:
     """Generate one synthetic case (SynthSeg-style domain randomisation from label maps).
 
@@ -644,6 +644,9 @@ def make_case(
             :data:`CONTRAST_WEIGHTS`).
         augment: Strength of deformation, anatomy and acquisition effects (0 = the plain
             template with a head of median layer thicknesses and the table intensities).
+        strip: Probability that the case is brain-extracted like a skull-stripped scan (all
+            non-brain signal zero outside the brain mask, dilated 0-4 mm). Drawn from its own
+            random stream, so ``strip=0`` gives exactly the cases it gave before it existed.
     """
     rng = np.random.default_rng(seed)
     tpl = load_template()
@@ -783,6 +786,15 @@ def make_case(
         img *= np.float32(rng.uniform(0.3, 3.0) * 1000.0)
     else:
         img *= np.float32(1000.0)
+    if strip > 0:
+        srng = np.random.default_rng([seed, 11])
+        if srng.random() < strip:
+            keep = probs[0] < 0.5
+            n_dil = int(srng.integers(0, 3))
+            if n_dil:
+                keep = ndimage.binary_dilation(keep, iterations=n_dil)
+            img *= keep
+            meta["skull_stripped_dilation_mm"] = 2.0 * n_dil
     deep = (((probs[1] > 0.5) | (probs[2] > 0.5)) & (dist_in > 20.0)) | (
         (probs[1] > 0.5) & (mni_z_ok < -5.0) & (mni_z_ok > -45.0) & (dist_in > 6.0))
     dname = DIAGNOSES[diag]

@@ -41,7 +41,7 @@ log = structlog.get_logger(__name__)
 STAGES = ("pretrain", "align", "multimodal", "instruct")
 
 DEFAULT_STEPS: dict[str, int] = {"pretrain": 150, "align": 80, "multimodal": 3000,
-                                 "instruct": 3000}
+                                 "instruct": 2500}
 """Steps of the shipped ``tiny`` run (batch 12 crops of 96x96 pixels): what one CPU core
 shared with other work trains in about an hour, head synthesis included."""
 
@@ -64,6 +64,9 @@ class TrainSettings:
     refresh_cases: int = 1
     refresh_every: int = 40
     """Steps between pool refreshes (a head case costs ~1.4 s of one core to generate)."""
+    strip_fraction: float = 0.3
+    """Share of brain-extracted (skull-stripped) cases in the ``instruct`` stage's pool, so the
+    model reads brains without a head around them too (the earlier stages see heads only)."""
     hard_fraction: float = 0.5
     """Share of a normal case's non-lesion slices drawn from its hard negatives (slices through
     ventricles, deep grey matter, basal cisterns: what a model mistakes for a mass)."""
@@ -136,6 +139,7 @@ class CasePool:
         self.s = s
         self.base = (s.seed + 1) * 1_000_000 + stage_index * 100_000
         self.max_tokens = max_tokens
+        self.strip = s.strip_fraction if STAGES[stage_index] == "instruct" else 0.0
         n = s.pool_cases
         # pool.step(k) has run for k < start_step; each refresh issued refresh_cases ids.
         issued = n + (max(start_step - 1, 0) // s.refresh_every) * s.refresh_cases
@@ -150,7 +154,8 @@ class CasePool:
 
             self._exec = ProcessPoolExecutor(s.workers, mp_context=mp.get_context("spawn"))
             for i in holds:
-                self._ahead[i] = self._exec.submit(_make_pool_case, self.base, i, max_tokens)
+                self._ahead[i] = self._exec.submit(_make_pool_case, self.base, i, max_tokens,
+                                                   self.strip)
         self.cases: list[PoolCase] = [self._make_id(i) for i in holds]
         self.next_id = issued
         self._prefetch()
@@ -161,7 +166,7 @@ class CasePool:
         for i in range(self.next_id, self.next_id + 2 * self.s.workers):
             if i not in self._ahead:
                 self._ahead[i] = self._exec.submit(_make_pool_case, self.base, i,
-                                                   self.max_tokens)
+                                                   self.max_tokens, self.strip)
 
     def close(self) -> None:
         """Stop the case-generating processes (if any)."""
@@ -179,7 +184,7 @@ class CasePool:
         if fut is not None:
             out: PoolCase = fut.result()
             return out
-        return _make_pool_case(self.base, n, self.max_tokens)
+        return _make_pool_case(self.base, n, self.max_tokens, self.strip)
 
     def _make(self) -> PoolCase:
         case = self._make_id(self.next_id)
@@ -195,10 +200,10 @@ class CasePool:
                 self.cases[where] = self._make()
 
 
-def _make_pool_case(base: int, n: int, max_tokens: int) -> PoolCase:
+def _make_pool_case(base: int, n: int, max_tokens: int, strip: float = 0.0) -> PoolCase:
     """Case ``n`` of a pool whose seeds start at ``base`` (class-balanced: diagnoses cycle)."""
     seed = base + n
-    case = syn.make_case(seed, diagnosis=n % 3)
+    case = syn.make_case(seed, diagnosis=n % 3, strip=strip)
     return prepare_case(case, max_tokens, kspace_seed=seed)
 
 
