@@ -82,7 +82,8 @@ def register(app: typer.Typer) -> None:
         packages = [
             {"name": p.name, "version": p.spec.version, "folder": str(p.folder),
              "versions": ",".join(map(str, p.versions())), "tasks": "; ".join(p.spec.tasks),
-             "torchscript": p.torchscript_path().is_file(), "valid": True}
+             "torchscript": p.torchscript_path().is_file(),
+             "variants": ",".join(p.variant_names()), "runs": p.spec.variant, "valid": True}
             for p in found
         ] + [{"name": "", "folder": str(f), "valid": False, "problem": why}
              for f, why in problems.items()]
@@ -93,7 +94,8 @@ def register(app: typer.Typer) -> None:
         typer.echo("")
         typer.echo(f"model packages in {settings.models.path}:")
         print_table([p for p in packages if p["valid"]],
-                    ("name", "version", "versions", "torchscript", "tasks", "folder"), False)
+                    ("name", "version", "versions", "variants", "runs", "torchscript", "tasks",
+                     "folder"), False)
         for p in packages:
             if not p["valid"]:
                 typer.echo(f"INVALID {p['folder']}:\n{p['problem']}", err=True)
