@@ -1,4 +1,4 @@
-"""The DICOM Upper Layer (PS3.8) and the few DIMSE commands (PS3.7) the fast receiver speaks.
+"""The DICOM Upper Layer (PS3.8) and the few DIMSE commands (PS3.7) the node's receiver speaks.
 
 Association PDUs are decoded and encoded with pynetdicom's own PDU classes
 (:mod:`pynetdicom.pdu`); what runs once per instance is done here with :mod:`struct`:
