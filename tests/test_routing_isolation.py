@@ -87,7 +87,8 @@ def test_a_poisoned_series_fails_visibly_and_the_next_gets_its_job(
     from tests.fixtures.net import free_port
 
     admin_port = free_port()
-    node: NodeProcess = node_factory(**_sections(admin_port))
+    node: NodeProcess = node_factory(start=False, **_sections(admin_port))
+    node.start(timeout_s=90)  # a loaded machine can take more than the default 30 s
     bad, bad_files = _series(tmp_path, 1)
     assert store_files(node.port, bad_files) == [0, 0, 0]
     index = node.index()
@@ -114,7 +115,7 @@ def test_a_poisoned_series_fails_visibly_and_the_next_gets_its_job(
     assert 'omnimri_stage_failures_total{stage="routing"} 1.0' in metrics
     # Across a restart: not retried in a loop, the next series is routed at once.
     node.stop()
-    node.restart()
+    node.start(timeout_s=90)
     later, later_files = _series(tmp_path, 3)
     assert store_files(node.port, later_files) == [0, 0, 0]
     _wait(lambda: _jobs_for(node, later), 30, "a job for the series after the restart")
