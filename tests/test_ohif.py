@@ -14,7 +14,8 @@ install-test`` into ``.ohif/``) is served offline beside Orthanc's DICOMweb
   detection is listed in the Measurements panel and drawn at its place (annotation colour
   along the rectangle's projection onto the canvas, on the detection's slice);
 * the summary-card SC displays (its red banner is on the canvas);
-* no SEVERE browser console message during the whole session.
+* no SEVERE browser console message during the whole session;
+* and the SR passes pixelmed's DicomSRValidator (TID 1500) with no error.
 
 Screenshots (``ohif-mr.png``, ``ohif-seg.png``, ``ohif-sr.png``, ``ohif-sr-panel.png``,
 ``ohif-sc.png``) are written under the test's tmp folder, or ``$OMNIMRI_OHIF_SHOTS``.
@@ -33,7 +34,7 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from tests.fixtures import ohif
+from tests.fixtures import ohif, pixelmed
 from tests.fixtures.orthanc import ORTHANC_BIN, OrthancServer
 from tests.test_e2e import (
     MODALITY_OF_KIND,
@@ -210,6 +211,8 @@ def test_ohif_shows_mr_seg_sr_and_sc(
     [sr] = objects["SR"]
     detections = _sr_detections(sr)
     assert detections, "the SR has no detection to show (model found none)"
+    if pixelmed.available() is None:  # the SR the node wrote, against its templates
+        assert pixelmed.validate_sr({"e2e-sr": sr}, tmp_path / "pixelmed") == {"e2e-sr": []}
 
     server = ohif.OhifServer(pacs.dicomweb_url)
     server.start()
