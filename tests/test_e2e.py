@@ -72,9 +72,9 @@ def labelmap_capable(server: OrthancServer) -> OrthancServer:
     """Let Orthanc store SOP classes its DCMTK does not know (before it starts).
 
     Debian's Orthanc 1.10 (DCMTK 3.6.7) refuses the presentation context of Label Map
-    Segmentation Storage (1.2.840.10008.5.1.4.1.1.66.7), which the shipped ``seg:
-    segmentation_type: auto`` writes whenever the segments do not overlap; a site keeps that
-    default with ``UnknownSopClassAccepted: true`` (docs/e2e.md), or sets ``binary``.
+    Segmentation Storage (1.2.840.10008.5.1.4.1.1.66.7). The shipped ``seg:
+    segmentation_type: auto`` writes BINARY; a site that sets ``labelmap`` needs
+    ``UnknownSopClassAccepted: true`` (docs/e2e.md, docs/viewers.md), as here.
     """
     cfg = json.loads(server.config_path.read_text(encoding="utf-8"))
     cfg["UnknownSopClassAccepted"] = True
