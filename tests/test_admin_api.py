@@ -402,7 +402,8 @@ def test_openapi_spec_lists_every_route(env: Env) -> None:
     spec = env.get("/openapi.json", token=None).json()
     paths = set(spec["paths"])
     assert {"/healthz", "/readyz", "/metrics", "/api/v1/status", "/api/v1/series",
-            "/api/v1/series/{series_uid}/rerun", "/api/v1/jobs/{job_id}/retry",
+            "/api/v1/series/{series_uid}/rerun", "/api/v1/series/{series_uid}/reroute",
+            "/api/v1/jobs/{job_id}/retry",
             "/api/v1/jobs/{job_id}/cancel", "/api/v1/rules", "/api/v1/rules/validate",
             "/api/v1/rules/test", "/api/v1/destinations/{name}/test"} <= paths
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
@@ -548,3 +549,29 @@ def test_max_body_bytes_is_configurable_and_documented() -> None:
     assert AdminConfig().max_body_bytes == 8 * 1024**2
     shipped = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
     assert shipped["admin"]["max_body_bytes"] == AdminConfig().max_body_bytes
+
+
+def test_failed_series_shows_and_reroutes(env: Env) -> None:
+    """A completion the router could not route: state failed with its reason; an admin
+    makes it pending again (viewers cannot); the console shows the failure."""
+    index = SeriesIndex(env.settings.storage.database_path)
+    [event] = index.events(env.series_uid)
+    index.mark_failed(event.event_id, "NotImplementedError: Unknown Value Representation")
+    shown = env.get(f"/api/v1/series/{env.series_uid}").json()
+    assert shown["state"] == "failed" and shown["failure"].startswith("NotImplementedError")
+    assert [s["state"] for s in env.get("/api/v1/series").json()] == ["failed"]
+    env.client.cookies.set("omnimri_token", ADMIN)
+    page = env.client.get(f"/console/series/{env.series_uid}")
+    env.client.cookies.clear()
+    assert page.status_code == 200 and "NotImplementedError" in page.text
+    assert env.send("POST", f"/api/v1/series/{env.series_uid}/reroute",
+                    token=VIEWER).status_code == 403
+    r = env.send("POST", f"/api/v1/series/{env.series_uid}/reroute")
+    assert r.status_code == 200, r.text
+    assert r.json()["state"] == "complete" and r.json()["failure"] is None
+    assert [e.event_id for e in index.pending_events()] == [event.event_id]
+    again = env.send("POST", f"/api/v1/series/{env.series_uid}/reroute")
+    assert again.status_code == 409
+    assert env.send("POST", "/api/v1/series/9.9.9/reroute").status_code == 404
+    actions = [a for a in env.audit() if a["action"] == "series_reroute"]
+    assert [a["status"] for a in actions] == ["ok", "refused"]

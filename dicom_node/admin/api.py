@@ -132,6 +132,13 @@ def rerun_series(request: Request, who: Admin, series_uid: str,
                                   body.priority)
 
 
+@router.post("/api/v1/series/{series_uid}/reroute", tags=["series"],
+             summary="Route a failed series again (admin)")
+def reroute_series(request: Request, who: Admin, series_uid: str) -> dict[str, Any]:
+    """Make its completions in the failed state pending again; the router retries them."""
+    return backend(request).reroute(who, series_uid)
+
+
 # -- jobs -----------------------------------------------------------------------------------
 
 

@@ -311,6 +311,23 @@ class AdminBackend:
         job: dict[str, Any] = self.queue.get(job_id).summary()
         return job
 
+    def reroute(self, who: Principal, series_uid: str) -> dict[str, Any]:
+        """Make the failed completion events of a series pending again; returns the series.
+
+        The router retries them at its next poll.
+
+        Raises:
+            AdminError: 404 unknown series; 409 when it has no failed completion.
+        """
+        if self.index.get_series(series_uid) is None:
+            raise AdminError(404, f"no series {series_uid}")
+        n = self.index.retry_failed(series_uid)
+        if not n:
+            self._audit(who, "series_reroute", series_uid, status="refused")
+            raise AdminError(409, f"series {series_uid} has no completion in the failed state")
+        self._audit(who, "series_reroute", series_uid, events=n)
+        return self.get_series(series_uid)
+
     def _default_destinations(self, pipeline: str) -> list[str]:
         for rule in self.settings.rules:
             if pipeline in rule.pipelines and rule.destinations:
