@@ -396,7 +396,9 @@ class ModelsConfig(_Section):
     triton_url: str | None = None
     """Triton server (``host:port``) for ``engine: triton``."""
     intra_op_threads: int = Field(default=0, ge=0)
-    """CPU threads per inference (0 = all cores)."""
+    """CPU threads per inference (0 = the physical cores this process may use; the job workers
+    share one session's pool, so several workers need no split; several node processes on one
+    machine: cores / processes each)."""
 
 
 class AdminToken(_Section):
