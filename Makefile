@@ -37,11 +37,12 @@ lint:
 bench: install-test
 	$(PYTHON) benchmarks/ingest.py
 
-## Rebuild the shipped reference model from seed 0 (about 40 min on 2 CPU cores; torch extra):
-## the four training stages, ONNX export, calibration on validation cases, held-out evaluation.
+## Rebuild the shipped reference model from seed 0 (about 45 min of training on a shared 2-core
+## CPU, one torch thread; torch extra): the four training stages, ONNX export, calibration on
+## validation cases, held-out evaluation.
 MODEL_RUN ?= training-runs/omnimri-tiny-seed0
 MODEL_OUT ?= models/omnimri-tiny
-MODEL_VERSION ?= 2.0.0
+MODEL_VERSION ?= 3.0.0
 model:
 	$(PIP) install -q -e '.[train]'
 	omnimri-node train all --seed 0 --out $(MODEL_RUN)
