@@ -210,9 +210,10 @@ def test_long_outage_scaled_every_result_arrives_once(orthanc: OrthancServer, no
     not use it up), a backoff grown to 30 s by the time the PACS is back: the destination probe
     (every 1 s) retries at once, every preview arrives exactly once, nothing is dead-lettered."""
     n = 3
-    node = node_factory(**node_sections(orthanc, ["pacs", "pacs_rest"], max_attempts=2,
-                                        backoff_initial_s=2, backoff_max_s=30,
-                                        dispatch_retry_for_s=60, probe_interval_s=1))
+    node = node_factory(start=False, **node_sections(
+        orthanc, ["pacs", "pacs_rest"], max_attempts=2, backoff_initial_s=2, backoff_max_s=30,
+        dispatch_retry_for_s=60, probe_interval_s=1))
+    node.start(timeout_s=90)  # a loaded machine can take more than the default 30 s
     series = make_series(tmp_path, n)
     orthanc.stop()
     down_at = time.monotonic()
