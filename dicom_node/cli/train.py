@@ -152,7 +152,8 @@ def eval_cmd(
     verbose: Annotated[bool, typer.Option(help="Print every case.")] = False,
     real_mr: Annotated[bool, typer.Option(
         help="Instead: describe the package's outputs on real MR from installed packages "
-             "(pydicom, nibabel, the MNI152 template as DICOM).")] = False,
+             "(nibabel, dipy, pydicom, the MNI152 template as DICOM: the acceptance list "
+             "of inference/omnimri/real_mr.py).")] = False,
 ) -> None:
     """Evaluate a model on held-out synthetic cases through the served path.
 
