@@ -305,7 +305,9 @@ class SegOptions(_Section):
     """How the Segmentation exporter writes its object."""
 
     segmentation_type: Literal["auto", "labelmap", "binary", "fractional"] = "auto"
-    """``auto``: BINARY (every PACS takes it); ``labelmap`` where the PACS accepts Label Map SEG."""
+    """``auto``: BINARY (every PACS takes it), or pseudo-binary FRACTIONAL (0/255) when a 1-bit
+    frame is not a whole number of bytes (Rows x Columns not a multiple of 8; OHIF mis-decodes
+    those); ``binary`` always BINARY; ``labelmap`` where the PACS accepts Label Map SEG."""
     omit_empty_frames: bool = False
     """Leave out frames with no segment pixels (off by default: OHIF misplaces segments)."""
     compression: Literal["none", "jpegls", "jpeg2000"] = "none"

@@ -35,7 +35,8 @@ class SegExportOptions:
     """How the DICOM SEG is encoded (mirrors ``dicom_node.config.SegOptions``)."""
 
     segmentation_type: Literal["auto", "labelmap", "binary", "fractional"] = "auto"
-    """``auto``: BINARY (every PACS takes it); ``labelmap`` where the PACS accepts Label Map."""
+    """``auto``: BINARY, or pseudo-binary FRACTIONAL when 1-bit frames are not byte aligned
+    (see :func:`export.seg.resolve_type`); ``labelmap`` where the PACS accepts Label Map."""
     omit_empty_frames: bool = False
     """Leave out frames without segment pixels (off by default: OHIF misplaces segments)."""
     compression: Literal["none", "jpegls", "jpeg2000"] = "none"

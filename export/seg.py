@@ -7,8 +7,15 @@
   :func:`segment_numbering`); SR references use the same mapping.
 * ``auto`` type: BINARY (1.2.840.10008.5.1.4.1.1.66.4), the SEG every PACS and viewer takes
   (Debian's Orthanc refuses Label Map Segmentation Storage by C-STORE, DCMTK 3.6.7 does not
-  know it); ``labelmap`` writes LABELMAP (1.2.840.10008.5.1.4.1.1.66.7) for sites whose PACS
-  and viewers accept it; FRACTIONAL writes the probabilities (8-bit, 255 = 1.0).
+  know it), when a frame is a whole number of bytes (Rows x Columns a multiple of 8). When it
+  is not (e.g. 91 x 109 at 2 mm), the 1-bit frames are packed without byte alignment, which
+  the standard allows but OHIF 3.13 (dcmjs' ``AsyncDicomReader.readUncompressedBitFrame``
+  splits such frames with the wrong bit order) draws as a sawtooth along every edge; ``auto``
+  then writes the same masks as a pseudo-binary FRACTIONAL SEG (same SOP class, 8 bits, values
+  0 and 255 only), which every reader of Segmentation Storage decodes (logged). ``binary``
+  forces BINARY; ``labelmap`` writes LABELMAP (1.2.840.10008.5.1.4.1.1.66.7) for sites whose
+  PACS and viewers accept it; ``fractional`` writes the probabilities (8-bit, 255 = 1.0; OHIF
+  opens only pseudo-binary FRACTIONAL SEGs).
 * What is drawn: every segment except a *union* segment, one equal to the union of two or more
   other anatomical segments (the model's Brain = CSF + grey + white matter): drawn over them it
   would hide them and the image (viewers show every segment of a SEG on opening). Its volume is
@@ -101,12 +108,30 @@ def segments_overlap(segments: list[SegmentMask]) -> bool:
     return bool((total > 1).any())
 
 
+def frames_byte_aligned(rows: int, columns: int) -> bool:
+    """Whether a 1-bit frame of ``rows`` x ``columns`` pixels is a whole number of bytes.
+
+    DICOM packs 1-bit frames back to back (PS3.5 8.1.1); with ``rows * columns % 8 != 0`` frame 2
+    onwards starts inside a byte, which some viewers (OHIF 3.13) mis-decode.
+    """
+    return (rows * columns) % 8 == 0
+
+
 def resolve_type(ctx: ExportContext) -> hd.seg.SegmentationTypeValues:
-    """The segmentation type to write, resolving ``auto`` (BINARY, accepted everywhere)."""
+    """The segmentation type to write, resolving ``auto``.
+
+    ``auto`` is BINARY (accepted everywhere) when the frames are byte aligned
+    (:func:`frames_byte_aligned`), else FRACTIONAL holding the masks (pseudo-binary, 0/255).
+    """
     wanted = ctx.options.seg.segmentation_type
     segs = seg_segments(ctx.results.segments)
     if wanted == "auto":
-        return hd.seg.SegmentationTypeValues.BINARY
+        rows, columns = (int(n) for n in ctx.volume.shape[1:3])
+        if frames_byte_aligned(rows, columns):
+            return hd.seg.SegmentationTypeValues.BINARY
+        log.info("seg auto writes pseudo-binary FRACTIONAL: 1-bit frames not byte aligned",
+                 job_id=ctx.job_id, rows=rows, columns=columns)
+        return hd.seg.SegmentationTypeValues.FRACTIONAL
     if wanted == "labelmap" and segments_overlap(segs):
         raise ExportError("segments overlap: LABELMAP cannot encode them (use auto or binary)")
     return hd.seg.SegmentationTypeValues(wanted.upper())
@@ -136,13 +161,19 @@ def _descriptions(ctx: ExportContext, numbering: dict[int, int]) -> list[hd.seg.
 def _frames_array(
     ctx: ExportContext, seg_type: hd.seg.SegmentationTypeValues, numbering: dict[int, int]
 ) -> npt.NDArray[np.generic]:
-    """Pixel array in source frame order: label map ``[f, r, c]`` or stacked ``[f, r, c, s]``."""
+    """Pixel array in source frame order: label map ``[f, r, c]`` or stacked ``[f, r, c, s]``.
+
+    FRACTIONAL holds the probabilities only where ``fractional`` was asked for; the FRACTIONAL
+    that ``auto`` chooses (:func:`resolve_type`) holds the masks (0.0 / 1.0).
+    """
     segs = sorted(seg_segments(ctx.results.segments), key=_number)
     shape = ctx.volume.shape
     if seg_type == hd.seg.SegmentationTypeValues.FRACTIONAL:
+        probabilities = ctx.options.seg.segmentation_type == "fractional"
         stacked_f = np.zeros((*shape, len(segs)), dtype=np.float32)
         for n, s in enumerate(segs):
-            prob = s.probability if s.probability is not None else s.mask.astype(np.float32)
+            prob = (s.probability if probabilities and s.probability is not None
+                    else s.mask.astype(np.float32))
             stacked_f[..., n] = np.clip(prob, 0.0, 1.0)
         arr: npt.NDArray[np.generic] = stacked_f
     elif segments_overlap(segs):
