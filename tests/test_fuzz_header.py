@@ -5,19 +5,18 @@ struct scanner and pydicom agree on the UIDs."""
 
 from __future__ import annotations
 
-import io
-import struct
 import warnings
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from dicom_node import status
 from dicom_node.fastscp.header import read_header_bytes, scan_header
 from dicom_node.spool import InstanceHeader, InstanceRejected
 from dicom_node.validate import validate
+from tests.fixtures.part10 import part10_bytes
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 IMPLICIT = "1.2.840.10008.1.2"
@@ -33,17 +32,7 @@ def _part10(ts: str, description: str, number: int) -> tuple[bytes, int]:
     ds.Modality = "MR"
     ds.SeriesDescription = description
     ds.InstanceNumber = number
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = UID(ts)
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds.save_as(buf, enforce_file_format=True)
-    data = buf.getvalue()
-    (meta_len,) = struct.unpack("<L", data[140:144])
-    return data, 144 + meta_len
+    return part10_bytes(ds, ts)
 
 
 SEEDS = {ts: _part10(ts, "T1 AXIAL", 7) for ts in (EXPLICIT, IMPLICIT)}

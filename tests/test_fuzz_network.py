@@ -17,7 +17,6 @@ statuses) is printed.
 from __future__ import annotations
 
 import collections
-import io
 import os
 import random
 import re
@@ -37,6 +36,7 @@ from pydicom.uid import UID, generate_uid
 
 from tests.fixtures.net import free_port
 from tests.fixtures.node import NodeProcess, associate, dataset_bytes, write_node_config
+from tests.fixtures.part10 import part10_bytes
 from tests.fuzz_support import (
     ABORT,
     EXPLICIT_LE,
@@ -126,17 +126,8 @@ SERIES_UIDS = [generate_uid() for _ in range(4)]
 
 def encode(ds: Dataset, ts: str) -> bytes:
     """The data set bytes as sent on the wire in ``ts`` (deflated for the deflate syntax)."""
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = UID(EXPLICIT_LE if ts == DEFLATED else ts)
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds.save_as(buf, enforce_file_format=True)
-    data = buf.getvalue()
-    (meta_len,) = struct.unpack("<L", data[140:144])
-    body = data[144 + meta_len:]
+    data, offset = part10_bytes(ds, EXPLICIT_LE if ts == DEFLATED else ts)
+    body = data[offset:]
     if ts == DEFLATED:
         c = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
         body = c.compress(body) + c.flush()

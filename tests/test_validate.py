@@ -15,10 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom import dcmread
 from pydicom.data import get_testdata_file, get_testdata_files
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import (
-    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -29,6 +28,7 @@ from pydicom.uid import (
 
 from dicom_node import status
 from dicom_node.validate import Rejection, validate
+from tests.fixtures.part10 import part10_bytes
 
 IMPLICIT = str(ImplicitVRLittleEndian)
 EXPLICIT = str(ExplicitVRLittleEndian)
@@ -383,17 +383,8 @@ def _datasets(draw: st.DrawFn) -> Dataset:
 @given(ds=_datasets(), ts=st.sampled_from([IMPLICIT, EXPLICIT, BIG, DEFLATED]))
 def test_valid_datasets_always_pass(ds: Dataset, ts: str) -> None:
     """Whatever pydicom writes in a native transfer syntax is accepted."""
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = UID(ts)
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds.save_as(buf, enforce_file_format=True)
-    part10 = buf.getvalue()
-    (meta_len,) = struct.unpack("<L", part10[140:144])
-    assert validate(part10, ts, offset=144 + meta_len) is None
+    part10, offset = part10_bytes(ds, ts)
+    assert validate(part10, ts, offset=offset) is None
 
 
 def test_binary_number_with_a_broken_length_refused() -> None:
