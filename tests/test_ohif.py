@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
+from omnimri_samples import make_mr_series
 from tests.fixtures import ohif, pixelmed
 from tests.fixtures.orthanc import ORTHANC_BIN, OrthancServer
 from tests.test_e2e import (
@@ -43,7 +44,6 @@ from tests.test_e2e import (
     labelmap_capable,
     models_folder,
     shipped_sections,
-    source_series,
     study_instances,
     wait_for_job,
 )
@@ -69,6 +69,28 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
         server.stop()
 
 
+ABNORMAL_CASE_SEED = 900_000
+"""Synthetic case (generator seed, outside the held-out and validation sets) shown in OHIF."""
+
+
+def abnormal_source_series() -> list[Dataset]:
+    """A FLAIR-like synthetic head with a 27 mm mass, as a 2 mm MR series (the shipped model
+    calls a normal brain normal, so a viewer test needs an abnormal study to draw a detection).
+
+    The expected-count tags let the node complete it at its last instance.
+    """
+    from inference.omnimri import synthetic as syn
+    from inference.omnimri.evaluate import case_volume
+
+    case = syn.make_case(ABNORMAL_CASE_SEED, diagnosis=2, contrast="FLAIR")
+    vol = case_volume(case)
+    datasets = make_mr_series(vol.array, vol.affine, description="FLAIR BRAIN E2E (synthetic mass)")
+    for ds in datasets:
+        ds.NumberOfTemporalPositions = 1
+        ds.NumberOfSlices = len(datasets)
+    return datasets
+
+
 def _produce_study(pacs: OrthancServer, node_factory: Any, tmp_path: Path,
                    request: pytest.FixtureRequest
                    ) -> tuple[str, str, dict[str, list[Dataset]]]:
@@ -86,7 +108,7 @@ def _produce_study(pacs: OrthancServer, node_factory: Any, tmp_path: Path,
                                "timeout_s": 30}},
         **sections,
     )
-    source = source_series()
+    source = abnormal_source_series()
     for ds in source:
         pacs.upload(ds)
     study_uid = str(source[0].StudyInstanceUID)
@@ -289,12 +311,13 @@ def test_ohif_shows_mr_seg_sr_and_sc(
             panel = _wait("the Segmentation panel", lambda: all(
                 label in d.page_source for label in seg_labels))
             assert panel
-            px = _wait("the SEG overlay", lambda: (
-                p if (np.ptp(p := _viewport_png(d), axis=-1) > 60).mean() > 0.02 else None))
-            assert (np.ptp(px, axis=-1) > 60).mean() > 0.02  # coloured overlay on the MR
+            # the middle slice (through the brain, not the neck or the vertex)
             js("const v = cornerstone.getEnabledElements()[0].viewport;"
                "v.setImageIdIndex(Math.floor(v.getImageIds().length / 2));")
             time.sleep(1.0)
+            px = _wait("the SEG overlay", lambda: (
+                p if (np.ptp(p := _viewport_png(d), axis=-1) > 60).mean() > 0.02 else None))
+            assert (np.ptp(px, axis=-1) > 60).mean() > 0.02  # coloured overlay on the MR
             d.save_screenshot(str(shots / "ohif-seg.png"))
             errors += ohif.console_errors(d)
 
