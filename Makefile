@@ -39,7 +39,7 @@ bench: install-test
 
 ## Rebuild the shipped reference model from seed 0 (about 45 min of training on a shared 2-core
 ## CPU, one torch thread; torch extra): the four training stages, ONNX export, calibration on
-## validation cases, held-out evaluation.
+## validation cases, held-out evaluation on seeds 1 and 2, the INT8 variant (checked, served by default).
 MODEL_RUN ?= training-runs/omnimri-tiny-seed0
 MODEL_OUT ?= models/omnimri-tiny
 MODEL_VERSION ?= 3.0.0
@@ -48,4 +48,6 @@ model:
 	omnimri-node train all --seed 0 --out $(MODEL_RUN)
 	omnimri-node train export --run $(MODEL_RUN) --out $(MODEL_OUT) --version $(MODEL_VERSION)
 	omnimri-node train calibrate --model $(MODEL_OUT)
-	omnimri-node eval --model $(MODEL_OUT) --cases 30 --write-metrics --json $(MODEL_RUN)/eval.json
+	omnimri-node eval --model $(MODEL_OUT) --cases 12 --seed 1 --recon-cases 2 --baselines --write-metrics --json $(MODEL_RUN)/eval-seed1.json
+	omnimri-node eval --model $(MODEL_OUT) --cases 12 --seed 2 --recon-cases 2 --baselines --json $(MODEL_RUN)/eval-seed2.json
+	omnimri-node engines quantize $(MODEL_OUT) --cases 4 --check 6 --make-default
