@@ -34,3 +34,20 @@ def connect(path: Path, *, check_same_thread: bool = False) -> sqlite3.Connectio
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA foreign_keys=ON")
     return conn
+
+
+def add_missing_columns(conn: sqlite3.Connection, table: str,
+                        columns: tuple[tuple[str, str], ...]) -> None:
+    """Add the ``(name, type)`` columns a database made by older code lacks.
+
+    Idempotent; tolerates another process adding them at the same time.
+    """
+    have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+    for column, kind in columns:
+        if column in have:
+            continue
+        try:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        except sqlite3.OperationalError as err:  # another process added it meanwhile
+            if "duplicate column" not in str(err):
+                raise

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from dicom_node.db import connect
+from dicom_node.db import add_missing_columns, connect
 from dicom_node.series import Series, StoredInstance
 
 SCHEMA = """
@@ -104,15 +104,7 @@ _SERIES_COLUMNS = (
 
 def _migrate(conn: sqlite3.Connection) -> None:
     """Add the columns newer code needs to a database made by older code (idempotent)."""
-    have = {r[1] for r in conn.execute("PRAGMA table_info(series_events)")}
-    for column, kind in (("failed_at", "REAL"), ("failure", "TEXT")):
-        if column in have:
-            continue
-        try:
-            conn.execute(f"ALTER TABLE series_events ADD COLUMN {column} {kind}")
-        except sqlite3.OperationalError as err:  # another process added it meanwhile
-            if "duplicate column" not in str(err):
-                raise
+    add_missing_columns(conn, "series_events", (("failed_at", "REAL"), ("failure", "TEXT")))
 
 
 def _dt(epoch: float | None) -> datetime:

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dicom_node.config import JobsConfig, NodeSettings
-from dicom_node.db import connect
+from dicom_node.db import add_missing_columns, connect
 from dicom_node.logs import get_logger
 from dicom_node.series import Series, StoredInstance
 
@@ -124,15 +124,7 @@ _MIGRATIONS = (
 
 def _migrate(conn: sqlite3.Connection) -> None:
     """Add :data:`_MIGRATIONS` columns a database made by older code lacks (idempotent)."""
-    have = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
-    for column, kind in _MIGRATIONS:
-        if column in have:
-            continue
-        try:
-            conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
-        except sqlite3.OperationalError as err:  # another process added it meanwhile
-            if "duplicate column" not in str(err):
-                raise
+    add_missing_columns(conn, "jobs", _MIGRATIONS)
 
 
 class JobError(Exception):

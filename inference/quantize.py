@@ -120,14 +120,16 @@ class _Reader:
 
     def __init__(self, name: str, tensors: Sequence[npt.NDArray[np.generic]]) -> None:
         self._name = name
+        self._tensors = tensors
         self._it = iter(tensors)
 
     def get_next(self) -> dict[str, npt.NDArray[np.generic]] | None:
         x = next(self._it, None)
         return None if x is None else {self._name: x}
 
-    def rewind(self) -> None:  # pragma: no cover - the quantiser reads once
-        raise NotImplementedError
+    def rewind(self) -> None:
+        """Start again from the first tensor (calibration methods that read twice)."""
+        self._it = iter(self._tensors)
 
 
 def quantize_onnx(

@@ -23,6 +23,7 @@ from dicom_node.pipelines.preview import SERIES_DESCRIPTION, preview_uids
 from omnimri_samples import synthetic_series, write_series
 from tests.fixtures.node import NodeProcess, store_files
 from tests.fixtures.orthanc import OrthancServer
+from tests.fixtures.wait import wait_until as shared_wait_until
 
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 OUTAGE_S = 30.0
@@ -81,14 +82,7 @@ def deliveries_of(node: NodeProcess) -> list[tuple[str, str, str]]:
 
 
 def wait_until(pred: Callable[[], Any], timeout_s: float, what: str, step: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached in {timeout_s} s")
-        time.sleep(step)
+    return shared_wait_until(pred, timeout_s, interval_s=step, message=what)
 
 
 def all_done(node: NodeProcess, n: int) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import pytest
 
 from omnimri_samples import synthetic_series, write_series
 from tests.fixtures.node import NodeProcess, store_files
+from tests.fixtures.wait import wait_until
 
 ADMIN = "admin-token-0123456789ab"
 
@@ -53,14 +53,7 @@ def _poison(path: Path) -> bool:
 
 
 def _wait(pred: Any, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.1)
+    return wait_until(pred, timeout_s, interval_s=0.1, message=what)
 
 
 def _jobs_for(node: NodeProcess, series_uid: str) -> list[Any]:
