@@ -300,7 +300,7 @@ def test_rule_test_against_stored_series_matches_rules_explain(env: Env) -> None
     # The same explanation as `rules explain SERIES_UID` computes.
     index = SeriesIndex(env.settings.storage.database_path)
     series = index.load_series(env.series_uid, 1)
-    rules = env.client.app.state.backend.parse_draft(DRAFT).rules  # type: ignore[attr-defined]
+    rules = env.client.app.state.backend.rules.parse_draft(DRAFT).rules  # type: ignore[attr-defined]
     expected = RuleSet(rules).evaluate(attributes_for_series(series))
     index.close()
     assert out["text"] == expected.to_text()

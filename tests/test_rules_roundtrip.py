@@ -61,7 +61,7 @@ def _comment_lines(text: str) -> int:
 def test_apply_changes_only_the_rules_lines(tmp_path: Path) -> None:
     backend, path = _backend(tmp_path)
     before = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    out = backend.apply_rules(ADMIN, DRAFT)
+    out = backend.rules.apply(ADMIN, DRAFT)
     assert out["persisted"] and out["applied"] == ["mr-brain", "ct-preview"]
     after = path.read_text(encoding="utf-8").splitlines(keepends=True)
 
@@ -95,14 +95,14 @@ def test_apply_changes_only_the_rules_lines(tmp_path: Path) -> None:
 def test_applying_the_same_rules_leaves_the_file_identical(tmp_path: Path) -> None:
     backend, path = _backend(tmp_path)
     before = path.read_text(encoding="utf-8")
-    backend.apply_rules(ADMIN, backend.current_rules()["yaml"])
+    backend.rules.apply(ADMIN, backend.rules.current()["yaml"])
     assert path.read_text(encoding="utf-8") == before
 
 
 def test_removing_every_rule_keeps_the_rest(tmp_path: Path) -> None:
     backend, path = _backend(tmp_path)
     before = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    backend.apply_rules(ADMIN, "[]")
+    backend.rules.apply(ADMIN, "[]")
     after = path.read_text(encoding="utf-8").splitlines(keepends=True)
     changed = [ln for ln in difflib.ndiff(before, after) if ln[:1] in "+-"]
     span = _rules_span(before)
@@ -113,7 +113,7 @@ def test_removing_every_rule_keeps_the_rest(tmp_path: Path) -> None:
     assert sorted(ln[2:] for ln in changed if ln[0] == "-") == sorted(before[i] for i in span)
     assert load_config(path).rules == []
     # ... and the rules come back, again without touching anything else.
-    backend.apply_rules(ADMIN, DRAFT)
+    backend.rules.apply(ADMIN, DRAFT)
     assert [r.name for r in load_config(path).rules] == ["mr-brain", "ct-preview"]
     again = path.read_text(encoding="utf-8").splitlines(keepends=True)
     assert _comment_lines("".join(again)) == _comment_lines("".join(before))
@@ -130,7 +130,7 @@ def test_a_broken_file_is_refused_not_overwritten(tmp_path: Path) -> None:
     backend, path = _backend(tmp_path)
     path.write_text("node: [unclosed\n", encoding="utf-8")
     with pytest.raises(AdminError) as err:
-        backend.apply_rules(ADMIN, DRAFT)
+        backend.rules.apply(ADMIN, DRAFT)
     assert err.value.status == 500 and "not valid YAML" in str(err.value)
     assert path.read_text(encoding="utf-8") == "node: [unclosed\n"
     with pytest.raises(ConfigEditError, match="not a mapping"):

@@ -32,7 +32,7 @@ class RulesDraftBody(BaseModel):
     rules: list[dict[str, Any]] | None = Field(default=None, description="The rules as a list.")
 
     def draft(self) -> Any:
-        """The draft in the form :meth:`AdminBackend.parse_draft` takes."""
+        """The draft in the form :meth:`~dicom_node.admin.backend.RulesAdmin.parse_draft` takes."""
         return self.yaml if self.yaml is not None else (self.rules or [])
 
 
@@ -66,7 +66,7 @@ def healthz() -> dict[str, str]:
             responses={503: {"description": "Not ready; `checks` says why."}})
 def readyz(request: Request) -> JSONResponse:
     """200 when the node can take work, else 503 with the failing checks."""
-    ok, checks = backend(request).readiness()
+    ok, checks = backend(request).health.readiness()
     return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks},
                         status_code=200 if ok else 503)
 
@@ -85,7 +85,7 @@ def prometheus(who: Viewer) -> Response:
 @router.get("/api/v1/status", tags=["node"], summary="Node status")
 def node_status(request: Request, who: Viewer) -> dict[str, Any]:
     """AE title, ports, associations (active and counted by result), queue depth, spool disk."""
-    return backend(request).status()
+    return backend(request).health.status()
 
 
 @router.get("/api/v1/whoami", tags=["node"], summary="The calling token's id and role")
@@ -101,14 +101,14 @@ def whoami(who: Viewer) -> dict[str, str]:
 def list_series(request: Request, who: Viewer,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
     """The most recently active series (UIDs, modality, counts, state, sender)."""
-    rows: list[dict[str, Any]] = scrub_for(who, backend(request).list_series(limit))
+    rows: list[dict[str, Any]] = scrub_for(who, backend(request).series.recent(limit))
     return rows
 
 
 @router.get("/api/v1/series/{series_uid}", tags=["series"], summary="Show a series")
 def show_series(request: Request, who: Viewer, series_uid: str) -> dict[str, Any]:
     """One series with its completion events and jobs."""
-    row: dict[str, Any] = scrub_for(who, backend(request).get_series(series_uid))
+    row: dict[str, Any] = scrub_for(who, backend(request).series.get(series_uid))
     return row
 
 
@@ -118,7 +118,7 @@ def show_series(request: Request, who: Viewer, series_uid: str) -> dict[str, Any
 def series_thumbnail(request: Request, who: Viewer, series_uid: str,
                      size: Annotated[int, Query(ge=32, le=1024)] = 256) -> Response:
     """The middle slice, windowed 1st-99th percentile, at most ``size`` pixels a side."""
-    png = backend(request).thumbnail(series_uid, size)
+    png = backend(request).series.thumbnail(series_uid, size)
     return Response(content=png, media_type="image/png",
                     headers={"Cache-Control": "private, max-age=60"})
 
@@ -128,15 +128,15 @@ def series_thumbnail(request: Request, who: Viewer, series_uid: str,
 def rerun_series(request: Request, who: Admin, series_uid: str,
                  body: RerunBody) -> dict[str, Any]:
     """Enqueue (or re-run) the job for the latest complete revision; returns the job."""
-    return backend(request).rerun(who, series_uid, body.pipeline, body.destinations,
-                                  body.priority)
+    return backend(request).series.rerun(who, series_uid, body.pipeline,
+                                         body.destinations, body.priority)
 
 
 @router.post("/api/v1/series/{series_uid}/reroute", tags=["series"],
              summary="Route a failed series again (admin)")
 def reroute_series(request: Request, who: Admin, series_uid: str) -> dict[str, Any]:
     """Make its completions in the failed state pending again; the router retries them."""
-    return backend(request).reroute(who, series_uid)
+    return backend(request).series.reroute(who, series_uid)
 
 
 # -- jobs -----------------------------------------------------------------------------------
@@ -146,25 +146,25 @@ def reroute_series(request: Request, who: Admin, series_uid: str) -> dict[str, A
 def list_jobs(request: Request, who: Viewer, state: str | None = None,
               limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[dict[str, Any]]:
     """Jobs newest first; ``state`` filters (queued, running, ..., failed, cancelled)."""
-    return backend(request).list_jobs(state, limit)
+    return backend(request).jobs.recent(state, limit)
 
 
 @router.get("/api/v1/jobs/{job_id}", tags=["jobs"], summary="Show a job")
 def show_job(request: Request, who: Viewer, job_id: str) -> dict[str, Any]:
     """One job with its outputs (SOP Instance UIDs) and deliveries per destination."""
-    return backend(request).get_job(job_id)
+    return backend(request).jobs.get(job_id)
 
 
 @router.post("/api/v1/jobs/{job_id}/retry", tags=["jobs"], summary="Retry a job (admin)")
 def retry_job(request: Request, who: Admin, job_id: str, rerun: bool = False) -> dict[str, Any]:
     """Queue a failed or cancelled job again; ``rerun=true`` also re-runs a done job."""
-    return backend(request).retry_job(who, job_id, rerun)
+    return backend(request).jobs.retry(who, job_id, rerun)
 
 
 @router.post("/api/v1/jobs/{job_id}/cancel", tags=["jobs"], summary="Cancel a job (admin)")
 def cancel_job(request: Request, who: Admin, job_id: str) -> dict[str, Any]:
     """Cancel a job that has not finished."""
-    return backend(request).cancel_job(who, job_id)
+    return backend(request).jobs.cancel(who, job_id)
 
 
 # -- rules ----------------------------------------------------------------------------------
@@ -173,14 +173,14 @@ def cancel_job(request: Request, who: Admin, job_id: str) -> dict[str, Any]:
 @router.get("/api/v1/rules", tags=["rules"], summary="The rules in force")
 def current_rules(request: Request, who: Viewer) -> dict[str, Any]:
     """The rules as a list and as YAML, with the pipeline and destination names available."""
-    return backend(request).current_rules()
+    return backend(request).rules.current()
 
 
 @router.post("/api/v1/rules/validate", tags=["rules"], summary="Validate a draft",
              responses={422: {"description": "Invalid: `problems` lists key paths and reasons"}})
 def validate_rules(request: Request, who: Viewer, body: RulesDraftBody) -> dict[str, Any]:
     """Schema, references and condition syntax of a draft; 422 with problems when invalid."""
-    parsed = backend(request).parse_draft(body.draft())
+    parsed = backend(request).rules.parse_draft(body.draft())
     return {"valid": True, "rules": [r.name for r in parsed.rules]}
 
 
@@ -188,14 +188,14 @@ def validate_rules(request: Request, who: Viewer, body: RulesDraftBody) -> dict[
              summary="Test a draft against a stored series or an uploaded DICOM file")
 def test_rules(request: Request, who: Viewer, body: RulesTestBody) -> dict[str, Any]:
     """The same explanation as ``omnimri-node rules explain`` (``decision`` and ``text``)."""
-    return backend(request).test_rules(who, body.draft(), series_uid=body.series_uid,
+    return backend(request).rules.test(who, body.draft(), series_uid=body.series_uid,
                                        dicom_base64=body.dicom_base64)
 
 
 @router.put("/api/v1/rules", tags=["rules"], summary="Apply a draft (admin)")
 def apply_rules(request: Request, who: Admin, body: RulesDraftBody) -> dict[str, Any]:
     """Validate, write to config.yaml (previous file kept as ``.bak``), reload the router."""
-    return backend(request).apply_rules(who, body.draft())
+    return backend(request).rules.apply(who, body.draft())
 
 
 # -- destinations ---------------------------------------------------------------------------
@@ -204,14 +204,14 @@ def apply_rules(request: Request, who: Admin, body: RulesDraftBody) -> dict[str,
 @router.get("/api/v1/destinations", tags=["destinations"], summary="List destinations")
 def list_destinations(request: Request, who: Viewer) -> list[dict[str, Any]]:
     """Configured destinations (kind and target; never passwords or tokens)."""
-    return backend(request).list_destinations()
+    return backend(request).destinations.configured()
 
 
 @router.post("/api/v1/destinations/{name}/test", tags=["destinations"],
              summary="Test a destination (admin)")
 def test_destination(request: Request, who: Admin, name: str) -> dict[str, Any]:
     """C-ECHO a DICOM peer, call an HTTP destination, or check a folder is writable."""
-    return backend(request).test_destination(who, name)
+    return backend(request).destinations.test(who, name)
 
 
 # -- audit ----------------------------------------------------------------------------------
@@ -221,4 +221,4 @@ def test_destination(request: Request, who: Admin, name: str) -> dict[str, Any]:
 def audit_tail(request: Request, who: Admin, event: str | None = None,
                limit: Annotated[int, Query(ge=1, le=5000)] = 100) -> list[dict[str, Any]]:
     """The last ``limit`` lines of the audit trail, optionally of one event kind."""
-    return backend(request).audit_tail(limit, event)
+    return backend(request).audit_trail.tail(limit, event)

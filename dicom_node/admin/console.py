@@ -164,7 +164,7 @@ def overview(request: Request) -> Response:
     if who is None:
         return _to_login()
     b = _backend(request)
-    st = b.status()
+    st = b.health.status()
     q = st["queue"]["by_state"]
     cards = [("AE title", f'{st["ae_title"]} :{st["dicom_port"]}'),
              ("associations open", st["associations"]["active"]),
@@ -178,7 +178,7 @@ def overview(request: Request) -> Response:
     from dicom_node.jobs import STATES
 
     states = "".join(f"<td>{_badge(s)} {q.get(s, 0)}</td>" for s in STATES)
-    jobs = b.list_jobs(limit=50)
+    jobs = b.jobs.recent(limit=50)
     rows = []
     for j in jobs:
         buttons = ""
@@ -222,7 +222,7 @@ def series_list(request: Request) -> Response:
     who = _who(request)
     if who is None:
         return _to_login()
-    rows = scrub_for(who, _backend(request).list_series(100))
+    rows = scrub_for(who, _backend(request).series.recent(100))
     tiles = []
     for s in rows:
         uid = s["series_instance_uid"]
@@ -247,7 +247,7 @@ def series_detail(request: Request, series_uid: str) -> Response:
         return _to_login()
     b = _backend(request)
     try:
-        s = scrub_for(who, b.get_series(series_uid))
+        s = scrub_for(who, b.series.get(series_uid))
     except AdminError as err:
         return _page("Series", f"<h1>Series</h1><p>{_e(err)}</p>", active="series", who=who)
     facts = "".join(f"<tr><th>{_e(k)}</th><td class='mono'>{_e(s.get(k))}</td></tr>" for k in (
@@ -282,8 +282,8 @@ def rules_editor(request: Request) -> Response:
     if who is None:
         return _to_login()
     b = _backend(request)
-    cur = b.current_rules()
-    series = b.list_series(200)
+    cur = b.rules.current()
+    series = b.series.recent(200)
     opts = "".join(
         f'<option value="{_e(s["series_instance_uid"])}">'
         f'{_e(s["series_description"] or s["series_instance_uid"])} ({_e(s["modality"])}, '
@@ -325,7 +325,7 @@ def destinations(request: Request) -> Response:
     if who is None:
         return _to_login()
     rows = []
-    for d in _backend(request).list_destinations():
+    for d in _backend(request).destinations.configured():
         btn = (f'<button onclick="testDest({_js(d["name"])})">Test</button>'
                if who.is_admin else "")
         rows.append(f"<tr><td><b>{_e(d['name'])}</b></td><td>{_e(d['kind'])}</td>"

@@ -6,11 +6,11 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import uvicorn
 
 from dicom_node.admin.app import create_app
+from dicom_node.admin.backend import AdminBackend
 from dicom_node.audit import AuditLog
 from dicom_node.config import NodeSettings
 from dicom_node.logs import get_logger
@@ -55,9 +55,10 @@ class AdminServer:
         self._thread: threading.Thread | None = None
 
     @property
-    def backend(self) -> Any:
+    def backend(self) -> AdminBackend:
         """The app's :class:`~dicom_node.admin.backend.AdminBackend` (e.g. to add rules hooks)."""
-        return self.app.state.backend
+        b: AdminBackend = self.app.state.backend
+        return b
 
     @property
     def url(self) -> str:
