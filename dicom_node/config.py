@@ -35,6 +35,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from dicom_node.db import check_postgres_url, is_postgres
+from export.options import ALL_OUTPUTS, OutputKind, SegOptions
+
 ENV_PREFIX = "OMNIMRI__"
 """Prefix of environment overrides; sections and keys are joined with ``__``."""
 
@@ -166,12 +169,14 @@ class NodeConfig(_Section):
 
 
 class StorageConfig(_Section):
-    """The durable spool and its SQLite index."""
+    """The durable spool and its index (SQLite file, or a shared PostgreSQL database)."""
 
     path: Path = Path("var/spool")
     """Spool folder for received instances (relative to the config file). Default ``var/spool``."""
-    database: Path | None = None
-    """SQLite index; default ``<path>/../node.db``."""
+    database: Path | str | None = None
+    """SQLite file (default ``<path>/../node.db``), or a ``postgresql://user:pw@host/db`` URL:
+    several nodes with the same URL and the same shared ``path`` form one node
+    (``docs/database.md``; needs the ``postgres`` extra)."""
     min_free_bytes: int = Field(default=1024**3, ge=0)
     """Disk watermark: below this many free bytes C-STORE answers 0xA700. Default 1 GiB."""
     min_free_percent: float = Field(default=5.0, ge=0, le=100)
@@ -185,9 +190,19 @@ class StorageConfig(_Section):
     retention_days: float | None = None
     """Delete spooled series this many days after all their jobs are done; ``None`` keeps all."""
 
+    @field_validator("database", mode="before")
+    @classmethod
+    def _database(cls, v: object) -> object:
+        if isinstance(v, str) and is_postgres(v):
+            return check_postgres_url(v)
+        if isinstance(v, str) and "://" in v:
+            raise ValueError(f"storage.database: unsupported URL scheme in {v.split('://')[0]!r}"
+                             " (a SQLite file path, or postgresql://...)")
+        return Path(v) if isinstance(v, str) else v
+
     @property
-    def database_path(self) -> Path:
-        """The SQLite file, resolved."""
+    def database_path(self) -> Path | str:
+        """The SQLite file, resolved, or the PostgreSQL URL (``dicom_node.db.DatabaseTarget``)."""
         return self.database if self.database is not None else self.path.parent / "node.db"
 
 
@@ -297,21 +312,7 @@ Destination = Annotated[
     Field(discriminator="kind"),
 ]
 
-OutputKind = Literal["seg", "sr", "sc", "pr", "ko"]
 EngineName = Literal["tensorrt", "onnxruntime", "torch", "triton"]
-
-
-class SegOptions(_Section):
-    """How the Segmentation exporter writes its object."""
-
-    segmentation_type: Literal["auto", "labelmap", "binary", "fractional"] = "auto"
-    """``auto``: BINARY (every PACS takes it), or pseudo-binary FRACTIONAL (0/255) when a 1-bit
-    frame is not a whole number of bytes (Rows x Columns not a multiple of 8; OHIF mis-decodes
-    those); ``binary`` always BINARY; ``labelmap`` where the PACS accepts Label Map SEG."""
-    omit_empty_frames: bool = False
-    """Leave out frames with no segment pixels (off by default: OHIF misplaces segments)."""
-    compression: Literal["none", "jpegls", "jpeg2000"] = "none"
-    """Lossless compression of the SEG pixel data."""
 
 
 class PipelineConfig(_Section):
@@ -326,12 +327,10 @@ class PipelineConfig(_Section):
     ``suggest a diagnosis``, ``write the report``."""
     engine: Literal["auto", "onnxruntime", "tensorrt", "torch", "triton"] = "auto"
     """Engine; ``auto`` picks the fastest available for the package."""
-    outputs: list[OutputKind] = Field(
-        default_factory=lambda: list[OutputKind](["seg", "sr", "sc", "pr", "ko"])
-    )
-    """Which DICOM objects the pipeline writes."""
+    outputs: list[OutputKind] = Field(default_factory=lambda: list(ALL_OUTPUTS))
+    """Which DICOM objects the pipeline writes (:data:`export.options.OutputKind`)."""
     seg: SegOptions = Field(default_factory=SegOptions)
-    """Options of the Segmentation exporter."""
+    """Options of the Segmentation exporter (:class:`export.options.SegOptions`)."""
     timeout_s: float = Field(default=600.0, gt=0)
     """Longest a run may take before it counts as a failed attempt, seconds. Default 600."""
 
@@ -508,7 +507,8 @@ class NodeSettings(BaseSettings):
 
         s = self.model_copy(deep=True)
         s.storage.path = fix(s.storage.path)  # type: ignore[assignment]
-        s.storage.database = fix(s.storage.database)
+        if not isinstance(s.storage.database, str):  # a PostgreSQL URL stays as it is
+            s.storage.database = fix(s.storage.database)
         s.models.path = fix(s.models.path)  # type: ignore[assignment]
         s.audit.path = fix(s.audit.path)
         for key in ("certificate", "private_key", "ca_certificates"):

@@ -1,29 +1,30 @@
-"""The SQLite index of received instances, series and series-completion events.
+"""The index of received instances, series and series-completion events.
 
-Three tables live in the node database (``storage.database_path``, opened with
-:func:`dicom_node.db.connect`):
+Three tables live in the node database (``storage.database_path``: SQLite or PostgreSQL,
+opened with :func:`dicom_node.db.connect`; the schema is :mod:`dicom_node.migrations`):
 
 ``instances``
     One row per SOP Instance UID: where the file is, its UIDs, size, transfer syntax, arrival
-    (``rowid`` order), the association it came on, and ``revision``: the first revision of its
-    series that holds it.
+    (``rowid`` order: SQLite's implicit rowid, an identity column on PostgreSQL), the
+    association it came on, and ``revision``: the first revision of its series that holds it.
 ``series``
     One row per Series Instance UID: ``revision`` (the revision now receiving, or the last one
     completed), ``state`` (``receiving`` | ``complete``), counts and times.
 ``series_events``
     One durable row per completed revision (``UNIQUE(series_instance_uid, revision)``, so a
-    revision completes exactly once); ``routed_at`` is NULL until the router consumed it.
-    ``failed_at``/``failure`` (added by :func:`_migrate` to older databases): the router could
-    not route it (the reason, without patient values); such an event is not retried, so it
-    never holds up the ones after it, until :meth:`SeriesIndex.retry_failed` clears it.
+    revision completes exactly once, also across nodes sharing one PostgreSQL database);
+    ``completed_by`` names the node process that completed it; ``routed_at`` is NULL until the
+    router consumed it. ``failed_at``/``failure``: the router could not route it (the reason,
+    without patient values); such an event is not retried, so it never holds up the ones after
+    it, until :meth:`SeriesIndex.retry_failed` clears it.
 
-Times are stored as UNIX epoch seconds (REAL, UTC) and returned as aware ``datetime``.
+Times are stored as UNIX epoch seconds (REAL / DOUBLE PRECISION, UTC) and returned as aware
+``datetime``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -33,61 +34,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from dicom_node.db import add_missing_columns, connect
+from dicom_node.db import DB_ERRORS, DatabaseTarget, connect, is_postgres, lock_rows, node_name
+from dicom_node.migrations import migrate
 from dicom_node.series import Series, StoredInstance
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS series (
-    series_instance_uid TEXT PRIMARY KEY,
-    study_instance_uid  TEXT NOT NULL,
-    modality            TEXT NOT NULL DEFAULT '',
-    series_description  TEXT NOT NULL DEFAULT '',
-    revision            INTEGER NOT NULL DEFAULT 1,
-    state               TEXT NOT NULL DEFAULT 'receiving',
-    instance_count      INTEGER NOT NULL DEFAULT 0,
-    expected_count      INTEGER,
-    first_received_at   REAL NOT NULL,
-    last_received_at    REAL NOT NULL,
-    completed_at        REAL,
-    calling_ae          TEXT NOT NULL DEFAULT '',
-    called_ae           TEXT NOT NULL DEFAULT '',
-    peer_host           TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS series_by_state ON series(state, last_received_at);
-CREATE INDEX IF NOT EXISTS series_by_study ON series(study_instance_uid);
-CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid    TEXT PRIMARY KEY,
-    series_instance_uid TEXT NOT NULL,
-    study_instance_uid  TEXT NOT NULL,
-    sop_class_uid       TEXT NOT NULL,
-    transfer_syntax_uid TEXT NOT NULL,
-    path                TEXT NOT NULL,
-    size_bytes          INTEGER NOT NULL,
-    received_at         REAL NOT NULL,
-    revision            INTEGER NOT NULL,
-    instance_number     INTEGER,
-    number_of_frames    INTEGER NOT NULL DEFAULT 1,
-    calling_ae          TEXT NOT NULL DEFAULT '',
-    called_ae           TEXT NOT NULL DEFAULT '',
-    peer_host           TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_instance_uid);
-CREATE TABLE IF NOT EXISTS series_events (
-    id                  INTEGER PRIMARY KEY,
-    series_instance_uid TEXT NOT NULL,
-    revision            INTEGER NOT NULL,
-    completed_at        REAL NOT NULL,
-    reason              TEXT NOT NULL,
-    routed_at           REAL,
-    instance_count      INTEGER NOT NULL DEFAULT 0,
-    UNIQUE (series_instance_uid, revision)
-);
-CREATE INDEX IF NOT EXISTS series_events_unrouted ON series_events(id) WHERE routed_at IS NULL;
-CREATE TABLE IF NOT EXISTS index_meta (
-    key   TEXT PRIMARY KEY,
-    value
-);
-"""
 
 CompletionReason = Literal["quiet", "expected_count"]
 
@@ -100,11 +49,6 @@ _SERIES_COLUMNS = (
     " s.series_instance_uid AND e.revision = s.revision AND s.state = 'complete'"
     " AND e.routed_at IS NULL AND e.failed_at IS NOT NULL) AS failure")
 """Columns of a series row plus ``failure``: why its current revision could not be routed."""
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Add the columns newer code needs to a database made by older code (idempotent)."""
-    add_missing_columns(conn, "series_events", (("failed_at", "REAL"), ("failure", "TEXT")))
 
 
 def _dt(epoch: float | None) -> datetime:
@@ -172,22 +116,21 @@ class RecordOutcome:
 class SeriesIndex:
     """Access to the ``instances``, ``series`` and ``series_events`` tables.
 
-    Safe to share between threads: each thread gets its own SQLite connection.
+    Safe to share between threads: each thread gets its own database connection.
 
     Args:
         db_path: The node database (``storage.database_path``); created if missing.
     """
 
-    def __init__(self, db_path: Path) -> None:
-        self.db_path = Path(db_path)
+    def __init__(self, db_path: DatabaseTarget) -> None:
+        self.db_path: DatabaseTarget = db_path if is_postgres(db_path) else Path(db_path)
         self._local = threading.local()
-        self.conn.executescript(SCHEMA)
-        _migrate(self.conn)
+        migrate(self.conn)
 
     @property
-    def conn(self) -> sqlite3.Connection:
-        """The calling thread's connection to the node database."""
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+    def conn(self) -> Any:
+        """The calling thread's connection to the node database (:func:`dicom_node.db.connect`)."""
+        conn: Any = getattr(self._local, "conn", None)
         if conn is None:
             conn = connect(self.db_path)
             self._local.conn = conn
@@ -201,8 +144,8 @@ class SeriesIndex:
             self._local.conn = None
 
     @contextmanager
-    def _write(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
-        """A write transaction (``BEGIN IMMEDIATE``), or the caller's open one."""
+    def _write(self, conn: Any = None) -> Iterator[Any]:
+        """A write transaction (``BEGIN IMMEDIATE``; on PostgreSQL ``BEGIN``), or the caller's."""
         if conn is not None:
             yield conn
             return
@@ -215,7 +158,7 @@ class SeriesIndex:
             # Also after a failed COMMIT (disk full): never leave the connection inside a
             # transaction, or every later write on it fails too.
             if c.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
+                with contextlib.suppress(*DB_ERRORS):
                     c.execute("ROLLBACK")
             raise
 
@@ -244,19 +187,23 @@ class SeriesIndex:
                 (see :meth:`reconcile`).
         """
         out = RecordOutcome()
+        out.new = [False] * len(batch)
         touched: dict[str, None] = {}
+        # Series rows are locked in UID order, so two nodes indexing batches that share
+        # series cannot deadlock (PostgreSQL); arrival order within a series is kept.
+        order = sorted(range(len(batch)), key=lambda i: batch[i].series_instance_uid)
         with self._write() as c:
-            for rec in batch:
-                is_new, late = self._record_one(c, rec)
-                out.new.append(is_new)
-                if is_new:
-                    out.max_rowid = int(c.execute("SELECT last_insert_rowid()").fetchone()[0])
+            for i in order:
+                rec = batch[i]
+                rowid, late = self._record_one(c, rec)
+                out.new[i] = rowid is not None
+                if rowid is not None:
+                    out.max_rowid = max(out.max_rowid or 0, rowid)
                 if late is not None:
                     out.new_revisions.append((rec.series_instance_uid, late))
                 touched[rec.series_instance_uid] = None
             if flushed_upto is not None:
-                c.execute("INSERT OR REPLACE INTO index_meta (key, value)"
-                          " VALUES ('flushed_upto', ?)", (flushed_upto,))
+                self._set_meta(c, "flushed_upto", flushed_upto)
             for uid in touched:
                 row = c.execute(
                     "SELECT state, instance_count, expected_count FROM series"
@@ -266,7 +213,8 @@ class SeriesIndex:
                     if not use_expected_count:
                         out.due_expected.append(uid)
                         continue
-                    ev = self._complete(c, uid, "expected_count", time.time())
+                    ev = self._complete(c, uid, "expected_count", time.time(),
+                                        expected=True)
                     if ev is not None:
                         out.completed.append(ev)
         return out
@@ -281,7 +229,8 @@ class SeriesIndex:
                     " WHERE series_instance_uid = ?", (uid,)).fetchone()
                 if (row is not None and row["state"] == "receiving" and row["expected_count"]
                         and row["instance_count"] == row["expected_count"]):
-                    ev = self._complete(c, uid, "expected_count", time.time())
+                    ev = self._complete(c, uid, "expected_count", time.time(),
+                                        expected=True)
                     if ev is not None:
                         events.append(ev)
         return events
@@ -319,9 +268,13 @@ class SeriesIndex:
                 w.execute("DELETE FROM instances WHERE rowid = ?", (r["rowid"],))
                 self._fix_series(w, r["series_instance_uid"])
             top = w.execute("SELECT MAX(rowid) FROM instances").fetchone()[0]
-            w.execute("INSERT OR REPLACE INTO index_meta (key, value)"
-                      " VALUES ('flushed_upto', ?)", (top or 0,))
+            self._set_meta(w, "flushed_upto", top or 0)
         return removed
+
+    @staticmethod
+    def _set_meta(c: Any, key: str, value: int) -> None:
+        c.execute("INSERT INTO index_meta (key, value) VALUES (?, ?)"
+                  " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, str(value)))
 
     def forget(self, sop_instance_uids: Sequence[str]) -> None:
         """Delete instance rows (whose files could not be made durable) and fix their series."""
@@ -334,7 +287,7 @@ class SeriesIndex:
                     self._fix_series(w, r[0])
 
     @staticmethod
-    def _fix_series(c: sqlite3.Connection, series_uid: str) -> None:
+    def _fix_series(c: Any, series_uid: str) -> None:
         n, rev = c.execute("SELECT COUNT(*), MAX(revision) FROM instances"
                            " WHERE series_instance_uid = ?", (series_uid,)).fetchone()
         if not n:
@@ -350,28 +303,47 @@ class SeriesIndex:
             c.execute("UPDATE series SET instance_count = ? WHERE series_instance_uid = ?",
                       (n, series_uid))
 
-    def _record_one(self, c: sqlite3.Connection, rec: InstanceRecord) -> tuple[bool, int | None]:
-        srow = c.execute(
-            "SELECT revision, state, expected_count FROM series WHERE series_instance_uid = ?",
-            (rec.series_instance_uid,),
-        ).fetchone()
+    def _record_one(self, c: Any, rec: InstanceRecord) -> tuple[int | None, int | None]:
+        """Index one instance; returns (its new ``rowid`` or ``None``, late revision or ``None``).
+
+        The series row is locked first (PostgreSQL ``FOR UPDATE``; SQLite's writer lock covers
+        it), so instances of one series indexed by several nodes at once are serialised: one
+        of them creates the series, a duplicate SOP Instance UID is stored once.
+        """
         exists = c.execute(
             "SELECT 1 FROM instances WHERE sop_instance_uid = ?", (rec.sop_instance_uid,)
         ).fetchone() is not None
         if exists and not rec.replaced:
-            return False, None
-        late: int | None = None
+            return None, None
+        lock = lock_rows(c)
+        srow = c.execute(
+            "SELECT revision, state, expected_count FROM series WHERE series_instance_uid = ?"
+            + lock, (rec.series_instance_uid,),
+        ).fetchone()
+        created = False
         if srow is None:
-            revision = 1
-            c.execute(
+            created = bool(c.execute(
                 "INSERT INTO series (series_instance_uid, study_instance_uid, modality,"
                 " series_description, revision, state, instance_count, expected_count,"
                 " first_received_at, last_received_at, calling_ae, called_ae, peer_host)"
-                " VALUES (?, ?, ?, ?, 1, 'receiving', 0, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, 1, 'receiving', 0, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (series_instance_uid) DO NOTHING RETURNING revision",
                 (rec.series_instance_uid, rec.study_instance_uid, rec.modality,
                  rec.series_description, rec.expected_count, rec.received_at, rec.received_at,
                  rec.calling_ae, rec.called_ae, rec.peer_host),
-            )
+            ).fetchall())
+            if not created:  # another node created it meanwhile (PostgreSQL)
+                srow = c.execute(
+                    "SELECT revision, state, expected_count FROM series"
+                    " WHERE series_instance_uid = ?" + lock, (rec.series_instance_uid,),
+                ).fetchone()
+        if lock and not exists and c.execute(
+                "SELECT 1 FROM instances WHERE sop_instance_uid = ?",
+                (rec.sop_instance_uid,)).fetchone() is not None:
+            return None, None  # another node indexed it while we waited for the lock
+        late: int | None = None
+        if created or srow is None:
+            revision = 1
         else:
             revision = int(srow["revision"])
             if srow["state"] == "complete":
@@ -403,49 +375,62 @@ class SeriesIndex:
                 " calling_ae = ?, called_ae = ?, peer_host = ? WHERE sop_instance_uid = ?",
                 (*values, rec.sop_instance_uid),
             )
-            return False, late
-        c.execute(
+            return None, late
+        row = c.execute(
             "INSERT INTO instances (sop_instance_uid, series_instance_uid, study_instance_uid,"
             " sop_class_uid, transfer_syntax_uid, path, size_bytes, received_at, revision,"
             " instance_number, number_of_frames, calling_ae, called_ae, peer_host)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING rowid",
             (rec.sop_instance_uid, *values),
-        )
+        ).fetchall()
         c.execute(
             "UPDATE series SET instance_count = instance_count + 1 WHERE series_instance_uid = ?",
             (rec.series_instance_uid,),
         )
-        return True, late
+        return int(row[0][0]), late
 
     # -- the tracker's side ----------------------------------------------------------------
 
-    def _complete(self, c: sqlite3.Connection, series_uid: str, reason: str, now: float
+    def _complete(self, c: Any, series_uid: str, reason: str, now: float, *,
+                  quiet_before: float | None = None, expected: bool = False
                   ) -> CompletionEvent | None:
-        row = c.execute(
-            "SELECT revision, state, instance_count FROM series WHERE series_instance_uid = ?",
-            (series_uid,),
-        ).fetchone()
-        if row is None or row["state"] != "receiving":
-            return None
-        cur = c.execute(
-            "INSERT OR IGNORE INTO series_events (series_instance_uid, revision, completed_at,"
-            " reason, instance_count) VALUES (?, ?, ?, ?, ?)",
-            (series_uid, row["revision"], now, reason, row["instance_count"]),
-        )
-        c.execute(
-            "UPDATE series SET state = 'complete', completed_at = ? WHERE series_instance_uid = ?",
-            (now, series_uid),
-        )
-        if cur.rowcount != 1:
+        """Complete the receiving revision of a series, once across all nodes.
+
+        One conditional ``UPDATE`` (still receiving; still quiet, or the expected count still
+        reached) decides who completes: on PostgreSQL a second node's update waits for the
+        first one's row lock, then matches nothing. The ``series_events`` row
+        (``UNIQUE (series, revision)``) is written in the same transaction.
+        """
+        cond = ""
+        args: list[Any] = [now, series_uid]
+        if quiet_before is not None:
+            cond += " AND last_received_at <= ?"
+            args.append(quiet_before)
+        if expected:
+            cond += " AND instance_count = expected_count"
+        won = c.execute(
+            "UPDATE series SET state = 'complete', completed_at = ?"
+            " WHERE series_instance_uid = ? AND state = 'receiving'" + cond
+            + " RETURNING revision, instance_count", args).fetchall()
+        if not won:
+            return None  # not receiving any more (another node completed it), or not due
+        revision, count = int(won[0][0]), int(won[0][1])
+        ev = c.execute(
+            "INSERT INTO series_events (series_instance_uid, revision, completed_at,"
+            " reason, instance_count, completed_by) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (series_instance_uid, revision) DO NOTHING RETURNING id",
+            (series_uid, revision, now, reason, count, node_name()),
+        ).fetchall()
+        if not ev:
             return None  # this revision already completed (cannot happen, but never twice)
-        return CompletionEvent(int(cur.lastrowid or 0), series_uid, int(row["revision"]),
-                               _dt(now), reason, int(row["instance_count"]))
+        return CompletionEvent(int(ev[0][0]), series_uid, revision, _dt(now), reason, count)
 
     def complete_quiet(self, quiet_s: float, now: float | None = None) -> list[CompletionEvent]:
         """Complete every receiving series whose last instance is ``quiet_s`` seconds old.
 
         Each completion is one ``series_events`` row written in the same transaction that
-        marks the series complete, so a revision completes exactly once, even across restarts.
+        marks the series complete, so a revision completes exactly once, even across restarts
+        and across nodes sharing a PostgreSQL database.
         """
         now = time.time() if now is None else now
         due = [r[0] for r in self.conn.execute(
@@ -454,12 +439,7 @@ class SeriesIndex:
         events: list[CompletionEvent] = []
         for uid in due:
             with self._write() as c:
-                row = c.execute(
-                    "SELECT last_received_at FROM series WHERE series_instance_uid = ?"
-                    " AND state = 'receiving'", (uid,)).fetchone()
-                if row is None or row[0] > now - quiet_s:
-                    continue  # an instance arrived meanwhile
-                ev = self._complete(c, uid, "quiet", now)
+                ev = self._complete(c, uid, "quiet", now, quiet_before=now - quiet_s)
             if ev is not None:
                 events.append(ev)
         return events
@@ -485,7 +465,7 @@ class SeriesIndex:
             " ORDER BY id")]
 
     def mark_failed(self, event_id: int, reason: str,
-                    conn: sqlite3.Connection | None = None) -> None:
+                    conn: Any = None) -> None:
         """Put a completion event in the failed state: not routed, not retried, visible.
 
         Args:
@@ -526,21 +506,25 @@ class SeriesIndex:
         return [self._event(r) for r in rows]
 
     @staticmethod
-    def _event(r: sqlite3.Row) -> CompletionEvent:
+    def _event(r: Any) -> CompletionEvent:
         return CompletionEvent(int(r["id"]), r["series_instance_uid"], int(r["revision"]),
                                _dt(r["completed_at"]), r["reason"], int(r["instance_count"]))
 
-    def mark_routed(self, event_id: int, conn: sqlite3.Connection | None = None) -> None:
+    def mark_routed(self, event_id: int, conn: Any = None) -> bool:
         """Mark a completion event consumed.
 
         Args:
             event_id: ``CompletionEvent.event_id``.
             conn: A connection to the same database with a transaction the caller opened and
                 will commit (so routing and marking are atomic); ``None`` commits on its own.
+
+        Returns:
+            ``False`` when it was already routed (by another node sharing the database).
         """
         with self._write(conn) as c:
-            c.execute("UPDATE series_events SET routed_at = ? WHERE id = ? AND routed_at IS NULL",
-                      (time.time(), event_id))
+            cur = c.execute("UPDATE series_events SET routed_at = ? WHERE id = ?"
+                            " AND routed_at IS NULL", (time.time(), event_id))
+            return bool(cur.rowcount == 1)
 
     def load_series(self, series_uid: str, revision: int) -> Series:
         """A completed revision of a series, instances in arrival order.
@@ -575,7 +559,7 @@ class SeriesIndex:
         )
 
     @staticmethod
-    def _instance(r: sqlite3.Row) -> StoredInstance:
+    def _instance(r: Any) -> StoredInstance:
         return StoredInstance(
             sop_instance_uid=r["sop_instance_uid"],
             sop_class_uid=r["sop_class_uid"],
@@ -641,7 +625,7 @@ class SeriesIndex:
         return d
 
     @staticmethod
-    def _series_dict(r: sqlite3.Row) -> dict[str, Any]:
+    def _series_dict(r: Any) -> dict[str, Any]:
         def iso(v: float | None) -> str | None:
             return None if v is None else _dt(v).isoformat()
 
@@ -675,7 +659,7 @@ class SeriesIndex:
 
     # -- retention ---------------------------------------------------------------------------
 
-    def purge_series(self, series_uid: str, conn: sqlite3.Connection | None = None) -> int:
+    def purge_series(self, series_uid: str, conn: Any = None) -> int:
         """Delete every row of a series: its instances, completion events and series row.
 
         The files are the caller's (:mod:`dicom_node.retention` deletes them in the same

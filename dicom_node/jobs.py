@@ -36,9 +36,7 @@ import hashlib
 import json
 import os
 import socket
-import sqlite3
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -46,8 +44,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dicom_node.config import JobsConfig, NodeSettings
-from dicom_node.db import add_missing_columns, connect
+from dicom_node.db import _PROCESS_TOKEN, connect, for_update, node_name
 from dicom_node.logs import get_logger
+from dicom_node.migrations import migrate
 from dicom_node.series import Series, StoredInstance
 
 log = get_logger(__name__)
@@ -69,63 +68,6 @@ PRIORITY_RANK: dict[str, int] = {"urgent": 0, "normal": 1, "low": 2}
 LEASE_S = 120.0
 """How long a claim holds before another worker may take the job, seconds (renewed by
 :meth:`JobQueue.renew` while the job runs). Default 120."""
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id              TEXT PRIMARY KEY,
-    series_key      TEXT NOT NULL,
-    series_uid      TEXT NOT NULL,
-    study_uid       TEXT NOT NULL,
-    revision        INTEGER NOT NULL,
-    pipeline        TEXT NOT NULL,
-    destinations    TEXT NOT NULL,
-    rule            TEXT NOT NULL DEFAULT '',
-    priority        INTEGER NOT NULL DEFAULT 1,
-    state           TEXT NOT NULL DEFAULT 'queued',
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    created_at      REAL NOT NULL,
-    updated_at      REAL NOT NULL,
-    started_at      REAL,
-    finished_at     REAL,
-    next_attempt_at REAL NOT NULL,
-    lease_owner     TEXT,
-    lease_expires_at REAL,
-    last_error      TEXT,
-    event_id        TEXT,
-    series_json     TEXT NOT NULL,
-    UNIQUE (series_key, pipeline)
-);
-CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (state, priority, created_at);
-CREATE TABLE IF NOT EXISTS job_outputs (
-    job_id            TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
-    sop_instance_uid  TEXT NOT NULL,
-    sop_class_uid     TEXT NOT NULL,
-    path              TEXT NOT NULL,
-    PRIMARY KEY (job_id, sop_instance_uid)
-);
-CREATE TABLE IF NOT EXISTS deliveries (
-    job_id            TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
-    sop_instance_uid  TEXT NOT NULL,
-    destination       TEXT NOT NULL,
-    delivered_at      REAL NOT NULL,
-    detail            TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (job_id, sop_instance_uid, destination)
-);
-"""
-
-
-_MIGRATIONS = (
-    ("dispatch_failing_since", "REAL"),
-    ("dispatch_attempts", "INTEGER NOT NULL DEFAULT 0"),
-    ("waiting_for", "TEXT"),
-)
-"""Columns added to ``jobs`` after its first release (ALTERed into older databases)."""
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Add :data:`_MIGRATIONS` columns a database made by older code lacks (idempotent)."""
-    add_missing_columns(conn, "jobs", _MIGRATIONS)
-
 
 class JobError(Exception):
     """A job operation was refused (unknown id, wrong state); the message says why."""
@@ -285,11 +227,8 @@ def series_from_json(text: str) -> Series:
 
 
 def worker_identity() -> str:
-    """Lease owner name of this process: ``host:pid:token`` (token tells pid reuse apart)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_PROCESS_TOKEN}"
-
-
-_PROCESS_TOKEN = uuid.uuid4().hex[:8]
+    """Lease owner name of this process: ``host:pid:token`` (:func:`dicom_node.db.node_name`)."""
+    return node_name()
 
 
 def _owner_alive(owner: str) -> bool:
@@ -335,7 +274,7 @@ class JobQueue:
             ``settings.storage.database_path``.
     """
 
-    def __init__(self, settings: NodeSettings, conn: sqlite3.Connection | None = None) -> None:
+    def __init__(self, settings: NodeSettings, conn: Any = None) -> None:
         import threading
 
         self.settings = settings
@@ -344,12 +283,11 @@ class JobQueue:
         self._lock = threading.RLock()
         self.owner = worker_identity()
         with self._lock:
-            self._conn.executescript(_SCHEMA)
-            _migrate(self._conn)
+            migrate(self._conn)
 
     @property
-    def conn(self) -> sqlite3.Connection:
-        """The underlying connection (``isolation_level=None``: explicit transactions)."""
+    def conn(self) -> Any:
+        """The underlying connection (explicit transactions on both back ends)."""
         return self._conn
 
     def close(self) -> None:
@@ -358,20 +296,24 @@ class JobQueue:
             self._conn.close()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on error) on the queue's connection."""
+    def transaction(self) -> Iterator[Any]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` (``ROLLBACK`` on error) on the queue's connection.
+
+        On PostgreSQL ``BEGIN``; rows are locked where the statements say so.
+        """
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
 
     # -- enqueue ----------------------------------------------------------------------------
 
-    def enqueue(self, new: NewJob, conn: sqlite3.Connection | None = None) -> tuple[str, bool]:
+    def enqueue(self, new: NewJob, conn: Any = None) -> tuple[str, bool]:
         """Add a job unless the same (series revision, pipeline) is already queued or done.
 
         Args:
@@ -417,10 +359,14 @@ class JobQueue:
             JobError: No such job, or the prefix is ambiguous.
         """
         with self._lock:
-            rows = self._conn.execute(
-                "SELECT * FROM jobs WHERE id = ? OR (length(?) >= 6 AND id LIKE ? || '%')",
-                (job_id, job_id, job_id),
-            ).fetchall()
+            if len(job_id) >= 6:
+                like = job_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                rows = self._conn.execute(
+                    "SELECT * FROM jobs WHERE id = ? OR id LIKE ? ESCAPE '\\'",
+                    (job_id, like + "%")).fetchall()
+            else:
+                rows = self._conn.execute("SELECT * FROM jobs WHERE id = ?",
+                                          (job_id,)).fetchall()
         exact = [r for r in rows if r["id"] == job_id]
         if exact:
             return _row_to_job(exact[0])
@@ -529,7 +475,8 @@ class JobQueue:
                 if self._conn.execute(due_sql, (t, *ACTIVE_STATES, t)).fetchone() is None:
                     return None
             with self.transaction() as c:
-                row = c.execute(due_sql, (t, *ACTIVE_STATES, t)).fetchone()
+                # PostgreSQL: the row is locked for this claim; other nodes skip it.
+                row = c.execute(due_sql + for_update(c), (t, *ACTIVE_STATES, t)).fetchone()
                 if row is None:
                     return None
                 job = _row_to_job(row)
@@ -540,7 +487,7 @@ class JobQueue:
                         " lease_owner=NULL, lease_expires_at=NULL,"
                         " last_error=coalesce(last_error, 'worker lost ' || ? || ' times')"
                         " WHERE id=?",
-                        (t, t, job.attempts, job.id),
+                        (t, t, str(job.attempts), job.id),
                     )
                     log.error("job failed: attempts spent", job_id=job.id, attempts=job.attempts)
                     continue
@@ -566,7 +513,7 @@ class JobQueue:
                 log.info("job claimed", job_id=job.id, state=new_state, attempt=claimed.attempts)
             return claimed
 
-    def _owned_update(self, c: sqlite3.Connection, job_id: str, owner: str, sets: str,
+    def _owned_update(self, c: Any, job_id: str, owner: str, sets: str,
                       args: Sequence[Any]) -> None:
         cur = c.execute(
             f"UPDATE jobs SET {sets} WHERE id = ? AND lease_owner = ? AND state IN (?,?,?)",
@@ -628,8 +575,8 @@ class JobQueue:
         t = time.time()
         with self.transaction() as c:
             c.executemany(
-                "INSERT OR IGNORE INTO deliveries (job_id, sop_instance_uid, destination,"
-                " delivered_at, detail) VALUES (?,?,?,?,?)",
+                "INSERT INTO deliveries (job_id, sop_instance_uid, destination,"
+                " delivered_at, detail) VALUES (?,?,?,?,?) ON CONFLICT DO NOTHING",
                 [(job_id, u, destination, t, detail) for u in sop_instance_uids],
             )
 
@@ -824,7 +771,7 @@ class JobQueue:
         return self.get(job.id)
 
 
-def _row_to_job(row: sqlite3.Row) -> Job:
+def _row_to_job(row: Any) -> Job:
     rank_to_name = {v: k for k, v in PRIORITY_RANK.items()}
     return Job(
         id=row["id"],

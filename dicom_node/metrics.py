@@ -28,7 +28,8 @@ them into the spool), ``dispatch`` (sending them to the destinations).
     body, content_type = metrics.render()           # the /metrics answer
 
 Jobs by state and pipeline, and disk usage of the spool, are read when Prometheus scrapes (a
-custom collector reads the ``jobs`` table of the node database if it exists, and
+custom collector reads the ``jobs`` table of the node database, SQLite or PostgreSQL, if it
+exists, and
 :func:`shutil.disk_usage` of the spool folder), so they are right even after a restart.
 """
 
@@ -41,7 +42,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -54,6 +55,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dicom_node.db import DB_ERRORS, DatabaseTarget, PgConnection, is_postgres, table_columns
 from dicom_node.logs import get_logger
 
 if TYPE_CHECKING:
@@ -210,10 +212,10 @@ class NodeStateCollector(Collector):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.database: Path | None = None
+        self.database: DatabaseTarget | None = None
         self.spool: Path | None = None
 
-    def bind(self, database: Path | None, spool: Path | None) -> None:
+    def bind(self, database: DatabaseTarget | None, spool: Path | None) -> None:
         """Point the collector at a node database and spool folder (``None`` to unbind)."""
         with self._lock:
             self.database, self.spool = database, spool
@@ -249,52 +251,68 @@ class NodeStateCollector(Collector):
                 value=failed)
 
 
-def routing_failed_count(database: Path | None) -> int | None:
-    """Completion events in the failed state; ``None`` when the database or column is absent."""
-    if database is None or not Path(database).exists():
-        return None
+@contextmanager
+def _read_only(database: DatabaseTarget | None) -> Iterator[Any]:
+    """A short-lived read-only connection to the node database, or ``None`` when absent.
+
+    SQLite is opened ``mode=ro`` (never creates the file); PostgreSQL through
+    :class:`~dicom_node.db.PgConnection` (connect timeout ``PG_CONNECT_TIMEOUT_S``).
+    """
+    if database is None:
+        yield None
+        return
+    conn: Any = None
     try:
-        conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=2.0)
-    except sqlite3.Error:
-        return None
+        if is_postgres(database):
+            conn = PgConnection(str(database))
+        elif Path(database).exists():
+            conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=2.0)
+    except DB_ERRORS as err:
+        log.warning("metrics_database_unreachable", error=type(err).__name__)
+        conn = None
     try:
-        if "failed_at" not in {r[1] for r in conn.execute("PRAGMA table_info(series_events)")}:
-            return None
-        return int(conn.execute("SELECT COUNT(*) FROM series_events WHERE routed_at IS NULL"
-                                " AND failed_at IS NOT NULL").fetchone()[0])
-    except sqlite3.Error as err:
-        log.warning("metrics_events_unreadable", error=str(err))
-        return None
+        yield conn
     finally:
-        conn.close()
+        if conn is not None:
+            conn.close()
 
 
-def job_counts(database: Path | None) -> dict[tuple[str, str], int]:
+def routing_failed_count(database: DatabaseTarget | None) -> int | None:
+    """Completion events in the failed state; ``None`` when the database or column is absent."""
+    with _read_only(database) as conn:
+        if conn is None:
+            return None
+        try:
+            if "failed_at" not in table_columns(conn, "series_events"):
+                return None
+            return int(conn.execute("SELECT COUNT(*) FROM series_events WHERE routed_at IS NULL"
+                                    " AND failed_at IS NOT NULL").fetchone()[0])
+        except DB_ERRORS as err:
+            log.warning("metrics_events_unreadable", error=str(err))
+            return None
+
+
+def job_counts(database: DatabaseTarget | None) -> dict[tuple[str, str], int]:
     """``{(state, pipeline): count}`` from the ``jobs`` table; empty when it does not exist.
 
     The column holding the state may be called ``state`` or ``status``.
     """
-    if database is None or not Path(database).exists():
-        return {}
-    try:
-        conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=2.0)
-    except sqlite3.Error:
-        return {}
-    try:
-        cols = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
-        state_col = "state" if "state" in cols else "status" if "status" in cols else None
-        if state_col is None:
+    with _read_only(database) as conn:
+        if conn is None:
             return {}
-        pipe_expr = "pipeline" if "pipeline" in cols else "''"
-        rows = conn.execute(
-            f"SELECT {state_col}, {pipe_expr}, COUNT(*) FROM jobs GROUP BY 1, 2"  # noqa: S608
-        ).fetchall()
-        return {(str(s), str(p or "")): int(n) for s, p, n in rows}
-    except sqlite3.Error as err:
-        log.warning("metrics_jobs_unreadable", error=str(err))
-        return {}
-    finally:
-        conn.close()
+        try:
+            cols = table_columns(conn, "jobs")
+            state_col = "state" if "state" in cols else "status" if "status" in cols else None
+            if state_col is None:
+                return {}
+            pipe_expr = "pipeline" if "pipeline" in cols else "''"
+            rows = conn.execute(
+                f"SELECT {state_col}, {pipe_expr}, COUNT(*) FROM jobs GROUP BY 1, 2"  # noqa: S608
+            ).fetchall()
+            return {(str(st), str(p or "")): int(n) for st, p, n in rows}
+        except DB_ERRORS as err:
+            log.warning("metrics_jobs_unreadable", error=str(err))
+            return {}
 
 
 def spool_disk_usage(spool: Path | None) -> dict[str, int] | None:

@@ -23,7 +23,6 @@ seconds; ``omnimri-node series purge --older-than-days N`` runs it once by hand.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.config import NodeSettings
+from dicom_node.db import lock_rows
 from dicom_node.index import SeriesIndex
 from dicom_node.jobs import results_dir
 from dicom_node.logs import get_logger
@@ -97,44 +97,30 @@ class PurgeResult:
                 "series": [s.as_dict() for s in self.series]}
 
 
-def _has_jobs_table(conn: sqlite3.Connection) -> bool:
-    """Whether the jobs table exists; if so, make sure jobs can be found by series."""
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'"
-                    ).fetchone() is None:
-        return False
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index'"
-                    " AND name = 'jobs_by_series'").fetchone() is None:
-        # Retention's own look-up (the queue never searches by series).
-        conn.execute("CREATE INDEX IF NOT EXISTS jobs_by_series ON jobs (series_uid, state)")
-    return True
+def _expired_query(one: bool) -> str:
+    """Expired series (parameters: cutoff epoch seconds twice, then the series UID if ``one``).
 
-
-def _expired_query(has_jobs: bool, one: bool) -> str:
-    jobs_done = (
-        "COALESCE((SELECT MAX(COALESCE(j.finished_at, j.updated_at)) FROM jobs j"
-        " WHERE j.series_uid = s.series_instance_uid), 0)" if has_jobs else "0"
-    )
-    busy_jobs = (
-        " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid = s.series_instance_uid"
-        f" AND j.state NOT IN ({_FINAL_SQL}))" if has_jobs else ""
-    )
+    Written for both back ends (no SQLite two-argument ``MAX``, no alias in ``WHERE``).
+    """
+    jobs_done = ("COALESCE((SELECT MAX(COALESCE(j.finished_at, j.updated_at)) FROM jobs j"
+                 " WHERE j.series_uid = s.series_instance_uid), 0)")
     return (
-        "SELECT s.series_instance_uid, s.study_instance_uid, s.revision, s.instance_count,"
-        f" MAX(COALESCE(s.completed_at, 0), {jobs_done}) AS done_at"
-        " FROM series s WHERE s.state = 'complete' AND s.completed_at <= ?1"
+        "SELECT * FROM (SELECT s.series_instance_uid, s.study_instance_uid, s.revision,"
+        " s.instance_count, CASE WHEN COALESCE(s.completed_at, 0) >= " + jobs_done
+        + " THEN COALESCE(s.completed_at, 0) ELSE " + jobs_done + " END AS done_at"
+        " FROM series s WHERE s.state = 'complete' AND s.completed_at <= ?"
         " AND EXISTS (SELECT 1 FROM series_events e"
         "  WHERE e.series_instance_uid = s.series_instance_uid AND e.revision = s.revision)"
         " AND NOT EXISTS (SELECT 1 FROM series_events e"
         "  WHERE e.series_instance_uid = s.series_instance_uid AND e.routed_at IS NULL)"
-        + busy_jobs
-        + (" AND s.series_instance_uid = ?2" if one else "")
-        + " AND done_at <= ?1 ORDER BY done_at"
+        " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid = s.series_instance_uid"
+        f"  AND j.state NOT IN ({_FINAL_SQL}))"
+        + (" AND s.series_instance_uid = ?" if one else "")
+        + ") x WHERE done_at <= ? ORDER BY done_at"
     )
 
 
-def _job_ids(conn: sqlite3.Connection, series_uid: str, has_jobs: bool) -> tuple[str, ...]:
-    if not has_jobs:
-        return ()
+def _job_ids(conn: Any, series_uid: str) -> tuple[str, ...]:
     return tuple(r[0] for r in conn.execute(
         "SELECT id FROM jobs WHERE series_uid = ? ORDER BY created_at, id", (series_uid,)))
 
@@ -155,10 +141,10 @@ def expired_series(index: SeriesIndex, older_than_s: float, now: float | None = 
         raise ValueError(f"older_than_s must be >= 0, got {older_than_s}")
     now = time.time() if now is None else now
     c = index.conn
-    has_jobs = _has_jobs_table(c)
-    rows = c.execute(_expired_query(has_jobs, one=False), (now - older_than_s,)).fetchall()
-    return [ExpiredSeries(r[0], r[1], int(r[2]), int(r[3]), float(r[4]),
-                          _job_ids(c, r[0], has_jobs)) for r in rows]
+    cutoff = now - older_than_s
+    rows = c.execute(_expired_query(one=False), (cutoff, cutoff)).fetchall()
+    return [ExpiredSeries(r[0], r[1], int(r[2]), int(r[3]), float(r[4]), _job_ids(c, r[0]))
+            for r in rows]
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -192,7 +178,7 @@ def purge_expired(settings: NodeSettings, index: SeriesIndex, older_than_days: f
         return PurgeResult(tuple(candidates), 0, 0, 0, True)
     spool_root = settings.storage.path.resolve()
     c = index.conn
-    has_jobs = _has_jobs_table(c)
+    cutoff = now - older_than_s
     purged: list[ExpiredSeries] = []
     files = results = skipped = failed = 0
     for cand in candidates:
@@ -200,9 +186,12 @@ def purge_expired(settings: NodeSettings, index: SeriesIndex, older_than_days: f
         folders: set[Path] = set()
         c.execute("BEGIN IMMEDIATE")
         try:
-            # Re-check under the write lock: a new instance or a retried job keeps the series.
-            row = c.execute(_expired_query(has_jobs, one=True),
-                            (now - older_than_s, uid)).fetchone()
+            # Re-check under the write lock (PostgreSQL: the series row's lock, so a node
+            # indexing a new instance, or another node's retention, waits or is waited for):
+            # a new instance or a retried job keeps the series.
+            c.execute("SELECT 1 FROM series WHERE series_instance_uid = ?" + lock_rows(c),
+                      (uid,)).fetchall()
+            row = c.execute(_expired_query(one=True), (cutoff, uid, cutoff)).fetchone()
             if row is None:
                 c.execute("ROLLBACK")
                 skipped += 1
@@ -220,7 +209,7 @@ def purge_expired(settings: NodeSettings, index: SeriesIndex, older_than_days: f
                     pass  # deleted by a run that crashed before its commit
                 folders.add(inst.path.parent)
             n_results = 0
-            for job_id in _job_ids(c, uid, has_jobs):
+            for job_id in _job_ids(c, uid):
                 if (results_dir(settings) / job_id).is_dir():
                     remove_results(settings, job_id)
                     n_results += 1

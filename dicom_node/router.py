@@ -3,7 +3,9 @@
 For each pending completion event (oldest first) the router loads the series revision,
 evaluates the rule set on its attributes, and for every fired rule enqueues one job per
 pipeline. The jobs and the "event routed" mark are written in ONE transaction, so a crash
-never loses an event nor routes it twice (enqueueing is idempotent anyway).
+never loses an event nor routes it twice (enqueueing is idempotent anyway); with several nodes
+on one PostgreSQL database each router may read an event, but the conditional "routed" update
+lets one of them enqueue.
 
 * ``trigger: series`` rules enqueue for the completed series.
 * ``trigger: study`` rules check :meth:`RuleSet.study_ready` over every complete series of the
@@ -27,13 +29,13 @@ never loses an event nor routes it twice (enqueueing is idempotent anyway).
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Callable
 
 from dicom_node import metrics
 from dicom_node.audit import get_audit
 from dicom_node.config import DimseDestination, NodeSettings, RuleConfig
+from dicom_node.db import DB_ERRORS
 from dicom_node.index import CompletionEvent, SeriesIndex
 from dicom_node.jobs import PRIORITY_RANK, JobQueue, NewJob
 from dicom_node.logs import get_logger, scrub_text
@@ -145,7 +147,7 @@ class Router:
                 break
             try:
                 created += self.route_event(event)
-            except sqlite3.Error:
+            except DB_ERRORS:
                 raise  # the database, not the event: every event would fail; poll again
             except Exception as exc:  # noqa: BLE001 - isolate the event, route the next one
                 self._fail(event, exc)
@@ -192,12 +194,20 @@ class Router:
                 new_jobs += self._study_jobs(rule, series, attrs, event, settings, rules)
         merged = _merge(new_jobs)
         created_ids: list[str] = []
-        with self.queue.transaction() as conn:
-            for job in merged:
-                jid, created = self.queue.enqueue(job, conn)
-                if created:
-                    created_ids.append(jid)
-            self.index.mark_routed(event.event_id, conn)
+        try:
+            with self.queue.transaction() as conn:
+                # The routed mark first: with several nodes on one PostgreSQL database, the
+                # one whose conditional update wins enqueues; the other waits, then rolls back.
+                if not self.index.mark_routed(event.event_id, conn):
+                    raise _RoutedElsewhere
+                for job in merged:
+                    jid, created = self.queue.enqueue(job, conn)
+                    if created:
+                        created_ids.append(jid)
+        except _RoutedElsewhere:
+            log.info("completion event routed by another node", event_id=event.event_id,
+                     series_key=series.key)
+            return 0
         log.info(
             "series routed", event_id=event.event_id, series_key=series.key,
             fired=[r.name for r in decision.fired], discarded=decision.discarded,
@@ -287,6 +297,10 @@ class Router:
         log.info("study rule ready", rule=rule.name, study_uid=series.study_instance_uid,
                  series=len(wanted))
         return jobs
+
+
+class _RoutedElsewhere(Exception):
+    """Another node sharing the database routed this event first (its transaction rolls back)."""
 
 
 MAX_REASON_CHARS = 300

@@ -4,6 +4,7 @@ pytest_plugins = [
     "tests.fixtures.net",
     "tests.fixtures.node",
     "tests.fixtures.orthanc",
+    "tests.fixtures.postgres",
     "tests.fixtures.dcmtk",
     "tests.fixtures.tiny_model",
 ]
