@@ -78,10 +78,13 @@ def test_file_meta_and_header_match_the_spool_reader(tmp_path: Path) -> None:
             with pytest.raises(InstanceRejected) as err:
                 read_header_bytes(part10[:-cut])
             assert err.value.status == status.CANNOT_UNDERSTAND
-            try:
+            if scanned is None:  # a syntax the struct walk leaves to pydicom (rejected above)
+                assert scan_header(dataset[:-cut], ts) is None, path.name
+                continue
+            with pytest.raises(InstanceRejected, match="^truncated: an element runs past the "
+                                                       "end of the data$") as cut_err:
                 scan_header(dataset[:-cut], ts)
-            except InstanceRejected as e:
-                assert e.status == status.CANNOT_UNDERSTAND
+            assert cut_err.value.status == status.CANNOT_UNDERSTAND, path.name
     assert fast >= len(synthetic) + 1  # the struct walk serves the common syntaxes
 
 

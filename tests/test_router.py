@@ -16,6 +16,7 @@ from dicom_node.index import InstanceRecord, SeriesIndex
 from dicom_node.jobs import JobQueue
 from dicom_node.router import Router, failure_reason, resolve_sender
 from omnimri_samples import synthetic_series, write_series
+from tests.fixtures.wait import wait_until
 
 STUDY = "1.2.826.0.1.3680043.10.1526.777"
 
@@ -280,15 +281,18 @@ def test_old_database_gains_the_failure_columns(tmp_path: Path) -> None:
 
 
 def test_router_service_routes_in_background(tmp_path: Path) -> None:
-    env = Env(tmp_path, [{"name": "mr", "when": "true", "pipelines": ["preview"],
-                          "destinations": ["archive"]}])
+    # The condition reads SeriesDescription from the stored files (the rules' attribute sampler
+    # opens them with pydicom; the index is not consulted), so the job exists only if they are
+    # real DICOM of that series.
+    env = Env(tmp_path, [{"name": "mr", "when": 'SeriesDescription == "T1"',
+                          "pipelines": ["preview"], "destinations": ["archive"]}])
     env.router.start()
     try:
-        env.receive("T1")
-        deadline = time.monotonic() + 10
-        while not env.queue.list_jobs() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        uid = env.receive("T1")
+        jobs = wait_until(env.queue.list_jobs, 10, interval_s=0.05,
+                          message="the router thread enqueued no job")
     finally:
         env.router.stop()
-    assert len(env.queue.list_jobs()) == 1
-    assert pydicom  # the stored files are real DICOM (read by the rules' attribute sampler)
+    assert [(j.series_uid, j.rule) for j in jobs] == [(uid, "mr")]
+    ds = pydicom.dcmread(jobs[0].series.instances[0].path, stop_before_pixels=True)
+    assert (ds.SeriesInstanceUID, ds.SeriesDescription) == (uid, "T1")
