@@ -42,10 +42,11 @@ def make_series(uid: str, revision: int = 1, n: int = 2, calling_ae: str = "SCAN
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> NodeSettings:
+def settings(tmp_path: Path, db_target: str | Path) -> NodeSettings:
+    """Settings on each back end (``db_target``: SQLite file, PostgreSQL database)."""
     return parse_config(
         {
-            "storage": {"path": "spool", "fsync": False},
+            "storage": {"path": "spool", "fsync": False, "database": str(db_target)},
             "jobs": {"max_attempts": 3, "backoff_initial_s": 1, "backoff_max_s": 3},
             "pipelines": {"preview": {"kind": "preview", "model": None, "outputs": ["sc"]}},
         },

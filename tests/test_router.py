@@ -41,9 +41,12 @@ def base_config(rules: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
 
 
 class Env:
-    def __init__(self, tmp: Path, rules: list[dict[str, Any]]) -> None:
+    def __init__(self, tmp: Path, db: str | Path, rules: list[dict[str, Any]]) -> None:
+        """A router over ``db`` (``db_target``: each back end), spool and files in ``tmp``."""
         self.tmp = tmp
-        self.settings: NodeSettings = parse_config(base_config(rules), tmp)
+        cfg = base_config(rules)
+        cfg["storage"]["database"] = str(db)
+        self.settings: NodeSettings = parse_config(cfg, tmp)
         self.index = SeriesIndex(self.settings.storage.database_path)
         self.queue = JobQueue(self.settings)
         self.wakes = 0
@@ -81,8 +84,8 @@ class Env:
                       for j in self.queue.list_jobs())
 
 
-def test_series_rule_enqueues_once_and_marks_routed(tmp_path: Path) -> None:
-    env = Env(tmp_path, [{"name": "mr", "when": 'Modality == "MR"',
+def test_series_rule_enqueues_once_and_marks_routed(tmp_path: Path, db_target: str | Path) -> None:
+    env = Env(tmp_path, db_target, [{"name": "mr", "when": 'Modality == "MR"',
                           "pipelines": ["preview", "other"], "destinations": ["pacs"]}])
     uid = env.receive("T1 AXIAL")
     assert env.router.route_pending() == 2
@@ -98,8 +101,8 @@ def test_series_rule_enqueues_once_and_marks_routed(tmp_path: Path) -> None:
     assert job.rule == "mr" and job.event_id == str(event.event_id)
 
 
-def test_discard_and_non_matching(tmp_path: Path) -> None:
-    env = Env(tmp_path, [
+def test_discard_and_non_matching(tmp_path: Path, db_target: str | Path) -> None:
+    env = Env(tmp_path, db_target, [
         {"name": "no-localizers", "when": 'SeriesDescription contains "loc"', "action": "discard"},
         {"name": "thin", "when": "SliceThickness < 2", "pipelines": ["preview"],
          "destinations": ["archive"]},
@@ -112,8 +115,9 @@ def test_discard_and_non_matching(tmp_path: Path) -> None:
     assert env.index.pending_events() == []
 
 
-def test_sender_is_resolved_by_calling_ae(tmp_path: Path, caplog: Any) -> None:
-    env = Env(tmp_path, [{"name": "back", "when": "true", "pipelines": ["preview"],
+def test_sender_is_resolved_by_calling_ae(tmp_path: Path, db_target: str | Path, caplog: Any
+                                          ) -> None:
+    env = Env(tmp_path, db_target, [{"name": "back", "when": "true", "pipelines": ["preview"],
                           "destinations": ["sender", "archive"]}])
     known = env.receive("A", calling_ae="SCANNER1")
     unknown = env.receive("B", calling_ae="MYSTERY")
@@ -124,8 +128,8 @@ def test_sender_is_resolved_by_calling_ae(tmp_path: Path, caplog: Any) -> None:
     assert resolve_sender(series, env.settings) == "scanner"
 
 
-def test_two_rules_one_pipeline_merge(tmp_path: Path) -> None:
-    env = Env(tmp_path, [
+def test_two_rules_one_pipeline_merge(tmp_path: Path, db_target: str | Path) -> None:
+    env = Env(tmp_path, db_target, [
         {"name": "a", "when": 'Modality == "MR"', "pipelines": ["preview"],
          "destinations": ["pacs"], "priority": "low"},
         {"name": "b", "when": 'CalledAE == "OMNI_BRAIN"', "pipelines": ["preview"],
@@ -138,8 +142,8 @@ def test_two_rules_one_pipeline_merge(tmp_path: Path) -> None:
                                  (other, "preview", ("pacs",), "low")])
 
 
-def test_study_trigger_waits_for_required_series(tmp_path: Path) -> None:
-    env = Env(tmp_path, [{
+def test_study_trigger_waits_for_required_series(tmp_path: Path, db_target: str | Path) -> None:
+    env = Env(tmp_path, db_target, [{
         "name": "brain-study", "when": 'Modality == "MR"', "trigger": "study",
         "required_series": ['SeriesDescription matches "(?i)^t1"',
                             'SeriesDescription contains "flair"'],
@@ -156,8 +160,8 @@ def test_study_trigger_waits_for_required_series(tmp_path: Path) -> None:
                                  (flair, "preview", ("pacs",), "normal")])
 
 
-def test_study_rule_gives_up_after_its_timeout(tmp_path: Path) -> None:
-    env = Env(tmp_path, [{
+def test_study_rule_gives_up_after_its_timeout(tmp_path: Path, db_target: str | Path) -> None:
+    env = Env(tmp_path, db_target, [{
         "name": "brain-study", "when": 'Modality == "MR"', "trigger": "study",
         "required_series": ['SeriesDescription contains "t1"',
                             'SeriesDescription contains "flair"'],
@@ -170,9 +174,11 @@ def test_study_rule_gives_up_after_its_timeout(tmp_path: Path) -> None:
     assert env.queue.list_jobs() == [] and env.index.pending_events() == []
 
 
-def test_enqueue_and_routed_mark_are_one_transaction(tmp_path: Path, monkeypatch: Any) -> None:
-    env = Env(tmp_path, [{"name": "mr", "when": "true", "pipelines": ["preview", "other"],
-                          "destinations": ["pacs"]}])
+def test_enqueue_and_routed_mark_are_one_transaction(tmp_path: Path, db_target: str | Path,
+                                                     monkeypatch: Any) -> None:
+    env = Env(tmp_path, db_target, [{"name": "mr", "when": "true",
+                                     "pipelines": ["preview", "other"],
+                                     "destinations": ["pacs"]}])
     env.receive("T1")
     real = env.queue.enqueue
     calls = {"n": 0}
@@ -194,9 +200,10 @@ def test_enqueue_and_routed_mark_are_one_transaction(tmp_path: Path, monkeypatch
     assert env.index.failed_events() == []
 
 
-def test_database_error_leaves_the_event_pending(tmp_path: Path, monkeypatch: Any) -> None:
+def test_database_error_leaves_the_event_pending(tmp_path: Path, db_target: str | Path,
+                                                 monkeypatch: Any) -> None:
     """Database trouble is not the event's fault: it stays pending for the next poll."""
-    env = Env(tmp_path, [{"name": "mr", "when": "true", "pipelines": ["preview"],
+    env = Env(tmp_path, db_target, [{"name": "mr", "when": "true", "pipelines": ["preview"],
                           "destinations": ["pacs"]}])
     env.receive("T1")
     real = env.queue.enqueue
@@ -220,11 +227,12 @@ def _poison(path: Path) -> None:
     path.write_bytes(data.replace(tag, b"\x18\x00\x50\x00ZZ"))
 
 
-def test_a_poisoned_series_fails_visibly_and_the_next_is_routed(tmp_path: Path) -> None:
+def test_a_poisoned_series_fails_visibly_and_the_next_is_routed(
+        tmp_path: Path, db_target: str | Path) -> None:
     """Issue #17 item 3: VR ZZ made the router raise on every poll and route nothing more."""
     rules = [{"name": "all", "when": "SliceThickness > 0", "pipelines": ["preview"],
               "destinations": ["archive"]}]
-    env = Env(tmp_path, rules)
+    env = Env(tmp_path, db_target, rules)
     bad = env.receive("POISON")
     for p in (tmp_path / f"s{env.n}").glob("*.dcm"):
         _poison(p)
@@ -280,11 +288,11 @@ def test_old_database_gains_the_failure_columns(tmp_path: Path) -> None:
     assert {"failed_at", "failure"} <= cols
 
 
-def test_router_service_routes_in_background(tmp_path: Path) -> None:
+def test_router_service_routes_in_background(tmp_path: Path, db_target: str | Path) -> None:
     # The condition reads SeriesDescription from the stored files (the rules' attribute sampler
     # opens them with pydicom; the index is not consulted), so the job exists only if they are
     # real DICOM of that series.
-    env = Env(tmp_path, [{"name": "mr", "when": 'SeriesDescription == "T1"',
+    env = Env(tmp_path, db_target, [{"name": "mr", "when": 'SeriesDescription == "T1"',
                           "pipelines": ["preview"], "destinations": ["archive"]}])
     env.router.start()
     try:

@@ -10,7 +10,7 @@ import pytest
 from pydicom.uid import EnhancedMRImageStorage, MRImageStorage
 
 from dicom_node.config import CompletionConfig
-from dicom_node.db import connect
+from dicom_node.db import connect, table_columns
 from dicom_node.index import InstanceRecord, SeriesIndex
 from dicom_node.series_tracker import SeriesTracker, expected_count
 from dicom_node.spool import InstanceHeader
@@ -32,8 +32,9 @@ def rec(n: int, *, series: str = SERIES, at: float, expected: int | None = None,
 
 
 @pytest.fixture
-def index(tmp_path: Path) -> SeriesIndex:
-    return SeriesIndex(tmp_path / "node.db")
+def index(db_target: str | Path) -> SeriesIndex:
+    """An index on each back end (``db_target``: SQLite file, PostgreSQL database)."""
+    return SeriesIndex(db_target)
 
 
 def header(**kw: object) -> InstanceHeader:
@@ -120,8 +121,8 @@ def test_disagreeing_expected_counts_fall_back_to_quiet(index: SeriesIndex) -> N
     assert index.list_series(1)[0]["expected_count"] == -1
 
 
-def test_concurrent_trackers_complete_once(tmp_path: Path) -> None:
-    db = tmp_path / "node.db"
+def test_concurrent_trackers_complete_once(db_target: str | Path) -> None:
+    db = db_target
     a, b = SeriesIndex(db), SeriesIndex(db)
     t0 = 3_000_000.0
     a.record([rec(i, series=f"{SERIES}.{k}", at=t0) for k in range(20) for i in range(2)])
@@ -139,12 +140,11 @@ def test_concurrent_trackers_complete_once(tmp_path: Path) -> None:
     assert len(a.events()) == 20
 
 
-def test_pending_events_and_mark_routed_in_callers_transaction(index: SeriesIndex,
-                                                               tmp_path: Path) -> None:
+def test_pending_events_and_mark_routed_in_callers_transaction(index: SeriesIndex) -> None:
     index.record([rec(1, at=10.0)])
     [ev] = index.complete_quiet(1.0, now=20.0)
     assert [e.event_id for e in index.pending_events()] == [ev.event_id]
-    conn = connect(tmp_path / "node.db")
+    conn = connect(index.db_path)
     conn.execute("BEGIN IMMEDIATE")
     index.mark_routed(ev.event_id, conn=conn)
     conn.execute("ROLLBACK")  # the router's transaction failed: still pending
@@ -153,13 +153,13 @@ def test_pending_events_and_mark_routed_in_callers_transaction(index: SeriesInde
     index.mark_routed(ev.event_id, conn=conn)
     conn.execute("COMMIT")
     assert index.pending_events() == []
-    cols = {r[1] for r in conn.execute("PRAGMA table_info(series_events)")}
+    cols = table_columns(conn, "series_events")
     assert {"id", "series_instance_uid", "revision", "completed_at", "reason",
             "routed_at"} <= cols
 
 
-def test_tracker_thread_resumes_from_index(tmp_path: Path) -> None:
-    db = tmp_path / "node.db"
+def test_tracker_thread_resumes_from_index(db_target: str | Path) -> None:
+    db = db_target
     SeriesIndex(db).record([rec(i, at=time.time() - 0.5) for i in range(1, 4)])
     # A "restarted" tracker on a fresh connection completes the series it finds in the index.
     index = SeriesIndex(db)
