@@ -187,9 +187,10 @@ def argmax_channels(probabilities: npt.NDArray[np.floating]) -> npt.NDArray[np.u
         return np.argmax(p, axis=0).astype(np.uint8)
     best = p[0].copy()
     idx = np.zeros(p.shape[1:], dtype=np.uint8)
+    win = np.empty(p.shape[1:], dtype=np.bool_)
     for c in range(1, p.shape[0]):
-        win = p[c] > best
-        idx[win] = c
+        np.greater(p[c], best, out=win)
+        np.copyto(idx, np.uint8(c), where=win)  # ~2x a boolean-index assignment
         np.maximum(best, p[c], out=best)
     return idx
 
@@ -217,6 +218,25 @@ def label_map(
         out[win] = v
         best[win] = p[win]
     return out
+
+
+def bounding_box(mask: npt.NDArray[np.bool_]) -> tuple[slice, ...] | None:
+    """The smallest box (one slice per axis, index units) holding every ``True`` of ``mask``.
+
+    ``None`` when the mask is empty. Found from per-axis projections (``any``), so it costs a
+    few passes over the mask, far less than labelling or ``argwhere`` on the whole grid.
+    """
+    m = np.asarray(mask, dtype=np.bool_)
+    out: list[slice] = []
+    for axis in range(m.ndim):
+        others = tuple(a for a in range(m.ndim) if a != axis)
+        hit = np.flatnonzero(m.any(axis=others))
+        if hit.size == 0:
+            return None
+        out.append(slice(int(hit[0]), int(hit[-1]) + 1))
+        if axis == 0:  # the other projections only need the occupied slab
+            m = m[out[0]]
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,16 +301,22 @@ def connected_components(
     """
     rank = {6: 1, 18: 2, 26: 3}[connectivity]
     structure = ndimage.generate_binary_structure(3, rank)
-    labels, n = ndimage.label(mask, structure=structure)
+    box = bounding_box(mask)
+    if box is None:
+        return []
+    # Label only the mask's bounding box (a lesion mask is a few voxels of a large grid).
+    labels, n = ndimage.label(mask[box], structure=structure)
     if n == 0:
         return []
+    offset = [b.start for b in box]
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     voxel_mm3 = float(np.prod(spacing))
     out: list[Component] = []
-    for idx, sl in enumerate(ndimage.find_objects(labels), start=1):
-        if sl is None:
+    for idx, local in enumerate(ndimage.find_objects(labels), start=1):
+        if local is None:
             continue
-        comp = labels[sl] == idx
+        comp = labels[local] == idx
+        sl = tuple(slice(a.start + o, a.stop + o) for a, o in zip(local, offset, strict=True))
         nvox = int(comp.sum())
         volume_mm3 = nvox * voxel_mm3
         if volume_mm3 < min_volume_mm3:

@@ -244,6 +244,25 @@ def test_connected_components_geometry() -> None:
     assert len(connected_components(diag, np.eye(4), connectivity=26)) == 1
 
 
+def test_bounding_box_and_components_of_a_cropped_label() -> None:
+    """Components are labelled inside the mask's bounding box only; results are unchanged."""
+    from inference.postprocess import bounding_box
+
+    mask = np.zeros((9, 10, 11), dtype=bool)
+    assert bounding_box(mask) is None
+    assert connected_components(mask, np.eye(4)) == []
+    mask[6:8, 1:3, 9] = True
+    mask[2, 5, 2:4] = True
+    assert bounding_box(mask) == (slice(2, 8), slice(1, 6), slice(2, 10))
+    prob = np.zeros(mask.shape, dtype=np.float32)
+    prob[6:8, 1:3, 9] = 0.25
+    prob[2, 5, 2:4] = 0.75
+    comps = connected_components(mask, np.eye(4), probability=prob, connectivity=6)
+    assert [(c.bbox_index, c.probability, c.voxels) for c in comps] == [
+        ((6, 1, 9, 8, 3, 10), 0.25, 4), ((2, 5, 2, 3, 6, 4), 0.75, 2)]
+    assert comps[1].centroid_index == (2.0, 5.0, 2.5)
+
+
 def test_tiny_model_end_to_end(tiny_package: ModelPackage) -> None:
     arr = _blob_image((14, 18, 20), seed=4)
     vol = _volume(arr, _sagittal_affine((2.0, 2.0, 2.0)))

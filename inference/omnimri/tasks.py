@@ -29,7 +29,7 @@ import numpy.typing as npt
 
 from inference import results as R
 from inference.omnimri.config import heads_for
-from inference.postprocess import argmax_channels, connected_components
+from inference.postprocess import argmax_channels, bounding_box, connected_components
 
 Array = npt.NDArray[np.float32]
 
@@ -102,12 +102,12 @@ class BrainFrame:
     def from_mask(cls, brain: npt.NDArray[np.bool_], affine: npt.NDArray[np.float64]
                   ) -> BrainFrame | None:
         """From a brain mask on a grid with ``affine``; ``None`` if the mask is empty."""
-        idx = np.argwhere(brain)
-        if len(idx) == 0:
+        box = bounding_box(brain)
+        if box is None:
             return None
-        corners = np.array([[a, b, c] for a in (idx[:, 0].min(), idx[:, 0].max())
-                            for b in (idx[:, 1].min(), idx[:, 1].max())
-                            for c in (idx[:, 2].min(), idx[:, 2].max())], np.float64)
+        corners = np.array([[a, b, c] for a in (box[0].start, box[0].stop - 1)
+                            for b in (box[1].start, box[1].stop - 1)
+                            for c in (box[2].start, box[2].stop - 1)], np.float64)
         lps = corners @ affine[:3, :3].T + affine[:3, 3]
         return cls(lps.min(0), lps.max(0))
 
@@ -139,33 +139,65 @@ def side_of(x_lps_mm: float, midline_mm: float, tolerance_mm: float) -> str:
 # --------------------------------------------------------------------------- pieces
 
 
-def brain_mask(tissue_probs: Array) -> npt.NDArray[np.bool_]:
-    """The brain: the largest 6-connected component of the non-background argmax."""
+def unit_interval(p: npt.NDArray[np.floating]) -> Array:
+    """``p`` as float32 in [0, 1]: ``p`` itself when it already is (no copy), else clipped.
+
+    Softmax probabilities, and their linear interpolation onto the source grid, already are;
+    checking costs two reads of the array instead of two full-size copies.
+    """
+    a = np.asarray(p)
+    if a.dtype == np.float32 and a.size and float(a.min()) >= 0.0 and float(a.max()) <= 1.0:
+        return a
+    return np.clip(a, 0.0, 1.0).astype(np.float32)
+
+
+def brain_mask(tissue_probs: Array, argmax: npt.NDArray[np.uint8] | None = None
+               ) -> npt.NDArray[np.bool_]:
+    """The brain: the largest 6-connected component of the non-background argmax.
+
+    Args:
+        tissue_probs: ``[4, K, J, I]`` probabilities.
+        argmax: Their :func:`~inference.postprocess.argmax_channels`, if already computed.
+    """
     from scipy import ndimage
 
-    fg = argmax_channels(tissue_probs) > 0
-    labels, n = ndimage.label(fg)
+    fg = (argmax_channels(tissue_probs) if argmax is None else argmax) > 0
+    box = bounding_box(fg)
+    if box is None:
+        return fg
+    labels, n = ndimage.label(fg[box])  # only the foreground's bounding box
     if n <= 1:
         return fg
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    out: npt.NDArray[np.bool_] = labels == int(np.argmax(sizes))
+    out = np.zeros(fg.shape, dtype=np.bool_)
+    np.equal(labels, int(np.argmax(sizes)), out=out[box])
     return out
 
 
 def tissue_segments(tissue_probs: Array, first_number: int = 1,
-                    brain: npt.NDArray[np.bool_] | None = None) -> list[R.SegmentMask]:
-    """Brain, CSF, GM and WM masks from ``[4, K, J, I]`` probabilities (argmax in the brain)."""
-    am = argmax_channels(tissue_probs)
-    brain = brain_mask(tissue_probs) if brain is None else brain
-    masks = [brain, brain & (am == 1), brain & (am == 2), brain & (am == 3)]
-    probs = [1.0 - tissue_probs[0], tissue_probs[1], tissue_probs[2], tissue_probs[3]]
+                    brain: npt.NDArray[np.bool_] | None = None,
+                    argmax: npt.NDArray[np.uint8] | None = None) -> list[R.SegmentMask]:
+    """Brain, CSF, GM and WM masks from ``[4, K, J, I]`` probabilities (argmax in the brain).
+
+    ``brain`` (:func:`brain_mask`) and ``argmax`` (of ``tissue_probs``) are computed when not
+    given.
+    """
+    am = argmax_channels(tissue_probs) if argmax is None else argmax
+    brain = brain_mask(tissue_probs, am) if brain is None else brain
+    masks = [brain]
+    for c in (1, 2, 3):
+        m = np.equal(am, c)
+        m &= brain
+        masks.append(m)
+    probs = [np.subtract(np.float32(1.0), tissue_probs[0], dtype=np.float32),
+             tissue_probs[1], tissue_probs[2], tissue_probs[3]]
     out = []
     for n, ((name, cat, typ, rgb), m, p) in enumerate(
         zip(TISSUE_SEGMENTS, masks, probs, strict=True)
     ):
         lab = R.SegmentLabel(first_number + n, name, cat, typ, rgb, "anatomical")
-        out.append(R.SegmentMask(lab, m, np.clip(p, 0, 1).astype(np.float32)))
+        out.append(R.SegmentMask(lab, m, unit_interval(p)))
     return out
 
 
@@ -177,12 +209,14 @@ def lesion_masks(lesion_probs: Array, threshold: float,
     """
     p_les = lesion_probs[1] + lesion_probs[2]
     lesion = p_les >= threshold
+    del p_les
     if brain is not None:
         lesion &= brain
-    wmh = lesion & (lesion_probs[1] >= lesion_probs[2])
+    wmh = np.greater_equal(lesion_probs[1], lesion_probs[2])
+    wmh &= lesion
     mass = lesion & ~wmh
-    am = argmax_channels(lesion_probs)
-    oedema = (am == 3) & ~lesion
+    oedema = argmax_channels(lesion_probs) == 3
+    oedema &= ~lesion
     if brain is not None:
         oedema &= brain
     return lesion, wmh, mass, oedema
@@ -192,11 +226,21 @@ def detections_from_lesions(
     lesion_probs: Array, affine: npt.NDArray[np.float64], frame: BrainFrame | None,
     settings: TaskSettings, wmh_segment: int, mass_segment: int,
     brain: npt.NDArray[np.bool_] | None = None,
+    lesion: npt.NDArray[np.bool_] | None = None,
 ) -> list[R.Detection]:
-    """One detection per lesion component (WMH or mass by majority), largest first."""
-    lesion, _, _, _ = lesion_masks(lesion_probs, settings.lesion_threshold, brain)
-    p_les = lesion_probs[1] + lesion_probs[2]
-    comps = connected_components(lesion, affine, probability=np.clip(p_les, 0, 1),
+    """One detection per lesion component (WMH or mass by majority), largest first.
+
+    ``lesion`` is :func:`lesion_masks`' first mask when the caller already has it.
+    """
+    if lesion is None:
+        lesion = lesion_masks(lesion_probs, settings.lesion_threshold, brain)[0]
+    box = bounding_box(lesion)
+    if box is None:
+        return []
+    p_les = np.zeros(lesion.shape, dtype=np.float32)  # only needed inside the lesion's box
+    np.add(lesion_probs[1][box], lesion_probs[2][box], out=p_les[box])
+    np.clip(p_les[box], 0, 1, out=p_les[box])
+    comps = connected_components(lesion, affine, probability=p_les,
                                  min_volume_mm3=settings.min_lesion_mm3)
     midline = frame.midline_x_lps if frame else 0.0
     out: list[R.Detection] = []
@@ -363,13 +407,15 @@ def build_results(
     number = 1
     frame = None
     brain = None
+    tissue_am = None
     if heads.tissue is not None:
-        brain = brain_mask(heads.tissue)
+        tissue_am = argmax_channels(heads.tissue)  # once: brain and tissue segments share it
+        brain = brain_mask(heads.tissue, tissue_am)
         frame = BrainFrame.from_mask(brain, heads.affine)
     if "tissue" in want:
         if heads.tissue is None:
             raise ValueError("'segment brain tissues' needs the tissue output")
-        res.segments.extend(tissue_segments(heads.tissue, number, brain))
+        res.segments.extend(tissue_segments(heads.tissue, number, brain, tissue_am))
         number += len(TISSUE_SEGMENTS)
     if want & {"lesion", "diagnosis", "report"}:
         if heads.lesion is None:
@@ -377,14 +423,14 @@ def build_results(
         lesion, wmh, mass, oedema = lesion_masks(heads.lesion, settings.lesion_threshold, brain)
         wmh_no, mass_no = number, number + 1
         dets = detections_from_lesions(heads.lesion, heads.affine, frame, settings, wmh_no,
-                                       mass_no, brain)
+                                       mass_no, brain, lesion)
         if "lesion" in want:
             for n, ((name, cat, typ, rgb), m, p) in enumerate(zip(
                 LESION_SEGMENTS, (wmh, mass, oedema),
                 (heads.lesion[1], heads.lesion[2], heads.lesion[3]), strict=True,
             )):
                 lab = R.SegmentLabel(number + n, name, cat, typ, rgb, "pathological")
-                res.segments.append(R.SegmentMask(lab, m, np.clip(p, 0, 1).astype(np.float32)))
+                res.segments.append(R.SegmentMask(lab, m, unit_interval(p)))
             number += len(LESION_SEGMENTS)
             res.detections = dets
     if want & {"diagnosis", "report"}:
