@@ -1,4 +1,4 @@
-"""``omnimri-node`` commands of the ``train`` group: the four OmniMRI stages, export, eval.
+"""``omnimri-node`` commands of the ``train`` group: the five OmniMRI stages, export, eval.
 
 Examples::
 
@@ -23,12 +23,13 @@ train_app = typer.Typer(help="Train, export and evaluate the OmniMRI model famil
 
 
 class Stage(enum.StrEnum):
-    """Training stages (``all`` runs the four in order)."""
+    """Training stages (``all`` runs the five in order)."""
 
     pretrain = "pretrain"
     align = "align"
     multimodal = "multimodal"
     instruct = "instruct"
+    finetune = "finetune"
     all = "all"
 
 
@@ -63,7 +64,7 @@ def _stage_command(stage: Stage) -> None:
     ) -> None:
         _train(stage, size, seed, out, steps, batch)
 
-    cmd.__doc__ = ("Run the four stages in order (skips finished ones)." if stage is Stage.all
+    cmd.__doc__ = ("Run the five stages in order (skips finished ones)." if stage is Stage.all
                    else f"Run (or resume) the '{stage.value}' stage.")
     train_app.command(stage.value)(cmd)
 
@@ -76,7 +77,7 @@ for _stage in Stage:
 def export_cmd(
     run: Annotated[
         Path,
-        typer.Option(help="Run folder with instruct.pt."),
+        typer.Option(help="Run folder with the stage's checkpoint (finetune.pt)."),
     ] = Path("training-runs/omnimri-tiny-seed0"),
     out: Annotated[
         Path,
@@ -84,7 +85,7 @@ def export_cmd(
     ] = Path("models/omnimri-tiny"),
     name: Annotated[str, typer.Option()] = "omnimri-tiny",
     version: Annotated[str, typer.Option()] = "1.0.0",
-    stage: Annotated[str, typer.Option(help="Checkpoint stage to export.")] = "instruct",
+    stage: Annotated[str, typer.Option(help="Checkpoint stage to export.")] = "finetune",
 ) -> None:
     """Export a checkpoint to an ONNX model package (verified against PyTorch).
 

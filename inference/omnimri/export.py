@@ -234,7 +234,7 @@ def export_package(checkpoint: Path, out_dir: Path, *, name: str = "omnimri-tiny
     prov = {
         "training_data": ["synthetic MR from the ICBM152 2009a template (nilearn wheel)"],
         "seed": int(st.get("seed", 0)),
-        "stages": ["pretrain", "align", "multimodal", "instruct"],
+        "stages": list(runs),
         "stage_runs": runs,
         "weights_sha256": weights_sha256(mods),
         "code_version": "inference.omnimri",
