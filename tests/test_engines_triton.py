@@ -1,11 +1,14 @@
-"""Triton engine against a STAND-IN server.
+"""Triton engine against a STAND-IN server (a KServe-v2 imitation, not Triton).
 
-A real Triton Inference Server cannot run on this machine (no container runtime, no Triton
-binaries, no network to fetch them), so these tests start a small KServe-v2 HTTP server in a
-thread that implements the parts of the protocol the node uses (health, model ready,
-metadata, infer with the binary-tensor extension) and answers with ONNX Runtime on the tiny
-package. The real ``tritonclient`` library talks to it, so request encoding, binary tensors and
-response decoding are exercised; Triton's own scheduling and backends are not.
+The real server test is tests/test_triton_server.py (``tritonserver`` from the
+``nvidia-pytriton`` wheel, the shipped model, HTTP and gRPC). This stand-in stays for what that
+one cannot cover everywhere: the wheel runs only on x86_64 Linux with glibc >= 2.35, so here
+the engine's request encoding is still checked where no server can start. It is a small
+KServe-v2 HTTP server in a thread that implements the parts of the protocol the node uses
+(health, model ready, metadata, infer with the binary-tensor extension) and answers with ONNX
+Runtime on the tiny test package. The real ``tritonclient`` library talks to it, so request
+encoding, binary tensors and response decoding are exercised; Triton's own scheduling and
+back ends are not.
 """
 
 from __future__ import annotations
