@@ -7,6 +7,7 @@ shims on PATH may name pynetdicom's look-alike apps.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,6 +100,27 @@ def _run(*args: str | Path) -> subprocess.CompletedProcess[str]:
                           check=False)
 
 
+# What DCMTK 3.6 prints when its association fails (it exits 1; a command-line error also
+# exits 1 but prints "error: Unknown option ...", so the message tells the two apart).
+PEER_ABORTED = "0006:0317 Peer aborted Association (or never connected)"
+CONNECTION_RESET = "0006:031d TCP I/O Error (Connection reset by peer)"
+CERT_VERIFY_FAILED = "000b:0886 TLS error: certificate verify failed"
+REJECTED_PERMANENT = "Result: Rejected Permanent, Source: Service User"
+
+
+def _failed_with(res: subprocess.CompletedProcess[str], *reasons: str) -> None:
+    """Assert the DCMTK tool ran and its association failed for one of ``reasons``."""
+    out = res.stderr + res.stdout
+    assert res.returncode == 1, out
+    assert "Association Request Failed" in out or "Association Rejected" in out, out
+    assert any(r in out for r in reasons), out
+
+
+def _handshake_refused(res: subprocess.CompletedProcess[str]) -> None:
+    """The peer ended the TLS handshake: DCMTK sees an abort or a reset (timing decides)."""
+    _failed_with(res, PEER_ABORTED, CONNECTION_RESET)
+
+
 # ---- configuration errors ---------------------------------------------------------------
 
 
@@ -172,10 +194,10 @@ def test_verify_client_refuses_missing_or_foreign_certificates(
     scp = scp_factory(server_context(_tls(pki, verify_client=True)))
     anonymous = _run(DCMTK / "echoscu", "-aec", "OMNIMRI", "+tla", "+cf", pki.ca_cert,
                      "127.0.0.1", scp.port)
-    assert anonymous.returncode != 0
+    _handshake_refused(anonymous)
     foreign = _run(DCMTK / "echoscu", "-aec", "OMNIMRI", "+tls", pki.other_client_key,
                    pki.other_client_cert, "+cf", pki.ca_cert, "127.0.0.1", scp.port)
-    assert foreign.returncode != 0
+    _handshake_refused(foreign)
     assert scp.stored == [] and scp.peer_certs == []
 
 
@@ -183,7 +205,7 @@ def test_verify_client_refuses_missing_or_foreign_certificates(
 def test_plain_association_on_tls_port_fails(pki: TestPKI, scp_factory: Any) -> None:
     scp = scp_factory(server_context(_tls(pki)))
     plain = _run(DCMTK / "echoscu", "-to", "5", "-aec", "OMNIMRI", "127.0.0.1", scp.port)
-    assert plain.returncode != 0
+    _handshake_refused(plain)
     assert scp.peer_certs == []
 
 
@@ -192,7 +214,7 @@ def test_dcmtk_refuses_node_certificate_from_unknown_ca(pki: TestPKI, scp_factor
     scp = scp_factory(server_context(_tls(pki)))
     res = _run(DCMTK / "echoscu", "-aec", "OMNIMRI", "+tls", pki.client_key, pki.client_cert,
                "+cf", pki.other_ca_cert, "127.0.0.1", scp.port)
-    assert res.returncode != 0
+    _failed_with(res, CERT_VERIFY_FAILED)
 
 
 # ---- the destination side: DCMTK storescp as the TLS server ----------------------------
@@ -243,13 +265,16 @@ def test_dimse_destination_over_tls_to_dcmtk_storescp(
 
 @needs_dcmtk
 def test_dimse_destination_refuses_peer_from_unknown_ca(
-    pki: TestPKI, mr_file: Path, dcmtk_tls_scp: tuple[int, Path]
+    pki: TestPKI, mr_file: Path, dcmtk_tls_scp: tuple[int, Path],
+    caplog: pytest.LogCaptureFixture
 ) -> None:
     port, out = dcmtk_tls_scp
     dest = DimseDestination(ae_title="PACS", host="127.0.0.1", port=port, tls=True,
                             tls_ca_certificates=pki.other_ca_cert,
                             tls_certificate=pki.client_cert, tls_private_key=pki.client_key)
-    assert _send(dest, mr_file) is None
+    with caplog.at_level(logging.ERROR, logger="pynetdicom"):
+        assert _send(dest, mr_file) is None
+    assert "CERTIFICATE_VERIFY_FAILED" in caplog.text, caplog.text
     assert list(out.iterdir()) == []
 
 
@@ -316,10 +341,10 @@ def test_listener_tls_on_its_port_stores_from_dcmtk(
     assert ok.returncode == 0, ok.stderr
     assert node.index.count_instances() == 1
     plain = _run(DCMTK / "echoscu", "-to", "5", "-aec", "OMNIMRI", "127.0.0.1", port)
-    assert plain.returncode != 0
+    _handshake_refused(plain)
     no_cert = _run(DCMTK / "echoscu", "-aec", "OMNIMRI", "+tla", "+cf", pki.ca_cert,
                    "127.0.0.1", port)
-    assert no_cert.returncode != 0
+    _handshake_refused(no_cert)
 
 
 @needs_dcmtk
@@ -334,8 +359,7 @@ def test_listener_separate_tls_port_and_required_rejects_plain(
     assert ok.returncode == 0, ok.stderr
     plain = _run(DCMTK / "storescu", "-aec", "OMNIMRI", "127.0.0.1", node.listener.port,
                  mr_file)
-    assert plain.returncode != 0
-    assert "Association Rejected" in plain.stderr + plain.stdout
+    _failed_with(plain, REJECTED_PERMANENT)
     assert node.index.count_instances() == 1
 
 
