@@ -30,9 +30,11 @@ STUDY = "1.2.826.0.1.3680043.10.1.1"
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> NodeSettings:
+def settings(tmp_path: Path, db_target: str | Path) -> NodeSettings:
+    """Settings on each back end (``db_target``: SQLite file, PostgreSQL database)."""
     return parse_config(
-        {"storage": {"path": "spool", "fsync": False, "retention_days": 7},
+        {"storage": {"path": "spool", "fsync": False, "retention_days": 7,
+                     "database": str(db_target)},
          "audit": {"path": str(tmp_path / "audit.jsonl")},
          "pipelines": {"preview": {"kind": "preview", "model": None, "outputs": ["sc"]}}},
         tmp_path,
@@ -232,7 +234,8 @@ def test_service_runs_at_start(node: Node, settings: NodeSettings) -> None:
 def test_cli_series_purge(node: Node, settings: NodeSettings, tmp_path: Path) -> None:
     cases = _scenario(node)
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(f"storage:\n  path: spool\n  fsync: false\naudit:\n"
+    cfg.write_text(f"storage:\n  path: spool\n  fsync: false\n"
+                   f"  database: {settings.storage.database_path}\naudit:\n"
                    f"  path: {settings.audit.path}\n")
     runner = CliRunner()
     dry = runner.invoke(app, ["series", "purge", "--older-than-days", "0", "--dry-run",
