@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -188,16 +189,22 @@ def test_pipeline_overrunning_its_timeout_is_a_failed_attempt(tmp_path: Path,
     queue = JobQueue(settings)
     pool = WorkerPool(settings, queue)
 
-    class SlowModel:  # stands in for a model that hangs (no real model is that slow here)
+    release, finished = threading.Event(), threading.Event()
+
+    class HangingModel:  # stands in for a model that hangs until the test lets it go
         def run(self, s: Any, job_id: str) -> list[Any]:
-            time.sleep(1.0)
+            release.wait(60)
+            finished.set()
             return []
 
-    pool._pipelines["preview"] = SlowModel()
+    pool._pipelines["preview"] = HangingModel()
     jid, _ = queue.enqueue(NewJob(series, "preview", ("archive",)))
-    t0 = time.monotonic()
-    pool.process(queue.claim())
-    assert time.monotonic() - t0 < 0.9
+    try:
+        pool.process(queue.claim())
+        # The attempt ended while the model still hung: the timeout ended it, not the model.
+        assert not finished.is_set()
+    finally:
+        release.set()
     job = queue.get(jid)
     assert job.state == "queued" and "did not finish within 0.2 s" in (job.last_error or "")
 

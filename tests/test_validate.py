@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import statistics
 import struct
 import time
 import warnings
@@ -299,15 +298,19 @@ def test_truncations_inside_pixel_data_refused() -> None:
 
 
 def test_cost_per_instance() -> None:
-    """Cheap enough for > 1,000 instances/s (loose bound: the test machine is shared)."""
+    """Cheap enough for > 1,000 instances/s on one core.
+
+    Measured in this thread's CPU time (``time.thread_time``), which other processes on a
+    shared machine do not inflate the way they do wall-clock time.
+    """
     data, offset, ts = _split(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
     view = memoryview(data)[offset:]
-    times = []
-    for _ in range(200):
-        t = time.perf_counter()
+    runs = 200
+    cpu0 = time.thread_time()
+    for _ in range(runs):
         assert validate(view, ts) is None
-        times.append(time.perf_counter() - t)
-    assert statistics.median(times) < 0.002  # s; ~0.1 ms on an idle core
+    cpu_per_instance_s = (time.thread_time() - cpu0) / runs
+    assert cpu_per_instance_s < 0.001, cpu_per_instance_s  # ~0.1 ms on an idle core
 
 
 # --- properties ----------------------------------------------------------------------------
