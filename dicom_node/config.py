@@ -558,7 +558,53 @@ def parse_config(data: dict[str, Any], base: Path, path: Path | None = None) -> 
         settings = NodeSettings(**data)
     except ValidationError as err:
         raise ConfigError(path, _problems(err)) from None
-    return settings.resolve_paths(base)
+    settings = settings.resolve_paths(base)
+    problems = route_free_text_instructions(settings)
+    if problems:
+        raise ConfigError(path, problems)
+    return settings
+
+
+def route_free_text_instructions(settings: NodeSettings) -> list[tuple[str, str]]:
+    """Replace free-text pipeline instructions by the canonical ones they ask for.
+
+    The pipeline's model package's language model reads them
+    (:func:`inference.omnimri.language.runtime.route_instructions`).
+
+    Canonical instructions pass without loading anything. Returns one ``(key path, reason)``
+    per instruction the model refuses (it is never guessed) or cannot read (no package, no
+    language model); such a pipeline is left unchanged.
+    """
+    from inference.omnimri.config import INSTRUCTIONS
+
+    todo = [(n, p) for n, p in settings.pipelines.items() if p.kind == "omnimri" and any(
+        " ".join(i.lower().split()) not in INSTRUCTIONS for i in p.instructions)]
+    if not todo:
+        return []
+    from dicom_node.pipelines import PipelineError
+    from dicom_node.pipelines.models import model_folder
+    from inference.omnimri.language.runtime import InstructionRefused, route_instructions
+    from inference.package import ModelPackage, PackageError
+
+    problems: list[tuple[str, str]] = []
+    for name, cfg in todo:
+        key = f"pipelines.{name}.instructions"
+        try:
+            package = ModelPackage.load(model_folder(cfg, settings))
+        except (PipelineError, PackageError) as err:
+            problems.append((key, f"free-text instructions need the model package: {err}"))
+            continue
+        bad = []
+        for n, ins in enumerate(cfg.instructions):
+            try:
+                route_instructions([ins], package)
+            except InstructionRefused as err:
+                bad.append((f"{key}.{n}", str(err)))
+        if bad:
+            problems += bad
+            continue
+        cfg.instructions = route_instructions(cfg.instructions, package)
+    return problems
 
 
 def load_config(path: Path | str | None = None) -> NodeSettings:

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 
 from dicom_node import __version__
 from dicom_node.admin.api import router as api_router
+from dicom_node.admin.ask import router as ask_router
 from dicom_node.admin.backend import AdminBackend, AdminError
 from dicom_node.admin.console import router as console_router
 from dicom_node.admin.limits import BodyLimitMiddleware, too_large_detail
@@ -72,5 +73,6 @@ def create_app(settings: NodeSettings, *, config_path: Path | None = None,
         return RedirectResponse("/console")
 
     app.include_router(api_router)
+    app.include_router(ask_router)
     app.include_router(console_router)
     return app

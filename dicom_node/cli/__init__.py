@@ -35,6 +35,8 @@ _GROUPS = (
     "engines",  # engines build/list/verify
     "train",  # train <stage>, eval
     "demo",  # demo
+    "language",  # train language, train language-eval
+    "ask",  # ask SERIES_UID "question"
 )
 
 for _name in _GROUPS:

@@ -341,6 +341,10 @@ def report_facts(diagnosis: R.Diagnosis | None, detections: list[R.Detection]
 ReportWriter = Callable[[dict[str, str]], str]
 """Writes ``findings : ... impression : ...`` text from report facts."""
 
+Narrator = Callable[[R.Results, list[R.Detection], npt.NDArray[np.float64]], R.Report]
+"""Writes the report from the results, all lesion detections and the source affine (used
+instead of a :data:`ReportWriter`: :func:`inference.omnimri.language.narrate.narrate_results`)."""
+
 
 @functools.lru_cache(maxsize=4)
 def onnx_report_writer(decoder_onnx: str, max_tokens: int = 48) -> ReportWriter:
@@ -393,6 +397,7 @@ class HeadOutputs:
 def build_results(
     heads: HeadOutputs, instructions: list[str], model: R.ModelInfo,
     settings: TaskSettings | None = None, report_writer: ReportWriter | None = None,
+    narrator: Narrator | None = None,
 ) -> R.Results:
     """Turn raw head outputs into :class:`Results` for ``instructions``.
 
@@ -447,7 +452,9 @@ def build_results(
             raise ValueError("'suggest a diagnosis' needs the diagnosis output")
         res.diagnosis = blend_diagnosis(res.diagnosis, dets,
                                         settings.diagnosis_detection_weight)
-    if "report" in want:
+    if "report" in want and narrator is not None:
+        res.report = narrator(res, dets, heads.affine)
+    elif "report" in want:
         if report_writer is None:
             raise ValueError("'write the report' needs the report decoder")
         from inference.omnimri.report_text import split_report
@@ -500,11 +507,15 @@ def results_from_raw(package: Any, raw: Any, volume: Any, instructions: list[str
         heads.diagnosis = np.array([c.probabilities[k.name] for k in c.classes], np.float32)
     if "recon" in raw.image:
         heads.recon = raw.image["recon"]
-    if writer is None and "write the report" in [" ".join(i.lower().split())
-                                                 for i in instructions]:
+    narrator: Narrator | None = None
+    if writer is None and (extra.get("language") or {}).get("reports") == "natural":
+        from inference.omnimri.language.narrate import narrate_results as narrator
+    if writer is None and narrator is None and "write the report" in [
+            " ".join(i.lower().split()) for i in instructions]:
         writer = report_writer_for(package.version_folder(), extra)
     return build_results(heads, instructions, package.model_info(node_version),
-                         settings or TaskSettings.from_dict(extra.get("tasks")), writer)
+                         settings or TaskSettings.from_dict(extra.get("tasks")), writer,
+                         narrator)
 
 
 def run_omnimri(package: Any, volume: Any, instructions: list[str], engine: Any = None,
