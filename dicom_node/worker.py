@@ -6,10 +6,18 @@ dispatches them to each destination.
 One job, one worker thread::
 
     claim (lease) ─▶ running: pipeline.run(series, job_id)
-                  ─▶ exporting: outputs fsync'd to <spool>/results/<job_id>/, listed in the DB
-                  ─▶ dispatching: per destination, send what is not yet recorded as delivered,
-                     record each acknowledged SOP Instance UID
+                  ─▶ exporting: outputs fsync'd one by one to <spool>/results/<job_id>/ (each
+                     handed to the destinations' senders as soon as it is durable), listed in
+                     the DB
+                  ─▶ dispatching: the senders finish; per destination, record each acknowledged
+                     SOP Instance UID, then send what is not yet recorded as delivered
                   ─▶ done
+
+Sending overlaps writing (:class:`_DeliveryStream`: one sender thread per destination, over one
+association for ``dimse``), and the PACS stores the first outputs while the next are written.
+An output is never sent before its file and directory entry are fsync'd, and only to a
+destination that has not acknowledged it before (the ``deliveries`` table), so a rerun never
+sends it twice.
 
 A pipeline error or an undelivered output is a failed attempt: the job goes back to the queue
 with a backoff (and to ``failed`` when its attempts are spent, or, for undelivered outputs,
@@ -23,11 +31,14 @@ answers again, so an hours-long PACS outage ends in delivery within seconds of i
 
 from __future__ import annotations
 
+import functools
 import os
+import queue as queue_mod
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
@@ -35,7 +46,14 @@ import pydicom
 from dicom_node import metrics
 from dicom_node.audit import get_audit
 from dicom_node.config import NodeSettings
-from dicom_node.destinations import DestinationError, destination_for
+from dicom_node.destinations import (
+    DeliveryResult,
+    Destination,
+    DestinationError,
+    destination_for,
+    negotiation_key,
+    send_stream,
+)
 from dicom_node.destinations.folder import write_atomic
 from dicom_node.jobs import LEASE_S, Job, JobError, JobOutput, JobQueue, LeaseLost, results_dir
 from dicom_node.logs import get_logger, scrub_text
@@ -242,12 +260,14 @@ class WorkerPool:
     def process(self, job: Job) -> None:
         """Take one claimed job as far as it goes; failures are recorded on the job."""
         t0 = time.perf_counter()
+        stream: _DeliveryStream | None = None
         try:
             if job.state == "running":
-                self._run_pipeline(job)
+                stream = self._run_pipeline(job)
             outputs = self._stored_outputs(job)
             with metrics.time_stage("dispatch"):
-                self._dispatch(job, outputs)
+                failed = self._finish_stream(job, stream) if stream is not None else {}
+                self._dispatch(job, outputs, failed)
             self.queue.complete(job.id)
             log.info("job finished", job_id=job.id, outputs=len(outputs),
                      seconds=round(time.perf_counter() - t0, 3))
@@ -262,6 +282,9 @@ class WorkerPool:
         except Exception as exc:  # noqa: BLE001 - any other error is one failed attempt
             log.exception("job attempt crashed", job_id=job.id)
             self._fail(job, f"{exc.__class__.__name__}: {scrub_text(str(exc))}")
+        finally:
+            if stream is not None and not stream.finished:
+                self._finish_stream(job, stream)  # what was acknowledged is recorded
 
     def _fail(self, job: Job, error: str, permanent: bool = False,
               undelivered: Sequence[str] | None = None) -> None:
@@ -287,7 +310,13 @@ class WorkerPool:
                 self._pipelines[name] = p
             return p
 
-    def _run_pipeline(self, job: Job) -> None:
+    def _run_pipeline(self, job: Job) -> _DeliveryStream | None:
+        """Run the pipeline, write its outputs durably and list them on the job.
+
+        Returns:
+            The delivery stream that sends the outputs while they are written (still
+            sending: :meth:`_finish_stream` waits for it), ``None`` if nothing is to be sent.
+        """
         pipeline = self._pipeline(job.pipeline)
         cfg = self.settings.pipelines[job.pipeline]
         series = job.series
@@ -303,35 +332,49 @@ class WorkerPool:
                 finally:
                     stages.update(acc)
 
+        stream: _DeliveryStream | None = None
         try:
             datasets = _run_with_timeout(run, cfg.timeout_s, f"pipeline {job.pipeline}")
             self.queue.set_state(job.id, "exporting")
             t0 = time.perf_counter()
-            outputs = self._write_outputs(job, datasets)
+            uids = _output_uids(datasets)
+            stream = self._open_stream(job, datasets, uids)
+            outputs = self._write_outputs(job, datasets,
+                                          on_durable=stream.put if stream else None)
             stages["export"] = stages.get("export", 0.0) + time.perf_counter() - t0
+            self.queue.store_outputs(job.id, outputs)
+        except BaseException:
+            if stream is not None:
+                self._finish_stream(job, stream)  # record what was acknowledged, then fail
+            raise
         finally:
             metrics.observe_stages(dict(stages))
-        self.queue.store_outputs(job.id, outputs)
         log.info("job outputs stored", job_id=job.id, outputs=len(outputs))
         for out in outputs:
             _audit("output_produced", job_id=job.id, series_uid=job.series_uid,
                    kind=output_kind(out.sop_class_uid),
                    sop_instance_uid=out.sop_instance_uid, sop_class_uid=out.sop_class_uid)
+        return stream
 
-    def _write_outputs(self, job: Job, datasets: Sequence[pydicom.Dataset]) -> list[JobOutput]:
-        """Write (fsync) each output to ``<spool>/results/<job_id>/<SOPInstanceUID>.dcm``."""
+    def _write_outputs(self, job: Job, datasets: Sequence[pydicom.Dataset],
+                       on_durable: Callable[[JobOutput], None] | None = None
+                       ) -> list[JobOutput]:
+        """Write (fsync) each output to ``<spool>/results/<job_id>/<SOPInstanceUID>.dcm``.
+
+        ``on_durable`` gets each output once its file and directory entry are fsync'd.
+        """
+        seen = set(_output_uids(datasets))
         folder = results_dir(self.settings) / job.id
         folder.mkdir(parents=True, exist_ok=True)
         outputs: list[JobOutput] = []
-        seen: set[str] = set()
         for ds in datasets:
-            uid = str(ds.get("SOPInstanceUID", ""))
-            if not uid or uid in seen:
-                raise PipelineError(f"output without a unique SOP Instance UID ({uid or 'none'})")
-            seen.add(uid)
+            uid = str(ds.SOPInstanceUID)
             path = folder / f"{uid}.dcm"
             write_atomic(ds, path)
-            outputs.append(JobOutput(uid, str(ds.SOPClassUID), path))
+            out = JobOutput(uid, str(ds.SOPClassUID), path)
+            outputs.append(out)
+            if on_durable is not None:
+                on_durable(out)
         for stale in folder.iterdir():
             if stale.is_file() and stale.name not in {f"{u}.dcm" for u in seen}:
                 stale.unlink()
@@ -347,50 +390,222 @@ class WorkerPool:
             )
         return outputs
 
-    def _dispatch(self, job: Job, outputs: Sequence[JobOutput]) -> None:
+    def _target(self, job: Job, name: str) -> str:
+        """The configured destination a job's destination name means (resolves the sender).
+
+        Raises:
+            DestinationError: ``sender`` and no dimse destination has the sender's AE title.
+        """
+        if name != SENDER:
+            return name
+        target = resolve_sender(job.series, self.settings) or ""  # enqueued unresolved
+        if not target:
+            raise DestinationError(
+                f"no dimse destination has the sender's AE title {job.series.calling_ae!r}"
+            )
+        return target
+
+    def _settle(self, job: Job, name: str, target: str, todo: int,
+                results: Sequence[DeliveryResult] | None, error: BaseException | None
+                ) -> str | None:
+        """Record one destination's answers (deliveries, audit, metrics); the problem or None.
+
+        Args:
+            job: The job.
+            name: The job's destination name.
+            target: The configured destination it resolved to.
+            todo: How many outputs were to be sent to it.
+            results: Its answers (``None`` when ``error`` says why nothing was sent).
+            error: Why nothing was sent.
+        """
+        if results is None:
+            metrics.record_dispatch_failure(name)
+            why = (str(error) if isinstance(error, DestinationError)
+                   else f"destination {name}: {error.__class__.__name__}: "
+                        f"{scrub_text(str(error))}")
+            _audit("delivery", job_id=job.id, destination=name, status="failed",
+                   instances=0, error=why)
+            return why
+        ok = [r.sop_instance_uid for r in results if r.ok]
+        self.queue.record_deliveries(job.id, name, ok)
+        failed = [r for r in results if not r.ok]
+        _audit("delivery", job_id=job.id, destination=name,
+               status="failed" if failed else "ok", instances=len(ok),
+               sop_instance_uids=ok, failed=len(failed))
+        if failed or len(results) < todo:
+            metrics.record_dispatch_failure(name)
+            return (f"destination {name}: {todo - len(ok)} of {todo} not delivered"
+                    f" ({failed[0].detail if failed else 'no answer'})")
+        log.info("job outputs delivered", job_id=job.id, destination=name, count=len(ok))
+        return None
+
+    def _open_stream(self, job: Job, datasets: Sequence[pydicom.Dataset], uids: Sequence[str]
+                     ) -> _DeliveryStream | None:
+        """Start one sender per destination that has outputs to take (``None``: none has)."""
+        classes = sorted({negotiation_key(ds) for ds in datasets})
+        lanes: list[_Lane] = []
+        for name in job.destinations:
+            done = self.queue.delivered(job.id, name)
+            want = [u for u in uids if u not in done]
+            if not want:
+                continue
+            lane = _Lane(name, frozenset(want))
+            try:
+                lane.target = self._target(job, name)
+                dest = destination_for(lane.target, self.settings)
+            except DestinationError as exc:
+                lane.error = exc
+                lanes.append(lane)
+                continue
+            record = functools.partial(self.queue.record_deliveries, job.id, name)
+            lane.thread = threading.Thread(
+                target=lane.run, args=(dest, classes, record), daemon=True,
+                name=f"send-{threading.current_thread().name}-{len(lanes)}")
+            lane.thread.start()
+            lanes.append(lane)
+        return _DeliveryStream(lanes) if lanes else None
+
+    def _finish_stream(self, job: Job, stream: _DeliveryStream) -> dict[str, tuple[str, str]]:
+        """Wait for the senders and record their answers.
+
+        Returns:
+            Destination name → (configured destination, problem) for each that did not take
+            every output it was sent (the attempt fails for them; not sent again now).
+        """
+        failed: dict[str, tuple[str, str]] = {}
+        for lane in stream.finish():
+            problem = self._settle(job, lane.name, lane.target or lane.name, len(lane.sent),
+                                   lane.results, lane.error)
+            if problem is not None:
+                failed[lane.name] = (lane.target or lane.name, problem)
+        return failed
+
+    def _dispatch(self, job: Job, outputs: Sequence[JobOutput],
+                  failed: dict[str, tuple[str, str]] | None = None) -> None:
+        """Send each destination what it has not acknowledged; raise if any did not take all.
+
+        Args:
+            job: The job.
+            outputs: Its stored outputs.
+            failed: Destinations whose stream already failed in this attempt
+                (:meth:`_finish_stream`): not tried again now, reported.
+        """
         problems: list[str] = []
         undelivered: list[str] = []
         for name in job.destinations:
+            if failed and name in failed:
+                undelivered.append(failed[name][0])
+                problems.append(failed[name][1])
+                continue
             done = self.queue.delivered(job.id, name)
             todo = [o for o in outputs if o.sop_instance_uid not in done]
             if not todo:
                 continue
+            target = name
+            results: list[DeliveryResult] | None = None
+            error: DestinationError | None = None
             try:
-                target = name
-                if name == SENDER:  # enqueued unresolved (e.g. by the admin API)
-                    target = resolve_sender(job.series, self.settings) or ""
-                    if not target:
-                        raise DestinationError(
-                            f"no dimse destination has the sender's AE title"
-                            f" {job.series.calling_ae!r}"
-                        )
-                dest = destination_for(target, self.settings)
-                results = dest.send([o.path for o in todo])
+                target = self._target(job, name)
+                results = destination_for(target, self.settings).send([o.path for o in todo])
             except DestinationError as exc:
-                metrics.record_dispatch_failure(name)
-                problems.append(str(exc))
+                error = exc
+            problem = self._settle(job, name, target, len(todo), results, error)
+            if problem is not None:
                 undelivered.append(target or name)
-                _audit("delivery", job_id=job.id, destination=name, status="failed",
-                       instances=0, error=str(exc))
-                continue
-            ok = [r.sop_instance_uid for r in results if r.ok]
-            self.queue.record_deliveries(job.id, name, ok)
-            failed = [r for r in results if not r.ok]
-            _audit("delivery", job_id=job.id, destination=name,
-                   status="failed" if failed else "ok", instances=len(ok),
-                   sop_instance_uids=ok, failed=len(failed))
-            if failed or len(results) < len(todo):
-                metrics.record_dispatch_failure(name)
-                undelivered.append(target)
-                problems.append(
-                    f"destination {name}: {len(todo) - len(ok)} of {len(todo)} not delivered"
-                    f" ({failed[0].detail if failed else 'no answer'})"
-                )
-            else:
-                log.info("job outputs delivered", job_id=job.id, destination=name,
-                         count=len(ok))
+                problems.append(problem)
         if problems:
             raise DispatchIncomplete("; ".join(problems), undelivered)
+
+
+def _output_uids(datasets: Sequence[pydicom.Dataset]) -> list[str]:
+    """The outputs' SOP Instance UIDs, in order.
+
+    Raises:
+        PipelineError: An output has none, or two share one (checked before anything is
+            written or sent).
+    """
+    uids: list[str] = []
+    for ds in datasets:
+        uid = str(ds.get("SOPInstanceUID", ""))
+        if not uid or uid in uids:
+            raise PipelineError(f"output without a unique SOP Instance UID ({uid or 'none'})")
+        uids.append(uid)
+    return uids
+
+
+_END = object()
+"""Ends a sender's queue."""
+
+
+@dataclass(eq=False)
+class _Lane:
+    """One destination's sender: outputs go in as they become durable, answers come out."""
+
+    name: str
+    """The job's destination name (``sender`` possibly)."""
+    want: frozenset[str]
+    """SOP Instance UIDs it has not acknowledged before."""
+    target: str = ""
+    """The configured destination ``name`` resolves to."""
+    queue: queue_mod.SimpleQueue[object] = field(default_factory=queue_mod.SimpleQueue)
+    sent: list[str] = field(default_factory=list)
+    """UIDs handed to the destination, in order."""
+    results: list[DeliveryResult] | None = None
+    error: BaseException | None = None
+    thread: threading.Thread | None = None
+
+    def items(self) -> Iterator[Path]:
+        """The durable outputs' paths as they come (blocks), until :data:`_END`."""
+        while (item := self.queue.get()) is not _END:
+            assert isinstance(item, JobOutput)
+            self.sent.append(item.sop_instance_uid)
+            yield item.path
+
+    def run(self, dest: Destination, classes: Sequence[tuple[str, str]],
+            record: Callable[[list[str]], None]) -> None:
+        """Send everything that comes (the sender thread's body); keeps answers or the error.
+
+        ``record`` stores each acknowledged UID at once (the worker records all answers again
+        at the end, idempotently), so a crash in the middle re-sends nothing acknowledged.
+        """
+        def acknowledged(r: DeliveryResult) -> None:
+            if r.ok:
+                try:
+                    record([r.sop_instance_uid])
+                except Exception:  # noqa: BLE001 - recorded again by _finish_stream
+                    log.exception("recording a delivery failed", destination=self.name)
+
+        try:
+            self.results = send_stream(dest, self.items(), classes, acknowledged)
+        except BaseException as exc:  # noqa: BLE001 - reported by _finish_stream
+            self.error = exc
+            if not isinstance(exc, DestinationError):
+                log.exception("sending outputs crashed", destination=self.name)
+
+
+class _DeliveryStream:
+    """A job's senders (one thread per destination) while its outputs are being written."""
+
+    def __init__(self, lanes: list[_Lane]) -> None:
+        self.lanes = lanes
+        self.finished = False
+
+    def put(self, out: JobOutput) -> None:
+        """Hand a durable output to every destination that still wants it."""
+        for lane in self.lanes:
+            if lane.thread is not None and out.sop_instance_uid in lane.want:
+                lane.queue.put(out)
+
+    def finish(self) -> list[_Lane]:
+        """End the senders' queues and wait for them (their own timeouts bound the wait)."""
+        if not self.finished:
+            self.finished = True
+            for lane in self.lanes:
+                lane.queue.put(_END)
+            for lane in self.lanes:
+                if lane.thread is not None:
+                    lane.thread.join()
+        return self.lanes
 
 
 def output_kind(sop_class_uid: str) -> str:

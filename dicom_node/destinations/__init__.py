@@ -8,16 +8,20 @@
 Each ``send`` answers one :class:`DeliveryResult` per instance, in input order, and raises
 :class:`DestinationError` only when nothing could be tried (peer unreachable, association
 refused); the dispatcher records the successful instances and retries the rest later.
+:func:`send_stream` sends items as they become available: item by item over one association
+where the kind can (``dimse``), else as one batch once the last has come.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import pydicom
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.config import Destination as DestinationConfig
 from dicom_node.config import (
@@ -89,6 +93,42 @@ def item_uid(item: Item) -> str:
         ds = pydicom.dcmread(item, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
         return str(ds.SOPInstanceUID)
     return str(item.SOPInstanceUID)
+
+
+def negotiation_key(item: Item) -> tuple[str, str]:
+    """``(SOP Class UID, stored Transfer Syntax UID)`` of an item (a file's meta only)."""
+    if isinstance(item, Path):
+        meta = read_file_meta_info(item)
+        return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+    ts = getattr(item, "file_meta", pydicom.Dataset()).get("TransferSyntaxUID")
+    return str(item.SOPClassUID), str(ts or ExplicitVRLittleEndian)
+
+
+def send_stream(dest: Destination, items: Iterable[Item], classes: Sequence[tuple[str, str]],
+                on_result: Callable[[DeliveryResult], None] | None = None
+                ) -> list[DeliveryResult]:
+    """Send ``items`` as the iterable yields them (it may block until the next one exists).
+
+    A destination with a ``send_stream(items, classes, on_result)`` method (``dimse``: one
+    association negotiated for ``classes``, the ``(SOP Class UID, Transfer Syntax UID)`` of
+    every item) sends each item when it comes; any other sends them all in one ``send`` after
+    the last. ``on_result`` gets each item's result as soon as it is known.
+
+    Returns:
+        One result per item, in order.
+
+    Raises:
+        DestinationError: Nothing could be sent.
+    """
+    stream = getattr(dest, "send_stream", None)
+    if callable(stream):
+        results: list[DeliveryResult] = stream(items, classes, on_result)
+        return results
+    results = dest.send(list(items))
+    if on_result is not None:
+        for r in results:
+            on_result(r)
+    return results
 
 
 def make_destination(name: str, cfg: DestinationConfig, settings: NodeSettings) -> Destination:
