@@ -224,8 +224,10 @@ def test_chart_scale_out_with_its_own_postgresql(tmp_path: Path) -> None:
     assert check_postgres_url(url) == url  # what the node's config accepts
     assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "omnimri-pg",
                                                               "key": "password"}
+    # Each replica its own spool folder and audit file on the shared volume.
+    assert env["OMNIMRI__STORAGE__PATH"]["value"] == "/var/lib/omnimri/spool/$(POD_NAME)"
     assert env["OMNIMRI__AUDIT__PATH"]["value"] == "/var/lib/omnimri/audit/$(POD_NAME).jsonl"
-    assert list(env).index("POD_NAME") < list(env).index("OMNIMRI__AUDIT__PATH")
+    assert list(env).index("POD_NAME") < list(env).index("OMNIMRI__STORAGE__PATH")
     pg = _named(docs, "StatefulSet", "pacs1-omnimri-node-postgresql")
     assert pg["spec"]["replicas"] == 1
     pgc = pg["spec"]["template"]["spec"]["containers"][0]
@@ -309,8 +311,9 @@ def test_compose_scale_out_profile() -> None:
     assert len(urls) == 1  # one database ...
     check_postgres_url(urls.pop())
     assert {tuple(n["volumes"]) for n in nodes} == {("spool:/var/lib/omnimri",)}  # ... one spool
-    audits = {n["environment"]["OMNIMRI__AUDIT__PATH"] for n in nodes}
-    assert len(audits) == 2  # but an audit trail each
+    for key in ("OMNIMRI__STORAGE__PATH", "OMNIMRI__AUDIT__PATH"):  # ... a folder each on it
+        paths = {n["environment"][key] for n in nodes}
+        assert len(paths) == 2 and all(p.startswith("/var/lib/omnimri/") for p in paths)
     for n in nodes:
         assert n["depends_on"]["postgres"]["condition"] == "service_healthy"
         assert n["environment"]["OMNIMRI__MODELS__TRITON_URL"] == "grpc://triton:8001"
