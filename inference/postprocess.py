@@ -168,11 +168,16 @@ def activate(logits: Array, activation: str, axis: int = 0) -> Array:
     """``softmax`` over ``axis``, ``sigmoid`` elementwise, or ``none``; float32."""
     x = np.asarray(logits, dtype=np.float32)
     if activation == "softmax":
-        m = x.max(axis=axis, keepdims=True)
-        e = np.exp(x - m)
-        return (e / e.sum(axis=axis, keepdims=True)).astype(np.float32)
+        e = x - x.max(axis=axis, keepdims=True)  # one new array, the rest in place
+        np.exp(e, out=e)
+        e /= e.sum(axis=axis, keepdims=True)
+        return e
     if activation == "sigmoid":
-        return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+        e = np.negative(x)
+        np.exp(e, out=e)
+        e += np.float32(1.0)
+        np.reciprocal(e, out=e)
+        return e
     return x
 
 

@@ -371,10 +371,15 @@ class _Aggregator:
             self._weights[win.slices] += self._weights_for(win.size)
 
     def dense(self, name: str) -> Array:
-        """Weighted average over windows, ``[C, *padded_shape]``."""
+        """Weighted average over windows, ``[C, *padded_shape]`` (once per output).
+
+        Divides the accumulated sums in place (no second full-size array) and hands them over.
+        """
         assert self._weights is not None
-        w = np.maximum(self._weights, 1e-8)
-        return (self._sums[name] / w).astype(np.float32)
+        w = np.maximum(self._weights, np.float32(1e-8))
+        acc = self._sums.pop(name)
+        np.divide(acc, w, out=acc)
+        return acc
 
     def mean(self, name: str) -> npt.NDArray[np.float32]:
         """Mean over all windows of a non-dense output (batch axis kept as 1)."""
