@@ -287,3 +287,56 @@ def test_abort_in_the_middle_of_a_data_set_leaves_nothing(
     assert node.index().count_instances() == 0
     assert list((node.spool / ".incoming").iterdir()) == []
     assert store_files(node.port, [f]) == [status.SUCCESS]
+
+
+def _validated_scan_agrees(dataset: bytes, ts: str) -> bool:
+    """``scan_header(validated=True)`` answers only what validate() + scan_header() would."""
+    from dicom_node.validate import validate
+
+    try:
+        fast = scan_header(dataset, ts, validated=True)
+    except InstanceRejected as err:
+        assert err.status == status.MISSING_UIDS
+        assert validate(dataset, ts) is None
+        with pytest.raises(InstanceRejected) as slow:
+            scan_header(dataset, ts)
+        assert slow.value.status == status.MISSING_UIDS
+        return True
+    if fast is None:
+        return False
+    assert validate(dataset, ts) is None, "the one-walk path accepted what validate refuses"
+    assert scan_header(dataset, ts) == fast
+    return True
+
+
+def test_validated_scan_stands_in_for_validate_only_where_validate_accepts(
+        tmp_path: Path) -> None:
+    import random
+
+    synthetic = write_series(synthetic_series(2, 16, 16, seed=6), tmp_path / "syn")
+    seeds: list[tuple[bytes, str]] = []
+    for path in [*iter_pydicom_mr_files(), *synthetic]:
+        ts = str(read_file_meta_info(path).TransferSyntaxUID)
+        seeds.append((dataset_bytes(path), ts))
+    for path in synthetic:  # the node's common case takes the one-walk path
+        data = dataset_bytes(path)
+        assert scan_header(data, str(read_file_meta_info(path).TransferSyntaxUID),
+                           validated=True) is not None
+    rng = random.Random(13)
+    fast = 0
+    for data, ts in seeds:
+        fast += _validated_scan_agrees(data, ts)
+        for _ in range(150):
+            buf = bytearray(data[:4096])  # the header part, where mutations matter
+            for _ in range(rng.randint(1, 3)):
+                pos = rng.randrange(len(buf))
+                if rng.random() < 0.7:
+                    buf[pos] = rng.randrange(256)
+                else:
+                    del buf[pos:pos + rng.randint(1, 12)]
+            tail = data[4096:] if rng.random() < 0.5 else b""
+            cut = bytes(buf) + tail
+            fast += _validated_scan_agrees(cut, ts)
+            for ts2 in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"):
+                _validated_scan_agrees(cut, ts2)
+    assert fast >= len(synthetic)

@@ -21,6 +21,7 @@ from dicom_node.spool import (
     _skip_encapsulated,
     read_header_from,
 )
+from dicom_node.validate import _NUMBER_SIZE, _VRS
 
 _TAGS_STR = {0x00080016: "sop_class_uid", 0x00080018: "sop_instance_uid",
              0x0020000D: "study_instance_uid", 0x0020000E: "series_instance_uid",
@@ -34,10 +35,12 @@ _IMPLICIT_LE = "1.2.840.10008.1.2"
 _EXPLICIT_HEAD = struct.Struct("<HH2sH")
 _IMPLICIT_HEAD = struct.Struct("<HHL")
 _LONG = struct.Struct("<L")
+_PLAIN_VRS = _VRS - {b"SQ"} - set(_NUMBER_SIZE)
+"""Standard VRs with nothing more for :func:`~dicom_node.validate.validate` to check."""
 
 
-def scan_header(dataset: bytes | bytearray | memoryview, transfer_syntax: str
-                ) -> InstanceHeader | None:
+def scan_header(dataset: bytes | bytearray | memoryview, transfer_syntax: str, *,
+                validated: bool = False) -> InstanceHeader | None:
     """The header fields of an Implicit/Explicit VR Little Endian data set, in one pass.
 
     Walks the top-level elements with :mod:`struct` (no pydicom objects), taking the
@@ -46,8 +49,20 @@ def scan_header(dataset: bytes | bytearray | memoryview, transfer_syntax: str
     transfer syntax, tags out of order, an undefined-length sequence, multi-valued or
     non-ASCII values, ...): the caller then uses pydicom (:func:`read_header_bytes`).
 
+    Args:
+        dataset: The data set as received (no preamble, no file meta).
+        transfer_syntax: Its negotiated transfer syntax UID.
+        validated: The walk also stands in for :func:`dicom_node.validate.validate`: a
+            header is answered only for a data set ``validate`` accepts for certain (every
+            top-level element of defined length inside the data, a standard VR whose
+            length fits its number size, tags ascending, no item tags, no sequence with
+            content, not empty); anything else, truncation included, answers ``None`` (no
+            raise), and the caller validates and reads the header the usual way. Saves the
+            second walk over the same elements (~0.1 ms per instance).
+
     Raises:
-        InstanceRejected: ``CANNOT_UNDERSTAND`` when an element runs past the end.
+        InstanceRejected: ``CANNOT_UNDERSTAND`` when an element runs past the end (unless
+            ``validated``); ``MISSING_UIDS`` when a required UID is absent or empty.
     """
     if transfer_syntax == _EXPLICIT_LE:
         explicit = True
@@ -56,6 +71,8 @@ def scan_header(dataset: bytes | bytearray | memoryview, transfer_syntax: str
     else:
         return None
     size = len(dataset)
+    if validated and size == 0:
+        return None
     pos = 0
     last_tag = -1
     found: dict[str, Any] = {}
@@ -73,16 +90,20 @@ def scan_header(dataset: bytes | bytearray | memoryview, transfer_syntax: str
                 length, hlen = short, 8
             else:
                 return None
+            if validated and vr not in _PLAIN_VRS and (
+                    vr not in _VRS or (vr == b"SQ" and length)
+                    or (length % _NUMBER_SIZE.get(vr, 1) and length != 0xFFFFFFFF)):
+                return None  # validate walks sequences; odd VRs and lengths are its to judge
         else:
             group, elem, length = _IMPLICIT_HEAD.unpack_from(dataset, pos)
             hlen = 8
         tag = (group << 16) | elem
-        if tag <= last_tag or group < 0x0008:
+        if tag <= last_tag or group < 0x0008 or (validated and group == 0xFFFE):
             return None
         last_tag = tag
         start = pos + hlen
         if length == 0xFFFFFFFF:
-            if tag != _PIXEL_DATA:
+            if validated or tag != _PIXEL_DATA:
                 return None  # an undefined-length sequence: pydicom walks it
             end = _skip_encapsulated(BytesIO(bytes(dataset)), start, size, "<")
             if end is None:
@@ -91,6 +112,8 @@ def scan_header(dataset: bytes | bytearray | memoryview, transfer_syntax: str
             continue
         end = start + length
         if end > size:
+            if validated:
+                return None
             raise InstanceRejected(status.CANNOT_UNDERSTAND,
                                    "truncated: an element runs past the end of the data")
         if tag in _TAGS_STR or tag in _TAGS_IS:

@@ -41,6 +41,8 @@ MAGIC = b"OMJ1"
 SEGMENT_MAGIC = b"OMJS"
 _SEG_HEAD = struct.Struct("<4sQ4x")
 _HEAD = struct.Struct("<4sQLQL")
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+"""``json.dumps(..., separators=(",", ":"))`` without building an encoder per record."""
 SEGMENT_BYTES = 8 * 1024**2
 """Size of a segment, bytes: preallocated (written with zeros) so that appending a record and
 ``fdatasync`` change no file metadata (no file-system journal commit, one device flush).
@@ -164,7 +166,7 @@ class Journal:
 
     def append(self, header: dict[str, Any], data: bytes | bytearray | memoryview) -> int:
         """Append one record (not yet durable: see :meth:`sync`); returns its sequence number."""
-        hdr = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        hdr = _ENCODE(header).encode("utf-8")
         crc = zlib.crc32(data, zlib.crc32(hdr))
         n = _HEAD.size + len(hdr) + len(data)
         with self._lock:

@@ -228,6 +228,47 @@ class _Received:
             return False
 
 
+ROOM_CHECK_S = 0.1
+"""Longest a free-space reading (``statvfs``) is reused for the watermark check, seconds."""
+
+ROOM_CHECK_BYTES = 16 * 1024**2
+"""Bytes admitted since the last reading after which the free space is read again."""
+
+
+class _RoomCheck:
+    """:meth:`Spool.has_room <dicom_node.spool.Spool.has_room>` with a reused reading.
+
+    One ``statvfs`` per :data:`ROOM_CHECK_S` or per :data:`ROOM_CHECK_BYTES` admitted
+    (whichever comes first), instead of one per instance; between readings the bytes
+    admitted since are subtracted from the free space read, so the estimate errs low.
+    """
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self._lock = threading.Lock()
+        self._at = -1.0
+        self._free = 0
+        self._pct = 0.0
+        self._since = 0
+
+    def has_room(self, min_free_bytes: int, min_free_percent: float, incoming_bytes: int
+                 ) -> bool:
+        """Whether storing ``incoming_bytes`` more keeps the disk above its watermark."""
+        with self._lock:
+            now = time.monotonic()
+            if (now - self._at > ROOM_CHECK_S
+                    or self._since + incoming_bytes > ROOM_CHECK_BYTES):
+                self._free, self._pct = self.spool.free_space()
+                self._at, self._since = now, 0
+            free = self._free - self._since - incoming_bytes
+            total = self._free * 100.0 / self._pct if self._pct > 0 else 0.0
+            ok = (free >= min_free_bytes
+                  and (100.0 * free / total if total else 0.0) >= min_free_percent)
+            if ok:
+                self._since += incoming_bytes
+            return ok
+
+
 _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(InstanceRecord) if f.name != "path")
 
 
@@ -264,6 +305,7 @@ class Listener:
         self._active = 0
         self._active_lock = threading.Lock()
         self.journal = Journal(Path(spool.root) / ".journal", fsync=settings.storage.fsync)
+        self._room = _RoomCheck(spool)
         self._dedupe_lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
         self._pending_bytes = 0
@@ -808,7 +850,7 @@ class Listener:
         if rx.over_limit or size > cfg.node.max_instance_bytes:
             raise InstanceRejected(status.OUT_OF_RESOURCES,
                                    f"instance of {size} bytes exceeds node.max_instance_bytes")
-        if not self.spool.has_room(cfg.storage.min_free_bytes, cfg.storage.min_free_percent,
+        if not self._room.has_room(cfg.storage.min_free_bytes, cfg.storage.min_free_percent,
                                    size):
             raise InstanceRejected(status.OUT_OF_RESOURCES, "spool disk below its watermark")
         t0 = time.perf_counter()
@@ -818,17 +860,21 @@ class Listener:
             with open(rx.path, "rb") as f:
                 rejection = validate(f, ts, offset=len(rx.meta), max_inflated_bytes=limit)
             part10 = b""
-        else:
-            part10 = rx.join()
-            rejection = validate(memoryview(part10), ts, offset=len(rx.meta),
-                                 max_inflated_bytes=limit)
-        if rejection is not None:
-            raise InstanceRejected(rejection.status, rejection.reason)
-        if rx.path is not None:
+            if rejection is not None:
+                raise InstanceRejected(rejection.status, rejection.reason)
             header = read_header(rx.path)
         else:
-            header = (scan_header(memoryview(part10)[len(rx.meta):], ts)
-                      or read_header_bytes(part10))
+            part10 = rx.join()
+            dataset = memoryview(part10)[len(rx.meta):]
+            # One struct walk both validates and reads the header of a plain data set; any
+            # other goes through validate() and the usual header read.
+            found = scan_header(dataset, ts, validated=True)
+            if found is None:
+                rejection = validate(dataset, ts, max_inflated_bytes=limit)
+                if rejection is not None:
+                    raise InstanceRejected(rejection.status, rejection.reason)
+                found = scan_header(dataset, ts) or read_header_bytes(part10)
+            header = found
         st.header_s += time.perf_counter() - t0
         if header.sop_class_uid != context_class or header.sop_class_uid != sop_class:
             raise InstanceRejected(status.DATASET_DOES_NOT_MATCH_SOP_CLASS,

@@ -12,6 +12,8 @@ Association PDUs are decoded and encoded with pynetdicom's own PDU classes
 
 from __future__ import annotations
 
+import functools
+import re
 import socket
 import struct
 import time
@@ -47,6 +49,8 @@ NO_DATASET = 0x0101
 A_RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 """The A-RELEASE-RP PDU (it has no variable fields)."""
 
+_UID_BYTES = re.compile(rb"[0-9]+(?:\.[0-9]+)*")
+"""Digits and dots, no empty component (what :func:`is_valid_uid` accepts within 64 bytes)."""
 _PDU_HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">LBB")
 _ELEMENT = struct.Struct("<HHL")
@@ -244,9 +248,7 @@ def is_valid_uid(raw: bytes) -> bool:
     1-64 characters, digits and dots, no empty component. (Leading zeros in a component,
     which some legacy modalities write, are tolerated.)
     """
-    if not 0 < len(raw) <= 64:
-        return False
-    return all(part.isdigit() for part in raw.split(b"."))
+    return 0 < len(raw) <= 64 and _UID_BYTES.fullmatch(raw) is not None
 
 
 def _ui(elem: int, uid: str | bytes) -> bytes:
@@ -341,17 +343,32 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
 
     The same elements pynetdicom writes for a received data set: Media Storage SOP Class and
     Instance UIDs from the C-STORE request, the negotiated transfer syntax, and pynetdicom's
-    implementation class UID and version name.
+    implementation class UID and version name. (The parts that do not change from one
+    instance to the next are encoded once and cached.)
     """
-    body = (
-        _meta_element(0x0001, b"OB", b"\x00\x01")
-        + _meta_element(0x0002, b"UI", _even(sop_class.encode("ascii", "replace"), b"\0"))
-        + _meta_element(0x0003, b"UI", _even(sop_instance.encode("ascii", "replace"), b"\0"))
-        + _meta_element(0x0010, b"UI", _even(transfer_syntax.encode("ascii"), b"\0"))
-        + _meta_element(0x0012, b"UI", _even(
-            pynetdicom.PYNETDICOM_IMPLEMENTATION_UID.encode("ascii"), b"\0"))
-        + _meta_element(0x0013, b"SH", _even(
-            pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii"), b" "))
-    )
-    return b"\0" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<L", len(body))) \
-        + body
+    head = _meta_head(sop_class)
+    tail = _meta_tail(transfer_syntax)
+    inst = _meta_element(0x0003, b"UI", _even(sop_instance.encode("ascii", "replace"), b"\0"))
+    body_len = len(head) + len(inst) + len(tail)
+    return b"".join((_PREAMBLE, _meta_element(0x0000, b"UL", struct.pack("<L", body_len)),
+                     head, inst, tail))
+
+
+_PREAMBLE = b"\0" * 128 + b"DICM"
+
+
+@functools.lru_cache(maxsize=256)
+def _meta_head(sop_class: str) -> bytes:
+    """File meta version and Media Storage SOP Class UID."""
+    return (_meta_element(0x0001, b"OB", b"\x00\x01")
+            + _meta_element(0x0002, b"UI", _even(sop_class.encode("ascii", "replace"), b"\0")))
+
+
+@functools.lru_cache(maxsize=64)
+def _meta_tail(transfer_syntax: str) -> bytes:
+    """Transfer syntax, implementation class UID and version name."""
+    return (_meta_element(0x0010, b"UI", _even(transfer_syntax.encode("ascii"), b"\0"))
+            + _meta_element(0x0012, b"UI", _even(
+                pynetdicom.PYNETDICOM_IMPLEMENTATION_UID.encode("ascii"), b"\0"))
+            + _meta_element(0x0013, b"SH", _even(
+                pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii"), b" ")))
