@@ -1,4 +1,4 @@
-"""The durable job queue: one job per (series revision, pipeline), in the node's SQLite database.
+"""The durable job queue: one job per (series revision, pipeline), in the node database.
 
 A job moves ``queued → running → exporting → dispatching → done``; a failed attempt goes back
 to ``queued`` with an exponential backoff (``jobs.backoff_initial_s`` doubling per attempt, at
@@ -15,8 +15,11 @@ for (``waiting_for``); the worker pool probes those (C-ECHO / HTTP check) every
 Crash safety
 ------------
 * A worker *claims* a job with a lease (owner + expiry). The owner names the process
-  (``host:pid:token``), so after a ``kill -9`` the restarted node sees that the owner is gone
-  and takes the job again at once; a lease that simply expires is taken again too.
+  (``host:pid:token``), so after a ``kill -9`` the restarted node (or, every
+  :data:`ORPHAN_CHECK_S`, a sibling node process on the same host) sees that the owner is gone
+  and takes the job again at once; a lease that simply expires (a node on another host died)
+  is taken again too. On PostgreSQL the claim is ``SELECT … FOR UPDATE SKIP LOCKED``: nodes
+  sharing the database never claim one job twice.
 * The outputs of a job are written to ``<spool>/results/<job_id>/`` (fsync'd) and listed in
   ``job_outputs`` *before* the job enters ``dispatching``: a restart dispatches the stored files
   and does not run the pipeline again.
@@ -68,6 +71,9 @@ PRIORITY_RANK: dict[str, int] = {"urgent": 0, "normal": 1, "low": 2}
 LEASE_S = 120.0
 """How long a claim holds before another worker may take the job, seconds (renewed by
 :meth:`JobQueue.renew` while the job runs). Default 120."""
+ORPHAN_CHECK_S = 5.0
+"""How often an idle queue looks for jobs leased to a dead process on this host, seconds
+(nodes sharing one database: a sibling killed with -9 loses its jobs within this time)."""
 
 class JobError(Exception):
     """A job operation was refused (unknown id, wrong state); the message says why."""
@@ -282,6 +288,7 @@ class JobQueue:
         self._conn = conn or connect(settings.storage.database_path)
         self._lock = threading.RLock()
         self.owner = worker_identity()
+        self._next_orphan_check = time.monotonic() + ORPHAN_CHECK_S
         with self._lock:
             migrate(self._conn)
 
@@ -472,8 +479,14 @@ class JobQueue:
             t = time.time() if now is None else now
             # A read first: an idle poll takes no write lock and costs no fsync.
             with self._lock:
-                if self._conn.execute(due_sql, (t, *ACTIVE_STATES, t)).fetchone() is None:
-                    return None
+                idle = self._conn.execute(due_sql, (t, *ACTIVE_STATES, t)).fetchone() is None
+            if idle and now is None and time.monotonic() >= self._next_orphan_check:
+                # Another node process on this host may have died (kill -9) holding a lease:
+                # take its jobs now rather than when the lease expires (other hosts: expiry).
+                self._next_orphan_check = time.monotonic() + ORPHAN_CHECK_S
+                idle = self.recover_orphans() == 0
+            if idle:
+                return None
             with self.transaction() as c:
                 # PostgreSQL: the row is locked for this claim; other nodes skip it.
                 row = c.execute(due_sql + for_update(c), (t, *ACTIVE_STATES, t)).fetchone()
