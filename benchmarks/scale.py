@@ -237,6 +237,10 @@ def jobs_run(work: Path, dbs: Databases, backend: str, n_nodes: int, pipeline: s
                                    f"{timeout_s} s")
             time.sleep(0.25)
         ran = [len(n.events("job finished")) for n in nodes]
+        connections = None
+        if backend == "postgresql":  # what the nodes hold open (PostgreSQL sizing)
+            (connections,) = query(target, "SELECT count(*) - 1 FROM pg_stat_activity"
+                                           " WHERE datname = current_database()")[0]
     finally:
         stop_nodes(nodes)
     (first, last, done) = query(
@@ -251,6 +255,7 @@ def jobs_run(work: Path, dbs: Databases, backend: str, n_nodes: int, pipeline: s
         "send_to_last_done_s": float(last) - t0, "jobs_per_node": ran,
         "outputs": int(outputs), "deliveries": int(deliveries), "files": n_files,
         "exactly_once": int(outputs) == int(deliveries) == n_files,
+        "pg_connections": None if connections is None else int(connections),
         "workers_per_node": workers})
 
 
