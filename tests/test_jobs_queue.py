@@ -266,7 +266,7 @@ def test_old_jobs_table_gains_the_dispatch_columns(tmp_path: Path) -> None:
     import sqlite3
 
     settings = _outage_settings(tmp_path)
-    db = settings.storage.database_path
+    db = Path(settings.storage.database_path)
     db.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(db)
     conn.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, series_key TEXT NOT NULL,"

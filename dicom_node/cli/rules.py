@@ -117,7 +117,7 @@ def _attributes_for_uid(
     from dicom_node.index import SeriesIndex  # the index is only needed for this form
 
     db = settings.storage.database_path
-    if not db.exists():
+    if isinstance(db, Path) and not db.exists():  # a PostgreSQL URL: SeriesIndex says
         raise LookupError(f"no node database at {db}")
     index = SeriesIndex(db)
     try:
