@@ -340,3 +340,35 @@ def test_validated_scan_stands_in_for_validate_only_where_validate_accepts(
             for ts2 in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"):
                 _validated_scan_agrees(cut, ts2)
     assert fast >= len(synthetic)
+    # What validate() refuses below the top level or by VR size must never pass the one walk.
+    for bad in (_explicit_le(sq=struct.pack("<4sL", b"\xfe\xff\x00\xe0", 100)),
+                _explicit_le(rows=b"\x00\x01\x00")):
+        ts = "1.2.840.10008.1.2.1"
+        assert validate_of(bad, ts) is not None
+        assert scan_header(bad, ts, validated=True) is None
+        assert _validated_scan_agrees(bad, ts) is False
+    good = _explicit_le()
+    assert validate_of(good, "1.2.840.10008.1.2.1") is None
+    assert scan_header(good, "1.2.840.10008.1.2.1", validated=True) is not None
+
+
+def validate_of(data: bytes, ts: str) -> object:
+    from dicom_node.validate import validate
+
+    return validate(data, ts)
+
+
+def _explicit_le(*, sq: bytes | None = None, rows: bytes = b"\x00\x01") -> bytes:
+    """A minimal Explicit VR LE data set; ``sq``: the content of a defined-length sequence."""
+    def el(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+        if vr in (b"SQ", b"OB", b"OW", b"UN"):
+            return struct.pack("<HH2sxxL", group, elem, vr, len(value)) + value
+        return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+    out = [el(0x0008, 0x0016, b"UI", b"1.2.840.10008.5.1.4.1.1.4\0"),
+           el(0x0008, 0x0018, b"UI", b"1.2.3.4"), el(0x0008, 0x0060, b"CS", b"MR")]
+    if sq is not None:
+        out.append(el(0x0008, 0x1140, b"SQ", sq))
+    out += [el(0x0020, 0x000D, b"UI", b"1.2.3.5\0"), el(0x0020, 0x000E, b"UI", b"1.2.3.6\0"),
+            el(0x0028, 0x0010, b"US", rows)]
+    return b"".join(out)
