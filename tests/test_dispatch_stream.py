@@ -203,3 +203,17 @@ def test_a_refused_output_is_sent_again_and_only_it(flow: Any) -> None:
     assert sorted(scp.received) == sorted(o.sop_instance_uid for o in queue.outputs(job.id))
     assert scp.received[-1] == second and scp.problems == []
     assert scp.associations == 2
+
+
+def test_write_order_puts_multiframe_objects_last_and_keeps_the_rest_in_order() -> None:
+    from dicom_node.worker import write_order
+
+    made = []
+    for n, frames in enumerate([1134, None, 1, 4, None]):
+        ds = pydicom.Dataset()
+        ds.SOPInstanceUID = f"1.2.3.{n}"
+        if frames is not None:
+            ds.NumberOfFrames = frames
+        made.append(ds)
+    assert [d.SOPInstanceUID for d in write_order(made)] == [
+        "1.2.3.1", "1.2.3.2", "1.2.3.4", "1.2.3.3", "1.2.3.0"]
