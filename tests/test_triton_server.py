@@ -20,6 +20,9 @@ from inference.engines import EngineUnavailable, create_engine, select_engine
 from inference.engines.triton import TritonEngine
 from inference.engines.triton_repo import model_config, write_model_repository
 from inference.package import ModelPackage
+from inference.runner import run_model
+from inference.volume import SliceRef, Volume
+from omnimri_samples import brain_volume
 from tests.fixtures.triton import TritonServer, triton_server, triton_unavailable
 
 pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
@@ -71,6 +74,29 @@ def test_real_triton_matches_onnxruntime(shipped: ModelPackage, triton: TritonSe
         np.testing.assert_allclose(got[name], ref, atol=1e-4, rtol=1e-4, err_msg=name)
     assert np.isfinite(got["tissue"]).all() and np.abs(got["tissue"]).max() > 0
     engine.close()
+    local.close()
+
+
+def test_real_triton_serves_the_node_path(shipped: ModelPackage, triton: TritonServer) -> None:
+    """``run_model`` (windows, batches, stitching, post-processing) on Triton = on ORT."""
+    arr, aff = brain_volume(2, slices=6)
+    vol = Volume(array=arr, affine=aff, slices=[
+        SliceRef(f"1.2.{k}", "1.2.840.10008.5.1.4.1.1.4") for k in range(arr.shape[0])])
+    instructions = ["segment brain tissues", "suggest a diagnosis"]
+    remote = TritonEngine.for_package(shipped, triton.grpc_url)
+    local = create_engine("onnxruntime", shipped)
+    got = run_model(shipped, vol, remote, instructions)
+    want = run_model(shipped, vol, local, instructions)
+    assert got.engine == "triton" and got.windows == want.windows > 0
+    assert set(got.segmentation) == set(want.segmentation) >= {"tissue"}
+    for name, seg in want.segmentation.items():
+        np.testing.assert_allclose(got.segmentation[name].probabilities, seg.probabilities,
+                                   atol=1e-4, err_msg=name)
+        np.testing.assert_array_equal(got.segmentation[name].label_map, seg.label_map)
+    for name, cls in want.classification.items():
+        assert got.classification[name].probabilities == pytest.approx(cls.probabilities,
+                                                                       abs=1e-4), name
+    remote.close()
     local.close()
 
 
