@@ -21,6 +21,11 @@ Scenarios (each on fresh folders and a fresh database):
   which jobs each node ran (its log), and whether every output was delivered exactly once
   (delivery rows = output rows = files in the folder).
 
+* **jobs-brain-triton** (``--triton``): the brain jobs on PostgreSQL × 1 and × 2 with
+  ``engine_order: [triton]``, inference on one real ``tritonserver`` (the nvidia-pytriton
+  build from tests/fixtures/triton.py: Python back end, ONNX Runtime on CPU), i.e. the
+  deployment's shape with the GPU replaced by the same two cores.
+
 The same total of job workers and inference threads is given to 1 and 2 nodes
 (``--workers`` per node × nodes, ``models.intra_op_threads`` = cores ÷ nodes), so the ratio
 shows what a second process on the same database costs or gains, not extra threads.
@@ -28,7 +33,7 @@ shows what a second process on the same database costs or gains, not extra threa
 Usage::
 
     python3 benchmarks/scale.py [--instances 400] [--series 8] [--pipelines preview,brain]
-                                [--skip-ingest] [--skip-jobs] [--workers 1] [--rounds 1]
+                                [--skip-ingest] [--skip-jobs] [--workers 1] [--rounds 1] [--triton]
 
 Prints one line per run, then the ratios (2 nodes ÷ 1 node on PostgreSQL; PostgreSQL ÷ SQLite
 on one node), and writes them to ``benchmarks/out/scale.json``. On a shared 2-core machine
@@ -98,8 +103,16 @@ def query(target: str | Path, sql: str) -> list[Any]:
         conn.close()
 
 
-def start_nodes(work: Path, n: int, database: str | Path, **sections: Any) -> list[NodeProcess]:
-    """``n`` nodes on one database, each with its own folder, port and spool."""
+def start_nodes(work: Path, n: int, database: str | Path, triton_url: str | None = None,
+                **sections: Any) -> list[NodeProcess]:
+    """``n`` nodes on one database, each with its own folder, port and spool.
+
+    With ``triton_url`` the nodes infer on that Triton server (``engine_order: [triton]``).
+    """
+    models: dict[str, Any] = {"path": str(REPO / "models"),
+                              "intra_op_threads": max(CORES // n, 1)}
+    if triton_url:
+        models.update(triton_url=triton_url, engine_order=["triton"])
     nodes = []
     for k in range(n):
         root = work / f"node{k}"
@@ -107,8 +120,7 @@ def start_nodes(work: Path, n: int, database: str | Path, **sections: Any) -> li
         cfg = write_node_config(
             root, port, storage={"database": str(database), "fsync": True,
                                  "min_free_bytes": 0, "min_free_percent": 0},
-            models={"path": str(REPO / "models"), "intra_op_threads": max(CORES // n, 1)},
-            **sections)
+            models=models, **sections)
         nodes.append(NodeProcess(root, port, cfg))
     for node in nodes:
         node.start(timeout_s=90)
@@ -215,12 +227,13 @@ def series_for(pipeline: str, work: Path, count: int) -> list[list[Path]]:
 
 
 def jobs_run(work: Path, dbs: Databases, backend: str, n_nodes: int, pipeline: str,
-             series: list[list[Path]], binary: str, workers: int, timeout_s: float) -> Run:
+             series: list[list[Path]], binary: str, workers: int, timeout_s: float,
+             triton_url: str | None = None) -> Run:
     folder = work / f"jobs-{pipeline}-{backend}-{n_nodes}"
     out = folder / "out"
     target = dbs.new(backend)
-    nodes = start_nodes(folder, n_nodes, target, jobs={"workers": workers,
-                                                      "poll_interval_s": 0.1},
+    nodes = start_nodes(folder, n_nodes, target, triton_url, jobs={"workers": workers,
+                                                                  "poll_interval_s": 0.1},
                         **pipeline_sections(pipeline, out))
     try:
         t0 = time.time()
@@ -250,13 +263,37 @@ def jobs_run(work: Path, dbs: Databases, backend: str, n_nodes: int, pipeline: s
     (deliveries,) = query(target, "SELECT count(*) FROM deliveries")[0]
     n_files = sum(1 for _ in out.rglob("*.dcm"))
     span = float(last) - float(first)
-    return Run("jobs-" + pipeline, backend, n_nodes, 60.0 * int(done) / span, "jobs/min", {
+    scenario = "jobs-" + pipeline + ("-triton" if triton_url else "")
+    return Run(scenario, backend, n_nodes, 60.0 * int(done) / span, "jobs/min", {
         "jobs": len(series), "done": int(done), "span_s": span,
         "send_to_last_done_s": float(last) - t0, "jobs_per_node": ran,
         "outputs": int(outputs), "deliveries": int(deliveries), "files": n_files,
         "exactly_once": int(outputs) == int(deliveries) == n_files,
         "pg_connections": None if connections is None else int(connections),
         "workers_per_node": workers})
+
+
+def triton_runs(work: Path, dbs: Databases, series: list[list[Path]], binary: str,
+                args: argparse.Namespace) -> list[Run]:
+    """Brain jobs on PostgreSQL x1 and x2, inference on one real Triton server."""
+    from inference.engines.triton_repo import write_model_repository
+    from inference.package import ModelPackage
+    from tests.fixtures.triton import triton_server, triton_unavailable
+
+    reason = triton_unavailable()
+    if reason:
+        print(f"triton runs skipped: {reason}")
+        return []
+    folder = work / "triton"
+    write_model_repository(ModelPackage.load(REPO / "models" / "omnimri-tiny"),
+                           folder / "repo", "python", intra_op_threads=CORES)
+    out = []
+    with triton_server(folder / "repo", folder) as server:
+        for n in (1, 2):
+            out.append(jobs_run(work / f"t{n}", dbs, "postgresql", n, "brain", series, binary,
+                                args.workers * (2 if n == 1 else 1), args.timeout,
+                                triton_url=server.grpc_url))
+    return out
 
 
 def ratio(runs: list[Run], scenario: str, a: tuple[str, int], b: tuple[str, int]) -> float | None:
@@ -281,6 +318,9 @@ def main() -> int:
     ap.add_argument("--skip-ingest", action="store_true")
     ap.add_argument("--skip-jobs", action="store_true")
     ap.add_argument("--timeout", type=float, default=900.0, help="per jobs run, seconds")
+    ap.add_argument("--triton", action="store_true", help="also: brain jobs on PostgreSQL x1 "
+                    "and x2 with inference on a real tritonserver (tests/fixtures/triton.py: "
+                    "the nvidia-pytriton build, Python back end, CPU)")
     args = ap.parse_args()
     binary = dcmtk_binary("dcmsend")
     if binary is None:
@@ -312,6 +352,9 @@ def main() -> int:
                         workers = args.workers * (2 if n == 1 else 1)  # same total
                         record(jobs_run(work / f"r{len(runs)}", dbs, backend, n, pipeline,
                                         series, str(binary), workers, args.timeout))
+                if pipeline == "brain" and args.triton:
+                    for run in triton_runs(work, dbs, series, str(binary), args):
+                        record(run)
     finally:
         dbs.close()
     print("\nratios (medians):")
