@@ -26,10 +26,12 @@ from types import FrameType
 from typing import TYPE_CHECKING, Protocol
 
 from dicom_node.config import NodeSettings
+from dicom_node.db import redact
 from dicom_node.fastscp import make_listener
 from dicom_node.index import CompletionEvent, SeriesIndex
 from dicom_node.jobs import JobQueue
 from dicom_node.logs import get_logger
+from dicom_node.nodes import NodeRegistry
 from dicom_node.router import Router
 from dicom_node.series_tracker import SeriesTracker
 from dicom_node.spool import Spool
@@ -83,7 +85,8 @@ class Node:
         self.workers = WorkerPool(settings, self.jobs)
         self.router = Router(settings, self.jobs, self.index, on_enqueued=self.workers.wake)
         self.tracker.add_listener(lambda _event: self.router.wake())
-        self._services: list[Service] = [self.workers, self.router]
+        # The nodes table: which node processes share the database (omnimri-node nodes).
+        self._services: list[Service] = [NodeRegistry(settings), self.workers, self.router]
         self._started: list[Service] = []
         self._stop_requested = threading.Event()
         self._running = False
@@ -111,7 +114,7 @@ class Node:
         self._running = True
         log.info("node_started", ae_title=self.settings.node.ae_title,
                  port=self.listener.port, spool=str(self.spool.root),
-                 database=str(self.settings.storage.database_path),
+                 database=redact(self.settings.storage.database_path),
                  quiet_seconds=self.settings.completion.quiet_seconds,
                  services=[type(s).__name__ for s in self._services],
                  startup_s=round(time.perf_counter() - t0, 3))

@@ -11,7 +11,8 @@ nodes must not share one spool folder until those move to a per-node place (see
   its instances, and gives one job;
 * the node holding a job is killed with -9 while it dispatches; the other node takes the job
   (the dead owner is noticed within ``ORPHAN_CHECK_S``) and finishes it;
-* Orthanc holds every output exactly once, and each (output, destination) is delivered once.
+* Orthanc holds every output exactly once, and each (output, destination) is delivered once;
+* both processes are listed in ``nodes`` (``omnimri-node nodes``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 
 from dicom_node.db import connect
+from dicom_node.nodes import list_nodes
 from dicom_node.pipelines.preview import preview_uids
 from omnimri_samples import synthetic_series, write_series
 from tests.fixtures.node import NodeProcess, store_files
@@ -134,3 +136,8 @@ def test_split_series_completes_once_and_kill9_is_finished_by_the_other(
         url, "SELECT job_id, sop_instance_uid, destination FROM deliveries")]
     assert len(deliveries) == len(set(deliveries)) == 2 * 3
     assert int(query(url, "SELECT COUNT(*) FROM series_events")[0][0]) == 3
+    # -- omnimri-node nodes: both registered; the survivor alive, the victim never stopped -------
+    nodes = {int(n["pid"]): n for n in list_nodes(url)}
+    assert set(nodes) == pids
+    assert nodes[survivor.proc.pid]["alive"]  # type: ignore[union-attr]
+    assert nodes[victim.proc.pid]["stopped_at"] is None  # type: ignore[union-attr]

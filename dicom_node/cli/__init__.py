@@ -31,6 +31,7 @@ _GROUPS = (
     "series",  # series list/show
     "rules",  # rules check/explain
     "jobs",  # jobs list/show/retry/cancel
+    "nodes",  # nodes (processes sharing the database, heartbeats)
     "destinations",  # destinations list/test
     "engines",  # engines build/list/verify
     "train",  # train <stage>, eval
