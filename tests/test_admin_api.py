@@ -17,6 +17,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 from PIL import Image
+from starlette import testclient
 
 from dicom_node.admin import AdminServer, create_app
 from dicom_node.audit import read_audit
@@ -62,12 +63,12 @@ class Env:
     files: list[Path]
     tmp: Path
 
-    def get(self, path: str, token: str | None = VIEWER, **kw: Any) -> httpx.Response:
+    def get(self, path: str, token: str | None = VIEWER, **kw: Any) -> testclient.httpx.Response:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return self.client.get(path, headers=headers, **kw)
 
     def send(self, method: str, path: str, token: str | None = ADMIN,
-             **kw: Any) -> httpx.Response:
+             **kw: Any) -> testclient.httpx.Response:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return self.client.request(method, path, headers=headers, **kw)
 

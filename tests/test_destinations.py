@@ -46,8 +46,12 @@ def series_from_files(paths: list[Path], revision: int = 1) -> Series:
                   now, modality="MR")
 
 
+Preview = tuple[pydicom.Dataset, Path]
+"""The ``preview`` fixture: a secondary capture data set and its file."""
+
+
 @pytest.fixture(scope="module")
-def preview(tmp_path_factory: pytest.TempPathFactory) -> tuple[pydicom.Dataset, Path]:
+def preview(tmp_path_factory: pytest.TempPathFactory) -> Preview:
     """A preview SC made by the real pipeline from a small synthetic MR series."""
     tmp = tmp_path_factory.mktemp("preview")
     paths = write_series(synthetic_series(6, 64, 64, seed=3), tmp / "src")
@@ -73,7 +77,7 @@ def assert_one_preview(orthanc: OrthancServer, sc: pydicom.Dataset) -> None:
     assert tags["SeriesInstanceUID"] == preview_uids("job-destinations")[0]
 
 
-def test_dimse_delivers_and_resend_replaces(orthanc: OrthancServer, preview) -> None:
+def test_dimse_delivers_and_resend_replaces(orthanc: OrthancServer, preview: Preview) -> None:
     sc, path = preview
     dest = DimseStore("pacs", dimse_cfg(orthanc), calling_ae="OMNIMRI")
     assert "succeeded" in dest.test()
@@ -85,7 +89,7 @@ def test_dimse_delivers_and_resend_replaces(orthanc: OrthancServer, preview) -> 
     assert orthanc.count_instances() == 1
 
 
-def test_dimse_keeps_compressed_syntax_the_peer_accepts(orthanc: OrthancServer, preview,
+def test_dimse_keeps_compressed_syntax_the_peer_accepts(orthanc: OrthancServer, preview: Preview,
                                                         tmp_path: Path) -> None:
     sc, _ = preview
     rle = pydicom.dcmread(preview[1])
@@ -98,7 +102,7 @@ def test_dimse_keeps_compressed_syntax_the_peer_accepts(orthanc: OrthancServer, 
     assert ts == RLELossless
 
 
-def test_dimse_transcodes_only_for_a_peer_that_refuses(preview, tmp_path: Path) -> None:
+def test_dimse_transcodes_only_for_a_peer_that_refuses(preview: Preview, tmp_path: Path) -> None:
     """DCMTK storescp +xi accepts Implicit VR Little Endian only: RLE must be decoded."""
     if not Path(DCMTK_STORESCP).exists():
         pytest.skip("DCMTK storescp is not installed")
@@ -128,7 +132,7 @@ def test_dimse_transcodes_only_for_a_peer_that_refuses(preview, tmp_path: Path) 
     assert (ds.pixel_array == sc.pixel_array).all()
 
 
-def test_dicomweb_delivers(orthanc: OrthancServer, preview) -> None:
+def test_dicomweb_delivers(orthanc: OrthancServer, preview: Preview) -> None:
     if not orthanc.has_dicomweb:
         pytest.skip("Orthanc DICOMweb plugin not installed")
     sc, path = preview
@@ -140,7 +144,7 @@ def test_dicomweb_delivers(orthanc: OrthancServer, preview) -> None:
     assert_one_preview(orthanc, sc)
 
 
-def test_orthanc_rest_delivers(orthanc: OrthancServer, preview) -> None:
+def test_orthanc_rest_delivers(orthanc: OrthancServer, preview: Preview) -> None:
     sc, path = preview
     settings = parse_config(
         {"destinations": {"rest": {"kind": "orthanc", "url": orthanc.url, "timeout_s": 10}}},
@@ -153,7 +157,7 @@ def test_orthanc_rest_delivers(orthanc: OrthancServer, preview) -> None:
     assert_one_preview(orthanc, sc)
 
 
-def test_folder_delivers_a_file_orthanc_accepts(orthanc: OrthancServer, preview,
+def test_folder_delivers_a_file_orthanc_accepts(orthanc: OrthancServer, preview: Preview,
                                                 tmp_path: Path) -> None:
     sc, path = preview
     dest = FolderStore("archive", FolderDestination(path=tmp_path / "results"))
@@ -166,7 +170,7 @@ def test_folder_delivers_a_file_orthanc_accepts(orthanc: OrthancServer, preview,
     assert_one_preview(orthanc, sc)
 
 
-def test_unreachable_destinations_raise(preview) -> None:
+def test_unreachable_destinations_raise(preview: Preview) -> None:
     _, path = preview
     closed = free_port()
     dimse = DimseStore("pacs", DimseDestination(ae_title="X", host="127.0.0.1", port=closed,

@@ -165,7 +165,7 @@ def test_separable_inverse_mapping_equals_affine_transform(affine: str) -> None:
         ref = ndimage.affine_transform(
             model[c].astype(np.float64), matrix=inv, offset=0.5 * inv - 0.5,
             output_shape=t.reoriented_shape, order=1, mode="nearest", prefilter=False)
-        ref = np.flip(ref, [a for a, f in enumerate(t.flips) if f]) if any(t.flips) else ref
+        ref = np.flip(ref, tuple(a for a, f in enumerate(t.flips) if f)) if any(t.flips) else ref
         np.testing.assert_allclose(got[c], np.transpose(ref, inverse_axes), atol=1e-6)
     assert got.shape == (3, *shape) and got.dtype == np.float32
     np.testing.assert_array_equal(argmax_channels(got), np.argmax(got, axis=0))

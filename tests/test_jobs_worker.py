@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicom_node.config import NodeSettings, parse_config
-from dicom_node.jobs import JobQueue, NewJob, results_dir
+from dicom_node.jobs import Job, JobQueue, NewJob, results_dir
 from dicom_node.pipelines.preview import preview_uids
 from dicom_node.worker import WorkerPool
 from omnimri_samples import synthetic_series, write_series
@@ -36,6 +36,13 @@ def settings_for(tmp: Path, pacs_port: int, **jobs: Any) -> NodeSettings:
     }, tmp)
 
 
+def claimed(queue: JobQueue, now: float | None = None) -> Job:
+    """The job :meth:`JobQueue.claim` hands out (the test fails if none is due)."""
+    job = queue.claim(now=now)
+    assert job is not None, "no job was due"
+    return job
+
+
 @pytest.fixture
 def series(tmp_path: Path) -> Any:
     return series_from_files(write_series(synthetic_series(5, 32, 32, seed=1), tmp_path / "src"))
@@ -46,7 +53,7 @@ def test_job_runs_preview_and_delivers_to_a_folder(tmp_path: Path, series: Any) 
     queue = JobQueue(settings)
     pool = WorkerPool(settings, queue)
     jid, _ = queue.enqueue(NewJob(series, "preview", ("archive",)))
-    pool.process(queue.claim())
+    pool.process(claimed(queue))
     job = queue.get(jid)
     assert job.state == "done" and job.attempts == 1 and job.last_error is None
     [out] = queue.outputs(jid)
@@ -59,7 +66,7 @@ def test_job_runs_preview_and_delivers_to_a_folder(tmp_path: Path, series: Any) 
     assert ds.SeriesInstanceUID != series.series_instance_uid
     # A full re-run produces the very same UIDs (the PACS replaces instead of duplicating).
     queue.retry(jid, rerun=True)
-    pool.process(queue.claim())
+    pool.process(claimed(queue))
     assert [o.sop_instance_uid for o in queue.outputs(jid)] == [out.sop_instance_uid]
     assert len(list((tmp_path / "archive").rglob("*.dcm"))) == 1
 
@@ -70,7 +77,7 @@ def test_pacs_down_backoff_then_resume_without_rerunning(
     queue = JobQueue(settings)
     pool = WorkerPool(settings, queue)
     jid, _ = queue.enqueue(NewJob(series, "preview", ("archive", "pacs")))
-    pool.process(queue.claim())
+    pool.process(claimed(queue))
     job = queue.get(jid)
     assert job.state == "queued" and "destination pacs" in (job.last_error or "")
     assert job.next_attempt_at >= time.time() + 0.5  # backoff
@@ -97,11 +104,11 @@ def test_dead_letter_after_the_dispatch_window(tmp_path: Path, series: Any) -> N
     queue = JobQueue(settings)
     pool = WorkerPool(settings, queue)
     jid, _ = queue.enqueue(NewJob(series, "preview", ("pacs",)))
-    pool.process(queue.claim())
+    pool.process(claimed(queue))
     job = queue.get(jid)
     assert job.state == "queued" and job.waiting_for == ("pacs",)  # max_attempts 1 spent
     time.sleep(1.1)
-    pool.process(queue.claim(now=time.time() + 10))
+    pool.process(claimed(queue, now=time.time() + 10))
     job = queue.get(jid)
     assert job.state == "failed" and job.attempts == 2 and job.dispatch_attempts == 2
     assert "association" in (job.last_error or "")
@@ -123,7 +130,7 @@ def test_unsupported_series_fails_at_once(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, free_port())
     queue = JobQueue(settings)
     jid, _ = queue.enqueue(NewJob(series_from_files([path]), "preview", ("archive",)))
-    WorkerPool(settings, queue).process(queue.claim())
+    WorkerPool(settings, queue).process(claimed(queue))
     job = queue.get(jid)
     assert job.state == "failed" and job.attempts == 1
     assert "nothing to preview" in (job.last_error or "")
@@ -134,9 +141,9 @@ def test_vanished_outputs_are_made_again(tmp_path: Path, series: Any) -> None:
     queue = JobQueue(settings)
     pool = WorkerPool(settings, queue)
     jid, _ = queue.enqueue(NewJob(series, "preview", ("pacs",)))
-    pool.process(queue.claim())  # PACS down: outputs stored, not delivered
+    pool.process(claimed(queue))  # PACS down: outputs stored, not delivered
     queue.outputs(jid)[0].path.unlink()
-    pool.process(queue.claim(now=time.time() + 10))
+    pool.process(claimed(queue, now=time.time() + 10))
     assert queue.outputs(jid) == [] and queue.get(jid).state == "queued"
     job = queue.claim(now=time.time() + 10)
     assert job is not None and job.state == "running"
@@ -170,8 +177,8 @@ def test_unresolved_sender_goes_back_to_the_calling_ae(tmp_path: Path, series: A
     stranger = dataclasses.replace(series, revision=2, calling_ae="STRANGER")
     ok = queue.enqueue(NewJob(from_orthanc, "preview", ("sender",)))[0]
     bad = queue.enqueue(NewJob(stranger, "preview", ("sender",)))[0]
-    pool.process(queue.claim())
-    pool.process(queue.claim())
+    pool.process(claimed(queue))
+    pool.process(claimed(queue))
     assert queue.get(ok).state == "done" and queue.delivered(ok, "sender") == {
         preview_uids(ok)[1]}
     assert orthanc.sop_uids(SOPClassUID="1.2.840.10008.5.1.4.1.1.7") == [preview_uids(ok)[1]]
@@ -200,7 +207,7 @@ def test_pipeline_overrunning_its_timeout_is_a_failed_attempt(tmp_path: Path,
     pool._pipelines["preview"] = HangingModel()
     jid, _ = queue.enqueue(NewJob(series, "preview", ("archive",)))
     try:
-        pool.process(queue.claim())
+        pool.process(claimed(queue))
         # The attempt ended while the model still hung: the timeout ended it, not the model.
         assert not finished.is_set()
     finally:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.uid import (
+    CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     HTJ2KLossless,
     JPEG2000Lossless,
@@ -226,7 +227,7 @@ def bad_files(folder: Path) -> dict[str, tuple[Path, int]]:
     d = pydicom.dcmread(p)
     d.SOPInstanceUID = d.SOPInstanceUID + "4"
     d.file_meta.MediaStorageSOPInstanceUID = d.SOPInstanceUID
-    d.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    d.file_meta.MediaStorageSOPClassUID = CTImageStorage
     q = folder / "class-mismatch.dcm"
     d.save_as(q, enforce_file_format=False)
     out["SOP class mismatch"] = (q, status.DATASET_DOES_NOT_MATCH_SOP_CLASS)

@@ -24,20 +24,28 @@ def rejection(assoc: object) -> tuple[int, int, int]:
     return int(rj.result), int(rj.result_source), int(rj.diagnostic)
 
 
+def refused(answer: tuple[tuple[int, int, int], str] | None) -> tuple[int, int, int]:
+    """The (result, source, reason) of a refusal by :meth:`CallerPolicy.check`."""
+    assert answer is not None, "the caller was accepted"
+    return answer[0]
+
+
 def test_caller_policy_rules() -> None:
-    s = NodeSettings(node={"ae_title": "OMNIMRI", "aliases": ["OMNI_BRAIN"],
-                           "allowed_callers": [{"ae_title": "SCANNER1", "host": "10.1.2.0/24"},
-                                               {"host": "127.0.0.1"},
-                                               {"ae_title": "PACS"}]})
+    s = NodeSettings.model_validate({"node": {
+        "ae_title": "OMNIMRI", "aliases": ["OMNI_BRAIN"],
+        "allowed_callers": [{"ae_title": "SCANNER1", "host": "10.1.2.0/24"},
+                            {"host": "127.0.0.1"},
+                            {"ae_title": "PACS"}]}})
     p = CallerPolicy(s)
     assert p.check("SCANNER1", "OMNIMRI", "10.1.2.77", 1) is None
     assert p.check("SCANNER1", "OMNI_BRAIN", "10.1.2.77", 1) is None
-    assert p.check("SCANNER1", "OMNIMRI", "10.1.3.1", 1)[0] == status.REJECT_UNKNOWN_CALLER
+    assert refused(p.check("SCANNER1", "OMNIMRI", "10.1.3.1", 1)) == status.REJECT_UNKNOWN_CALLER
     assert p.check("ANYONE", "OMNIMRI", "127.0.0.1", 1) is None
     assert p.check("PACS", "OMNIMRI", "192.168.0.9", 1) is None
-    assert p.check("OTHER", "OMNIMRI", "192.168.0.9", 1)[0] == status.REJECT_UNKNOWN_CALLER
-    assert p.check("PACS", "NOTUS", "192.168.0.9", 1)[0] == status.REJECT_UNKNOWN_CALLED_AE
-    assert p.check("PACS", "OMNIMRI", "192.168.0.9", 17)[0] == \
+    assert refused(p.check("OTHER", "OMNIMRI", "192.168.0.9", 1)) == status.REJECT_UNKNOWN_CALLER
+    assert refused(p.check("PACS", "NOTUS", "192.168.0.9", 1)) == \
+        status.REJECT_UNKNOWN_CALLED_AE
+    assert refused(p.check("PACS", "OMNIMRI", "192.168.0.9", 17)) == \
         status.REJECT_TOO_MANY_ASSOCIATIONS
     open_policy = CallerPolicy(NodeSettings())
     assert open_policy.check("WHOEVER", "OMNIMRI", "203.0.113.5", 1) is None

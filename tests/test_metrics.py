@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from dicom_node.config import parse_config
 
 
 @pytest.fixture(autouse=True)
-def _unbind() -> None:
+def _unbind() -> Iterator[None]:
     yield
     metrics.NODE_STATE.bind(None, None)
 

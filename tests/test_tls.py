@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import MRImageStorage, Verification
+from pynetdicom.sop_class import MRImageStorage, Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import DimseDestination, TLSConfig
 from dicom_node.tls import (
@@ -78,6 +78,7 @@ class _Scp:
         wait_for_port(self.port, timeout_s=5)
 
     def close(self) -> None:
+        assert self.server is not None  # start_server(block=False) returns the server
         self.server.shutdown()
 
 
@@ -95,7 +96,7 @@ def scp_factory() -> Iterator[Any]:
         s.close()
 
 
-def _run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+def _run(*args: str | Path | int) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=30,
                           check=False)
 
