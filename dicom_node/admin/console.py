@@ -96,6 +96,11 @@ def _e(v: Any) -> str:
 
 def _page(title: str, body: str, *, active: str = "", who: Principal | None = None,
           extra_js: str = "") -> HTMLResponse:
+    """One console page: header, navigation (signed-in callers only), ``body``, scripts.
+
+    ``body`` is HTML that the caller has already escaped; the response is never cached and
+    its Content-Security-Policy allows only this origin (inline styles and scripts).
+    """
     nav = "".join(f'<a href="{href}" class="{"on" if key == active else ""}">{label}</a>'
                   for key, href, label in _PAGES) if who else ""
     right = (f'<span class="who">{_e(who.token_id)} ({_e(who.role)}) '

@@ -59,6 +59,7 @@ class BodyLimitMiddleware:
         seen = 0
 
         async def counted() -> Message:
+            """``receive`` that counts body bytes and raises 413 past ``limit`` bytes."""
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
@@ -71,6 +72,10 @@ class BodyLimitMiddleware:
 
     @staticmethod
     async def _refuse(scope: Scope, send: Send, status: int, detail: str) -> None:
+        """Answer ``status`` with ``{"detail": ...}`` and ``Connection: close``, body unread.
+
+        Sent as raw ASGI messages because the app (and its exception handlers) never runs.
+        """
         log.warning("admin_request_refused", path=scope.get("path", ""), status=status,
                     detail=detail)
         body = json.dumps({"detail": detail}).encode()

@@ -26,6 +26,7 @@ def scrub_for(who: Principal | None, obj: Any) -> Any:
 
 
 def _scrub(obj: Any) -> Any:
+    """:func:`scrub_for` for a viewer: a copy of ``obj`` without patient data, recursively."""
     if isinstance(obj, dict):
         out: dict[str, Any] = {}
         phi_attr = isinstance(obj.get("attribute"), str) and is_phi_field(obj["attribute"])
