@@ -196,7 +196,7 @@ class StorageConfig(_Section):
         if isinstance(v, str) and is_postgres(v):
             return check_postgres_url(v)
         if isinstance(v, str) and "://" in v:
-            raise ValueError(f"storage.database: unsupported URL scheme in {v.split('://')[0]!r}"
+            raise ValueError(f"unsupported URL scheme {v.split('://')[0]!r}"
                              " (a SQLite file path, or postgresql://...)")
         return Path(v) if isinstance(v, str) else v
 

@@ -105,9 +105,9 @@ def check_postgres_url(url: str) -> str:
         parts = urlsplit(url)
         _ = parts.port
     except ValueError as err:
-        raise ValueError(f"storage.database: not a valid PostgreSQL URL ({err})") from None
+        raise ValueError(f"not a valid PostgreSQL URL ({err})") from None
     if not parts.path.strip("/") and "dbname=" not in parts.query:
-        raise ValueError("storage.database: the PostgreSQL URL names no database "
+        raise ValueError("the PostgreSQL URL names no database "
                          "(postgresql://user:password@host:5432/DBNAME)")
     return url
 
