@@ -20,6 +20,9 @@ Sources (``SOURCES``; a missing optional package skips its scans, said so in the
 Looked at and left out: ``pydicom-data``'s ``emri_small.dcm`` (Enhanced MR, a 64x64 sagittal
 crop of a head) carries no geometry at all, and the volume builder refuses it by name;
 ``dipy``'s ``S0_10slices.nii.gz`` declares 53 mm between its 10 slices (a broken header);
+``dipy``'s ``t1_coronal_slice.npy`` is one headerless coronal T1 slice: on the model's axial
+2.5D grid a single coronal plane is one voxel thick, so nothing is segmented (tried: brain
+0 ml, no detection), and it tests nothing but the absence of a mass;
 scikit-image's ``data.brain()`` is not in its wheel (fetched from the network on first use).
 """
 
