@@ -33,3 +33,18 @@ def test_register_list_and_stop(tmp_path: Path, db_target: str | Path) -> None:
         registry.stop()
     [row] = list_nodes(db_target)
     assert not row["alive"] and row["stopped_at"] is not None
+
+
+def test_scrape_time_metrics_read_either_back_end(tmp_path: Path, db_target: str | Path) -> None:
+    from dicom_node import metrics
+    from dicom_node.index import SeriesIndex
+
+    settings = parse_config({"storage": {"path": "spool", "database": str(db_target)}},
+                            tmp_path)
+    index = SeriesIndex(settings.storage.database_path)
+    assert metrics.job_counts(db_target) == {}
+    assert metrics.routing_failed_count(db_target) == 0
+    index.conn.execute("INSERT INTO series_events (series_instance_uid, revision, completed_at,"
+                       " reason, failed_at, failure) VALUES ('1.2', 1, 1.0, 'quiet', 2.0, 'x')")
+    assert metrics.routing_failed_count(db_target) == 1
+    index.close()
