@@ -235,7 +235,8 @@ class SeriesIndex:
                         events.append(ev)
         return events
 
-    def reconcile(self, is_intact: Callable[[Path, int, str], bool]) -> list[str]:
+    def reconcile(self, is_intact: Callable[[Path, int, str], bool], *,
+                  under: Path | None = None) -> list[str]:
         """Drop index rows of the last batch whose files did not survive a crash.
 
         A batch is indexed while its files are fsync'd (concurrently, to share the flush);
@@ -245,6 +246,9 @@ class SeriesIndex:
 
         Args:
             is_intact: ``(path, size_bytes, sop_instance_uid) -> bool``.
+            under: Check only rows whose file lies in this folder (this node's spool). With
+                several nodes on one PostgreSQL database the other nodes' newest rows are
+                theirs to check: pass it there (``docs/database.md``).
 
         Returns:
             SOP Instance UIDs of the rows removed.
@@ -259,6 +263,9 @@ class SeriesIndex:
         suspects = c.execute(
             "SELECT rowid, sop_instance_uid, series_instance_uid, path, size_bytes"
             " FROM instances WHERE rowid > ?", (upto,)).fetchall()
+        if under is not None:
+            root = Path(under)
+            suspects = [r for r in suspects if Path(r["path"]).is_relative_to(root)]
         removed: list[str] = []
         with self._write() as w:
             for r in suspects:

@@ -215,3 +215,21 @@ def test_record_can_leave_expected_count_completion_to_the_caller(index: SeriesI
     [ev] = index.complete_expected(out.due_expected)
     assert ev.reason == "expected_count"
     assert index.complete_expected(out.due_expected) == []
+
+
+def test_reconcile_under_a_spool_leaves_other_nodes_rows(index: SeriesIndex) -> None:
+    """Nodes sharing a database: a restarting node checks only the rows of its own spool."""
+    import dataclasses
+
+    mine = rec(1, at=1.0)
+    theirs = dataclasses.replace(rec(2, at=1.0), path=Path(f"/other-spool/{SERIES}/2.dcm"))
+    index.record([mine, theirs], flushed_upto=0)
+    checked: list[str] = []
+
+    def nothing_intact(path: Path, size: int, sop: str) -> bool:
+        checked.append(sop)
+        return False
+
+    assert index.reconcile(nothing_intact, under=Path("/spool")) == [mine.sop_instance_uid]
+    assert checked == [mine.sop_instance_uid]
+    assert [i.sop_instance_uid for i in index.instances_of(SERIES)] == [theirs.sop_instance_uid]
