@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,6 +91,19 @@ def _separable_linear(arr: Array, t: GridTransform, out: Array) -> None:
         np.add(a[i0[k]], tmp, out=out[k])
 
 
+MAX_RESAMPLE_THREADS = 4
+"""Most threads :func:`to_source_grid` maps channels on (memory-bound: more do not help)."""
+
+
+def _cpu_threads() -> int:
+    """CPUs this process may run on, at most :data:`MAX_RESAMPLE_THREADS`."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, MAX_RESAMPLE_THREADS))
+
+
 def to_source_grid(
     array: npt.NDArray[np.floating], t: GridTransform, order: int = 1
 ) -> Array:
@@ -98,7 +113,9 @@ def to_source_grid(
     the source grid reoriented (permutation + flips) and scaled per axis (see
     :class:`inference.preprocess.GridTransform`), so linear mapping is done separably, one 1-D
     pass per axis in float32, straight into one preallocated output (leading axes, e.g.
-    channels, one after another); other orders use :func:`scipy.ndimage.affine_transform`.
+    channels, on up to :data:`MAX_RESAMPLE_THREADS` threads: the engine is idle by then, and
+    each channel's passes release the GIL); other orders use
+    :func:`scipy.ndimage.affine_transform`.
     """
     arr = np.asarray(array, dtype=np.float32)
     if tuple(arr.shape[-3:]) != t.model_shape or arr.ndim < 3:
@@ -107,11 +124,18 @@ def to_source_grid(
     flat = arr.reshape((-1, *t.model_shape))
     out = np.empty((flat.shape[0], *t.source_shape), dtype=np.float32)
     inverse_axes = tuple(int(a) for a in np.argsort(t.axes))
+    if t.resampled and order == 1:
+        n = flat.shape[0]
+        workers = min(n, _cpu_threads())
+        if workers > 1:  # channels are independent; NumPy releases the GIL in each pass
+            with ThreadPoolExecutor(workers, thread_name_prefix="to-source-grid") as pool:
+                list(pool.map(lambda c: _separable_linear(flat[c], t, out[c]), range(n)))
+        else:
+            for c in range(n):
+                _separable_linear(flat[c], t, out[c])
+        return out.reshape((*lead, *t.source_shape))
     for c in range(flat.shape[0]):
         ch = flat[c]
-        if t.resampled and order == 1:
-            _separable_linear(ch, t, out[c])
-            continue
         if t.resampled:
             inv = 1.0 / np.asarray(t.scale)
             ch = np.asarray(
