@@ -21,10 +21,16 @@ volume              decode + sort + stack the stored files (``build_volume``)
 inference           the model on the volume (resampling, patches, heads, report decoder)
 results             post-processing of the raw outputs into segments, detections, diagnosis
 export              SEG, SR, SC, GSPS, KOS datasets built (``export.build_outputs``)
-write outputs       outputs fsync'd under ``<spool>/results/<job>/`` (→ ``job outputs stored``)
-dispatch            C-STORE of the outputs to the PACS (→ ``job outputs delivered``)
+write outputs       outputs fsync'd under ``<spool>/results/<job>/`` (→ ``job outputs stored``);
+                    each output is C-STOREd as soon as it is durable, so sending overlaps this
+dispatch            what is left of sending after the last output is stored, until the PACS
+                    acknowledged every output (→ ``job outputs delivered``)
 PACS visible        delivered → every output found through Orthanc's REST API
 ==================  ============================================================================
+
+Each round also prints the CPU seconds the node and Orthanc processes used during it (user +
+system, from ``/proc``): on a shared machine the wall-clock split says more about the other
+load than about the node.
 
 Usage::
 
@@ -202,6 +208,22 @@ class RoundResult:
     """The runner's own split of ``inference`` (``model run`` log line), seconds."""
     export_split: dict[str, float] = field(default_factory=dict)
     """Seconds per output kind (``outputs built`` log line)."""
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    """CPU seconds (user + system) of the ``node`` and ``orthanc`` processes in the round."""
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) process ``pid`` has used so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_now(flow: Flow) -> dict[str, float]:
+    out = {"node": process_cpu_s(flow.node.pid)}
+    proc = getattr(flow.orthanc, "proc", None)
+    if proc is not None:
+        out["orthanc"] = process_cpu_s(proc.pid)
+    return out
 
 
 def run_round(flow: Flow, datasets: list[Dataset], expected_count: bool,
@@ -217,6 +239,7 @@ def run_round(flow: Flow, datasets: list[Dataset], expected_count: bool,
     series_uid = str(datasets[0].SeriesInstanceUID)
     study_uid = str(datasets[0].StudyInstanceUID)
     source_uids = {str(ds.SOPInstanceUID) for ds in datasets}
+    cpu0 = _cpu_now(flow)
     orthanc.send_study(study_uid)
     t0 = time.time()
     deadline = time.monotonic() + timeout_s
@@ -247,6 +270,7 @@ def run_round(flow: Flow, datasets: list[Dataset], expected_count: bool,
                     if i["MainDicomTags"]["SOPInstanceUID"] not in source_uids]
             if len(outs) >= n_out:
                 t_end = time.time()
+                cpu1 = _cpu_now(flow)
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(outs)} of {n_out} outputs in Orthanc")
@@ -281,8 +305,9 @@ def run_round(flow: Flow, datasets: list[Dataset], expected_count: bool,
     built = [e for e in events if e.get("event") == "outputs built" and e.get("job_id") == job_id]
     per_kind = {k: float(v) for k, v in built[0].get("seconds", {}).items()} if built else {}
     flow.rounds += 1
+    cpu = {k: round(cpu1[k] - cpu0[k], 2) for k in cpu1 if k in cpu0}
     return RoundResult(stages, t_end - t0, modalities, job_id,
-                       str(seg[0].get("type", "")) if seg else "", split, per_kind)
+                       str(seg[0].get("type", "")) if seg else "", split, per_kind, cpu)
 
 
 def default_models() -> Path:
@@ -317,9 +342,10 @@ def main() -> None:
                 series = padded_brain(1, args.size, description=f"T1 3D BRAIN 1MM {k}")
                 res = run_round(flow, series, args.completion == "expected")
                 results.append(res)
+                cpu = ", ".join(f"{p} {v:.2f}" for p, v in res.cpu_s.items())
                 print(f"round {k + 1}: {res.total_s:.2f} s, {len(res.outputs)} outputs "
-                      f"({', '.join(sorted(res.outputs.values()))}), SEG {res.seg_type}",
-                      flush=True)
+                      f"({', '.join(sorted(res.outputs.values()))}), SEG {res.seg_type}; "
+                      f"CPU s (incl. receiving the series): {cpu}", flush=True)
 
     n_slices = 189
     load = os.getloadavg()
@@ -347,6 +373,12 @@ def main() -> None:
         parts = ", ".join(f"{k} {statistics.median(s.get(k, 0.0) for s in exports):.2f} s"
                           for k in exports[0])
         print(f"  export, per kind (median): {parts}")
+    cpus = [r.cpu_s for r in results if r.cpu_s]
+    if cpus:
+        parts = ", ".join(f"{k} {statistics.median(c.get(k, 0.0) for c in cpus):.2f} s"
+                          for k in cpus[0])
+        print(f"  CPU seconds per round (median; the node's includes receiving the series): "
+              f"{parts}")
     wait = med["completion wait"]
     if wait < 0:
         print("  (completion wait < 0: the series completed at its last instance, before "
@@ -362,7 +394,7 @@ def main() -> None:
         "load_average": load, "rounds": [
             {"stages": r.stages, "total_s": r.total_s, "seg_type": r.seg_type,
              "inference_split": r.inference_split, "export_split": r.export_split,
-             "outputs": sorted(r.outputs.values())} for r in results],
+             "cpu_s": r.cpu_s, "outputs": sorted(r.outputs.values())} for r in results],
         "median": med, "median_total_s": total,
     }, indent=2))
     print(f"written: {args.json}")
