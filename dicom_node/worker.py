@@ -447,25 +447,29 @@ class WorkerPool:
         """Start one sender per destination that has outputs to take (``None``: none has)."""
         classes = sorted({negotiation_key(ds) for ds in datasets})
         lanes: list[_Lane] = []
-        for name in job.destinations:
-            done = self.queue.delivered(job.id, name)
-            want = [u for u in uids if u not in done]
-            if not want:
-                continue
-            lane = _Lane(name, frozenset(want))
-            try:
-                lane.target = self._target(job, name)
-                dest = destination_for(lane.target, self.settings)
-            except DestinationError as exc:
-                lane.error = exc
+        try:
+            for name in job.destinations:
+                done = self.queue.delivered(job.id, name)
+                want = [u for u in uids if u not in done]
+                if not want:
+                    continue
+                lane = _Lane(name, frozenset(want))
+                try:
+                    lane.target = self._target(job, name)
+                    dest = destination_for(lane.target, self.settings)
+                except DestinationError as exc:
+                    lane.error = exc
+                    lanes.append(lane)
+                    continue
+                record = functools.partial(self.queue.record_deliveries, job.id, name)
+                lane.thread = threading.Thread(
+                    target=lane.run, args=(dest, classes, record), daemon=True,
+                    name=f"send-{threading.current_thread().name}-{len(lanes)}")
+                lane.thread.start()
                 lanes.append(lane)
-                continue
-            record = functools.partial(self.queue.record_deliveries, job.id, name)
-            lane.thread = threading.Thread(
-                target=lane.run, args=(dest, classes, record), daemon=True,
-                name=f"send-{threading.current_thread().name}-{len(lanes)}")
-            lane.thread.start()
-            lanes.append(lane)
+        except BaseException:
+            _DeliveryStream(lanes).finish()  # senders already started end (nothing was sent)
+            raise
         return _DeliveryStream(lanes) if lanes else None
 
     def _finish_stream(self, job: Job, stream: _DeliveryStream) -> dict[str, tuple[str, str]]:
