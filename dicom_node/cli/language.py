@@ -35,6 +35,10 @@ def language_cmd(
         "models/omnimri-tiny"),
     seed: Annotated[int, typer.Option(help="Random seed (data, initialisation).")] = 0,
     steps: Annotated[int | None, typer.Option(help="Training steps (default 1500).")] = None,
+    reports: Annotated[str, typer.Option(
+        help="Who writes reports: 'decoder' (the package's report decoder) or 'natural' "
+             "(varied sentences from the structured findings; the vision eval's report "
+             "scoring reads only the decoder's grammar).")] = "decoder",
 ) -> None:
     """Train the tokenizer and text encoder (instructions, questions) on one CPU thread.
 
@@ -49,11 +53,14 @@ def language_cmd(
     from inference.package import ModelPackage
 
     _require_package(model)
+    if reports not in ("decoder", "natural"):
+        typer.echo(f"error: --reports is 'decoder' or 'natural', not {reports!r}", err=True)
+        raise typer.Exit(2)
     s = LanguageTrainSettings(seed=seed)
     if steps:
         s.steps = steps
     folder = ModelPackage.load(model).version_folder() / "language"
-    spec = train_language(folder, s, progress=_echo)
+    spec = train_language(folder, s, progress=_echo) | {"reports": reports}
     write_spec(model, spec)
     typer.echo(f"language model: {folder} ({spec['train_seconds']} s); extra.language in "
                f"{model / 'model.yaml'}; next: omnimri-node train language-eval --model {model}")

@@ -1,8 +1,9 @@
 """Tokenizer and text encoder of OmniMRI's language half: training and ONNX export.
 
-* Tokenizer: WordPiece trained here with ``tokenizers`` on the project's own corpus
-  (:func:`inference.omnimri.language.corpus.all_text` of the *training* templates: instructions,
-  questions, refusals, report sentences); lowercasing BERT normaliser.
+* Tokenizer: a ``tokenizers`` WordPiece model whose vocabulary is learnt here from the project's
+  own corpus (:func:`inference.omnimri.language.corpus.all_text` of the *training* templates:
+  instructions, questions, refusals, report sentences; :func:`train_tokenizer`); lowercasing
+  BERT normaliser.
 * Encoder: a tiny :class:`transformers.BertModel` configured from scratch (no hub download,
   nothing pretrained) with one linear head per label of
   :data:`inference.omnimri.language.corpus.HEADS` plus the multi-label ``tasks`` head, on the
@@ -55,17 +56,32 @@ class LanguageTrainSettings:
 
 
 def train_tokenizer(max_vocab: int) -> Any:
-    """A WordPiece :class:`tokenizers.Tokenizer` trained on the training-template corpus."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers.trainers import WordPieceTrainer
+    """A WordPiece :class:`tokenizers.Tokenizer` learnt from the training-template corpus.
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    The vocabulary is the special tokens, every character seen (alone and as a ``##``
+    continuation) and then the most frequent whole words (ties alphabetical) up to
+    ``max_vocab``: deterministic, unlike the library's WordPiece trainer (whose tie-breaking
+    changes from run to run). Words outside it are split into characters, like the made-up
+    words of :func:`inference.omnimri.language.corpus.augment`.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    norm = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in C.all_text("train"):
+        counts.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(text)))
+    chars = sorted({c for w in counts for c in w})
+    vocab = list(SPECIAL) + chars + [f"##{c}" for c in chars]
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    vocab += words[:max(0, max_vocab - len(vocab))]
+    tok = Tokenizer(models.WordPiece({t: n for n, t in enumerate(vocab)}, unk_token="[UNK]",
+                                     max_input_chars_per_word=40))
+    tok.normalizer = norm
+    tok.pre_tokenizer = pre
     tok.decoder = decoders.WordPiece()
-    trainer = WordPieceTrainer(vocab_size=max_vocab, special_tokens=list(SPECIAL), min_frequency=1,
-                               show_progress=False)
-    tok.train_from_iterator(C.all_text("train"), trainer=trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
@@ -146,7 +162,9 @@ def train_language(out_folder: Path, s: LanguageTrainSettings | None = None,
     """Train tokenizer and encoder, export both to ``out_folder`` and check ONNX vs PyTorch.
 
     Writes ``tokenizer.json``, ``text_encoder.onnx`` and ``language.json`` (settings, label
-    names, training summary). Returns the ``extra.language`` spec for ``model.yaml``.
+    names, training summary). Returns the ``extra.language`` spec for ``model.yaml``, with
+    ``reports: decoder`` (the package's report decoder writes reports; ``natural`` switches
+    to :func:`inference.omnimri.language.narrate.narrate_results`).
     """
     import torch
 
@@ -192,7 +210,7 @@ def train_language(out_folder: Path, s: LanguageTrainSettings | None = None,
                           **{h: C.HEADS[h] for h in OUTPUT_NAMES[2:]}}}
     (out_folder / "language.json").write_text(json.dumps(summary, indent=1))
     return {"folder": out_folder.name, "tokenizer": TOKENIZER_FILE, "encoder": ENCODER_FILE,
-            "max_tokens": s.max_tokens, "reports": "natural", "seed": s.seed,
+            "max_tokens": s.max_tokens, "reports": "decoder", "seed": s.seed,
             "train_seconds": round(train_s, 1), "onnx_max_abs_diff": float(check)}
 
 
