@@ -25,6 +25,7 @@ import os
 import re
 import socket
 import sqlite3
+import sys
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
@@ -59,16 +60,14 @@ def node_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{_PROCESS_TOKEN}"
 
 
-def _db_errors() -> tuple[type[Exception], ...]:
-    try:
-        import psycopg
-    except ImportError:
-        return (sqlite3.Error,)
-    return (sqlite3.Error, psycopg.Error)
+def db_errors() -> tuple[type[Exception], ...]:
+    """Errors of the database itself (locked, disk full, connection lost), either back end.
 
-
-DB_ERRORS: tuple[type[Exception], ...] = _db_errors()
-"""Errors of the database itself (locked, disk full, connection lost), either back end."""
+    Use as ``except db_errors():``. psycopg is not imported for it: its errors are only
+    included once a PostgreSQL connection imported it (so a SQLite node never loads it).
+    """
+    pg = sys.modules.get("psycopg")
+    return (sqlite3.Error,) if pg is None else (sqlite3.Error, pg.Error)
 
 
 def is_postgres(target: DatabaseTarget | None) -> bool:
@@ -268,7 +267,11 @@ class PgConnection:
     backend: Backend = "postgresql"
 
     def __init__(self, url: str) -> None:
-        import psycopg
+        try:
+            import psycopg
+        except ImportError:
+            raise RuntimeError("storage.database is a PostgreSQL URL but psycopg is not "
+                               "installed: pip install 'omnimri-node[postgres]'") from None
 
         self.url = url
         self._pq = psycopg.pq

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from dicom_node.db import DB_ERRORS, DatabaseTarget, connect, is_postgres, lock_rows, node_name
+from dicom_node.db import DatabaseTarget, connect, db_errors, is_postgres, lock_rows, node_name
 from dicom_node.migrations import migrate
 from dicom_node.series import Series, StoredInstance
 
@@ -158,7 +158,7 @@ class SeriesIndex:
             # Also after a failed COMMIT (disk full): never leave the connection inside a
             # transaction, or every later write on it fails too.
             if c.in_transaction:
-                with contextlib.suppress(*DB_ERRORS):
+                with contextlib.suppress(*db_errors()):
                     c.execute("ROLLBACK")
             raise
 

@@ -55,7 +55,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from dicom_node.db import DB_ERRORS, DatabaseTarget, PgConnection, is_postgres, table_columns
+from dicom_node.db import DatabaseTarget, PgConnection, db_errors, is_postgres, table_columns
 from dicom_node.logs import get_logger
 
 if TYPE_CHECKING:
@@ -267,7 +267,7 @@ def _read_only(database: DatabaseTarget | None) -> Iterator[Any]:
             conn = PgConnection(str(database))
         elif Path(database).exists():
             conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=2.0)
-    except DB_ERRORS as err:
+    except db_errors() as err:
         log.warning("metrics_database_unreachable", error=type(err).__name__)
         conn = None
     try:
@@ -287,7 +287,7 @@ def routing_failed_count(database: DatabaseTarget | None) -> int | None:
                 return None
             return int(conn.execute("SELECT COUNT(*) FROM series_events WHERE routed_at IS NULL"
                                     " AND failed_at IS NOT NULL").fetchone()[0])
-        except DB_ERRORS as err:
+        except db_errors() as err:
             log.warning("metrics_events_unreadable", error=str(err))
             return None
 
@@ -310,7 +310,7 @@ def job_counts(database: DatabaseTarget | None) -> dict[tuple[str, str], int]:
                 f"SELECT {state_col}, {pipe_expr}, COUNT(*) FROM jobs GROUP BY 1, 2"  # noqa: S608
             ).fetchall()
             return {(str(st), str(p or "")): int(n) for st, p, n in rows}
-        except DB_ERRORS as err:
+        except db_errors() as err:
             log.warning("metrics_jobs_unreadable", error=str(err))
             return {}
 

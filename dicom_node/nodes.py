@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from dicom_node.config import NodeSettings
-from dicom_node.db import DB_ERRORS, DatabaseTarget, connect, node_name
+from dicom_node.db import DatabaseTarget, connect, db_errors, node_name
 from dicom_node.logs import get_logger
 from dicom_node.migrations import migrate
 
@@ -69,7 +69,7 @@ class NodeRegistry:
                     conn = connect(self.settings.storage.database_path)
                 conn.execute("UPDATE nodes SET heartbeat_at = ? WHERE name = ?",
                              (time.time(), self.name))
-            except DB_ERRORS as err:  # the database is away: try again at the next beat
+            except db_errors() as err:  # the database is away: try again at the next beat
                 log.warning("node_heartbeat_failed", error=type(err).__name__)
                 conn = None
         if conn is not None:
@@ -88,7 +88,7 @@ class NodeRegistry:
                              (time.time(), self.name))
             finally:
                 conn.close()
-        except DB_ERRORS as err:
+        except db_errors() as err:
             log.warning("node_stop_unrecorded", error=type(err).__name__)
 
 

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dicom_node import metrics
 from dicom_node.audit import get_audit
 from dicom_node.config import DimseDestination, NodeSettings, RuleConfig
-from dicom_node.db import DB_ERRORS
+from dicom_node.db import db_errors
 from dicom_node.index import CompletionEvent, SeriesIndex
 from dicom_node.jobs import PRIORITY_RANK, JobQueue, NewJob
 from dicom_node.logs import get_logger, scrub_text
@@ -147,7 +147,7 @@ class Router:
                 break
             try:
                 created += self.route_event(event)
-            except DB_ERRORS:
+            except db_errors():
                 raise  # the database, not the event: every event would fail; poll again
             except Exception as exc:  # noqa: BLE001 - isolate the event, route the next one
                 self._fail(event, exc)
