@@ -22,7 +22,7 @@ sys.path.insert(0, str(_HERE.parent))
 
 import numpy as np  # noqa: E402
 
-from export import ExportContext, ExportOptions, SegExportOptions, build_outputs  # noqa: E402
+from export import ExportContext, ExportOptions, SegOptions, build_outputs  # noqa: E402
 from export.seg import build_seg  # noqa: E402
 from inference import results as r  # noqa: E402
 from omnimri_samples import synthetic_series  # noqa: E402
@@ -31,7 +31,7 @@ from tests.test_export_data import volume_from_datasets  # noqa: E402
 SLICES, SIZE = 180, 256
 
 
-def make_context(overlap: bool, seg: SegExportOptions) -> ExportContext:
+def make_context(overlap: bool, seg: SegOptions) -> ExportContext:
     datasets = synthetic_series(SLICES, SIZE, SIZE)
     vol = volume_from_datasets(datasets)
     k, j, i = np.ogrid[:SLICES, :SIZE, :SIZE]
@@ -78,7 +78,7 @@ def main() -> None:
     rows = []
     for overlap, name in ((False, "LABELMAP"), (True, "BINARY")):
         for comp in ("none", "jpegls", "jpeg2000"):
-            ctx = make_context(overlap, SegExportOptions(compression=comp))  # type: ignore[arg-type]
+            ctx = make_context(overlap, SegOptions(compression=comp))  # type: ignore[arg-type]
             seg = build_seg(ctx)[0]
             s = timeit(ctx, args.repeat)
             size = len(seg.PixelData) / 1e6
@@ -90,7 +90,7 @@ def main() -> None:
     lm = next(x for x in rows if x[0] == "LABELMAP" and x[1] == "none")[2]
     bi = next(x for x in rows if x[0] == "BINARY" and x[1] == "none")[2]
     print(f"  BINARY / LABELMAP time ratio (uncompressed): {bi / lm:.2f}")
-    ctx = make_context(True, SegExportOptions())
+    ctx = make_context(True, SegOptions())
     t0 = time.perf_counter()
     out = build_outputs(ctx)
     print(f"build_outputs (seg+sr+sc+pr+ko, no detections): {time.perf_counter() - t0:.2f} s, "

@@ -7,32 +7,45 @@ UIDs derived from the job id (a re-run replaces, not duplicates). See ``docs/out
 
 from __future__ import annotations
 
+import importlib
 import time
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from pydicom.dataset import Dataset
 
-from export.context import (
-    ALL_OUTPUTS,
-    ExportContext,
-    ExportError,
-    ExportOptions,
-    OutputKind,
-    SegExportOptions,
-)
+from export.options import ALL_OUTPUTS, ExportOptions, OutputKind, SegOptions
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+    from export.context import NOTHING_BUILT, Built, ExportContext, Exporter, ExportError
 
 __all__ = [
     "ALL_OUTPUTS",
+    "NOTHING_BUILT",
+    "Built",
     "ExportContext",
     "ExportError",
     "ExportOptions",
+    "Exporter",
     "OutputKind",
-    "SegExportOptions",
+    "SegOptions",
     "build_outputs",
+    "exporters",
     "warm_up",
 ]
 
 log = structlog.get_logger(__name__)
+
+_LAZY = {"NOTHING_BUILT", "Built", "ExportContext", "ExportError", "Exporter"}
+"""Names from :mod:`export.context`, imported on first use: ``export.options`` (which the
+node's configuration embeds) stays free of pydicom and highdicom."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module("export.context"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def warm_up() -> float:
@@ -54,8 +67,27 @@ def warm_up() -> float:
     return time.perf_counter() - t0
 
 
-def build_outputs(ctx: ExportContext) -> dict[str, list[Dataset]]:
+def exporters() -> dict[OutputKind, Exporter]:
+    """The exporter of each output kind, in :data:`ALL_OUTPUTS` (dependency) order.
+
+    Imported on first use (see :data:`_LAZY`).
+    """
+    from export.ko import build_ko
+    from export.pr import build_pr
+    from export.sc import build_sc
+    from export.seg import build_seg
+    from export.sr import build_sr
+
+    by_kind: dict[OutputKind, Exporter] = {
+        "seg": build_seg, "sr": build_sr, "sc": build_sc, "pr": build_pr, "ko": build_ko,
+    }
+    return {kind: by_kind[kind] for kind in ALL_OUTPUTS}
+
+
+def build_outputs(ctx: ExportContext) -> dict[OutputKind, list[Dataset]]:
     """Build the requested outputs in dependency order (SEG before SR, SC before KO).
+
+    Each :class:`~export.context.Exporter` gets the outputs built before it.
 
     Args:
         ctx: Results, volume, source headers and options of one job.
@@ -68,40 +100,14 @@ def build_outputs(ctx: ExportContext) -> dict[str, list[Dataset]]:
     Raises:
         ExportError: The results do not fit the source series (message says why).
     """
-    from export.ko import build_ko
-    from export.pr import build_pr
-    from export.sc import build_sc
-    from export.seg import build_seg
-    from export.sr import build_sr
-
-    out: dict[str, list[Dataset]] = {}
+    out: dict[OutputKind, list[Dataset]] = {}
     timings: dict[str, float] = {}
-    seg: Dataset | None = None
-
-    def timed(kind: str, t0: float) -> None:
+    for kind, exporter in exporters().items():
+        if not ctx.wants(kind):
+            continue
+        t0 = time.perf_counter()
+        out[kind] = exporter(ctx, out)
         timings[kind] = round(time.perf_counter() - t0, 3)
-
-    if ctx.wants("seg"):
-        t0 = time.perf_counter()
-        out["seg"] = build_seg(ctx)
-        seg = out["seg"][0] if out["seg"] else None
-        timed("seg", t0)
-    if ctx.wants("sr"):
-        t0 = time.perf_counter()
-        out["sr"] = build_sr(ctx, seg)
-        timed("sr", t0)
-    if ctx.wants("sc"):
-        t0 = time.perf_counter()
-        out["sc"] = build_sc(ctx)
-        timed("sc", t0)
-    if ctx.wants("pr"):
-        t0 = time.perf_counter()
-        out["pr"] = build_pr(ctx)
-        timed("pr", t0)
-    if ctx.wants("ko"):
-        t0 = time.perf_counter()
-        out["ko"] = build_ko(ctx, out.get("sc", [])[:1])
-        timed("ko", t0)
     log.info(
         "outputs built",
         job_id=ctx.job_id,

@@ -1,40 +1,28 @@
 """What every derived object shares: research marking, equipment, descriptions, key slices.
 
-* ContentQualification (0018,9004) = ``RESEARCH`` on every object.
-* Contributing Equipment Sequence naming the model, its version and the node (IHE AI Results).
-* Series descriptions that say at a glance: AI output, which kind, not for diagnostic use.
+* ContentQualification (0018,9004) = ``RESEARCH`` on every object (:func:`finish`).
+* UIDs, series number and description, equipment and dates: :mod:`export.derived`.
 * Patient and study modules copied from the source (highdicom copies the core attributes; a few
   optional ones are added here).
 """
 
 from __future__ import annotations
 
-from typing import cast
-
 import numpy as np
 import numpy.typing as npt
-from highdicom import AlgorithmIdentificationSequence, ContributingEquipment
+from highdicom import AlgorithmIdentificationSequence
 from highdicom.color import CIELabColor
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 
-from export.context import ExportContext, OutputKind
+from export.context import ExportContext
+from export.limits import fit
 from inference.results import Code, Detection, ModelInfo, SegmentLabel
 
 RESEARCH = "RESEARCH"
 """ContentQualification value written on every derived object."""
 
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE"
-NOT_FOR_DIAGNOSTIC_SHORT = "NOT FOR DIAGNOSIS"
-
-_KIND_WORDS: dict[str, str] = {
-    "seg": "SEG",
-    "sr": "MEASUREMENTS",
-    "sc": "KEY IMAGES",
-    "pr": "ANNOTATIONS",
-    "ko": "KEY OBJECTS",
-}
 
 _COPIED_PATIENT_STUDY = (
     "PatientAge",
@@ -52,62 +40,13 @@ def to_coded(code: Code) -> CodedConcept:
     return CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
 
 
-def series_description(kind: OutputKind, model: ModelInfo) -> str:
-    """Series Description for output ``kind``: ``AI <KIND> <model> <version> - NOT FOR DIAG...``.
-
-    Always at most 64 characters (LO); the model part is shortened first.
-    """
-    head = f"AI {_KIND_WORDS[kind]}"
-    tail = f"RESEARCH - {NOT_FOR_DIAGNOSTIC_SHORT}"
-    room = 64 - len(head) - len(tail) - 2
-    model_part = f"{model.name} {model.version}".strip()[: max(room, 0)].strip()
-    return " ".join(p for p in (head, model_part, tail) if p)[:64]
-
-
-
 def algorithm_identification(model: ModelInfo) -> AlgorithmIdentificationSequence:
     """Algorithm Identification: model name, version and family (AI, 123110 DCM)."""
     return AlgorithmIdentificationSequence(
-        name=model.name[:64],
+        name=fit("AlgorithmName", model.name),
         family=to_coded(model.algorithm_family),
-        version=(model.version or "unknown")[:64],
+        version=fit("AlgorithmVersion", model.version or "unknown"),
     )
-
-
-def contributing_equipment(ctx: ExportContext) -> list[ContributingEquipment]:
-    """Contributing Equipment: the model (processing equipment) run on this node."""
-    model = ctx.results.model
-    versions = [model.version or "unknown"]
-    node_version = ctx.options.node_version or model.node_version
-    if node_version:
-        versions.append(f"node {node_version}")
-    return [
-        ContributingEquipment(
-            manufacturer=model.manufacturer[:64],
-            purpose_of_reference=codes.DCM.ProcessingEquipment,
-            manufacturer_model_name=model.name[:64],
-            software_versions=versions,
-            device_serial_number=ctx.options.node_name[:64],
-            station_name=ctx.options.node_name[:16],
-            institution_name=ctx.options.institution_name,
-            contribution_datetime=ctx.content_datetime,
-            contribution_description=f"AI analysis, research use only ({model.name})"[:64],
-        )
-    ]
-
-
-def software_versions(ctx: ExportContext) -> tuple[str]:
-    """Software Versions (0018,1020): model version, plus the node version if known.
-
-    A list at run time (pydicom wants lists for multi-valued elements); typed as highdicom's
-    parameter hint.
-    """
-    model = ctx.results.model
-    node_version = ctx.options.node_version or model.node_version
-    values = [model.version or "unknown"]
-    if node_version:
-        values.append(f"node {node_version}")
-    return cast("tuple[str]", values)
 
 
 def lab_color(rgb: tuple[int, int, int]) -> CIELabColor:
@@ -116,20 +55,46 @@ def lab_color(rgb: tuple[int, int, int]) -> CIELabColor:
     return CIELabColor.from_rgb(r, g, b)
 
 
-def finish(ds: Dataset, ctx: ExportContext, *, image: bool = True) -> Dataset:
-    """Apply what all outputs share after highdicom built ``ds``; returns ``ds``.
+def finish(ds: Dataset, source: Dataset, *, image: bool = True) -> Dataset:
+    """Apply what all derived objects share after highdicom built ``ds``; returns ``ds``.
 
-    Sets ContentQualification RESEARCH and copies optional patient/study attributes
-    (Body Part Examined only for ``image`` IODs, whose General Series module has it).
+    Sets ContentQualification RESEARCH (the research marking of every object the node writes)
+    and copies optional patient/study attributes from the ``source`` image header (Body Part
+    Examined only for ``image`` IODs, whose General Series module has it).
     """
     ds.ContentQualification = RESEARCH
-    src = ctx.sources[0]
     for kw in _COPIED_PATIENT_STUDY:
         if kw == "BodyPartExamined" and not image:
             continue
-        if kw not in ds and kw in src and src[kw].value not in (None, ""):
-            setattr(ds, kw, src[kw].value)
+        if kw not in ds and kw in source and source[kw].value not in (None, ""):
+            setattr(ds, kw, source[kw].value)
     return ds
+
+
+def patient_orientation(ds: Dataset, frame: int | None = None) -> tuple[str, str]:
+    """Patient Orientation (row direction, column direction letters) of a source image.
+
+    From Image Orientation (Patient), or the shared functional groups of a multi-frame image;
+    ``("L", "P")`` (axial) when the image states none. ``frame`` is accepted for multi-frame
+    sources whose frames share one orientation.
+    """
+    iop = None
+    if "ImageOrientationPatient" in ds:
+        iop = ds.ImageOrientationPatient
+    elif "SharedFunctionalGroupsSequence" in ds:
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        if "PlaneOrientationSequence" in shared:
+            iop = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+    if iop is None or len(iop) != 6:
+        return ("L", "P")
+    vals = [float(v) for v in iop]
+    letters = (("L", "R"), ("P", "A"), ("H", "F"))
+
+    def letter(v: list[float]) -> str:
+        axis = int(np.argmax(np.abs(v)))
+        return letters[axis][0 if v[axis] > 0 else 1]
+
+    return (letter(vals[:3]), letter(vals[3:]))
 
 
 def key_slices(ctx: ExportContext) -> list[int]:
@@ -157,7 +122,7 @@ def key_slices(ctx: ExportContext) -> list[int]:
             continue
         counts = np.zeros(n, dtype=np.int64)
         for m in masks:
-            counts += m.reshape(n, -1).sum(axis=1)
+            counts += [np.count_nonzero(plane) for plane in m]  # per slice, no int64 copy
         for k in np.argsort(-counts, kind="stable"):
             if counts[k] == 0 or len(chosen) >= limit:
                 break

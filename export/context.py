@@ -1,65 +1,28 @@
 """What the exporters get: the results, the volume they lie on, the source headers, the options.
 
-``dicom_node`` builds an :class:`ExportContext` per job (from its pipeline config) and calls
-:func:`export.build_outputs`. This module only imports inference result types; the option
-dataclasses mirror ``dicom_node.config.SegOptions`` / ``PipelineConfig.outputs`` field for field
-so the caller can pass ``SegExportOptions(**cfg.seg.model_dump())``.
+``dicom_node`` builds an :class:`ExportContext` per job and calls :func:`export.build_outputs`.
+The options are :class:`export.options.ExportOptions`, the same models the node's configuration
+embeds. Of ``inference`` this module imports the result types and the volume they lie on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from types import MappingProxyType
+from typing import Protocol
 
 from pydicom.dataset import Dataset
 
+from export.derived import DerivedSeries, Equipment, series_description
+from export.options import ExportOptions, OutputKind
 from inference.results import Results
 from inference.volume import Volume
-
-OutputKind = Literal["seg", "sr", "sc", "pr", "ko"]
-ALL_OUTPUTS: tuple[OutputKind, ...] = ("seg", "sr", "sc", "pr", "ko")
-
-DEFAULT_SERIES_NUMBERS: dict[str, int] = {
-    "seg": 9001, "sr": 9002, "sc": 9003, "pr": 9004, "ko": 9005,
-}
-"""Series numbers of the derived series (high, so they sort after the acquired series)."""
 
 
 class ExportError(ValueError):
     """Results and source series do not fit together; the message says why (no patient data)."""
-
-
-@dataclass(frozen=True, slots=True)
-class SegExportOptions:
-    """How the DICOM SEG is encoded (mirrors ``dicom_node.config.SegOptions``)."""
-
-    segmentation_type: Literal["auto", "labelmap", "binary", "fractional"] = "auto"
-    """``auto``: BINARY, or pseudo-binary FRACTIONAL when 1-bit frames are not byte aligned
-    (see :func:`export.seg.resolve_type`); ``labelmap`` where the PACS accepts Label Map."""
-    omit_empty_frames: bool = False
-    """Leave out frames without segment pixels (off by default: OHIF misplaces segments)."""
-    compression: Literal["none", "jpegls", "jpeg2000"] = "none"
-    """Lossless compression of the SEG pixel data."""
-
-
-@dataclass(frozen=True, slots=True)
-class ExportOptions:
-    """Which outputs to write and how."""
-
-    outputs: tuple[OutputKind, ...] = ALL_OUTPUTS
-    """Output kinds to write; order does not matter (dependencies are resolved)."""
-    seg: SegExportOptions = field(default_factory=SegExportOptions)
-    node_name: str = "OMNIMRI"
-    """The node's name (AE title); goes into Contributing Equipment and Device Serial Number."""
-    node_version: str = ""
-    """The node software version."""
-    series_numbers: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SERIES_NUMBERS))
-    """Series Number per output kind."""
-    max_key_slices: int = 3
-    """How many key slices the SC/GSPS/KOS outputs pick at most."""
-    institution_name: str | None = None
-    """Institution Name written on the derived objects (optional)."""
 
 
 @dataclass(slots=True)
@@ -72,7 +35,8 @@ class ExportContext:
         volume: The volume the results lie on; ``volume.slices`` name the source frames.
         sources: Source image headers in arrival order (pixel data needed only for ``sc``).
         options: Which outputs and how.
-        created: Content date/time of the outputs; default: now.
+        created: Series and content date/time of the outputs (local time); default: now,
+            fixed when the context is made, so every output of the job states the same time.
     """
 
     job_id: str
@@ -84,6 +48,8 @@ class ExportContext:
     _by_uid: dict[str, Dataset] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.created is None:
+            self.created = datetime.now()
         if not self.job_id:
             raise ExportError("export needs a job id")
         if not self.sources:
@@ -146,9 +112,64 @@ class ExportContext:
 
     @property
     def content_datetime(self) -> datetime:
-        """Content date/time written on the outputs."""
+        """Series and content date/time written on the outputs."""
         return self.created or datetime.now()
+
+    @property
+    def node_version(self) -> str:
+        """The node software version: the options', else the one the results name."""
+        return self.options.node_version or self.results.model.node_version
+
+    def equipment(self) -> Equipment:
+        """The model on this node: General and Contributing Equipment of every output."""
+        model = self.results.model
+        versions = [model.version or "unknown"]
+        if self.node_version:
+            versions.append(f"node {self.node_version}")
+        return Equipment(
+            manufacturer=model.manufacturer,
+            model_name=model.name,
+            software_versions=tuple(versions),
+            node_name=self.options.node_name,
+            institution_name=self.options.institution_name,
+            contribution=f"AI analysis, research use only ({model.name})",
+        )
+
+    def derived(self, kind: OutputKind) -> DerivedSeries:
+        """The derived series of output ``kind`` (UIDs, number, description, equipment)."""
+        return DerivedSeries(
+            job_id=self.job_id,
+            kind=kind,
+            number=self.options.series_number(kind),
+            description=series_description(kind, self.results.model),
+            equipment=self.equipment(),
+            created=self.content_datetime,
+        )
 
     def wants(self, kind: OutputKind) -> bool:
         """Whether output ``kind`` is requested."""
         return kind in self.options.outputs
+
+
+Built = Mapping[OutputKind, Sequence[Dataset]]
+"""The outputs built so far in a job, by kind (what a later exporter may refer to)."""
+
+NOTHING_BUILT: Built = MappingProxyType({})
+"""No outputs built yet: the default of an exporter called on its own."""
+
+
+class Exporter(Protocol):
+    """Builds the objects of one output kind: ``exporter(ctx, built) -> datasets``.
+
+    ``built`` holds the outputs of the kinds before it (:data:`export.options.ALL_OUTPUTS`
+    order): the SR refers to the SEG's segments, the KOS to the summary SC. An empty list means
+    there is nothing to show (e.g. a SEG without segments).
+    """
+
+    def __call__(self, ctx: ExportContext, built: Built, /) -> list[Dataset]:
+        """The datasets of this kind for ``ctx`` (file meta set, ready to save or send).
+
+        Raises:
+            ExportError: The results do not fit the source series (the message says why).
+        """
+        ...

@@ -17,16 +17,14 @@ from pydicom.dataset import Dataset
 from export import uids
 from export.common import (
     NOT_FOR_DIAGNOSIS,
-    contributing_equipment,
     detection_ellipse,
     display_window,
     finish,
     key_slices,
     lab_color,
-    series_description,
-    software_versions,
 )
-from export.context import ExportContext
+from export.context import NOTHING_BUILT, Built, ExportContext
+from export.limits import fit
 from export.text import detection_label
 
 log = structlog.get_logger(__name__)
@@ -53,7 +51,7 @@ def _annotations(ctx: ExportContext, layer: hd.pr.GraphicLayer) -> list[hd.pr.Gr
                     graphic_type=hd.pr.GraphicTypeValues.ELLIPSE,
                     graphic_data=ellipse,
                     units=hd.pr.AnnotationUnitsValues.PIXEL,
-                    tracking_id=name[:64],
+                    tracking_id=fit("TrackingID", name),
                     tracking_uid=uids.derived_uid(ctx.job_id, "detection", n),
                 )
             )
@@ -61,7 +59,7 @@ def _annotations(ctx: ExportContext, layer: hd.pr.GraphicLayer) -> list[hd.pr.Gr
             top = float(ellipse[:, 1].min())
             texts.append(
                 hd.pr.TextObject(
-                    text_value=f"AI {detection_label(det, n)}"[:1024],
+                    text_value=fit("UnformattedTextValue", f"AI {detection_label(det, n)}"),
                     units=hd.pr.AnnotationUnitsValues.PIXEL,
                     anchor_point=(min(right, float(cols)), min(max(top, 0.0), float(rows))),
                     anchor_point_visible=True,
@@ -95,10 +93,12 @@ def _annotations(ctx: ExportContext, layer: hd.pr.GraphicLayer) -> list[hd.pr.Gr
     return out
 
 
-def build_pr(ctx: ExportContext) -> list[Dataset]:
-    """One GSPS over the source series with the detections as graphic annotations."""
+def build_pr(ctx: ExportContext, built: Built = NOTHING_BUILT, /) -> list[Dataset]:
+    """One GSPS over the source series with the detections as graphic annotations.
+
+    An :class:`~export.context.Exporter`; ``built`` is not used.
+    """
     model = ctx.results.model
-    when = ctx.content_datetime
     layer = hd.pr.GraphicLayer(
         layer_name=LAYER, order=1, description="AI detections (research)",
         display_color=lab_color((255, 0, 0)),
@@ -113,25 +113,14 @@ def build_pr(ctx: ExportContext) -> list[Dataset]:
     )
     pr = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=images,
-        series_instance_uid=uids.series_uid(ctx.job_id, "pr"),
-        series_number=ctx.options.series_numbers.get("pr", 9004),
-        sop_instance_uid=uids.instance_uid(ctx.job_id, "pr"),
-        instance_number=1,
-        manufacturer=model.manufacturer[:64],
-        manufacturer_model_name=model.name[:64],
-        software_versions=software_versions(ctx),
-        device_serial_number=ctx.options.node_name[:64],
         content_label="AI_DETECTIONS",
-        content_description=f"AI detections by {model.name}, research"[:64],
+        content_description=fit("ContentDescription", f"AI detections by {model.name}, research"),
         graphic_annotations=_annotations(ctx, layer),
         graphic_layers=[layer],
         voi_lut_transformations=[voi],
-        institution_name=ctx.options.institution_name,
-        contributing_equipment=contributing_equipment(ctx),
-        series_description=series_description("pr", model),
-        series_date=when.date(),
-        series_time=when.time(),
+        # GSPS has Presentation Creation Date/Time (highdicom: now), no Content Date/Time
+        **ctx.derived("pr").attributes(content_datetime=False),
     )
-    finish(pr, ctx)  # Body Part Examined (General Series) tells Laterality is not needed
+    finish(pr, ctx.sources[0])  # Body Part Examined (General Series) tells Laterality is not needed
     log.info("pr built", job_id=ctx.job_id, annotations=len(pr.GraphicAnnotationSequence))
     return [pr]

@@ -23,20 +23,20 @@ import numpy.typing as npt
 import structlog
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 
-from export import uids
 from export.common import (
     NOT_FOR_DIAGNOSIS,
-    contributing_equipment,
     display_rgb,
     display_window,
     finish,
     key_slices,
-    series_description,
-    software_versions,
+    patient_orientation,
 )
-from export.context import ExportContext
+from export.context import NOTHING_BUILT, Built, ExportContext
+from export.derived import DerivedSeries
+from export.limits import fit
 from export.text import detection_label, detection_line, sentence_case
 
 log = structlog.get_logger(__name__)
@@ -63,28 +63,6 @@ def _font(size: int) -> Font:
 def display_scale(rows: int, columns: int) -> int:
     """Integer up-scaling factor of a key slice image of ``rows x columns`` source pixels."""
     return max(1, math.ceil(MIN_DISPLAY_PX / max(rows, columns, 1)))
-
-
-def _patient_orientation(ds: Dataset, frame: int | None) -> tuple[str, str]:
-    """Patient Orientation (row direction, column direction) letters from the source geometry."""
-    iop = None
-    if "ImageOrientationPatient" in ds:
-        iop = ds.ImageOrientationPatient
-    elif "SharedFunctionalGroupsSequence" in ds:
-        shared = ds.SharedFunctionalGroupsSequence[0]
-        if "PlaneOrientationSequence" in shared:
-            iop = shared.PlaneOrientationSequence[0].ImageOrientationPatient
-    if iop is None:
-        return ("L", "P")
-    vals = [float(v) for v in iop]
-
-    def letter(v: list[float]) -> str:
-        axis = int(np.argmax(np.abs(v)))
-        pos, neg = ("L", "R"), ("P", "A")
-        pairs = [pos, neg, ("H", "F")]
-        return pairs[axis][0] if v[axis] > 0 else pairs[axis][1]
-
-    return (letter(vals[:3]), letter(vals[3:]))
 
 
 def render_key_slice(
@@ -198,7 +176,7 @@ def render_summary_card(ctx: ExportContext) -> npt.NDArray[np.uint8]:
     y = 90
     src = ctx.sources[0]
     when = ctx.content_datetime.strftime("%Y-%m-%d %H:%M")
-    node_version = ctx.options.node_version or model.node_version
+    node_version = ctx.node_version
     lines = [
         (head, f"{model.name} {model.version}", (255, 255, 255)),
         (body, f"by {model.manufacturer} on node {ctx.options.node_name} {node_version}".strip(),
@@ -257,10 +235,46 @@ def render_summary_card(ctx: ExportContext) -> npt.NDArray[np.uint8]:
     return np.asarray(img, dtype=np.uint8)
 
 
-def build_sc(ctx: ExportContext) -> list[Dataset]:
-    """Summary card and key slice secondary captures (instance 1 is the card)."""
+def secondary_capture(
+    ref: Dataset, pixels: npt.NDArray[np.uint8], series: DerivedSeries, index: int = 0, *,
+    frame: int | None = None,
+) -> Dataset:
+    """One 8-bit Secondary Capture Image of ``pixels`` in ``ref``'s study, marked research.
+
+    The one SC builder of the node (the exporters' key slices and summary card, the preview
+    montage): highdicom ``SCImage.from_ref_dataset`` with the patient, study and Frame of
+    Reference of the source image ``ref`` (frame ``frame`` of a multi-frame one), the derived
+    series' attributes (:meth:`export.derived.DerivedSeries.attributes`), Explicit VR Little
+    Endian, then :func:`export.common.finish`.
+
+    Args:
+        ref: Source image header the SC derives from.
+        pixels: ``[rows, columns]`` (MONOCHROME2) or ``[rows, columns, 3]`` (RGB) 8-bit pixels.
+        series: The derived series the image belongs to.
+        index: Instance index in the series (0-based).
+        frame: 1-based frame number of ``ref``, if it is multi-frame.
+    """
+    photometric = (hd.PhotometricInterpretationValues.RGB if pixels.ndim == 3
+                   else hd.PhotometricInterpretationValues.MONOCHROME2)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=ref,
+        pixel_array=pixels,
+        photometric_interpretation=photometric,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        patient_orientation=patient_orientation(ref, frame),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        **series.attributes(index),
+    )
+    return finish(sc, ref)
+
+
+def build_sc(ctx: ExportContext, built: Built = NOTHING_BUILT, /) -> list[Dataset]:
+    """Summary card and key slice secondary captures (instance 1 is the card).
+
+    An :class:`~export.context.Exporter`; ``built`` is not used.
+    """
     model = ctx.results.model
-    when = ctx.content_datetime
     images: list[tuple[npt.NDArray[np.uint8], Dataset, int | None]] = []
     card_src, card_frame = ctx.source_of_slice(ctx.volume.shape[0] // 2)
     images.append((render_summary_card(ctx), card_src, card_frame))
@@ -269,37 +283,17 @@ def build_sc(ctx: ExportContext) -> list[Dataset]:
     for k in slices:
         src, frame = ctx.source_of_slice(k)
         images.append((render_key_slice(ctx, k, window), src, frame))
+    series = ctx.derived("sc")
     out: list[Dataset] = []
     for n, (pixels, src, frame) in enumerate(images):
-        sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=src,
-            pixel_array=pixels,
-            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-            bits_allocated=8,
-            coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            series_instance_uid=uids.series_uid(ctx.job_id, "sc"),
-            series_number=ctx.options.series_numbers.get("sc", 9003),
-            sop_instance_uid=uids.instance_uid(ctx.job_id, "sc", n),
-            instance_number=n + 1,
-            manufacturer=model.manufacturer[:64],
-            patient_orientation=_patient_orientation(src, frame),
-            transfer_syntax_uid="1.2.840.10008.1.2.1",
-            contributing_equipment=contributing_equipment(ctx),
-            series_description=series_description("sc", model),
-            manufacturer_model_name=model.name[:64],
-            software_versions=software_versions(ctx),
-            device_serial_number=ctx.options.node_name[:64],
-            institution_name=ctx.options.institution_name,
-            content_date=when.date(),
-            content_time=when.time(),
-            series_date=when.date(),
-            series_time=when.time(),
-        )
+        sc = secondary_capture(src, pixels, series, n, frame=frame)
         sc.BurnedInAnnotation = "YES"
-        sc.ImageComments = (
+        sc.ImageComments = fit("ImageComments", (
             "AI summary card" if n == 0 else f"AI key slice {slices[n - 1] + 1}"
-        ) + " - research, not for diagnostic use"
-        sc.DerivationDescription = f"AI results of {model.name} {model.version} burned in"[:1024]
+        ) + " - research, not for diagnostic use")
+        sc.DerivationDescription = fit(
+            "DerivationDescription", f"AI results of {model.name} {model.version} burned in"
+        )
         sc.ConversionType = "WSD"
         if n > 0:
             ref = Dataset()
@@ -308,7 +302,6 @@ def build_sc(ctx: ExportContext) -> list[Dataset]:
             if frame is not None:
                 ref.ReferencedFrameNumber = frame
             sc.SourceImageSequence = [ref]
-        finish(sc, ctx)
         out.append(sc)
     log.info("sc built", job_id=ctx.job_id, images=len(out), key_slices=slices)
     return out

@@ -36,17 +36,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
 
 from export import uids
-from export.common import (
-    algorithm_identification,
-    contributing_equipment,
-    display_rgb,
-    finish,
-    lab_color,
-    series_description,
-    software_versions,
-    to_coded,
-)
-from export.context import ExportContext, ExportError
+from export.common import algorithm_identification, display_rgb, finish, lab_color, to_coded
+from export.context import NOTHING_BUILT, Built, ExportContext, ExportError
+from export.limits import fit
 from inference.results import SegmentMask
 
 log = structlog.get_logger(__name__)
@@ -58,6 +50,18 @@ _TRANSFER_SYNTAX: dict[str, UID] = {
 }
 
 
+def _words(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.uint64]:
+    """A mask's bytes as 64-bit words (8 voxels a word; a view when it can be), for set algebra.
+
+    Each byte is 0 or 1, so ``&``, ``|`` and ``& ~`` on the words are the voxel-wise set
+    operations, 8 voxels an instruction.
+    """
+    flat = np.ascontiguousarray(mask, dtype=np.bool_).reshape(-1).view(np.uint8)
+    if flat.size % 8:
+        flat = np.concatenate([flat, np.zeros(8 - flat.size % 8, dtype=np.uint8)])
+    return flat.view(np.uint64)
+
+
 def union_segments(segments: list[SegmentMask]) -> set[int]:
     """Numbers of the anatomical segments that are unions of others.
 
@@ -65,25 +69,36 @@ def union_segments(segments: list[SegmentMask]) -> set[int]:
     matter + white matter).
     """
     anatomical = [s for s in segments if s.label.task != "pathological"]
+    words = [_words(s.mask) for s in anatomical]
+    counts = [int(np.count_nonzero(s.mask)) for s in anatomical]
     out: set[int] = set()
-    for s in anatomical:
-        parts = [o for o in anatomical if o is not s and o.label.number not in out
-                 and o.mask.sum() < s.mask.sum()
-                 and not (o.mask & ~s.mask).any()]
-        if len(parts) < 2 or not s.mask.any():
+    for n, s in enumerate(anatomical):
+        if counts[n] == 0:
             continue
-        union = np.zeros_like(s.mask)
-        for o in parts:
-            union |= o.mask
-        if np.array_equal(union, s.mask):
+        parts = [words[m] for m, o in enumerate(anatomical)
+                 if m != n and o.label.number not in out and 0 < counts[m] < counts[n]
+                 and not np.any(words[m] & ~words[n])]
+        if len(parts) < 2:
+            continue
+        union = np.zeros_like(words[n])
+        for w in parts:
+            union |= w
+        if np.array_equal(union, words[n]):
             out.add(s.label.number)
     return out
 
 
-def seg_segments(segments: list[SegmentMask]) -> list[SegmentMask]:
-    """The segments the SEG holds: all but the union segments (:func:`union_segments`)."""
+def seg_segments(segments: list[SegmentMask], *, keep_empty: bool = False) -> list[SegmentMask]:
+    """The segments the SEG holds.
+
+    All but the union segments (:func:`union_segments`) and, unless ``keep_empty`` (the
+    ``fractional`` type, whose probabilities may show where the mask is empty), the segments
+    without a voxel: 189 all-zero frames each that no viewer draws. Their volumes (0 ml) are
+    still in the SR.
+    """
     unions = union_segments(segments)
-    return [s for s in segments if s.label.number not in unions]
+    return [s for s in segments if s.label.number not in unions
+            and (keep_empty or bool(s.mask.any()))]
 
 
 def segment_numbering(segments: list[SegmentMask]) -> dict[int, int]:
@@ -94,18 +109,38 @@ def segment_numbering(segments: list[SegmentMask]) -> dict[int, int]:
     return {s.label.number: i + 1 for i, s in enumerate(sorted(segments, key=_number))}
 
 
+def numbering_in(seg: Dataset, ctx: ExportContext) -> dict[int, int]:
+    """Result segment number -> SEG segment number, read from a SEG built for ``ctx``.
+
+    The SEG's segments carry the Tracking UID :func:`export.uids.derived_uid` gives each result
+    segment, so this is the numbering :func:`build_seg` used, whatever segments it left out.
+    """
+    by_uid = {str(item.get("TrackingUID", "")): int(item.SegmentNumber)
+              for item in seg.SegmentSequence}
+    out: dict[int, int] = {}
+    for s in ctx.results.segments:
+        number = by_uid.get(uids.derived_uid(ctx.job_id, "segment", s.label.number))
+        if number is not None:
+            out[s.label.number] = number
+    return out
+
+
 def _number(s: SegmentMask) -> int:
     return s.label.number
 
 
 def segments_overlap(segments: list[SegmentMask]) -> bool:
     """Whether any voxel belongs to more than one segment."""
-    if len(segments) < 2:
-        return False
-    total = np.zeros(segments[0].mask.shape, dtype=np.uint16)
+    seen: npt.NDArray[np.uint64] | None = None
     for s in segments:
-        total += s.mask.astype(np.uint16, copy=False)
-    return bool((total > 1).any())
+        w = _words(s.mask)
+        if seen is None:
+            seen = w.copy()
+        elif np.any(seen & w):
+            return True
+        else:
+            seen |= w
+    return False
 
 
 def frames_byte_aligned(rows: int, columns: int) -> bool:
@@ -117,14 +152,18 @@ def frames_byte_aligned(rows: int, columns: int) -> bool:
     return (rows * columns) % 8 == 0
 
 
-def resolve_type(ctx: ExportContext) -> hd.seg.SegmentationTypeValues:
+def resolve_type(
+    ctx: ExportContext, segs: list[SegmentMask] | None = None
+) -> hd.seg.SegmentationTypeValues:
     """The segmentation type to write, resolving ``auto``.
 
     ``auto`` is BINARY (accepted everywhere) when the frames are byte aligned
     (:func:`frames_byte_aligned`), else FRACTIONAL holding the masks (pseudo-binary, 0/255).
+    ``segs``: the segments the SEG holds (default :func:`seg_segments` of the results).
     """
     wanted = ctx.options.seg.segmentation_type
-    segs = seg_segments(ctx.results.segments)
+    if segs is None:
+        segs = seg_segments(ctx.results.segments, keep_empty=wanted == "fractional")
     if wanted == "auto":
         rows, columns = (int(n) for n in ctx.volume.shape[1:3])
         if frames_byte_aligned(rows, columns):
@@ -137,21 +176,23 @@ def resolve_type(ctx: ExportContext) -> hd.seg.SegmentationTypeValues:
     return hd.seg.SegmentationTypeValues(wanted.upper())
 
 
-def _descriptions(ctx: ExportContext, numbering: dict[int, int]) -> list[hd.seg.SegmentDescription]:
+def _descriptions(
+    ctx: ExportContext, segs: list[SegmentMask], numbering: dict[int, int]
+) -> list[hd.seg.SegmentDescription]:
     algo = algorithm_identification(ctx.results.model)
     out = []
-    for seg in sorted(seg_segments(ctx.results.segments), key=_number):
+    for seg in sorted(segs, key=_number):
         lab = seg.label
         out.append(
             hd.seg.SegmentDescription(
                 segment_number=numbering[lab.number],
-                segment_label=lab.label[:64],
+                segment_label=fit("SegmentLabel", lab.label),
                 segmented_property_category=to_coded(lab.category),
                 segmented_property_type=to_coded(lab.type),
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=algo,
                 tracking_uid=uids.derived_uid(ctx.job_id, "segment", lab.number),
-                tracking_id=f"{lab.label} ({lab.task})"[:64],
+                tracking_id=fit("TrackingID", f"{lab.label} ({lab.task})"),
                 display_color=lab_color(display_rgb(lab)),
             )
         )
@@ -159,14 +200,15 @@ def _descriptions(ctx: ExportContext, numbering: dict[int, int]) -> list[hd.seg.
 
 
 def _frames_array(
-    ctx: ExportContext, seg_type: hd.seg.SegmentationTypeValues, numbering: dict[int, int]
+    ctx: ExportContext, segs: list[SegmentMask], seg_type: hd.seg.SegmentationTypeValues,
+    numbering: dict[int, int],
 ) -> npt.NDArray[np.generic]:
     """Pixel array in source frame order: label map ``[f, r, c]`` or stacked ``[f, r, c, s]``.
 
     FRACTIONAL holds the probabilities only where ``fractional`` was asked for; the FRACTIONAL
     that ``auto`` chooses (:func:`resolve_type`) holds the masks (0.0 / 1.0).
     """
-    segs = sorted(seg_segments(ctx.results.segments), key=_number)
+    segs = sorted(segs, key=_number)
     shape = ctx.volume.shape
     if seg_type == hd.seg.SegmentationTypeValues.FRACTIONAL:
         probabilities = ctx.options.seg.segmentation_type == "fractional"
@@ -199,24 +241,28 @@ def _frames_array(
     return frames
 
 
-def build_seg(ctx: ExportContext) -> list[Dataset]:
+def build_seg(ctx: ExportContext, built: Built = NOTHING_BUILT, /) -> list[Dataset]:
     """The DICOM SEG of ``ctx.results.segments`` (empty list when there are none).
+
+    An :class:`~export.context.Exporter`; ``built`` is not used.
 
     Raises:
         ExportError: Segments overlap but LABELMAP was forced, or sources do not fit.
     """
-    if not ctx.results.segments:
-        return []
     t0 = time.perf_counter()
     opts = ctx.options.seg
-    numbering = segment_numbering(seg_segments(ctx.results.segments))
-    seg_type = resolve_type(ctx)
-    pixels = _frames_array(ctx, seg_type, numbering)
+    segs = seg_segments(ctx.results.segments, keep_empty=opts.segmentation_type == "fractional")
+    if not segs:
+        if ctx.results.segments:
+            log.info("seg skipped: no segment has a voxel", job_id=ctx.job_id)
+        return []
+    numbering = segment_numbering(segs)
+    seg_type = resolve_type(ctx, segs)
+    pixels = _frames_array(ctx, segs, seg_type, numbering)
     mf = ctx.multiframe_source
     source_images = [mf] if mf is not None else ctx.slice_sources()
     omit = opts.omit_empty_frames and bool(np.any(pixels))
     model = ctx.results.model
-    when = ctx.content_datetime
     syntax = _TRANSFER_SYNTAX[opts.compression]
     if seg_type == hd.seg.SegmentationTypeValues.BINARY and syntax == JPEGLSLossless:
         # 1-bit BINARY frames cannot be JPEG-LS coded; JPEG 2000 lossless is the lossless option.
@@ -226,29 +272,17 @@ def build_seg(ctx: ExportContext) -> list[Dataset]:
         source_images=source_images,
         pixel_array=pixels,
         segmentation_type=seg_type,
-        segment_descriptions=_descriptions(ctx, numbering),
-        series_instance_uid=uids.series_uid(ctx.job_id, "seg"),
-        series_number=ctx.options.series_numbers.get("seg", 9001),
-        sop_instance_uid=uids.instance_uid(ctx.job_id, "seg"),
-        instance_number=1,
-        manufacturer=model.manufacturer[:64],
-        manufacturer_model_name=model.name[:64],
-        software_versions=software_versions(ctx),
-        device_serial_number=ctx.options.node_name[:64],
-        content_description=f"AI segmentation by {model.name}, research use only"[:64],
+        segment_descriptions=_descriptions(ctx, segs, numbering),
+        content_description=fit(
+            "ContentDescription", f"AI segmentation by {model.name}, research use only"
+        ),
         content_label="AI_SEGMENTATION",
         content_creator_name=None,
         transfer_syntax_uid=syntax,
         omit_empty_frames=omit,
-        contributing_equipment=contributing_equipment(ctx),
-        series_description=series_description("seg", model),
-        content_date=when.date(),
-        content_time=when.time(),
-        series_date=when.date(),
-        series_time=when.time(),
-        institution_name=ctx.options.institution_name,
+        **ctx.derived("seg").attributes(),
     )
-    finish(seg, ctx)
+    finish(seg, ctx.sources[0])
     log.info(
         "seg built",
         job_id=ctx.job_id,

@@ -46,16 +46,10 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code as PydicomCode
 
 from export import uids
-from export.common import (
-    contributing_equipment,
-    detection_box,
-    finish,
-    key_slices,
-    series_description,
-    to_coded,
-)
-from export.context import ExportContext
-from export.seg import seg_segments, segment_numbering
+from export.common import detection_box, finish, key_slices, to_coded
+from export.context import NOTHING_BUILT, Built, ExportContext
+from export.limits import fit
+from export.seg import numbering_in
 from export.text import sentence_case
 from inference.results import BRAIN, Detection
 
@@ -85,10 +79,10 @@ def _observation_context(ctx: ExportContext) -> hd.sr.ObservationContext:
     model = ctx.results.model
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=uids.derived_uid(f"{model.name}:{model.version}", "device", ctx.options.node_name),
-        name=model.name[:64],
-        manufacturer_name=model.manufacturer[:64],
-        model_name=f"{model.name} {model.version}".strip()[:64],
-        serial_number=ctx.options.node_name[:64],
+        name=fit("LO", model.name),
+        manufacturer_name=fit("LO", model.manufacturer),
+        model_name=fit("LO", f"{model.name} {model.version}".strip()),
+        serial_number=fit("LO", ctx.options.node_name),
     )
     return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
@@ -100,7 +94,8 @@ def _observation_context(ctx: ExportContext) -> hd.sr.ObservationContext:
 def _algorithm(ctx: ExportContext) -> hd.sr.AlgorithmIdentification:
     model = ctx.results.model
     return hd.sr.AlgorithmIdentification(
-        name=model.name[:64], version=(model.version or "unknown")[:64],
+        name=fit("AlgorithmName", model.name),
+        version=fit("AlgorithmVersion", model.version or "unknown"),
         family=to_coded(model.algorithm_family),
     )
 
@@ -156,15 +151,14 @@ def _segment_groups(ctx: ExportContext, seg: Dataset | None) -> list[VolumeGroup
     TID 1501 without a reference when there is no SEG, or for a segment the SEG leaves out
     (see :func:`export.seg.seg_segments`).
     """
-    in_seg = seg_segments(ctx.results.segments) if seg is not None else []
-    numbering = segment_numbering(in_seg)
+    numbering = numbering_in(seg, ctx) if seg is not None else {}
     spacing = ctx.volume.spacing
     groups: list[VolumeGroup] = []
     for s in sorted(ctx.results.segments, key=lambda m: m.label.number):
         lab = s.label
         tracking = hd.sr.TrackingIdentifier(
             uid=uids.derived_uid(ctx.job_id, "segment", lab.number),
-            identifier=f"{lab.label}"[:64],
+            identifier=fit("TrackingID", lab.label),
         )
         volume = [
             hd.sr.Measurement(
@@ -243,7 +237,7 @@ def _detection_groups(
         group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=uids.derived_uid(ctx.job_id, "detection", n),
-                identifier=(det.tracking_id or f"lesion-{n}")[:64],
+                identifier=fit("TrackingID", det.tracking_id or f"lesion-{n}"),
             ),
             referenced_region=region,
             finding_type=to_coded(det.finding),
@@ -364,15 +358,19 @@ def segment_volume_groups(
     return out
 
 
-def build_sr(ctx: ExportContext, seg: Dataset | None) -> list[Dataset]:
+def build_sr(ctx: ExportContext, built: Built = NOTHING_BUILT, /) -> list[Dataset]:
     """The TID 1500 Comprehensive 3D SR of ``ctx.results`` (empty if nothing to report).
+
+    An :class:`~export.context.Exporter`.
 
     Args:
         ctx: The export context.
-        seg: The SEG written for the same results (from :func:`export.seg.build_seg`), or
-            ``None`` if no SEG is written: segment volumes are then reported without a
-            reference to the segment (TID 1501 groups).
+        built: The outputs built before; the SEG of the same results (``built["seg"]``, from
+            :func:`export.seg.build_seg`) is referenced. Without a SEG, segment volumes are
+            reported without a reference to the segment (TID 1501 groups).
     """
+    segs = built.get("seg", ())
+    seg = segs[0] if segs else None
     res = ctx.results
     evidence: list[Dataset] = []
     volume_groups: list[VolumeGroup] = []
@@ -409,28 +407,15 @@ def build_sr(ctx: ExportContext, seg: Dataset | None) -> list[Dataset]:
     qualitative = _qualitative_evaluations(ctx, volume_groups)
     if qualitative is not None:
         root.ContentSequence.append(qualitative)
-    model = res.model
-    when = ctx.content_datetime
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=root,
-        series_instance_uid=uids.series_uid(ctx.job_id, "sr"),
-        series_number=ctx.options.series_numbers.get("sr", 9002),
-        sop_instance_uid=uids.instance_uid(ctx.job_id, "sr"),
-        instance_number=1,
-        manufacturer=model.manufacturer[:64],
         is_complete=False,
         is_final=False,  # PreliminaryFlag PRELIMINARY; with PARTIAL and UNVERIFIED
         is_verified=False,
-        institution_name=ctx.options.institution_name,
-        contributing_equipment=contributing_equipment(ctx),
-        series_description=series_description("sr", model),
-        content_date=when.date(),
-        content_time=when.time(),
-        series_date=when.date(),
-        series_time=when.time(),
+        **ctx.derived("sr").attributes(),
     )
-    finish(sr, ctx, image=False)
+    finish(sr, ctx.sources[0], image=False)
     log.info(
         "sr built", job_id=ctx.job_id, detections=len(res.detections),
         volumes=len(volume_groups), evidence=len(evidence),

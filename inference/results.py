@@ -66,7 +66,7 @@ class SegmentMask:
     def volume_ml(self, spacing_mm: tuple[float, float, float]) -> float:
         """Segment volume in millilitres for voxel spacing ``(slice, row, col)`` in mm."""
         voxel_mm3 = float(np.prod(spacing_mm))
-        return float(self.mask.sum()) * voxel_mm3 / 1000.0
+        return float(np.count_nonzero(self.mask)) * voxel_mm3 / 1000.0
 
 
 @dataclass(slots=True)

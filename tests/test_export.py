@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from scipy import ndimage
 
-from export import ExportContext, ExportError, ExportOptions, SegExportOptions, build_outputs
+from export import ExportContext, ExportError, ExportOptions, SegOptions, build_outputs
 from export.common import key_slices
 from export.sc import ALPHA, display_scale
 from export.seg import build_seg, segment_numbering, union_segments
@@ -91,7 +91,7 @@ def exported(
     out = {}
     for case in CASES:
         # auto writes BINARY; the non-overlapping case asks for LABELMAP, which it can encode
-        options = (ExportOptions(seg=SegExportOptions(segmentation_type="labelmap"))
+        options = (ExportOptions(seg=SegOptions(segmentation_type="labelmap"))
                    if case == "axial-nonoverlap" else None)
         ctx = make_context(sources[case], job_id=f"job-{case}",
                            overlap=case != "axial-nonoverlap", options=options)
@@ -188,15 +188,15 @@ def test_seg_reads_back_voxel_for_voxel(case: str, exported: dict, folder: Path)
 @pytest.mark.parametrize(
     "options",
     [
-        SegExportOptions(compression="jpegls"),
-        SegExportOptions(compression="jpeg2000"),
-        SegExportOptions(omit_empty_frames=True),
-        SegExportOptions(segmentation_type="binary", compression="jpegls"),
+        SegOptions(compression="jpegls"),
+        SegOptions(compression="jpeg2000"),
+        SegOptions(omit_empty_frames=True),
+        SegOptions(segmentation_type="binary", compression="jpegls"),
     ],
     ids=["jpegls", "jpeg2000", "omit-empty", "binary-jpegls"],
 )
 def test_seg_options_keep_masks(
-    options: SegExportOptions, sources: dict, folder: Path
+    options: SegOptions, sources: dict, folder: Path
 ) -> None:
     ctx = make_context(
         sources["axial"], overlap=False, options=ExportOptions(outputs=("seg",), seg=options)
@@ -218,7 +218,7 @@ def test_seg_fractional_keeps_probabilities(sources: dict, folder: Path) -> None
     ctx = make_context(
         sources["axial"],
         options=ExportOptions(
-            outputs=("seg",), seg=SegExportOptions(segmentation_type="fractional")
+            outputs=("seg",), seg=SegOptions(segmentation_type="fractional")
         ),
     )
     rng = np.random.default_rng(0)
@@ -237,7 +237,7 @@ def test_seg_fractional_keeps_probabilities(sources: dict, folder: Path) -> None
 def test_forced_labelmap_refuses_overlap(sources: dict) -> None:
     ctx = make_context(
         sources["axial"],
-        options=ExportOptions(seg=SegExportOptions(segmentation_type="labelmap")),
+        options=ExportOptions(seg=SegOptions(segmentation_type="labelmap")),
     )
     with pytest.raises(ExportError, match="overlap"):
         build_seg(ctx)
@@ -640,3 +640,46 @@ def test_key_slice_label_stays_inside_the_image(sources: dict) -> None:
     img = build_outputs(ctx)["sc"][1].pixel_array
     red = (img[..., 0] > 200) & (img[..., 1] < 80) & (img[..., 2] < 80)
     assert red[: rows * f, : cols * f].sum() > 50  # circle and label drawn in the image
+
+
+def test_seg_leaves_out_empty_segments_the_sr_keeps_their_volume(
+    sources: dict, folder: Path
+) -> None:
+    ctx = make_context(sources["axial"], options=ExportOptions(outputs=("seg", "sr")))
+    empty = r.SegmentLabel(7, "Oedema", r.MORPHOLOGICALLY_ABNORMAL, r.LESION, (255, 0, 0),
+                           "pathological")
+    ctx.results.segments.append(r.SegmentMask(empty, np.zeros(ctx.volume.shape, bool)))
+    out = build_outputs(ctx)
+    seg_ds = out["seg"][0]
+    seg = hd.seg.Segmentation.from_dataset(seg_ds)
+    labels = [seg.get_segment_description(n).segment_label for n in seg.segment_numbers]
+    assert labels == ["Grey matter", "White matter", "Lesion"]  # no all-zero frames of Oedema
+    assert int(seg_ds.NumberOfFrames) == 3 * ctx.volume.shape[0]
+    sr = out["sr"][0]
+    referenced = segment_volume_groups(sr)
+    assert [g.referenced_segment.referenced_segment_numbers for g in referenced] == [
+        [1], [2], [3]]
+    qual = next(i for i in sr.ContentSequence
+                if i.ConceptNameCodeSequence[0].CodeValue == "C0034375")
+    oedema = next(g for g in qual.ContentSequence if g.ValueType == "CONTAINER"
+                  and any(k.get("TextValue") == "Oedema" for k in g.ContentSequence))
+    volumes = [k for k in oedema.ContentSequence if k.ValueType == "NUM"]
+    assert [float(v.MeasuredValueSequence[0].NumericValue) for v in volumes] == [0.0]
+    assert not any(k.ConceptNameCodeSequence[0].CodeValue == "121191"
+                   for k in oedema.ContentSequence)
+    assert _errors(sr, folder, "sr-empty-segment") == []
+    # all segments empty: no SEG at all
+    for s in ctx.results.segments:
+        s.mask[:] = False
+    ctx.results.detections.clear()
+    assert build_outputs(ctx)["seg"] == []
+
+
+def test_value_lengths_come_from_the_dictionary() -> None:
+    from export.limits import fit, max_length
+
+    assert max_length("Manufacturer") == 64 and max_length("StationName") == 16
+    assert max_length("ImageComments") == 10240 and max_length("TrackingID") is None
+    assert fit("StationName", "A" * 20) == "A" * 16 and fit("LO", "x" * 70) == "x" * 64
+    with pytest.raises(KeyError):
+        max_length("NoSuchKeyword")

@@ -16,7 +16,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from export.context import ExportContext, ExportOptions
+from export import ExportContext, ExportOptions
 from inference import results as r
 from inference.volume import SliceRef, Volume, build_volume
 from omnimri_samples import brain_series, mni_brain, ras_image_to_axial_lps, write_series

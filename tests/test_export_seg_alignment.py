@@ -20,7 +20,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from export import ExportContext, ExportOptions, SegExportOptions
+from export import ExportContext, ExportOptions, SegOptions
 from export.seg import build_seg, frames_byte_aligned
 from omnimri_samples import brain_volume, make_mr_series
 from tests.test_export_data import RES_MM, SourceSeries, dciodvfy, make_context, write_and_read
@@ -113,7 +113,7 @@ def test_forced_binary_on_unaligned_grid_is_what_ohif_misreads(
     unaligned: SourceSeries, folder: Path
 ) -> None:
     ctx = make_context(unaligned, options=ExportOptions(
-        outputs=("seg",), seg=SegExportOptions(segmentation_type="binary")))
+        outputs=("seg",), seg=SegOptions(segmentation_type="binary")))
     ds = build_seg(ctx)[0]
     assert ds.SegmentationType == "BINARY"
     path = folder / "forced-binary.dcm"

@@ -26,14 +26,7 @@ from dicom_node.logs import get_logger
 from dicom_node.pipelines import PipelineError, UnsupportedSeries
 from dicom_node.pipelines.models import engine_slot
 from dicom_node.series import Series
-from export import (
-    ExportContext,
-    ExportError,
-    ExportOptions,
-    SegExportOptions,
-    build_outputs,
-    warm_up,
-)
+from export import ALL_OUTPUTS, ExportContext, ExportError, ExportOptions, build_outputs, warm_up
 from inference import results as R
 from inference.engines import Engine, EngineUnavailable
 from inference.engines.cache import EngineCache, default_cache
@@ -120,10 +113,10 @@ class OmniMRIPipeline:
         self.engines = engines
 
     def export_options(self) -> ExportOptions:
-        """The exporters' options from this pipeline's configuration."""
+        """The exporters' options: this pipeline's outputs and SEG options, the node's name."""
         return ExportOptions(
             outputs=tuple(self.cfg.outputs),
-            seg=SegExportOptions(**self.cfg.seg.model_dump()),
+            seg=self.cfg.seg,
             node_name=self.settings.node.ae_title,
             node_version=__version__,
         )
@@ -178,7 +171,7 @@ class OmniMRIPipeline:
             raise UnsupportedSeries(f"series {series.key}: {err}") from err
         timings["export"] = time.perf_counter() - t0
         metrics.observe_stage("export", timings["export"])
-        datasets = [ds for kind in ("seg", "sr", "sc", "pr", "ko") for ds in outputs.get(kind, [])]
+        datasets = [ds for kind in ALL_OUTPUTS for ds in outputs.get(kind, [])]
         log.info(
             "omnimri pipeline done", pipeline=self.name, job_id=job_id, model=package.name,
             engine=engine.name, segments=len(results.segments),

@@ -4,32 +4,36 @@ It reads the series' headers, sorts the images along the slice normal, picks up 
 :data:`MAX_TILES` evenly spaced slices and decodes only those (any transfer syntax pydicom can
 decode, compressed ones through the pylibjpeg plugins), windows them together (1st–99th
 percentile of the picked pixels) and tiles them into one 8-bit MONOCHROME2 Secondary Capture
-Image (highdicom ``SCImage``) in the same study, in a new series marked as AI-node output not
-for diagnosis.
+Image in the same study, in a new series marked as AI-node output not for diagnosis. The
+object is built by the exporters' one SC builder (:func:`export.sc.secondary_capture`: the
+derived-series attributes of :mod:`export.derived`, the research marking of
+:func:`export.common.finish`).
 
-The Series and SOP Instance UIDs are derived from the job id, so running the job again yields
-the same object and the PACS replaces it instead of storing a duplicate.
+The Series and SOP Instance UIDs are derived from the job id (:mod:`export.uids`, kind
+``preview``), so running the job again yields the same object and the PACS replaces it instead
+of storing a duplicate.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 import pydicom
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicom_node import __version__, metrics
 from dicom_node.config import NodeSettings, PipelineConfig
 from dicom_node.logs import get_logger
 from dicom_node.pipelines import PipelineError, UnsupportedSeries
 from dicom_node.series import Series
-from export.uids import UID_PREFIX
+from export import uids
+from export.derived import DerivedSeries, Equipment
+from export.limits import fit
+from export.sc import secondary_capture
 
 log = get_logger(__name__)
 
@@ -46,26 +50,10 @@ SERIES_NUMBER_OFFSET = 9000
 def preview_uids(job_id: str) -> tuple[str, str]:
     """``(SeriesInstanceUID, SOPInstanceUID)`` of the preview made by ``job_id``.
 
-    Derived with :func:`pydicom.uid.generate_uid` from the job id: stable across re-runs.
+    :func:`export.uids.series_uid` / :func:`export.uids.instance_uid` of kind ``preview``:
+    stable across re-runs.
     """
-    series_uid = generate_uid(prefix=UID_PREFIX, entropy_srcs=[job_id, "preview", "series"])
-    sop_uid = generate_uid(prefix=UID_PREFIX, entropy_srcs=[job_id, "preview", "sc", "1"])
-    return series_uid, sop_uid
-
-
-def _orientation_letters(iop: Any) -> tuple[str, str]:
-    """Patient Orientation (row, column direction letters) from ImageOrientationPatient."""
-    if iop is None or len(iop) != 6:
-        return ("L", "P")
-    letters = (("L", "R"), ("P", "A"), ("H", "F"))
-
-    def letter(v: npt.NDArray[np.float64]) -> str:
-        axis = int(np.argmax(np.abs(v)))
-        return letters[axis][0 if v[axis] > 0 else 1]
-
-    row = np.asarray([float(x) for x in iop[:3]])
-    col = np.asarray([float(x) for x in iop[3:]])
-    return (letter(row), letter(col))
+    return uids.series_uid(job_id, "preview"), uids.instance_uid(job_id, "preview")
 
 
 def _slice_position(ds: pydicom.Dataset) -> float | None:
@@ -198,36 +186,33 @@ class PreviewPipeline:
         metrics.observe_stage("volume", time.perf_counter() - t0)  # reading + montage; no model
         t0 = time.perf_counter()
 
-        series_uid, sop_uid = preview_uids(job_id)
         number = int(ref.get("SeriesNumber", 0) or 0) + SERIES_NUMBER_OFFSET
-        try:
-            sc = hd.sc.SCImage.from_ref_dataset(
-                ref_dataset=ref,
-                pixel_array=pixels,
-                photometric_interpretation=hd.PhotometricInterpretationValues.MONOCHROME2,
-                bits_allocated=8,
-                coordinate_system=hd.CoordinateSystemNames.PATIENT,
-                series_instance_uid=series_uid,
-                series_number=min(number, 2**31 - 1),
-                sop_instance_uid=sop_uid,
-                instance_number=1,
+        series_out = DerivedSeries(
+            job_id=job_id,
+            kind="preview",
+            number=min(number, 2**31 - 1),
+            description=SERIES_DESCRIPTION,
+            equipment=Equipment(
                 manufacturer="OmniMRI Node",
-                patient_orientation=_orientation_letters(ref.get("ImageOrientationPatient")),
-                transfer_syntax_uid=ExplicitVRLittleEndian,
-                series_description=SERIES_DESCRIPTION,
-                content_qualification=hd.ContentQualificationValues.RESEARCH,
-                manufacturer_model_name=f"preview pipeline {self.name}"[:64],
-                software_versions=__version__,
-            )
+                model_name=f"preview pipeline {self.name}",
+                software_versions=(__version__,),
+                node_name=self.settings.node.ae_title,
+            ),
+            created=datetime.now(),
+        )
+        try:
+            sc = secondary_capture(ref, pixels, series_out)
         except (ValueError, TypeError, AttributeError) as exc:
             raise PipelineError(f"series {series.key}: cannot build the preview: {exc}") from exc
         sc.BurnedInAnnotation = "NO"
-        if "Laterality" not in sc:
-            sc.Laterality = ""  # Type 2C; a montage of a whole series has none
-        sc.ImageComments = (
+        if "Laterality" not in sc and "BodyPartExamined" not in sc:
+            # Type 2C, needed while the body part is unknown (a montage has no side); with
+            # Body Part Examined (copied from the source) it says whether Laterality applies
+            sc.Laterality = ""
+        sc.ImageComments = fit("ImageComments", (
             f"Montage of {len(tiles)} of {n} images of series {series.series_instance_uid}; "
             "made by an AI node, not for diagnostic use"
-        )[:10240]
+        ))
         metrics.observe_stage("export", time.perf_counter() - t0)
         log.info("preview made", job_id=job_id, series_key=series.key, tiles=len(tiles),
                  rows=int(pixels.shape[0]), columns=int(pixels.shape[1]))
