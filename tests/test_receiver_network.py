@@ -24,6 +24,7 @@ import pytest
 from pydicom.filereader import read_file_meta_info
 
 from dicom_node import status
+from dicom_node.config import load_config
 from dicom_node.fastscp import upper_layer as ul
 from tests.fixtures.node import NodeProcess, dataset_bytes, store_files
 
@@ -186,7 +187,17 @@ def closed_within(sock: socket.socket, limit_s: float) -> float | None:
         return None
 
 
+def artim_of(node: NodeProcess) -> float:
+    """The node's ARTIM timer (``node.acse_timeout_s``, seconds): what closes an idle socket.
+
+    "Closed at once" means well before it: the node closed the socket for what was sent, not
+    because the timer ran out (a bound that holds however loaded the machine is).
+    """
+    return load_config(node.config).node.acse_timeout_s
+
+
 def echo_s(port: int) -> float:
+    """Seconds for one association with a C-ECHO (connect, echo, release)."""
     t0 = time.monotonic()
     a = RawAssociation(port, [], timeout_s=10)
     assert a.echo() == status.SUCCESS
@@ -200,6 +211,7 @@ def test_hostile_length_claims_allocate_nothing_and_echo_keeps_answering(
     assert node.proc is not None
     pid = node.proc.pid
     echo_s(node.port)  # warm up (imports, first association)
+    artim_s = artim_of(node)
     before = rss_mib(pid)
     claims = [
         b"\x01\x00\xff\xff\xff\xff",  # A-ASSOCIATE-RQ of 4 GiB
@@ -216,8 +228,8 @@ def test_hostile_length_claims_allocate_nothing_and_echo_keeps_answering(
     try:
         for s in socks:
             dt = closed_within(s, 5)
-            assert dt is not None and dt < 2, "a hostile claim was not closed at once"
-        assert echo_s(node.port) < 2
+            assert dt is not None and dt < artim_s / 2, "a hostile claim was not closed at once"
+        assert echo_s(node.port) < artim_s / 2  # served while they are open
         # And inside an association: a P-DATA-TF claiming more than the negotiated maximum.
         a = RawAssociation(node.port, [mr_context()])
         a.sock.sendall(b"\x04\x00\xff\xff\xff\xff")
@@ -365,8 +377,8 @@ def test_connections_beyond_the_limit_are_closed_at_once(
     try:
         time.sleep(0.5)
         extra = socket.create_connection(("127.0.0.1", node.port), timeout=10)
-        dt = closed_within(extra, 5)
-        assert dt is not None and dt < 2, "a connection beyond the limit was kept"
+        dt = closed_within(extra, artim_of(node) / 2)
+        assert dt is not None, "a connection beyond the limit was kept"
         extra.close()
         assert closed_within(held[0], 0.2) is None  # the others wait for their ARTIM timer
     finally:
@@ -374,4 +386,4 @@ def test_connections_beyond_the_limit_are_closed_at_once(
             s.close()
     node.wait_for_event("connection_refused")
     time.sleep(0.5)
-    assert echo_s(node.port) < 2  # once they are gone, serving as before
+    assert echo_s(node.port) < artim_of(node) / 2  # once they are gone, serving as before
