@@ -89,6 +89,10 @@ RELEASE_WAIT_S = 10.0
 """Longest an A-RELEASE-RQ waits for the association's instances to reach the spool (they are
 durable in the journal already; only a failing spool disk makes this wait), seconds."""
 
+MATERIALISE_BATCH_S = 0.002
+"""Pause of the materialiser once woken, so that one pass writes several instances (not
+taken while an A-RELEASE-RQ waits for it), seconds."""
+
 MATERIALISE_RETRY_S = 1.0
 """Pause before retrying spool writes that failed (disk full), seconds."""
 
@@ -314,6 +318,8 @@ class Listener:
         self._outstanding: set[int] = set()
         """Journal sequence numbers appended but not yet in the spool."""
         self._top_seq = 0
+        self._release_waiters = 0
+        """Associations waiting in A-RELEASE for their instances to reach the spool."""
         self._mat_stop = False
         self._mat_thread: threading.Thread | None = None
         self._servers: list[tuple[socket.socket, ssl.SSLContext | None]] = []
@@ -1098,6 +1104,14 @@ class Listener:
                     self._mat_cond.wait()
                 if not self._mat_queue and not retry:
                     return
+                if not retry and not self._mat_stop and not self._release_waiters:
+                    # Let a few more acknowledgements queue up (one wake-up, one pass for
+                    # several instances, less contention with the receiving threads).
+                    self._mat_cond.release()
+                    try:
+                        time.sleep(MATERIALISE_BATCH_S)
+                    finally:
+                        self._mat_cond.acquire()
                 batch, self._mat_queue = [*retry, *self._mat_queue], []
                 stopping = self._mat_stop
             retry = []
@@ -1158,8 +1172,12 @@ class Listener:
 
     def _wait_materialised(self, seq: int, timeout_s: float = RELEASE_WAIT_S) -> None:
         with self._mat_cond:
-            self._mat_cond.wait_for(lambda: self._materialised_upto() >= seq,
-                                    timeout=timeout_s)
+            self._release_waiters += 1
+            try:
+                self._mat_cond.wait_for(lambda: self._materialised_upto() >= seq,
+                                        timeout=timeout_s)
+            finally:
+                self._release_waiters -= 1
 
 
 def _shut(sock: socket.socket) -> None:
