@@ -2,7 +2,8 @@
 
 ``dicom_node`` builds an :class:`ExportContext` per job and calls :func:`export.build_outputs`.
 The options are :class:`export.options.ExportOptions`, the same models the node's configuration
-embeds. Of ``inference`` this module imports the result types and the volume they lie on.
+embeds. Of ``inference`` this module imports only the result types; the grid the results lie
+on is described by :class:`ResultGrid` (``inference.volume.Volume`` is one).
 """
 
 from __future__ import annotations
@@ -13,12 +14,54 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Protocol
 
+import numpy as np
+import numpy.typing as npt
 from pydicom.dataset import Dataset
 
 from export.derived import DerivedSeries, Equipment, series_description
 from export.options import ExportOptions, OutputKind
 from inference.results import Results
-from inference.volume import Volume
+
+
+class SliceSource(Protocol):
+    """Where one slice of the grid comes from (``inference.volume.SliceRef`` is one)."""
+
+    @property
+    def sop_instance_uid(self) -> str:
+        """SOP Instance UID of the source image."""
+        ...
+
+    @property
+    def frame_number(self) -> int | None:
+        """1-based frame of a multi-frame source; ``None`` for a single-frame one."""
+        ...
+
+
+class ResultGrid(Protocol):
+    """The image grid the results lie on, as the exporters read it.
+
+    ``inference.volume.Volume`` is one; export depends on these four members only.
+    """
+
+    @property
+    def array(self) -> npt.NDArray[np.float32]:
+        """Image values ``[slice, row, column]`` (for the burned-in key slices)."""
+        ...
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(slices, rows, columns)``."""
+        ...
+
+    @property
+    def slices(self) -> Sequence[SliceSource]:
+        """The source of each slice, in slice order."""
+        ...
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel spacing ``(slice, row, column)``, mm."""
+        ...
 
 
 class ExportError(ValueError):
@@ -41,7 +84,7 @@ class ExportContext:
 
     job_id: str
     results: Results
-    volume: Volume
+    volume: ResultGrid
     sources: list[Dataset]
     options: ExportOptions = field(default_factory=ExportOptions)
     created: datetime | None = None

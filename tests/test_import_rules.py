@@ -30,9 +30,7 @@ SAMPLE_USERS = {
 }
 """Production modules allowed to import :mod:`omnimri_samples`, inside a function only."""
 
-KNOWN = {
-    ("export/context.py", "inference.volume"): "issue #15: ExportContext takes a Volume",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 """Crossings still to be removed: ``(module path, imported module)`` → why it is allowed now."""
 
 
