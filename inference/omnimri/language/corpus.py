@@ -133,8 +133,13 @@ def task_phrase(task: str, rng: random.Random, which: Split) -> str:
     """A paraphrase of ``task``: a fixed phrase, or a verb with an object."""
     if rng.random() < 0.5:
         return rng.choice(split(TASK_PHRASES[task], which))
-    return (f"{rng.choice(split(TASK_VERBS[task], which))} "
-            f"{rng.choice(split(TASK_OBJECTS[task], which))}")
+    other = {p for ph in TASK_PHRASES.values()
+             for p in split(ph, "heldout" if which == "train" else "train")}
+    while True:  # a verb+object pair that is a fixed phrase of the other split is not used
+        text = (f"{rng.choice(split(TASK_VERBS[task], which))} "
+                f"{rng.choice(split(TASK_OBJECTS[task], which))}")
+        if text not in other:
+            return text
 
 
 WRAPPERS = (
