@@ -259,13 +259,16 @@ def jobs_run(work: Path, dbs: Databases, backend: str, n_nodes: int, pipeline: s
     (first, last, done) = query(
         target, "SELECT min(created_at), max(finished_at), count(*) FROM jobs"
                 " WHERE state = 'done'")[0]
+    # More jobs than series = a series completed twice (a revision 2): name them.
+    revisions = {f"revision {r}": int(c) for r, c in query(
+        target, "SELECT revision, count(*) FROM jobs GROUP BY revision ORDER BY revision")}
     (outputs,) = query(target, "SELECT count(*) FROM job_outputs")[0]
     (deliveries,) = query(target, "SELECT count(*) FROM deliveries")[0]
     n_files = sum(1 for _ in out.rglob("*.dcm"))
     span = float(last) - float(first)
     scenario = "jobs-" + pipeline + ("-triton" if triton_url else "")
     return Run(scenario, backend, n_nodes, 60.0 * int(done) / span, "jobs/min", {
-        "jobs": len(series), "done": int(done), "span_s": span,
+        "jobs": len(series), "done": int(done), "revisions": revisions, "span_s": span,
         "send_to_last_done_s": float(last) - t0, "jobs_per_node": ran,
         "outputs": int(outputs), "deliveries": int(deliveries), "files": n_files,
         "exactly_once": int(outputs) == int(deliveries) == n_files,
