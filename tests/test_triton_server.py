@@ -118,13 +118,17 @@ def test_real_triton_batch_limit_and_unknown_model(shipped: ModelPackage,
 
 
 def test_model_config_names_the_variant_and_shapes(shipped: ModelPackage) -> None:
-    graph = shipped.model_path()
+    graph = shipped.model_path()  # the variant the package runs by default
+    spec = shipped.spec.input
+    c, (h, w) = 2 * spec.context_slices + 1, spec.patch_size[:2]
     text = model_config(shipped, graph, "onnxruntime")
     assert 'backend: "onnxruntime"' in text
-    assert f'default_model_filename: "{graph.name}"' in text  # the int8 variant, not model.onnx
-    assert "max_batch_size: 32" in text and "dynamic_batching" in text
-    assert '{ name: "image" data_type: TYPE_FP32 dims: [ 3, 128, 128 ] }' in text
+    assert f'default_model_filename: "{graph.name}"' in text  # not always model.onnx
+    assert f"max_batch_size: {2 * spec.batch_size}" in text and "dynamic_batching" in text
+    assert f'{{ name: "image" data_type: TYPE_FP32 dims: [ {c}, {h}, {w} ] }}' in text
     unbatched = model_config(shipped, graph, "python", max_batch_size=0)
     assert "dynamic_batching" not in unbatched
-    assert '{ name: "image" data_type: TYPE_FP32 dims: [ -1, 3, 128, 128 ] }' in unbatched
-    assert 'string_value: "model.int8.onnx"' in unbatched and "KIND_CPU" in unbatched
+    assert f'{{ name: "image" data_type: TYPE_FP32 dims: [ -1, {c}, {h}, {w} ] }}' in unbatched
+    assert f'string_value: "{graph.name}"' in unbatched and "KIND_CPU" in unbatched
+    fp32 = model_config(shipped, shipped.model_path(variant="fp32"), "onnxruntime")
+    assert 'default_model_filename: "model.onnx"' in fp32
