@@ -62,7 +62,7 @@ bench: install-test
 ## validation cases, held-out evaluation on seeds 1 and 2, the INT8 variant (checked, served by default).
 MODEL_RUN ?= training-runs/omnimri-tiny-seed0
 MODEL_OUT ?= models/omnimri-tiny
-MODEL_VERSION ?= 3.0.0
+MODEL_VERSION ?= 3.1.0
 model:
 	$(PIP) install -q -e '.[train]'
 	omnimri-node train all --seed 0 --out $(MODEL_RUN)
