@@ -96,7 +96,9 @@ def test_disk_full_answers_out_of_resources_leaves_nothing_and_recovers(
 
     # Space returns: serving at once, and what was acknowledged reaches the spool.
     (small_disk / "filler").unlink()
-    assert store_files(node.port, [*small[2:], big]) == [status.SUCCESS] * (len(small) - 1)
+    before = len(node.events("instance_refused"))
+    statuses = store_files(node.port, [*small[2:], big])
+    assert statuses == [status.SUCCESS] * (len(small) - 1), node.events("instance_refused")[before:]
     index = SeriesIndex(small_disk / "node.db")
     assert index.count_instances() == len(small) + 1
     deadline = time.monotonic() + 15
@@ -190,3 +192,23 @@ def test_failed_spool_write_is_retried_and_segments_are_recycled_again(
         rx.stop()
         index.close()
     assert list((spool.root / ".journal").iterdir()) == []
+
+
+def test_room_check_rereads_before_refusing(tmp_path: Path) -> None:
+    """A reused free-space reading may say yes; a no is always checked against a fresh one."""
+    from dicom_node.fastscp.receiver import _RoomCheck
+
+    free = {"bytes": 100_000}
+
+    class _Disk:
+        def free_space(self) -> tuple[int, float]:
+            return free["bytes"], 50.0
+
+    room = _RoomCheck(_Disk())  # type: ignore[arg-type]
+    assert room.has_room(0, 0, 60_000)
+    free["bytes"] = 40_000  # the admitted instance was written
+    assert not room.has_room(0, 0, 60_000)  # reused reading says no; a fresh one agrees
+    free["bytes"] = 10_000_000  # space returns within the reuse interval
+    assert room.has_room(0, 0, 60_000)
+    free["bytes"] = 0
+    assert room.has_room(0, 0, 60_000)  # a yes from the reused reading (errs low by design)

@@ -245,6 +245,8 @@ class _RoomCheck:
     One ``statvfs`` per :data:`ROOM_CHECK_S` or per :data:`ROOM_CHECK_BYTES` admitted
     (whichever comes first), instead of one per instance; between readings the bytes
     admitted since are subtracted from the free space read, so the estimate errs low.
+    Only a *yes* is answered from a reused reading: before a refusal the free space is read
+    again, so an instance is never refused on a reading taken before space was freed.
     """
 
     def __init__(self, spool: Spool) -> None:
@@ -260,17 +262,28 @@ class _RoomCheck:
         """Whether storing ``incoming_bytes`` more keeps the disk above its watermark."""
         with self._lock:
             now = time.monotonic()
-            if (now - self._at > ROOM_CHECK_S
-                    or self._since + incoming_bytes > ROOM_CHECK_BYTES):
-                self._free, self._pct = self.spool.free_space()
-                self._at, self._since = now, 0
-            free = self._free - self._since - incoming_bytes
-            total = self._free * 100.0 / self._pct if self._pct > 0 else 0.0
-            ok = (free >= min_free_bytes
-                  and (100.0 * free / total if total else 0.0) >= min_free_percent)
+            fresh = (now - self._at > ROOM_CHECK_S
+                     or self._since + incoming_bytes > ROOM_CHECK_BYTES)
+            if fresh:
+                self._read(now)
+            ok = self._fits(min_free_bytes, min_free_percent, incoming_bytes)
+            if not ok and not fresh:
+                self._read(now)
+                ok = self._fits(min_free_bytes, min_free_percent, incoming_bytes)
             if ok:
                 self._since += incoming_bytes
             return ok
+
+    def _read(self, now: float) -> None:
+        self._free, self._pct = self.spool.free_space()
+        self._at, self._since = now, 0
+
+    def _fits(self, min_free_bytes: int, min_free_percent: float, incoming_bytes: int
+              ) -> bool:
+        free = self._free - self._since - incoming_bytes
+        total = self._free * 100.0 / self._pct if self._pct > 0 else 0.0
+        return (free >= min_free_bytes
+                and (100.0 * free / total if total else 0.0) >= min_free_percent)
 
 
 _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(InstanceRecord) if f.name != "path")
