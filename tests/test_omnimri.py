@@ -189,6 +189,30 @@ def test_onnx_export_matches_pytorch(tiny_run: Path, tmp_path: Path) -> None:
     assert prov["stage_runs"]["instruct"]["steps"] == 2
 
 
+def test_reexport_keeps_the_language_models_and_drops_stale_variants(
+        tiny_run: Path, tmp_path: Path) -> None:
+    import yaml
+
+    from inference.omnimri.export import export_package
+
+    folder = export_package(tiny_run / "instruct.pt", tmp_path / "pkg", name="omnimri-test")
+    spec = yaml.safe_load((folder / "model.yaml").read_text())
+    spec["extra"]["language"] = {"folder": "language", "routing": "text_encoder.onnx"}
+    spec["variants"] = [{"name": "int8", "file": "model.int8.onnx", "precision": "int8"}]
+    (folder / "model.yaml").write_text(yaml.safe_dump(spec))
+    (folder / "1" / "model.int8.onnx").write_bytes(b"old weights, quantised")
+    (folder / "1" / "ort_cache").mkdir()
+    (folder / "1" / "ort_cache" / "model.old.onnx").write_bytes(b"old graph")
+
+    export_package(tiny_run / "instruct.pt", folder, name="omnimri-test")
+    again = yaml.safe_load((folder / "model.yaml").read_text())
+    assert again["extra"]["language"] == spec["extra"]["language"]
+    assert "variants" not in again
+    assert not (folder / "1" / "model.int8.onnx").exists()
+    assert not (folder / "1" / "ort_cache").exists()
+    assert (folder / "1" / "model.onnx").is_file()
+
+
 def _blob(shape: tuple[int, int, int], centre: tuple[int, int, int], r: int) -> np.ndarray:
     g = np.indices(shape)
     return sum((g[d] - centre[d]) ** 2 for d in range(3)) <= r * r  # type: ignore[no-any-return]

@@ -242,5 +242,35 @@ def export_package(checkpoint: Path, out_dir: Path, *, name: str = "omnimri-tiny
         "onnx_max_abs_diff": {k: float(f"{v:.3g}") for k, v in diffs.items()},
     }
     spec = model_spec(mods.vision, name, version, metrics=metrics, provenance=prov)
+    _keep_foreign_extra(out_dir / "model.yaml", spec)
+    _drop_stale_variants(folder)
     (out_dir / "model.yaml").write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     return out_dir
+
+
+KEPT_EXTRA = ("language",)
+"""``extra`` keys of an existing ``model.yaml`` that another trainer writes (the language
+models of :mod:`inference.omnimri.language`, whose files live in ``1/language/``): a re-export
+of the vision model keeps them."""
+
+
+def _keep_foreign_extra(old_yaml: Path, spec: dict[str, Any]) -> None:
+    if not old_yaml.is_file():
+        return
+    old = yaml.safe_load(old_yaml.read_text(encoding="utf-8")) or {}
+    for key in KEPT_EXTRA:
+        if key in (old.get("extra") or {}):
+            spec["extra"][key] = old["extra"][key]
+
+
+def _drop_stale_variants(folder: Path) -> None:
+    """Remove what was derived from the previous weights.
+
+    Quantised variants (re-made and re-checked by ``engines quantize``) and ONNX Runtime's
+    optimised-graph cache.
+    """
+    import shutil
+
+    for stale in folder.glob("model.*.onnx"):
+        stale.unlink()
+    shutil.rmtree(folder / "ort_cache", ignore_errors=True)
