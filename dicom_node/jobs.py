@@ -397,6 +397,19 @@ class JobQueue:
         with self._lock:
             return [_row_to_job(r) for r in self._conn.execute(q, args).fetchall()]
 
+    def of_series(self, series_uid: str) -> list[Job]:
+        """The jobs of one series (every pipeline and revision), oldest first."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT * FROM jobs WHERE series_uid = ? ORDER BY created_at, id",
+                (series_uid,)).fetchall()
+        return [_row_to_job(r) for r in rows]
+
+    def ping(self) -> None:
+        """One round trip to the database; raises what the driver raises if it is down."""
+        with self._lock:
+            self._conn.execute("SELECT 1").fetchone()
+
     def counts(self) -> dict[str, int]:
         """Number of jobs per state."""
         with self._lock:

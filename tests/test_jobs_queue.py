@@ -77,6 +77,18 @@ def test_enqueue_is_idempotent(queue: JobQueue) -> None:
     assert created3 and len(queue.list_jobs()) == 2
 
 
+def test_jobs_of_one_series_oldest_first_and_ping(queue: JobQueue) -> None:
+    first = queue.enqueue(NewJob(make_series("1.2.3.4"), "preview", ()))[0]
+    queue.enqueue(NewJob(make_series("1.2.3.5"), "preview", ()))
+    second = queue.enqueue(NewJob(make_series("1.2.3.4", revision=2), "brain", ()))[0]
+    assert [j.id for j in queue.of_series("1.2.3.4")] == [first, second]
+    assert queue.of_series("9.9") == []
+    queue.ping()
+    queue.close()
+    with pytest.raises(Exception):  # noqa: B017 - whatever the driver raises on a closed connection
+        queue.ping()
+
+
 def test_claim_by_priority_then_age(queue: JobQueue) -> None:
     low = queue.enqueue(NewJob(make_series("1.1"), "preview", (), priority="low"))[0]
     normal1 = queue.enqueue(NewJob(make_series("1.2"), "preview", ()))[0]

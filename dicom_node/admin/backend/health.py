@@ -35,7 +35,7 @@ class Health:
         checks: dict[str, str] = {}
         ok = True
         try:
-            self.parts.index.conn.execute("SELECT 1").fetchone()
+            self.parts.queue.ping()
             checks["database"] = "ok"
         except Exception as err:  # any database/OS failure means not ready
             ok, checks["database"] = False, f"unavailable: {type(err).__name__}"

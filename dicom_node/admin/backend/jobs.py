@@ -57,11 +57,7 @@ class JobsAdmin:
 
     def of_series(self, series_uid: str) -> list[Job]:
         """The jobs of one series, oldest first."""
-        q = self.parts.queue
-        with q._lock:
-            ids = [r[0] for r in q.conn.execute(
-                "SELECT id FROM jobs WHERE series_uid = ? ORDER BY created_at", (series_uid,))]
-        return [q.get(i) for i in ids]
+        return self.parts.queue.of_series(series_uid)
 
     def retry(self, who: Principal, job_id: str, rerun: bool = False) -> dict[str, Any]:
         """Queue a failed/cancelled (or, with ``rerun``, done) job again."""
