@@ -24,6 +24,8 @@ from dicom_node.jobs import (
     series_to_json,
 )
 from dicom_node.series import Series, StoredInstance
+from tests.fixtures import legacy_schema as legacy
+from tests.fixtures.legacy_schema import make_legacy_db
 
 
 def make_series(uid: str, revision: int = 1, n: int = 2, calling_ae: str = "SCANNER") -> Series:
@@ -275,23 +277,9 @@ def test_pipeline_failures_still_use_max_attempts(tmp_path: Path) -> None:
 
 
 def test_old_jobs_table_gains_the_dispatch_columns(tmp_path: Path) -> None:
-    import sqlite3
-
     settings = _outage_settings(tmp_path)
     db = Path(settings.storage.database_path)
-    db.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(db)
-    conn.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, series_key TEXT NOT NULL,"
-                 " series_uid TEXT NOT NULL, study_uid TEXT NOT NULL, revision INTEGER NOT NULL,"
-                 " pipeline TEXT NOT NULL, destinations TEXT NOT NULL, rule TEXT NOT NULL"
-                 " DEFAULT '', priority INTEGER NOT NULL DEFAULT 1, state TEXT NOT NULL DEFAULT"
-                 " 'queued', attempts INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL,"
-                 " updated_at REAL NOT NULL, started_at REAL, finished_at REAL,"
-                 " next_attempt_at REAL NOT NULL, lease_owner TEXT, lease_expires_at REAL,"
-                 " last_error TEXT, event_id TEXT, series_json TEXT NOT NULL,"
-                 " UNIQUE (series_key, pipeline))")
-    conn.commit()
-    conn.close()
+    make_legacy_db(db, legacy.JOBS)
     queue = JobQueue(settings)
     jid = queue.enqueue(NewJob(make_series("8.4"), "preview", ("pacs",)))[0]
     assert queue.get(jid).dispatch_attempts == 0

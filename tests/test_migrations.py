@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from pathlib import Path
 
@@ -11,6 +10,8 @@ from dicom_node.db import connect, table_columns
 from dicom_node.index import SeriesIndex
 from dicom_node.jobs import JobQueue
 from dicom_node.migrations import LATEST, MIGRATIONS, applied, migrate
+from tests.fixtures import legacy_schema as legacy
+from tests.fixtures.legacy_schema import make_legacy_db
 
 
 def test_versions_are_numbered_from_one() -> None:
@@ -68,28 +69,7 @@ def test_nodes_opening_together_apply_each_migration_once(db_target: str | Path)
 def test_database_made_before_migrations_is_upgraded_in_place(tmp_path: Path) -> None:
     """SQLite made by the release before migrations: tables without the later columns."""
     db = tmp_path / "node.db"
-    conn = sqlite3.connect(db)
-    conn.executescript(
-        "CREATE TABLE series_events (id INTEGER PRIMARY KEY, series_instance_uid TEXT NOT NULL,"
-        " revision INTEGER NOT NULL, completed_at REAL NOT NULL, reason TEXT NOT NULL,"
-        " routed_at REAL, instance_count INTEGER NOT NULL DEFAULT 0,"
-        " UNIQUE (series_instance_uid, revision));"
-        "INSERT INTO series_events (series_instance_uid, revision, completed_at, reason)"
-        " VALUES ('1.2.3', 1, 0, 'quiet');"
-        "CREATE TABLE jobs (id TEXT PRIMARY KEY, series_key TEXT NOT NULL,"
-        " series_uid TEXT NOT NULL, study_uid TEXT NOT NULL, revision INTEGER NOT NULL,"
-        " pipeline TEXT NOT NULL, destinations TEXT NOT NULL, rule TEXT NOT NULL DEFAULT '',"
-        " priority INTEGER NOT NULL DEFAULT 1, state TEXT NOT NULL DEFAULT 'queued',"
-        " attempts INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL,"
-        " updated_at REAL NOT NULL, started_at REAL, finished_at REAL,"
-        " next_attempt_at REAL NOT NULL, lease_owner TEXT, lease_expires_at REAL,"
-        " last_error TEXT, event_id TEXT, series_json TEXT NOT NULL,"
-        " UNIQUE (series_key, pipeline));"
-        "INSERT INTO jobs (id, series_key, series_uid, study_uid, revision, pipeline,"
-        " destinations, created_at, updated_at, next_attempt_at, series_json)"
-        " VALUES ('abcdef0123', '1.2.3#r1', '1.2.3', '1.2', 1, 'preview', '[]', 1, 1, 1, '{}');")
-    conn.commit()
-    conn.close()
+    make_legacy_db(db, legacy.SERIES_EVENTS, legacy.EVENT_ROW, legacy.JOBS, legacy.JOB_ROW)
     settings = parse_config({"storage": {"path": "spool", "database": str(db)}}, tmp_path)
     queue = JobQueue(settings)
     assert {"dispatch_failing_since", "dispatch_attempts", "waiting_for"} <= table_columns(

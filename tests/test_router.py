@@ -16,6 +16,8 @@ from dicom_node.index import InstanceRecord, SeriesIndex
 from dicom_node.jobs import JobQueue
 from dicom_node.router import Router, failure_reason, resolve_sender
 from omnimri_samples import synthetic_series, write_series
+from tests.fixtures import legacy_schema as legacy
+from tests.fixtures.legacy_schema import make_legacy_db
 from tests.fixtures.wait import wait_until
 
 STUDY = "1.2.826.0.1.3680043.10.1526.777"
@@ -271,16 +273,7 @@ def test_failure_reason_has_no_patient_values() -> None:
 def test_old_database_gains_the_failure_columns(tmp_path: Path) -> None:
     """A database made before the failed state: the columns are added, rows kept."""
     db = tmp_path / "old.db"
-    conn = sqlite3.connect(db)
-    conn.executescript(
-        "CREATE TABLE series_events (id INTEGER PRIMARY KEY, series_instance_uid TEXT NOT NULL,"
-        " revision INTEGER NOT NULL, completed_at REAL NOT NULL, reason TEXT NOT NULL,"
-        " routed_at REAL, instance_count INTEGER NOT NULL DEFAULT 0,"
-        " UNIQUE (series_instance_uid, revision));"
-        "INSERT INTO series_events (series_instance_uid, revision, completed_at, reason)"
-        " VALUES ('1.2.3', 1, 0, 'quiet');")
-    conn.commit()
-    conn.close()
+    make_legacy_db(db, legacy.SERIES_EVENTS, legacy.EVENT_ROW)
     index = SeriesIndex(db)
     assert [e.series_instance_uid for e in index.pending_events()] == ["1.2.3"]
     SeriesIndex(db)  # idempotent
