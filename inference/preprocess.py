@@ -180,17 +180,83 @@ def grid_transform(
     )
 
 
+def _low_pass_sigmas(t: GridTransform) -> list[float] | None:
+    """Per reoriented axis, the Gaussian low-pass sigma (voxels) before down-sampling.
+
+    ``(scale - 1) / 2`` per axis; ``None`` when no axis needs one (every sigma <= 0.1).
+    """
+    sigma = [max(0.0, (s - 1.0) / 2.0) for s in t.scale]
+    return sigma if any(s > 0.1 for s in sigma) else None
+
+
+def _axis_operator(n_in: int, n_out: int, scale: float, sigma: float | None
+                   ) -> npt.NDArray[np.float64]:
+    """``[n_out, n_in]`` matrix of one axis of :func:`to_model_grid`'s linear resampling.
+
+    The Gaussian low-pass (``mode="nearest"``, scipy's kernel and truncation: the operator is
+    :func:`scipy.ndimage.gaussian_filter1d` applied to the identity) followed by cell-centred
+    linear sampling at ``x = (m + 0.5) * scale - 0.5``, clamped to ``[0, n_in - 1]`` (what
+    ``affine_transform(order=1, mode="nearest")`` does inside the grid).
+    """
+    x = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5, 0.0, n_in - 1)
+    i0 = np.minimum(np.floor(x).astype(np.intp), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w = x - i0
+    rows = np.arange(n_out)
+    op = np.zeros((n_out, n_in), dtype=np.float64)
+    np.add.at(op, (rows, i0), 1.0 - w)
+    np.add.at(op, (rows, i1), w)
+    if sigma is not None and sigma > 1e-15:  # scipy skips axes with sigma <= 1e-15
+        op = op @ ndimage.gaussian_filter1d(np.eye(n_in), sigma, axis=0, mode="nearest")
+    return op
+
+
+def _separable_model_grid(array: npt.NDArray[np.floating], t: GridTransform) -> Array:
+    """:func:`to_model_grid`'s linear path as three matrix products, one per source axis.
+
+    Low-pass + linear sampling is separable and linear, so each axis is one dense
+    ``[n_out, n_in]`` operator (:func:`_axis_operator`, flips folded in by reversing its
+    columns) applied as a single float32 GEMM over the whole volume: the last axis first (no
+    copy), then the slice axis (no copy), then the row axis (one copy of the already reduced
+    array); the result is transposed into model axis order at the end. Same values as the
+    ``gaussian_filter`` + ``affine_transform`` path within float32 rounding (relative ~3e-7).
+    """
+    a = np.ascontiguousarray(array, dtype=np.float32)
+    sigma = _low_pass_sigmas(t)
+    ops: dict[int, Array] = {}
+    for m in range(3):  # model axis m comes from source axis t.axes[m]
+        src = t.axes[m]
+        op = _axis_operator(a.shape[src], t.model_shape[m], t.scale[m],
+                            None if sigma is None else sigma[m])
+        if t.flips[m]:
+            op = op[:, ::-1]
+        ops[src] = np.ascontiguousarray(op, dtype=np.float32)
+    k, j, i = a.shape
+    b = (a.reshape(-1, i) @ ops[2].T).reshape(k, j, -1)  # [K, J, I']
+    k2 = ops[0].shape[0]
+    b = (ops[0] @ b.reshape(k, -1)).reshape(k2, j, -1)  # [K', J, I']
+    i2 = b.shape[2]
+    bt = np.ascontiguousarray(b.transpose(1, 0, 2)).reshape(j, -1)  # [J, K' * I']
+    c = (ops[1] @ bt).reshape(-1, k2, i2).transpose(1, 0, 2)  # [K', J', I'] view
+    return np.ascontiguousarray(np.transpose(c, t.axes), dtype=np.float32)
+
+
 def to_model_grid(array: npt.NDArray[np.floating], t: GridTransform, order: int = 1) -> Array:
     """Reorient and resample a source-grid ``[K, J, I]`` array onto the model grid.
 
     Down-sampling is preceded by a Gaussian low-pass (sigma = (scale - 1) / 2 voxels) so small
-    structures are averaged rather than aliased.
+    structures are averaged rather than aliased. ``order=1`` (what :func:`prepare` uses) is
+    computed as three per-axis matrix products (:func:`_separable_model_grid`; ~0.05 s instead
+    of ~0.4 s CPU for a 189 x 256 x 256 volume); other orders filter and resample with
+    :mod:`scipy.ndimage`.
     """
+    if t.resampled and order == 1:
+        return _separable_model_grid(array, t)
     r = np.ascontiguousarray(apply_reorientation(array, t.axes, t.flips), dtype=np.float32)
     if not t.resampled:
         return r
-    sigma = [max(0.0, (s - 1.0) / 2.0) for s in t.scale]
-    if any(s > 0.1 for s in sigma):
+    sigma = _low_pass_sigmas(t)
+    if sigma is not None:
         r = ndimage.gaussian_filter(r, sigma=sigma, mode="nearest")
     scale = np.asarray(t.scale)
     out = ndimage.affine_transform(
