@@ -274,8 +274,12 @@ def _enhanced_frames(ds: Any, where: str, n: int, common: dict[str, Any]) -> lis
     return out
 
 
-def _read_headers(paths: Sequence[Path]) -> tuple[list[_Frame], dict[str, str], dict[str, str]]:
-    """Every frame's header facts, the series-level UIDs, and :data:`_METADATA_TAGS` values."""
+def _read_headers(paths: Sequence[Path], keep: list[Any] | None = None
+                  ) -> tuple[list[_Frame], dict[str, str], dict[str, str]]:
+    """Every frame's header facts, the series-level UIDs, and :data:`_METADATA_TAGS` values.
+
+    ``keep``: each file's header Dataset (no pixel data) is appended to it, in ``paths`` order.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -291,6 +295,8 @@ def _read_headers(paths: Sequence[Path]) -> tuple[list[_Frame], dict[str, str], 
         except (InvalidDicomError, OSError, EOFError) as err:
             raise VolumeError(f"{path.name}: cannot read as DICOM: {err}") from None
         frames.extend(_frames_of(path, ds))
+        if keep is not None:
+            keep.append(ds)
         if not uids:
             uids = {
                 "study": str(ds.get("StudyInstanceUID", "")),
@@ -457,7 +463,8 @@ def build_volumes(paths: Sequence[Path]) -> dict[str, Volume]:
     return {label: build_volume(paths, stack=label) for label in _group_stacks(frames)}
 
 
-def build_volume(paths: Sequence[Path], *, stack: str | None = None) -> Volume:
+def build_volume(paths: Sequence[Path], *, stack: str | None = None,
+                 headers: list[Any] | None = None) -> Volume:
     """Build the volume of one series from its instance files.
 
     Slices are ordered by ``ImagePositionPatient · normal`` (never InstanceNumber), slice
@@ -471,6 +478,9 @@ def build_volume(paths: Sequence[Path], *, stack: str | None = None) -> Volume:
         paths: The instance files of one series (any order).
         stack: Which stack to build when the series holds several (a label from
             :func:`split_stacks`); ``None`` requires exactly one.
+        headers: If given, every file's header (``pydicom.Dataset`` read without pixel data,
+            in ``paths`` order) is appended to it: the job's exporters need them, and this
+            saves reading the files' headers a second time (~0.1-0.3 s for 189 files).
 
     Returns:
         The volume on the source grid; ``metadata`` holds a few header values plus
@@ -485,7 +495,7 @@ def build_volume(paths: Sequence[Path], *, stack: str | None = None) -> Volume:
     import time
 
     t0 = time.perf_counter()
-    frames, uids, meta = _read_headers(paths)
+    frames, uids, meta = _read_headers(paths, headers)
     stacks = _group_stacks(frames)
     if stack is None:
         if len(stacks) > 1:

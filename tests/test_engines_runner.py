@@ -339,8 +339,13 @@ def test_dicom_series_to_aligned_detection(tmp_path: Path) -> None:
     arr = -np.ones((16, 20, 22), dtype=np.float32)
     arr[5:11, 6:12, 8:14] = 1.0  # a 6x6x6 voxel cube
     aff = oblique_affine(spacing=(1.0, 1.0, 1.0), angles=(10.0, 20.0, -30.0))
-    vol = build_volume(write_series(make_mr_series(arr, aff), tmp_path / "dcm"))
+    paths = write_series(make_mr_series(arr, aff), tmp_path / "dcm")
+    headers: list[Any] = []  # the pipeline's exporters get the headers build_volume read
+    vol = build_volume(list(reversed(paths)), headers=headers)
     np.testing.assert_allclose(vol.array, arr, atol=1e-3)
+    assert [h.filename for h in headers] == [str(p) for p in reversed(paths)]
+    assert all("PixelData" not in h for h in headers)
+    assert {h.SOPInstanceUID for h in headers} == {r.sop_instance_uid for r in vol.slices}
     pkg = _identity(tmp_path, spacing_mm=[2.0, 2.0, 2.0])
     raw = run_model(pkg, vol, create_engine("onnxruntime", pkg), ["segment"])
     seg = raw.segmentation["mask"]

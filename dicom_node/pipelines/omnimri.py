@@ -136,13 +136,11 @@ class OmniMRIPipeline:
 
             t0 = time.perf_counter()
             paths = series.paths
+            headers: list[pydicom.Dataset] = []  # read once, by build_volume (no pixels)
             try:
-                volume = build_volume(paths)
+                volume = build_volume(paths, headers=headers)
             except VolumeError as err:
                 raise UnsupportedSeries(f"series {series.key}: {err}") from err
-            headers: list[pydicom.Dataset] = [
-                pydicom.dcmread(p, stop_before_pixels=True) for p in paths
-            ]
             timings["volume"] = time.perf_counter() - t0
             metrics.observe_stage("volume", timings["volume"])
 
