@@ -218,14 +218,22 @@ def test_large_instances_are_spilled_to_disk_and_stored_durably(
 
 def test_idle_association_times_out_and_the_removed_receiver_setting_is_refused(
         node_factory: Callable[..., NodeProcess], tmp_path: Path) -> None:
-    node = node_factory(node={"network_timeout_s": 1})
+    node = node_factory(node={"network_timeout_s": 3})
     idle = associate(node.port)
     assert idle.is_established
-    [ev] = node.wait_for_event("association_timeout", timeout_s=10)
-    assert ev["timeout_s"] == 1
+    [ev] = node.wait_for_event("association_timeout", timeout_s=15)
+    assert ev["timeout_s"] == 3
     node.wait_for_event("association_aborted", timeout_s=10)
     idle.release()  # (already aborted by the node)
-    assert store_files(node.port, [TEST_FILES / "MR_small.dcm"]) == [status.SUCCESS]
+    # The node goes on serving. The same 3 s idle timer applies to the storing association:
+    # on a loaded machine its sender may pause that long, which the node then logs as one
+    # more timeout; only such an explained failure is retried.
+    for attempt in range(3):
+        if store_files(node.port, [TEST_FILES / "MR_small.dcm"]) == [status.SUCCESS]:
+            break
+        node.wait_for_event("association_timeout", timeout_s=15, count=attempt + 2)
+    else:
+        raise AssertionError("the node stored nothing after an idle association timed out")
     # There is one receive path: the removed pynetdicom receiver is refused with a reason.
     from dicom_node.config import ConfigError
 

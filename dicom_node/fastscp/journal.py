@@ -227,18 +227,25 @@ class Journal:
         if seg is not None and self.fsync:
             os.fdatasync(seg.fd)
 
-    def release_upto(self, seq: int, spool_root: Path) -> int:
+    def release_upto(self, seq: int, spool_root: Path, *also: Path) -> int:
         """Recycle closed segments whose records (≤ ``seq``) are all in the spool.
 
-        The spool's file system is synced first (once), so the materialised files are durable
-        before the records that back them can be overwritten. Returns how many were recycled.
+        The spool's file system is synced first (once; and that of each folder in ``also``
+        on another file system: the index's, whose rows of these records were committed
+        without a flush), so the materialised files and rows are durable before the records
+        that back them can be overwritten. Returns how many were recycled.
         """
         with self._lock:
             done = [s for s in self._closed if s.last_seq <= seq]
             if not done:
                 return 0
         if self.fsync:
-            syncfs(spool_root)
+            synced: set[int] = set()
+            for folder in (spool_root, *also):
+                dev = os.stat(folder).st_dev
+                if dev not in synced:
+                    syncfs(folder)
+                    synced.add(dev)
         with self._lock:
             for s in done:
                 self._closed.remove(s)

@@ -59,7 +59,10 @@ class AssociationStats:
     fsync_s: float = 0.0
     """Of which: the journal ``fdatasync`` (or file + folder fsync of a large instance), s."""
     commit_s: float = 0.0
-    """Of which: the group commit (index rows + journal append + flush), seconds."""
+    """Of which: the group commit (journal append + flush; index rows for a large
+    instance), seconds."""
+    cpu_s: float = 0.0
+    """CPU time of the association's thread (``time.thread_time``), seconds."""
 
 
 class CallerPolicy:

@@ -6,15 +6,16 @@ the PDUs from the socket (:class:`~dicom_node.fastscp.upper_layer.PduReader`: ev
 length checked before anything is allocated, every phase under a deadline), collects the data
 set fragments in memory (a data set above :data:`SPILL_BYTES` goes to a file and the classic
 fsync + rename path), checks it (:meth:`Listener._store`: the one intake — admission was done
-at association time by :class:`~dicom_node.fastscp.policy.CallerPolicy`), commits its index
-row, appends the instance to the receive journal (:mod:`dicom_node.fastscp.journal`), and
+at association time by :class:`~dicom_node.fastscp.policy.CallerPolicy`), appends the
+instance with its index fields to the receive journal (:mod:`dicom_node.fastscp.journal`), and
 answers 0x0000 only once the journal record is flushed (one ``fdatasync``, shared by
 concurrent associations: group commit). A background materialiser then writes the spool file
-(``<study>/<series>/<sop>.dcm``) and completes series whose expected count is reached; an
-association's A-RELEASE-RP is sent once its instances are in the spool (or after
-:data:`RELEASE_WAIT_S`), so a sender that released sees every file in place. After kill -9 or
-power loss, the journal is replayed at start (before the index is reconciled), so nothing
-acknowledged is lost.
+(``<study>/<series>/<sop>.dcm``) and the index rows (one transaction per pass; until then the
+dedupe set of journaled UIDs answers duplicates) and completes series whose expected count is
+reached; an association's A-RELEASE-RP is sent once its instances are in the spool and the
+index (or after :data:`RELEASE_WAIT_S`), so a sender that released sees every file in place.
+After kill -9 or power loss, the journal is replayed at start (files written, missing rows
+inserted, before the index is reconciled), so nothing acknowledged is lost.
 
 Association states (PS3.8 §9.2, the parts an acceptor that never requests uses)::
 
@@ -51,6 +52,7 @@ from typing import Any
 from dicom_node import metrics, status
 from dicom_node.audit import get_audit
 from dicom_node.config import NodeSettings
+from dicom_node.db import is_postgres
 from dicom_node.fastscp import upper_layer as ul
 from dicom_node.fastscp.header import read_header_bytes, scan_header
 from dicom_node.fastscp.journal import Journal, read_segment, remove_segments, syncfs
@@ -111,13 +113,14 @@ def disk_full(err: BaseException) -> bool:
 
 @dataclass(slots=True)
 class _Pending:
-    """An acknowledged instance not yet in the spool."""
+    """An acknowledged instance (durable in the journal) not yet in the spool and index."""
 
     seq: int
     rec: InstanceRecord
     data: bytes
     old_path: Path | None = None
-    write: bool = True
+    in_spool: bool = False
+    """Its spool file is written (its index row may still be missing)."""
     failures: int = 0
     fsync_s: float = 0.0
     """The journal flush of its batch, seconds."""
@@ -327,7 +330,7 @@ class Listener:
         self._pending: dict[str, _Pending] = {}
         self._pending_bytes = 0
         self._mat_cond = threading.Condition()
-        self._mat_queue: list[_Pending | list[str]] = []
+        self._mat_queue: list[_Pending] = []
         self._outstanding: set[int] = set()
         """Journal sequence numbers appended but not yet in the spool."""
         self._top_seq = 0
@@ -342,6 +345,8 @@ class Listener:
         self._assoc_threads: set[threading.Thread] = set()
         self._serving = False
         self._rx_idx = SeriesIndex(index.db_path)
+        self._index_folders = [] if is_postgres(index.db_path) else [Path(index.db_path).parent]
+        """Folders synced with the spool before journal segments are recycled (SQLite)."""
         self._rx_local = threading.local()
         self._db_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-commit")
         self._flushed_upto: int | None = None
@@ -379,17 +384,23 @@ class Listener:
         series: dict[str, None] = {}
         for seg in segs:
             for header, data in read_segment(seg):
+                replaced = bool(header.get("replaced"))
                 rec = InstanceRecord(path=self.spool.path_for(
                     header["study_instance_uid"], header["series_instance_uid"],
-                    header["sop_instance_uid"]), **{**header, "replaced": False})
+                    header["sop_instance_uid"]), **{**header, "replaced": replaced})
                 existing = self.index.lookup_instance(rec.sop_instance_uid)
-                if existing is not None and existing[1] != rec.size_bytes:
-                    skipped += 1  # the index holds other bytes under this UID: keep them
+                if existing is not None and (
+                        (existing[1] == rec.size_bytes and _file_holds(existing[0], data))
+                        if replaced else existing[1] != rec.size_bytes):
+                    # Not replaced: the index holds other bytes under this UID (a later
+                    # replacement): keep them. Replaced: the replacement is in place.
+                    skipped += 1
                     continue
                 self._write_file(rec.path, data)
-                if existing is None:
-                    # Its row went with a power cut (rows are committed before the record
-                    # is appended, so after kill -9 it is there): index it again.
+                if existing is None or replaced:
+                    # Acknowledged, but its row had not been written yet (rows are written
+                    # by the materialiser after the acknowledgement, kill -9 in between) or
+                    # went with a power cut: index it now.
                     recs.append(rec)
                 series[rec.series_instance_uid] = None
                 written += 1
@@ -690,6 +701,7 @@ class Listener:
         idle_s, pdu_s = node.network_timeout_s, node.dimse_timeout_s
         how: str | None = None
         st = assoc.stats
+        cpu0 = time.thread_time()
         try:
             while how is None:
                 pdu_type, body = reader.read(idle_s, pdu_s)
@@ -713,6 +725,7 @@ class Listener:
             if assoc.rx is not None:
                 assoc.rx.discard()
                 assoc.rx = None
+            st.cpu_s = time.thread_time() - cpu0
             self._log_end(assoc, how or "association_aborted")
 
     # -- Sta6 actions (see STA6_ACTIONS): each returns the ending log event, or None ----------
@@ -780,6 +793,7 @@ class Listener:
                  header_ms_avg=round(1000 * st.header_s / n, 3),
                  fsync_ms_avg=round(1000 * st.fsync_s / n, 3),
                  commit_ms_avg=round(1000 * st.commit_s / n, 3),
+                 cpu_ms_avg=round(1000 * st.cpu_s / max(1, st.stored + st.duplicates), 3),
                  instances_per_s=round((st.stored + st.duplicates) / dt, 1) if dt > 0 else None)
 
     def _dispatch(self, sock: socket.socket, assoc: _Assoc, cx_id: int, cmd: dict[int, bytes],
@@ -961,7 +975,10 @@ class Listener:
             except BaseException:
                 with self._dedupe_lock:
                     if self._pending.get(uid) is item:
-                        del self._pending[uid]
+                        if pend is not None and pend.seq:
+                            self._pending[uid] = pend  # still unindexed: keep it findable
+                        else:
+                            del self._pending[uid]
                 raise
             assoc.last_seq = max(assoc.last_seq, item.seq)
             st.fsync_s += item.fsync_s
@@ -1033,62 +1050,41 @@ class Listener:
         return out.new
 
     def _commit_journal(self, items: list[_Pending]) -> list[bool]:
-        """Group commit: index the batch, append it to the journal, flush the journal once.
+        """Group commit: append the batch to the journal and flush it once.
 
-        The rows are committed first without a flush of their own (``synchronous=NORMAL`` on
-        the receiver's connections), then the records are appended and ``fdatasync``'d: one
-        device flush per batch. After kill -9 every journal record has its row (rows come
-        first); after a power cut, rows lost with the SQLite WAL are re-inserted from the
-        journal at start (:meth:`_replay_journal`), and rows whose records never reached the
-        journal are dropped by :meth:`~dicom_node.index.SeriesIndex.reconcile` (never
-        acknowledged). A batch that fails (disk full) is rolled back in both: its rows are
-        forgotten and its records cleared from the journal, so nothing of it outlives the
-        failure status.
+        One ``fdatasync`` per batch, and nothing else, before the acknowledgements: the
+        index rows are written afterwards by the materialiser, in one transaction per pass
+        (:meth:`_index_materialised`). Until then the dedupe set (``_pending``) answers for
+        these UIDs; after kill -9 the start-up replay indexes the records whose rows are
+        missing (:meth:`_replay_journal`). A batch that fails (disk full) is rolled back:
+        its records are cleared from the journal, so nothing of it outlives the failure.
+        Returns "new instance?" per item (always ``True``: duplicates were answered before).
         """
         with self._mat_cond:  # back-pressure: bound what waits for the materialiser
             self._mat_cond.wait_for(lambda: self._pending_bytes < PENDING_BYTES_MAX
                                     or self._mat_stop, timeout=30)
-        out = self._rx_index().record([i.rec for i in items], use_expected_count=False,
-                                      flushed_upto=self._flushed_upto)
         mark = self.journal.mark()
-        appended: list[int] = []
         try:
-            for i, new in zip(items, out.new, strict=True):
-                i.write = new or i.rec.replaced
-                if not i.write:
-                    continue  # a concurrent duplicate: the first one's bytes are kept
+            for i in items:
                 i.seq = self.journal.append(_record_header(i.rec), i.data)
-                appended.append(i.seq)
             t = time.perf_counter()
             self.journal.sync()
             dt = time.perf_counter() - t
         except BaseException:
             with contextlib.suppress(Exception):
                 self.journal.rollback(mark)
-            with contextlib.suppress(Exception):
-                self._rx_index().forget([i.rec.sop_instance_uid for i, new in
-                                         zip(items, out.new, strict=True) if new])
             for i in items:
                 i.seq = 0
             raise
-        if out.max_rowid is not None:
-            self._flushed_upto = out.max_rowid
-        for series_uid, revision in out.new_revisions:
-            log.info("late_instance_new_revision", series_uid=series_uid, revision=revision)
         with self._mat_cond:
-            self._outstanding.update(appended)
-            if appended:
-                self._top_seq = max(self._top_seq, *appended)
-            for i in items:
-                if i.write:
-                    self._pending_bytes += len(i.data)
+            self._outstanding.update(i.seq for i in items)
+            self._top_seq = max(self._top_seq, *(i.seq for i in items))
+            self._pending_bytes += sum(len(i.data) for i in items)
             self._mat_queue.extend(items)
-            if out.due_expected and self.settings.completion.use_expected_count:
-                self._mat_queue.append(out.due_expected)
             self._mat_cond.notify_all()
         for i in items:
             i.fsync_s = dt
-        return out.new
+        return [True] * len(items)
 
     def _rx_index(self) -> SeriesIndex:
         """The receiver's own index handle: its connections commit without a flush."""
@@ -1101,14 +1097,17 @@ class Listener:
     # -- materialiser ------------------------------------------------------------------------------
 
     def _materialise_loop(self) -> None:
-        """Write acknowledged instances into the spool; retry what fails (disk full).
+        """Write acknowledged instances into the spool and index; retry what fails.
 
-        An instance whose write fails stays outstanding, so the journal segments holding it
-        (and every later one) are not recycled until it is written; it is retried every
+        One pass: the spool file of each queued instance, then one index transaction for
+        the instances written (:meth:`_index_materialised`); only then do they leave the
+        dedupe set and count as materialised. An instance whose file or row fails (disk
+        full, a locked database) stays outstanding, so the journal segments holding it (and
+        every later one) are not recycled until it is done; it is retried every
         :data:`MATERIALISE_RETRY_S`. At stop, whatever still fails stays in the journal and
         is replayed at the next start.
         """
-        retry: list[_Pending | list[str]] = []
+        retry: list[_Pending] = []
         while True:
             with self._mat_cond:
                 if retry and not self._mat_queue and not self._mat_stop:
@@ -1118,8 +1117,9 @@ class Listener:
                 if not self._mat_queue and not retry:
                     return
                 if not retry and not self._mat_stop and not self._release_waiters:
-                    # Let a few more acknowledgements queue up (one wake-up, one pass for
-                    # several instances, less contention with the receiving threads).
+                    # Let a few more acknowledgements queue up (one wake-up, one pass and one
+                    # index transaction for several instances, less contention with the
+                    # receiving threads).
                     self._mat_cond.release()
                     try:
                         time.sleep(MATERIALISE_BATCH_S)
@@ -1127,57 +1127,75 @@ class Listener:
                         self._mat_cond.acquire()
                 batch, self._mat_queue = [*retry, *self._mat_queue], []
                 stopping = self._mat_stop
-            retry = []
-            done: list[int] = []
-            freed = 0
+            written: list[_Pending] = []
             for item in batch:
-                if isinstance(item, list):
-                    if retry:  # completions wait for the files before them
-                        retry.append(item)
-                        continue
+                if not item.in_spool:
                     try:
-                        self._announce(self.index.complete_expected(item))
-                    except Exception:  # noqa: BLE001 - retried
-                        log.exception("series_completion_failed")
-                        retry.append(item)
-                    continue
-                try:
-                    if item.write:
                         self._write_file(item.rec.path, item.data)
-                        if item.old_path is not None:
-                            with contextlib.suppress(OSError):
-                                item.old_path.unlink()
+                    except Exception as err:  # noqa: BLE001 - kept in the journal, retried
+                        self._materialise_failed(item, err)
+                        continue
+                    item.in_spool = True
+                    if item.old_path is not None:
+                        with contextlib.suppress(OSError):
+                            item.old_path.unlink()
+                written.append(item)
+            indexed: list[_Pending] = []
+            if written:
+                try:
+                    self._index_materialised(written)
+                    indexed = written
                 except Exception as err:  # noqa: BLE001 - kept in the journal, retried
-                    item.failures += 1
-                    if item.failures == 1:
-                        log.warning("materialise_failed", sop_instance_uid=item.rec
-                                    .sop_instance_uid, reason=f"{type(err).__name__}: {err}",
-                                    detail="kept in the journal; retried")
-                    retry.append(item)
-                    continue
+                    for item in written:
+                        self._materialise_failed(item, err)
+            done_ids = {id(i) for i in indexed}
+            retry = [i for i in batch if id(i) not in done_ids]
+            for item in indexed:
                 if item.failures:
                     log.info("materialise_recovered", sop_instance_uid=item.rec.sop_instance_uid,
                              attempts=item.failures + 1)
-                if item.seq:
-                    done.append(item.seq)
-                if item.write:
-                    freed += len(item.data)
-                with self._dedupe_lock:
+            with self._dedupe_lock:  # after the rows are committed: lookups find them now
+                for item in indexed:
                     if self._pending.get(item.rec.sop_instance_uid) is item:
                         del self._pending[item.rec.sop_instance_uid]
             with self._mat_cond:
-                self._outstanding.difference_update(done)
-                self._pending_bytes -= freed
+                self._outstanding.difference_update(i.seq for i in indexed)
+                self._pending_bytes -= sum(len(i.data) for i in indexed)
                 safe = self._materialised_upto()
                 self._mat_cond.notify_all()
             try:
-                self.journal.release_upto(safe, self.spool.root)
+                self.journal.release_upto(safe, self.spool.root, *self._index_folders)
             except OSError:
                 log.exception("journal_release_failed")
             if stopping and retry:
                 log.warning("materialise_deferred", instances=len(retry),
                             detail="left in the journal; replayed at the next start")
                 return
+
+    def _materialise_failed(self, item: _Pending, err: Exception) -> None:
+        item.failures += 1
+        if item.failures == 1:
+            log.warning("materialise_failed", sop_instance_uid=item.rec.sop_instance_uid,
+                        reason=f"{type(err).__name__}: {err}", in_spool=item.in_spool,
+                        detail="kept in the journal; retried")
+
+    def _index_materialised(self, items: list[_Pending]) -> None:
+        """Index instances whose spool files are written: one transaction (no flush).
+
+        The receiver's connection commits with ``synchronous=NORMAL``; the index's file
+        system is synced with the spool's before the journal records behind these rows are
+        recycled (:meth:`~dicom_node.fastscp.journal.Journal.release_upto`), so a power cut
+        loses no row the journal no longer holds. Series whose expected instance count is
+        reached are completed in the same transaction (their files are all in the spool).
+        """
+        out = self._rx_index().record(
+            [i.rec for i in items], use_expected_count=self.settings.completion
+            .use_expected_count, flushed_upto=self._flushed_upto)
+        if out.max_rowid is not None:
+            self._flushed_upto = out.max_rowid
+        for series_uid, revision in out.new_revisions:
+            log.info("late_instance_new_revision", series_uid=series_uid, revision=revision)
+        self._announce(out.completed)
 
     def _materialised_upto(self) -> int:
         """Every journal record up to this sequence number is in the spool (hold the cond)."""
@@ -1207,6 +1225,14 @@ STA6_ACTIONS: dict[int, Callable[[Listener, socket.socket, _Assoc, memoryview], 
 """Sta6 (established) of PS3.8's state machine: PDU type → action (in the style of pynetdicom's
 ``fsm.py``). Sta2 is :meth:`Listener._associate` (A-ASSOCIATE-RQ only, under ARTIM); every
 PDU type missing here is a protocol error → A-ABORT (AA-1/AA-7)."""
+
+
+def _file_holds(path: Path, data: bytes) -> bool:
+    """Whether the file at ``path`` holds exactly ``data``."""
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def _dataset_of(part10: bytes) -> bytes:
