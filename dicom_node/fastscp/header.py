@@ -35,8 +35,16 @@ _IMPLICIT_LE = "1.2.840.10008.1.2"
 _EXPLICIT_HEAD = struct.Struct("<HH2sH")
 _IMPLICIT_HEAD = struct.Struct("<HHL")
 _LONG = struct.Struct("<L")
-_PLAIN_VRS = _VRS - {b"SQ"} - set(_NUMBER_SIZE)
-"""Standard VRs with nothing more for :func:`~dicom_node.validate.validate` to check."""
+_VR_INFO: dict[bytes, tuple[bool, int]] = {
+    vr: (vr in _LONG_VRS, -1 if vr == b"SQ" else _NUMBER_SIZE.get(vr, 0)) for vr in _VRS}
+"""Standard VR → (long-form length?, what :func:`~dicom_node.validate.validate` checks of its
+length: 0 nothing, -1 a sequence (walked: only an empty one passes the one walk), n: a
+multiple of n bytes)."""
+_WANTED: dict[int, tuple[str, bool]] = {
+    **{tag: (name, False) for tag, name in _TAGS_STR.items()},
+    **{tag: (name, True) for tag, name in _TAGS_IS.items()},
+    _NUMBER_OF_SLICES: ("number_of_slices", True)}
+"""Header tag → (field name, an integer?)."""
 
 
 def scan_header(dataset: bytes | bytearray | memoryview, transfer_syntax: str, *,
@@ -73,6 +81,11 @@ def scan_header(dataset: bytes | bytearray | memoryview, transfer_syntax: str, *
     size = len(dataset)
     if validated and size == 0:
         return None
+    hdr_ex = _EXPLICIT_HEAD.unpack_from
+    hdr_im = _IMPLICIT_HEAD.unpack_from
+    u32 = _LONG.unpack_from
+    vr_info = _VR_INFO
+    wanted = _WANTED
     pos = 0
     last_tag = -1
     found: dict[str, Any] = {}
@@ -80,28 +93,37 @@ def scan_header(dataset: bytes | bytearray | memoryview, transfer_syntax: str, *
         if pos + 8 > size:
             return None
         if explicit:
-            group, elem, vr, short = _EXPLICIT_HEAD.unpack_from(dataset, pos)
-            if vr in _LONG_VRS:
+            group, elem, vr, length = hdr_ex(dataset, pos)
+            info = vr_info.get(vr)
+            if info is None:
+                # Not a standard VR: validate judges it; the plain header read takes any
+                # two upper-case letters (short form unless a long-form VR).
+                if validated:
+                    return None
+                if vr in _LONG_VRS:
+                    info = (True, 0)
+                elif b"A" <= vr[:1] <= b"Z" and b"A" <= vr[1:] <= b"Z":
+                    info = (False, 0)
+                else:
+                    return None
+            long_form, kind = info
+            if long_form:
                 if pos + 12 > size:
                     return None
-                (length,) = _LONG.unpack_from(dataset, pos + 8)
-                hlen = 12
-            elif b"A" <= vr[:1] <= b"Z" and b"A" <= vr[1:] <= b"Z":
-                length, hlen = short, 8
+                (length,) = u32(dataset, pos + 8)
+                start = pos + 12
             else:
-                return None
-            if validated and vr not in _PLAIN_VRS and (
-                    vr not in _VRS or (vr == b"SQ" and length)
-                    or (length % _NUMBER_SIZE.get(vr, 1) and length != 0xFFFFFFFF)):
-                return None  # validate walks sequences; odd VRs and lengths are its to judge
+                start = pos + 8
+            if kind and validated and (
+                    length if kind < 0 else (length % kind and length != 0xFFFFFFFF)):
+                return None  # validate walks sequences and judges number sizes
         else:
-            group, elem, length = _IMPLICIT_HEAD.unpack_from(dataset, pos)
-            hlen = 8
+            group, elem, length = hdr_im(dataset, pos)
+            start = pos + 8
         tag = (group << 16) | elem
         if tag <= last_tag or group < 0x0008 or (validated and group == 0xFFFE):
             return None
         last_tag = tag
-        start = pos + hlen
         if length == 0xFFFFFFFF:
             if validated or tag != _PIXEL_DATA:
                 return None  # an undefined-length sequence: pydicom walks it
@@ -116,21 +138,21 @@ def scan_header(dataset: bytes | bytearray | memoryview, transfer_syntax: str, *
                 return None
             raise InstanceRejected(status.CANNOT_UNDERSTAND,
                                    "truncated: an element runs past the end of the data")
-        if tag in _TAGS_STR or tag in _TAGS_IS:
-            raw = bytes(dataset[start:end])
-            if b"\\" in raw or not raw.isascii() or b"\x7f" in raw:
-                return None
-            text = raw.decode("ascii").rstrip(" \0")
-            if text != text.lstrip():
-                return None
-            if tag in _TAGS_STR:
-                found[_TAGS_STR[tag]] = text
+        want = wanted.get(tag)
+        if want is not None:
+            name, as_int = want
+            if name == "number_of_slices":
+                if length != 2:
+                    return None
+                found[name] = int(struct.unpack_from("<H", dataset, start)[0])
             else:
-                found[_TAGS_IS[tag]] = _int_or_none(text)
-        elif tag == _NUMBER_OF_SLICES:
-            if length != 2:
-                return None
-            found["number_of_slices"] = int(struct.unpack_from("<H", dataset, start)[0])
+                raw = bytes(dataset[start:end])
+                if b"\\" in raw or not raw.isascii() or b"\x7f" in raw:
+                    return None
+                text = raw.decode("ascii").rstrip(" \0")
+                if text != text.lstrip():
+                    return None
+                found[name] = _int_or_none(text) if as_int else text
         pos = end
     missing = [k for k, name in (("SOPClassUID", "sop_class_uid"),
                                  ("SOPInstanceUID", "sop_instance_uid"),
