@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,6 +150,103 @@ def to_source_grid(
                 ch = np.flip(ch, axis=a)
         np.copyto(out[c], np.transpose(ch, inverse_axes))
     return out.reshape((*lead, *t.source_shape))
+
+
+class SourceGridStream:
+    """:func:`to_source_grid` of one ``[C, D, H, W]`` output, slab by slab, on a background thread.
+
+    For outputs whose model slices become final one after another while the engine still runs
+    (2.5-D ``NCHW`` windows go slice by slice): :meth:`add` hands over a slab of finished model
+    slices (activated probabilities); a single worker thread maps it in-plane and then writes
+    every source slice whose two interpolation taps are both finished. :meth:`result` waits for
+    the worker and returns ``[C, K, J, I]``, equal (bit for bit) to ``to_source_grid(probs, t)``:
+    the same taps and float32 operations, applied to slabs instead of whole channels (each is
+    per model slice in-plane, per source slice along the slice axis).
+
+    Only for :meth:`supported` transforms: resampled, with the source's slice axis being the
+    model's (``t.axes[0] == 0``; any flips, in-plane transposition). Others map at the end.
+
+    Args:
+        t: The grid transform.
+        channels: ``C``.
+    """
+
+    def __init__(self, t: GridTransform, channels: int) -> None:
+        if not self.supported(t):
+            raise ValueError("transform cannot be mapped slab by slab (see supported())")
+        self._t = t
+        inv = 1.0 / np.asarray(t.scale, dtype=np.float64)
+        self._inverse_axes = [int(x) for x in np.argsort(t.axes)]  # [0, ...]
+        self._taps = {
+            s: _axis_lerp(t.model_shape[r], t.reoriented_shape[r], float(inv[r]), t.flips[r])
+            for s, r in ((2, self._inverse_axes[2]), (1, self._inverse_axes[1]))
+        }
+        self._i0, self._i1, self._w = _axis_lerp(t.model_shape[0], t.reoriented_shape[0],
+                                                 float(inv[0]), t.flips[0])
+        self._need = np.maximum(self._i0, self._i1)  # source slice k waits for this model slice
+        self._written = np.zeros(len(self._w), dtype=np.bool_)
+        self.model_probabilities: Array = np.empty((channels, *t.model_shape), np.float32)
+        """The activated model-grid slabs handed to :meth:`add`, assembled."""
+        self._inplane = np.empty((channels, t.model_shape[0], t.source_shape[1],
+                                  t.source_shape[2]), np.float32)
+        self._out = np.empty((channels, *t.source_shape), np.float32)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="source-grid-stream")
+        self._jobs: list[Future[None]] = []
+        self._done = 0  # model slices [0, _done) handed over
+
+    @staticmethod
+    def supported(t: GridTransform) -> bool:
+        """Whether ``t`` can be mapped slab by slab (resampled, slice axis kept)."""
+        return t.resampled and t.axes[0] == 0
+
+    def add(self, probabilities: Array, start: int) -> None:
+        """Hand over model slices ``[start, start + len)`` (``[C, d, H, W]``, final values).
+
+        Slabs must come in order, without gaps.
+        """
+        if start != self._done:
+            raise ValueError(f"slab starts at model slice {start}; expected {self._done}")
+        stop = start + probabilities.shape[1]
+        self._done = stop
+        self._jobs.append(self._pool.submit(self._map, probabilities, start, stop))
+
+    def _map(self, probs: Array, start: int, stop: int) -> None:
+        self.model_probabilities[:, start:stop] = probs
+        for c in range(probs.shape[0]):
+            a = np.transpose(probs[c], self._inverse_axes)
+            for s in (2, 1):
+                a = _lerp_axis(a, s, self._taps[s])
+            self._inplane[c, start:stop] = a
+        ready = np.flatnonzero(~self._written & (self._need < stop))
+        tmp = np.empty(self._out.shape[2:], dtype=np.float32)
+        for c in range(probs.shape[0]):
+            src, dst = self._inplane[c], self._out[c]
+            for k in ready:  # the same plane-by-plane lerp as _separable_linear
+                np.subtract(src[self._i1[k]], src[self._i0[k]], out=tmp)
+                tmp *= self._w[k]
+                np.add(src[self._i0[k]], tmp, out=dst[k])
+        self._written[ready] = True
+
+    def result(self) -> Array:
+        """Wait for the worker; ``[C, K, J, I]`` float32 on the source grid.
+
+        Raises:
+            ValueError: Not every model slice was handed over.
+        """
+        try:
+            for job in self._jobs:
+                job.result()
+        finally:
+            self._pool.shutdown(wait=True)
+        if self._done != self._t.model_shape[0] or not self._written.all():
+            raise ValueError(f"{self._done} of {self._t.model_shape[0]} model slices mapped")
+        return self._out
+
+    def close(self) -> None:
+        """Stop the worker without a result (the run failed)."""
+        for job in self._jobs:
+            job.cancel()
+        self._pool.shutdown(wait=True)
 
 
 def _tap_weights(n_in: int, n_out: int, inv_scale: float, flip: bool) -> npt.NDArray[np.float64]:

@@ -12,8 +12,9 @@ Model-specific interpretation (lobe names, report sections, ...) builds
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from inference.package import (
 )
 from inference.postprocess import (
     Component,
+    SourceGridStream,
     activate,
     connected_components,
     label_map,
@@ -83,14 +85,21 @@ class SegmentationResult:
     _label_map: npt.NDArray[np.uint16] | None = None
     _plane_means: Array | None = None
     _components: dict[int, list[Component]] | None = None
+    on_full_read: Callable[[], None] | None = None
+    """Called when :attr:`probabilities` is first read (the runner learns which outputs its
+    callers read in full, to map those while the engine runs next time)."""
 
     @property
     def probabilities(self) -> Array:
         """``[C, K, J, I]`` float32 on the source grid.
 
         Linear interpolation of the model grid's probabilities
-        (:func:`postprocess.to_source_grid`), computed on first use.
+        (:func:`postprocess.to_source_grid`), computed on first use unless the runner already
+        mapped it while the engine ran (:func:`run_model`'s ``stream``; same values).
         """
+        if self.on_full_read is not None:
+            self.on_full_read()
+            self.on_full_read = None
         if self._probabilities is None:
             if self.model_probabilities is None or self.transform is None:
                 raise ValueError("segmentation result holds no probabilities")
@@ -217,6 +226,7 @@ def run_model(
     instructions: list[str] | None = None,
     *,
     decoder_factory: DecoderFactory = _default_decoder,
+    stream: Collection[str] | None = None,
 ) -> RawOutputs:
     """Run ``package`` on ``volume`` with ``engine`` for the given instructions.
 
@@ -226,6 +236,13 @@ def run_model(
         engine: Any :class:`~inference.engines.Engine` loaded with the package's graph.
         instructions: Instructions from ``package.spec.tasks``; ``None``/empty = all outputs.
         decoder_factory: Builds the engine for ``text`` decoders.
+        stream: Segmentation outputs to map onto the source grid while the engine runs, slab
+            by slab as their model slices become final (:class:`postprocess.SourceGridStream`,
+            on one background thread: the engine's threads leave a core partly idle between
+            and inside kernels). ``None``: the outputs whose source-grid probabilities the
+            callers of earlier runs of this package read (:data:`_READ_IN_FULL`). Only for
+            ``NCHW`` packages whose slice axis is the source's; others map on first use. The
+            values are the same either way.
 
     Raises:
         PackageError: An instruction the package does not support.
@@ -253,13 +270,43 @@ def run_model(
     dense_names = {
         o.name for o in outs if isinstance(o, SegmentationOutput | ImageOutput)
     }
+    key = _package_key(package)
+    if stream is None:
+        with _READ_LOCK:
+            stream = set(_READ_IN_FULL.get(key, ()))
+    streamed = [o for o in outs if isinstance(o, SegmentationOutput) and o.name in stream]
+    if spec.input.layout != "NCHW" or not SourceGridStream.supported(t):
+        streamed = []
+    streams: dict[str, SourceGridStream] = {}
     agg = _Aggregator(padded.shape, spec.input.layout, dense_names)
-    for group in batches(windows, spec.input.batch_size):
-        batch = extract_batch(padded, group, spec.input)
-        result = engine.run({spec.input.name: batch})
-        agg.add_weights(group)
-        for name in engine_needed:
-            agg.add(name, np.asarray(result[name]), group)
+    done = 0  # model slices [0, done) are final (NCHW windows go slice by slice)
+    ms = t.model_shape
+    try:
+        pos = 0
+        for group in batches(windows, spec.input.batch_size):
+            batch = extract_batch(padded, group, spec.input)
+            result = engine.run({spec.input.name: batch})
+            agg.add_weights(group)
+            for name in engine_needed:
+                agg.add(name, np.asarray(result[name]), group)
+            pos += len(group)
+            if not streamed:
+                continue
+            upto = min(windows[pos].starts[0] if pos < len(windows) else ms[0], ms[0])
+            if upto > done:
+                for so in streamed:
+                    logits = agg.slab(so.name, done, upto, ms)
+                    if so.name not in streams:
+                        if logits.shape[0] < so.channels:
+                            raise ValueError(f"output {so.name!r} has {logits.shape[0]} "
+                                             f"channels; labels need {so.channels}")
+                        streams[so.name] = SourceGridStream(t, logits.shape[0])
+                    streams[so.name].add(activate(logits, so.activation, axis=0), done)
+                done = upto
+    except BaseException:
+        for st in streams.values():
+            st.close()
+        raise
     timings["inference"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -267,9 +314,19 @@ def run_model(
         transform=t, engine=engine.name, provider=engine.provider, windows=len(windows),
         instructions=list(instructions or []),
     )
-    ms = t.model_shape
+    affine = np.asarray(volume.affine, dtype=np.float64)
     for o in outs:
-        if isinstance(o, SegmentationOutput):
+        if isinstance(o, SegmentationOutput) and o.name in streams:
+            agg.drop(o.name)
+            st = streams[o.name]
+            seg = SegmentationResult(
+                labels=list(o.labels), activation=o.activation, threshold=o.threshold,
+                model_probabilities=st.model_probabilities, transform=t,
+                detection=o.detection, affine=affine, _probabilities=st.result(),
+            )
+            seg.on_full_read = _recorder(key, o.name)
+            raw.segmentation[o.name] = seg
+        elif isinstance(o, SegmentationOutput):
             logits = agg.dense(o.name)[:, : ms[0], : ms[1], : ms[2]]
             if logits.shape[0] < o.channels:
                 raise ValueError(
@@ -278,8 +335,9 @@ def run_model(
             seg = SegmentationResult(
                 labels=list(o.labels), activation=o.activation, threshold=o.threshold,
                 model_probabilities=activate(logits, o.activation, axis=0), transform=t,
-                detection=o.detection, affine=np.asarray(volume.affine, dtype=np.float64),
+                detection=o.detection, affine=affine,
             )
+            seg.on_full_read = _recorder(key, o.name)
             raw.segmentation[o.name] = seg
         elif isinstance(o, ImageOutput):
             img = agg.dense(o.name)[:, : ms[0], : ms[1], : ms[2]]
@@ -314,8 +372,27 @@ def run_model(
     _log.info(
         "model run", model=package.name, engine=engine.name, provider=engine.provider,
         windows=len(windows), outputs=wanted, timings_s=raw.timings_s,
+        mapped_during_inference=sorted(streams),
     )
     return raw
+
+
+_READ_IN_FULL: dict[tuple[str, str], set[str]] = {}
+"""(package folder, version) → segmentation outputs whose full source-grid probabilities a
+caller read after an earlier :func:`run_model`; ``stream=None`` maps those while the engine
+runs. A node's first job of a package therefore maps on first use; later ones overlap."""
+_READ_LOCK = threading.Lock()
+
+
+def _package_key(package: ModelPackage) -> tuple[str, str]:
+    return (str(package.folder), str(package.spec.version))
+
+
+def _recorder(key: tuple[str, str], name: str) -> Callable[[], None]:
+    def record() -> None:
+        with _READ_LOCK:
+            _READ_IN_FULL.setdefault(key, set()).add(name)
+    return record
 
 
 class _Aggregator:
@@ -380,6 +457,23 @@ class _Aggregator:
         acc = self._sums.pop(name)
         np.divide(acc, w, out=acc)
         return acc
+
+    def slab(self, name: str, start: int, stop: int, model_shape: tuple[int, int, int]
+             ) -> Array:
+        """Weighted average of model slices ``[start, stop)``, cropped to ``model_shape``.
+
+        The same values as those slices of :meth:`dense` (elementwise division by the same
+        weights); for slices no later window adds to.
+        """
+        assert self._weights is not None
+        sl = (slice(start, stop), slice(0, model_shape[1]), slice(0, model_shape[2]))
+        w = np.maximum(self._weights[sl], np.float32(1e-8))
+        out: Array = np.divide(self._sums[name][(slice(None), *sl)], w)
+        return out
+
+    def drop(self, name: str) -> None:
+        """Forget an output's sums (it was averaged slab by slab)."""
+        self._sums.pop(name, None)
 
     def mean(self, name: str) -> npt.NDArray[np.float32]:
         """Mean over all windows of a non-dense output (batch axis kept as 1)."""

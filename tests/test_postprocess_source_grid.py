@@ -69,3 +69,62 @@ def test_plane_means_equal_the_mean_of_the_full_source_grid_map(spacing: tuple |
     m = rng.random((3, *t.model_shape)).astype(np.float32)
     np.testing.assert_allclose(source_plane_means(m, t), to_source_grid(m, t).mean(axis=(2, 3)),
                                atol=1e-6)
+
+
+def _blobs(shape: tuple[int, int, int]) -> np.ndarray:
+    """Two bright blobs on a dark ramp: values in [-1, 1], so the identity model finds two."""
+    g = np.indices(shape, dtype=np.float64)
+    img = -0.6 + 0.2 * g[2] / shape[2]
+    for centre, radius in (((0.3, 0.35, 0.4), 4.5), ((0.7, 0.6, 0.65), 3.5)):
+        c = [f * (n - 1) for f, n in zip(centre, shape, strict=True)]
+        r = np.sqrt(sum((g[a] - c[a]) ** 2 for a in range(3)))
+        img = np.where(r < radius, 0.9 - 0.1 * r / radius, img)
+    return img.astype(np.float32)
+
+
+@pytest.mark.parametrize("affine", [
+    "axial",                      # slice axis kept, no flips
+    "flipped",                    # feet-first slices, rows and columns reversed
+    "transposed",                 # rows/columns swapped in-plane, slices reversed
+    "sagittal",                   # slice axis is not the model's: maps on first use instead
+])
+def test_mapping_during_inference_equals_mapping_on_first_use(tmp_path: Path,
+                                                              affine: str) -> None:
+    """``run_model(stream=...)`` maps slab by slab while the engine runs: same values, same
+    labels and components (a case with two detections), bit for bit."""
+    shape = (27, 30, 26)
+    img = _blobs(shape)
+    # affine columns: the LPS direction of array axes k, j, i (1 mm voxels)
+    cols = {
+        "axial": [(0, 0, 1), (0, 1, 0), (1, 0, 0)],        # k -> S, j -> P, i -> L
+        "flipped": [(0, 0, -1), (0, -1, 0), (-1, 0, 0)],   # feet first, rows and columns reversed
+        "transposed": [(0, 0, -1), (1, 0, 0), (0, 1, 0)],  # j -> L, i -> P
+        "sagittal": [(1, 0, 0), (0, 0, -1), (0, -1, 0)],   # k -> L: slices are not axial
+    }[affine]
+    aff = np.eye(4)
+    aff[:3, :3] = np.asarray(cols, dtype=np.float64).T
+    aff[:3, 3] = [10.0, -20.0, 30.0]
+    vol = Volume(array=img, affine=aff,
+                 slices=[SliceRef(f"2.25.{k + 1}", "1.2.840.10008.5.1.4.1.1.4")
+                         for k in range(shape[0])])
+    pkg = identity_package(tmp_path / "id", layout="NCHW", context_slices=1,
+                           patch_size=[12, 12], overlap=0.5, batch_size=5,
+                           spacing_mm=[2.0, 1.5, 2.5])
+    eng = create_engine("onnxruntime", pkg, intra_op_threads=1)
+    lazy = run_model(pkg, vol, eng, ["segment"], stream=()).segmentation["mask"]
+    streamed = run_model(pkg, vol, eng, ["segment"], stream=["mask"]).segmentation["mask"]
+    assert lazy.transform is not None
+    can_stream = lazy.transform.axes[0] == 0
+    assert can_stream == (affine != "sagittal")
+    assert lazy._probabilities is None  # mapped on first use
+    assert (streamed._probabilities is not None) == can_stream  # mapped during inference
+    assert streamed.model_probabilities is not None and lazy.model_probabilities is not None
+    np.testing.assert_array_equal(streamed.model_probabilities, lazy.model_probabilities)
+    np.testing.assert_array_equal(streamed.probabilities, lazy.probabilities)
+    np.testing.assert_array_equal(streamed.label_map, lazy.label_map)
+    assert len(lazy.components[1]) == 2
+    assert streamed.components == lazy.components
+    # stream=None: the outputs a caller read in full after an earlier run of this package
+    again = run_model(pkg, vol, eng, ["segment"]).segmentation["mask"]
+    assert (again._probabilities is not None) == can_stream
+    np.testing.assert_array_equal(again.probabilities, lazy.probabilities)
