@@ -12,7 +12,8 @@ DCMTK's ``dcmsend`` (``TCP_NODELAY=1``) in each round to
 
 each started fresh on empty folders. Printed per round: instances/s of each; then the medians,
 the ratios node/storescp and node/Orthanc, the node's CPU time per instance (user + system of
-its process, ms) and the measured ``fdatasync`` bound (median latency of a 128 KiB write +
+its process, ms; and of its association threads alone, from the node's ``association_released``
+``cpu_ms_avg``) and the measured ``fdatasync`` bound (median latency of a 128 KiB write +
 ``fdatasync`` into a preallocated file in the work folder, measured just before each node
 round, and the instances/s it would allow on one association if nothing else cost anything).
 
@@ -27,6 +28,7 @@ Not a timed test; numbers depend on the machine and on what else it is running.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -154,6 +156,8 @@ def round_node(dcmsend: str, work: Path, files: list[Path], senders: int,
     for line in (root / "node.log").read_text().splitlines():
         if '"association_released"' in line:
             LAST_ASSOC_LINES.append(line)
+            d = json.loads(line)
+            THREAD_CPU_MS.append((float(d.get("cpu_ms_avg", 0.0)), int(d["stored"])))
     return dt, used
 
 
@@ -196,6 +200,8 @@ def fdatasync_bound(folder: Path, n: int = 300, size: int = 128 * 1024) -> float
 
 LAST_ASSOC_LINES: list[str] = []
 """The node's association summaries (per-step timings) of the last rounds."""
+THREAD_CPU_MS: list[tuple[float, int]] = []
+"""(association thread CPU ms per instance, instances) of each association, all rounds."""
 
 
 def main() -> int:
@@ -246,13 +252,13 @@ def main() -> int:
             if with_orthanc:
                 line += f"   node/orthanc {dt_o / dt_n:.2f}"
             print(line, flush=True)
-        import json
-
         for line in LAST_ASSOC_LINES[-args.senders:]:
             d = json.loads(line)
             print("node per-instance ms (last round, one association): "
                   + ", ".join(f"{k[:-7]} {d[k]}" for k in d if k.endswith("_ms_avg")))
         bound = statistics.median(bounds)
+        thread_ms = (sum(ms * k for ms, k in THREAD_CPU_MS)
+                     / max(1, sum(k for _, k in THREAD_CPU_MS)))
         med = {k: statistics.median(v) for k, v in rates.items() if v}
         print(f"median instances/s: storescp {med['storescp']:.1f}"
               + (f", orthanc {med['orthanc']:.1f}" if "orthanc" in med else "")
@@ -260,7 +266,8 @@ def main() -> int:
         print(f"ratio node/storescp {med['node'] / med['storescp']:.2f}"
               + (f", node/orthanc {med['node'] / med['orthanc']:.2f}" if "orthanc" in med
                  else "")
-              + f"; node CPU {statistics.median(cpu_ms):.2f} ms/instance (median of rounds)")
+              + f"; node CPU {statistics.median(cpu_ms):.2f} ms/instance (median of rounds; "
+              f"association threads {thread_ms:.2f} ms/instance)")
         print(f"fdatasync bound: {1000 * bound:.3f} ms per 128 KiB write+fdatasync (median of "
               f"the rounds' medians of 100, measured before each node round) = "
               f"{1 / bound:.0f} instances/s on one association if nothing else cost")

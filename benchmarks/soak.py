@@ -20,9 +20,15 @@ C-STORE responses pynetdicom's SCU dropped itself (a race in its requestor, docs
 Exit status 1 on any loss, malformed acknowledgement, partial file left, or stall over 1 s
 that the sender's own dropped responses do not explain.
 
+``--kill9-every S`` adds kill -9 rounds: every S seconds the node is killed (SIGKILL, no
+clean-up) in the middle of the traffic and restarted on the same spool and database; the
+senders' failed associations meanwhile are counted as sender-side errors, and the loss check
+covers every instance acknowledged before any of the kills (acknowledged means durable, also
+when its index row was not written yet: the start-up replay indexes it).
+
 Usage::
 
-    python3 benchmarks/soak.py [--seconds 600] [--senders 8]
+    python3 benchmarks/soak.py [--seconds 600] [--senders 8] [--kill9-every 30]
 """
 
 from __future__ import annotations
@@ -238,6 +244,8 @@ def main() -> int:
     ap.add_argument("--timeout-s", type=float, default=5.0,
                     help="node acse/network/dimse timeouts, seconds")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--kill9-every", type=float, default=0.0,
+                    help="kill -9 and restart the node every this many seconds (0: never)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="omnimri-soak-", dir=args.workdir))
@@ -253,20 +261,26 @@ def main() -> int:
             "acse_timeout_s": t, "network_timeout_s": t, "dimse_timeout_s": t,
             "max_associations": 2 * args.senders}, completion={"quiet_seconds": 5.0},
             logging={"level": "info"})
-        log = open(root / "node.log", "wb")  # noqa: SIM115
+        log = open(root / "node.log", "ab")  # noqa: SIM115
         exe = shutil.which("omnimri-node")
         cmd = [exe] if exe else [sys.executable, "-c", "from dicom_node.cli import main; main()"]
-        proc = subprocess.Popen([*cmd, "serve", "--config", str(config)], cwd=root, stdout=log,
-                                stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("node did not start") from None
-                time.sleep(0.1)
+
+        def start_node() -> subprocess.Popen[bytes]:
+            node = subprocess.Popen([*cmd, "serve", "--config", str(config)], cwd=root,
+                                    stdout=log, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    return node
+                except OSError:
+                    if time.monotonic() > deadline or node.poll() is not None:
+                        raise RuntimeError("node did not start") from None
+                    time.sleep(0.1)
+
+        proc = start_node()
+        kills: list[float] = []
+        """Seconds each kill -9 → port open again took."""
         stats = Stats()
         stolen = _StolenResponses()
         logging.getLogger("pynetdicom").addHandler(stolen)
@@ -276,9 +290,17 @@ def main() -> int:
         for s in senders:
             s.start()
         peak = rss_mib(proc.pid)
+        next_kill = t0 + args.kill9_every if args.kill9_every > 0 else float("inf")
         while any(s.is_alive() for s in senders):
             time.sleep(0.5)
             peak = max(peak, rss_mib(proc.pid))
+            if time.monotonic() >= next_kill and time.monotonic() < stop_at - 5:
+                tk = time.monotonic()
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(30)
+                proc = start_node()
+                kills.append(time.monotonic() - tk)
+                next_kill = time.monotonic() + args.kill9_every
             if time.monotonic() > stop_at + 120:
                 print("senders did not finish 120 s after the end: a hang", file=sys.stderr)
                 break
@@ -319,6 +341,9 @@ def main() -> int:
         stalls = sum(1 for g in gaps if g > 1.0)
         print(f"soak: {elapsed:.0f} s, {args.senders} senders, node timers {t} s "
               "(loaded machine)")
+        if kills:
+            print(f"kill -9 rounds: {len(kills)} (restart to port open "
+                  f"{min(kills):.1f}-{max(kills):.1f} s)")
         print("associations by kind: " + ", ".join(f"{k} {v}" for k, v in
                                                    sorted(stats.kinds.items())))
         print("responses: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.statuses.items())))
