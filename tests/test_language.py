@@ -9,6 +9,7 @@ transformers BERT from scratch, ONNX export checked against PyTorch).
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -55,15 +56,69 @@ def package_with_language() -> ModelPackage:
 # --------------------------------------------------------------------------- corpus
 
 
-def test_held_out_templates_never_reach_training() -> None:
-    for phrases in [*C.TASK_PHRASES.values(), *C.QUESTION_TEMPLATES.values(), C.WRAPPERS,
-                    C.OUT_OF_SCOPE, C.OOS_ORGANS, C.OOS_FINDINGS]:
-        train, held = set(C.split(phrases, "train")), set(C.split(phrases, "heldout"))
-        assert held and train and not train & held
-    training_text = " ".join(e.text.lower() for e in C.generate(3000, "train", seed=0))
-    for phrases in C.TASK_PHRASES.values():  # nor as a verb + object pair
-        for phrase in C.split(phrases, "heldout"):
-            assert phrase not in training_text
+def _tag_held_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mark every held-out template, out-of-scope word and verb-object pair with a tag."""
+    names = [n for n in dir(C) if isinstance(getattr(C, n), tuple)
+             and any(getattr(C, n) is v for v in C.TEMPLATE_LISTS.values())]
+    assert len(names) >= 15
+    for name in names:
+        monkeypatch.setattr(C, name, tuple(
+            f"zzheld {t}" if n % 4 == 3 else t for n, t in enumerate(getattr(C, name))))
+    for qtype, frames in C.QUESTION_TEMPLATES.items():
+        monkeypatch.setitem(C.QUESTION_TEMPLATES, qtype, tuple(
+            f"zzheld {t}" if n % 4 == 3 else t for n, t in enumerate(frames)))
+    for k, task in enumerate(C.TASKS):
+        monkeypatch.setitem(C.TASK_VERBS, task, tuple(
+            f"zzv{k}x{n}" for n in range(len(C.TASK_VERBS[task]))))
+        monkeypatch.setitem(C.TASK_OBJECTS, task, tuple(
+            f"zzo{n}" for n in range(len(C.TASK_OBJECTS[task]))))
+
+
+def _pairs(texts: list[str]) -> set[tuple[int, int, int]]:
+    """(task, verb, object) of every verb clause in tagged instruction texts."""
+    return {(int(t), int(v), int(o)) for text in texts for t, v, o in
+            re.findall(r"zzv(\d+)x(\d+)(?:(?!zzv).)*?zzo(\d+)", text.lower())}
+
+
+def test_held_out_templates_never_reach_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, items in C.TEMPLATE_LISTS.items():
+        tr, ho = set(C.split(items, "train")), set(C.split(items, "heldout"))
+        assert ho and tr and not tr & ho, name
+    for task in C.TASKS:  # verb-object pairs: each in exactly one split, both non-empty
+        grid = [(C.pair_split(v, o, "train"), C.pair_split(v, o, "heldout"))
+                for v in range(len(C.TASK_VERBS[task])) for o in range(len(C.TASK_OBJECTS[task]))]
+        assert all(a != b for a, b in grid) and any(a for a, _ in grid) and any(b for _, b in grid)
+    _tag_held_out(monkeypatch)
+    train = C.generate(6000, "train", seed=0, noisy=True)
+    assert not [e.text for e in train if "zzheld" in e.text.lower()][:3]
+    pairs = _pairs([e.text for e in train if e.kind == "instruction"])
+    assert len(pairs) > 300
+    assert not {p for p in pairs if not C.pair_split(p[1], p[2], "train")}
+    # the check can fail: the held-out set is made of the tagged templates and pairs
+    held = C.generate(3000, "heldout", seed=1)
+    assert sum("zzheld" in e.text.lower() for e in held) > 2900
+    held_pairs = _pairs([e.text for e in held if e.kind == "instruction"])
+    assert len(held_pairs) > 50 and all(C.pair_split(p[1], p[2], "heldout") for p in held_pairs)
+
+
+def test_held_out_in_scope_text_uses_only_taught_words() -> None:
+    """Held-out in-scope texts are new phrasings of the taught lexicon (a model trained from
+    scratch cannot know a word it never saw, and the runtime refuses one); out-of-scope texts
+    bring words never taught."""
+    from inference.omnimri.language.runtime import taught_words, unknown_words
+    from inference.omnimri.language.textmodel import LanguageTrainSettings, train_tokenizer
+
+    tok = train_tokenizer(LanguageTrainSettings().vocab_size)
+    taught = taught_words(tok)
+    held = C.generate(8000, "heldout", seed=3)
+    assert not [e.text for e in held if C.INTENTS[e.intent] != "refuse"
+                and unknown_words(tok, taught, e.text)][:3]
+    new = {w for e in held if C.INTENTS[e.intent] == "refuse"
+           for w in unknown_words(tok, taught, e.text)}
+    assert len(new) > 300
+    assert unknown_words(tok, taught, "Segmnet the brain, please") == ("segmnet",)
+    with pytest.raises(ValueError, match="too small"):
+        train_tokenizer(300)
 
 
 def test_generation_is_deterministic_and_labelled() -> None:
@@ -146,15 +201,34 @@ def test_reports_are_grounded_varied_and_deterministic() -> None:
 # --------------------------------------------------------------------------- text encoder
 
 
+REFUSED = {
+    "other organ": ["segment the liver", "detect lesions in the kidneys"],
+    "other modality": ["detect lesions on the ct scan", "read the chest x-ray"],
+    "other finding or measure": ["look for fractures", "measure the ejection fraction"],
+    "treatment": ["prescribe steroids", "plan radiotherapy for the tumour"],
+    "patient data, administration": ["delete the series", "change the patient name"],
+    "document": ["write a poem"],
+    "nonsense": ["blorptang vexulat", "qwzx the flimbor"],
+    "mixed with in scope": ["detect abnormalities and segment the heart",
+                            "write the report and email it to the family"],
+    "question": ["how many lesions are there?"],
+}
+"""Instructions the shipped model must refuse, by class (some words trained, some never seen)."""
+
+
 def test_free_text_instructions_route_and_unsupported_ones_are_refused() -> None:
     pkg = package_with_language()
     assert route_instructions(["look for white-matter lesions and write a short report"],
                               pkg) == ["detect abnormalities", "write the report"]
     assert route_instructions(["Segment Brain  Tissues"], pkg) == ["segment brain tissues"]
-    for bad in ("segment the liver", "write a poem",
-                "how many lesions are there?", "detect abnormalities and segment the heart"):
-        with pytest.raises(InstructionRefused):
-            route_instructions([bad], pkg)
+    assert route_instructions(["could you denoise the images, segment grey and white matter "
+                               "and suggest a likely diagnosis?"], pkg) == [
+        "segment brain tissues", "suggest a diagnosis", "reconstruct"]
+    for cls, texts in REFUSED.items():
+        for bad in texts:
+            with pytest.raises(InstructionRefused):
+                route_instructions([bad], pkg)
+                pytest.fail(f"{cls}: {bad!r} was not refused")
 
 
 def test_questions_are_parsed() -> None:
@@ -185,6 +259,14 @@ def test_check_config_routes_free_text_and_names_the_refused_key(tmp_path: Path)
         load_config(cfg(["segment brain tissues", "segment the kidneys"]))
     assert err.value.problems[0][0] == "pipelines.brain.instructions.1"
     assert "cannot follow" in err.value.problems[0][1]
+    texts = [texts[0] for texts in REFUSED.values()]  # one of each refusal class
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg(["write the report", *texts]))
+    keys = [k for k, _ in err.value.problems]
+    assert keys == [f"pipelines.brain.instructions.{n}" for n in range(1, len(texts) + 1)]
+    for (_, why), text in zip(err.value.problems, texts, strict=True):
+        assert repr(text) in why and ("cannot follow" in why or "question" in why
+                                      or "not sure" in why), why
 
 
 def test_training_exports_an_encoder_that_matches_pytorch(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ def language_cmd(
                                              "version folder, language/).")] = Path(
         "models/omnimri-tiny"),
     seed: Annotated[int, typer.Option(help="Random seed (data, initialisation).")] = 0,
-    steps: Annotated[int | None, typer.Option(help="Training steps (default 1500).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps (default 2500).")] = None,
     reports: Annotated[str, typer.Option(
         help="Who writes reports: 'decoder' (the package's report decoder) or 'natural' "
              "(varied sentences from the structured findings; the vision eval's report "

@@ -3,7 +3,13 @@
 * **Routing**: held-out instruction paraphrases (templates never trained on, alone and
   combined); correct when :func:`~.runtime.route_instructions`' reading gives exactly the
   intended set of canonical instructions.
-* **Refusal**: held-out out-of-scope requests and questions; each must be refused.
+* **Refusal**: held-out out-of-scope requests and questions (other organs, modalities,
+  findings and measures, treatment, patient data, administration, nonsense, and in-scope
+  requests mixed with any of these); each must be refused. Most bring words never taught
+  (the out-of-scope world is open), which the runtime refuses by itself; the rate of the
+  encoder alone (unknown words ignored) is reported beside it. Also counted: in-scope
+  instructions routed to a *wrong* set of tasks (not refused: guessed wrong), and in-scope
+  texts with an unknown word (0 by construction of the corpus: tested).
 * **Question answering**: held-out question phrasings about sampled structured findings;
   correct when the answer states the value the true question slots give; contradictions are
   answers :func:`~.facts.verify_text` finds false against the findings.
@@ -23,7 +29,7 @@ from __future__ import annotations
 import random
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -149,22 +155,33 @@ def evaluate_language(model: TextModel, n: int = 2000, seed: int = 1, reports: i
         model.parse([e.text])
     single_s = (time.perf_counter() - t0) / 50
     rng = random.Random(seed)
-    routed = refused = qa_ok = qa_bad = 0
+    routed = refused = qa_ok = qa_bad = wrong = alone = n_unknown = in_unknown = 0
     n_ins = n_ref = n_q = 0
+    by_kind: dict[str, list[int]] = {}
     misses: list[str] = []
     for e, p in zip(ex, parses, strict=True):
+        if C.INTENTS[e.intent] != "refuse":
+            in_unknown += bool(p.unknown)
         if C.INTENTS[e.intent] == "instruction":
             n_ins += 1
             want = {t for t, b in zip(C.TASKS, e.tasks, strict=True) if b}
             if refusal_reason(p) is None and set(p.tasks) == want:
                 routed += 1
-            elif len(misses) < 3:
+                continue
+            wrong += refusal_reason(p) is None
+            if len(misses) < 3:
                 misses.append(f"routing miss: {e.text!r} -> {p.intent} {p.tasks}")
         elif C.INTENTS[e.intent] == "refuse":
             n_ref += 1
+            tally = by_kind.setdefault(e.kind, [0, 0])
+            tally[1] += 1
+            n_unknown += bool(p.unknown)
+            bare = replace(p, unknown=())
+            alone += refusal_reason(bare) is not None and answer(bare, SeriesFacts()).refused
             # refused as an instruction and as a question
             if refusal_reason(p) is not None and answer(p, SeriesFacts()).refused:
                 refused += 1
+                tally[0] += 1
             elif len(misses) < 6:
                 misses.append(f"not refused: {e.text!r} -> {p.intent} {p.tasks}")
         else:
@@ -207,7 +224,13 @@ def evaluate_language(model: TextModel, n: int = 2000, seed: int = 1, reports: i
                   "reports": reports}
     rep.metrics = {
         "routing_accuracy": routed / max(1, n_ins),
+        "routing_wrong_tasks": wrong,
         "refusal_rate": refused / max(1, n_ref),
+        "refusal_rate_encoder_alone": alone / max(1, n_ref),
+        "out_of_scope_with_unknown_words": n_unknown / max(1, n_ref),
+        "in_scope_with_unknown_words": in_unknown,
+        **{f"refusal_rate_{k.replace(' ', '_')}": ok / max(1, n)
+           for k, (ok, n) in sorted(by_kind.items())},
         "qa_accuracy": qa_ok / max(1, n_q),
         "qa_contradictions": qa_bad,
         "report_fact_rate": facts_ok / max(1, facts_n),

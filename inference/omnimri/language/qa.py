@@ -63,6 +63,9 @@ def answer(parse: Parse, facts: SeriesFacts) -> Answer:
                else "it reads as an instruction, not a question")
         if parse.intent == "question":
             why = f"the model is not sure what it asks (confidence {parse.intent_p:.2f})"
+        if parse.unknown:
+            why = (f"it was never taught the word{'s' if len(parse.unknown) > 1 else ''} "
+                   f"{', '.join(repr(w) for w in parse.unknown)}")
         return Answer(f"I cannot answer that: {why}.", None, parse, refused=True)
     q, target = parse.qtype, parse.target or "lesion"
     if q == "diagnosis":

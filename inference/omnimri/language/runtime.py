@@ -3,8 +3,10 @@
 A package declares its language model in ``model.yaml`` ``extra.language`` (folder, tokenizer,
 encoder; written by ``omnimri-node train language``). :func:`route_instructions` maps a
 pipeline's free-text instructions to the package's canonical tasks, or refuses them
-(:class:`InstructionRefused`) when the model reads them as something it cannot do or is not
-sure: an instruction is never guessed.
+(:class:`InstructionRefused`) when the model reads them as something it cannot do, is not
+sure, or the text has a word the model was never taught (its vocabulary is its training
+corpus: a word outside it could change the request in a way it cannot read): an instruction is
+never guessed.
 """
 
 from __future__ import annotations
@@ -43,11 +45,28 @@ class Parse:
     tissue: str = ""
     side: str = "any"
     lobe: str = "any"
+    unknown: tuple[str, ...] = ()
+    """Words of the text the model was never taught (not in its tokenizer's word list)."""
 
     @property
     def confident(self) -> bool:
-        """Intent probability at least :data:`INTENT_MIN`."""
-        return self.intent_p >= INTENT_MIN
+        """Intent probability at least :data:`INTENT_MIN` and no unknown word."""
+        return self.intent_p >= INTENT_MIN and not self.unknown
+
+
+def taught_words(tok: Any) -> frozenset[str]:
+    """The words a tokenizer's model was taught: its whole-word vocabulary entries."""
+    return frozenset(w for w in tok.get_vocab() if not w.startswith("##"))
+
+
+def unknown_words(tok: Any, words: frozenset[str], text: str) -> tuple[str, ...]:
+    """Words of ``text`` (letters only, two or more) not in ``words``, in order, once each."""
+    norm = tok.normalizer.normalize_str(text)
+    out: list[str] = []
+    for w, _ in tok.pre_tokenizer.pre_tokenize_str(norm):
+        if len(w) > 1 and w.isalpha() and w not in words and w not in out:
+            out.append(w)
+    return tuple(out)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -72,6 +91,8 @@ class TextModel:
         self.folder = folder
         self.max_tokens = max_tokens
         self.tok = Tokenizer.from_file(str(folder / tokenizer))
+        self.words = taught_words(self.tok)
+        """The words the model was taught."""
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
         self.sess = ort.InferenceSession(str(folder / encoder), so,
@@ -84,6 +105,10 @@ class TextModel:
         ids, mask = encode_batch(self.tok, texts, self.max_tokens)
         out = self.sess.run(None, {"input_ids": ids, "attention_mask": mask})
         return dict(zip(OUTPUT_NAMES, out, strict=True))
+
+    def unknown_words(self, text: str) -> tuple[str, ...]:
+        """Words of ``text`` the model was never taught (:func:`unknown_words`)."""
+        return unknown_words(self.tok, self.words, text)
 
     def parse(self, texts: list[str]) -> list[Parse]:
         """One :class:`Parse` per text."""
@@ -104,7 +129,7 @@ class TextModel:
                 for h in ("qtype", "target", "tissue", "side", "lobe"):
                     kw[h] = C.HEADS[h][int(np.argmax(lg[h][n]))]
             out.append(Parse(text=text, intent=name, intent_p=round(float(intent[n, k]), 4),
-                             **kw))
+                             unknown=self.unknown_words(text), **kw))
         return out
 
 
@@ -126,6 +151,11 @@ def text_model_for(package: Any) -> TextModel | None:
 
 def refusal_reason(p: Parse) -> str | None:
     """Why the model will not act on ``p`` as an instruction (``None``: it will)."""
+    if p.unknown:
+        words = ", ".join(repr(w) for w in p.unknown)
+        return (f"the model cannot follow {p.text!r}: it was never taught the word"
+                f"{'s' if len(p.unknown) > 1 else ''} {words} (a request outside what it does, "
+                f"or a misspelling); it does: {'; '.join(C.TASKS)}")
     if p.intent == "refuse":
         return (f"the model cannot follow {p.text!r}: it is outside what it does "
                 f"({'; '.join(C.TASKS)})")

@@ -41,15 +41,15 @@ class LanguageTrainSettings:
     """Hyper-parameters of the text encoder (defaults: the shipped model, ~1-2 min of one core)."""
 
     seed: int = 0
-    vocab_size: int = 700
+    vocab_size: int = 1200
     hidden: int = 64
     layers: int = 2
     heads: int = 2
     intermediate: int = 128
-    max_tokens: int = 40
+    max_tokens: int = 64
     """Longest input in tokens (longer text is truncated)."""
-    train_examples: int = 12000
-    steps: int = 1500
+    train_examples: int = 24000
+    steps: int = 2500
     batch: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -59,10 +59,13 @@ def train_tokenizer(max_vocab: int) -> Any:
     """A WordPiece :class:`tokenizers.Tokenizer` learnt from the training-template corpus.
 
     The vocabulary is the special tokens, every character seen (alone and as a ``##``
-    continuation) and then the most frequent whole words (ties alphabetical) up to
-    ``max_vocab``: deterministic, unlike the library's WordPiece trainer (whose tie-breaking
-    changes from run to run). Words outside it are split into characters, like the made-up
-    words of :func:`inference.omnimri.language.corpus.augment`.
+    continuation) and then every whole word, most frequent first (ties alphabetical):
+    deterministic, unlike the library's WordPiece trainer (whose tie-breaking changes from run
+    to run). Words outside it are split into characters; the runtime refuses a text with such
+    a word (:func:`inference.omnimri.language.runtime.unknown_words`).
+
+    Raises:
+        ValueError: ``max_vocab`` cannot hold every word of the corpus.
     """
     from collections import Counter
 
@@ -76,7 +79,11 @@ def train_tokenizer(max_vocab: int) -> Any:
     chars = sorted({c for w in counts for c in w})
     vocab = list(SPECIAL) + chars + [f"##{c}" for c in chars]
     words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
-    vocab += words[:max(0, max_vocab - len(vocab))]
+    if len(vocab) + len(words) > max_vocab:  # every taught word must stay a word (runtime
+        # refuses a text with a word outside the vocabulary)
+        raise ValueError(f"the corpus has {len(words)} words: vocab_size {max_vocab} is "
+                         f"too small (needs {len(vocab) + len(words)})")
+    vocab += words
     tok = Tokenizer(models.WordPiece({t: n for n, t in enumerate(vocab)}, unk_token="[UNK]",
                                      max_input_chars_per_word=40))
     tok.normalizer = norm
@@ -183,10 +190,17 @@ def train_language(out_folder: Path, s: LanguageTrainSettings | None = None,
                                                 pct_start=0.1)
     gen = torch.Generator().manual_seed(s.seed)
     ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+    lengths = mask_t.sum(1)
+    batches: list[Any] = []
     model.train()
     for step in range(1, s.steps + 1):
-        idx = torch.randint(0, len(train), (s.batch,), generator=gen)
-        width = int(mask_t[idx].sum(1).max())
+        if not batches:  # a pool of 8 random batches, bucketed by length (less padding)
+            pool = torch.randint(0, len(train), (8 * s.batch,), generator=gen)
+            pool = pool[torch.argsort(lengths[pool], stable=True)]
+            order = torch.randperm(8, generator=gen).tolist()
+            batches = [pool[k * s.batch:(k + 1) * s.batch] for k in order]
+        idx = batches.pop()
+        width = int(lengths[idx].max())
         logits = model(ids_t[idx, :width], mask_t[idx, :width])
         loss = _loss(logits, {k: v[idx] for k, v in lab.items()})
         opt.zero_grad()
