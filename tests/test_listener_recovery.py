@@ -134,3 +134,39 @@ def test_kill9_after_acknowledgements_before_their_index_rows_recovers_from_the_
     assert r.returncode == 0, r.stdout + r.stderr
     done = node.wait_for_event("association_released", calling_ae="DCMSEND")[-1]
     assert (done["duplicates"], done["stored"]) == (3, 0)
+
+
+def test_rows_follow_the_acknowledgements_once_the_database_is_free_and_release_waits(
+        node_factory: Callable[..., NodeProcess], tmp_path: Path) -> None:
+    """No crash: while another process holds the write lock, instances are acknowledged and
+    their rows wait; once it is free the rows follow, and the A-RELEASE-RP waits for them."""
+    from pynetdicom import _config
+
+    from tests.fixtures.node import associate, file_context
+
+    node = node_factory()
+    datasets = synthetic_series(8, 64, 64, seed=17)
+    files = write_series(datasets, tmp_path / "series")
+    index = node.index()
+    blocker = sqlite3.connect(node.db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    assoc = associate(node.port, "OMNIMRI", "PYNETDICOM", [file_context(files[0])])
+    try:
+        assert assoc.is_established
+        old = _config.STORE_SEND_CHUNKED_DATASET
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        try:
+            statuses = [int(assoc.send_c_store(p).Status) for p in files]
+        finally:
+            _config.STORE_SEND_CHUNKED_DATASET = old
+        assert statuses == [0x0000] * 8
+        assert index.count_instances() == 0
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assoc.release()  # answered once the materialiser got the lock and wrote the rows
+    assert index.count_instances() == 8
+    [done] = node.wait_for_event("association_released", calling_ae="PYNETDICOM")
+    assert (done["stored"], done["duplicates"], done["failed"]) == (8, 0, 0)
+    assert {i.sop_instance_uid for i in index.instances_of(datasets[0].SeriesInstanceUID)} \
+        == {d.SOPInstanceUID for d in datasets}
