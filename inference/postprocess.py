@@ -158,7 +158,8 @@ class SourceGridStream:
     For outputs whose model slices become final one after another while the engine still runs
     (2.5-D ``NCHW`` windows go slice by slice): :meth:`add` hands over a slab of finished model
     slices (activated probabilities); a single worker thread maps it in-plane and then writes
-    every source slice whose two interpolation taps are both finished. :meth:`result` waits for
+    every source slice whose two interpolation taps are both finished (only the model slices a
+    source slice still needs stay in memory, in-plane mapped). :meth:`result` waits for
     the worker and returns ``[C, K, J, I]``, equal (bit for bit) to ``to_source_grid(probs, t)``:
     the same taps and float32 operations, applied to slabs instead of whole channels (each is
     per model slice in-plane, per source slice along the slice axis).
@@ -187,8 +188,8 @@ class SourceGridStream:
         self._written = np.zeros(len(self._w), dtype=np.bool_)
         self.model_probabilities: Array = np.empty((channels, *t.model_shape), np.float32)
         """The activated model-grid slabs handed to :meth:`add`, assembled."""
-        self._inplane = np.empty((channels, t.model_shape[0], t.source_shape[1],
-                                  t.source_shape[2]), np.float32)
+        self._planes: dict[int, Array] = {}
+        """Model slice → its ``[C, J, I]`` in-plane mapping, kept while a source slice needs it."""
         self._out = np.empty((channels, *t.source_shape), np.float32)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="source-grid-stream")
         self._jobs: list[Future[None]] = []
@@ -212,20 +213,28 @@ class SourceGridStream:
 
     def _map(self, probs: Array, start: int, stop: int) -> None:
         self.model_probabilities[:, start:stop] = probs
-        for c in range(probs.shape[0]):
+        n = probs.shape[0]
+        slab = np.empty((n, stop - start, *self._out.shape[2:]), dtype=np.float32)
+        for c in range(n):
             a = np.transpose(probs[c], self._inverse_axes)
             for s in (2, 1):
                 a = _lerp_axis(a, s, self._taps[s])
-            self._inplane[c, start:stop] = a
+            slab[c] = a
+        for m in range(start, stop):
+            self._planes[m] = slab[:, m - start]
         ready = np.flatnonzero(~self._written & (self._need < stop))
         tmp = np.empty(self._out.shape[2:], dtype=np.float32)
-        for c in range(probs.shape[0]):
-            src, dst = self._inplane[c], self._out[c]
-            for k in ready:  # the same plane-by-plane lerp as _separable_linear
-                np.subtract(src[self._i1[k]], src[self._i0[k]], out=tmp)
+        for k in ready:  # the same plane-by-plane lerp as _separable_linear
+            lo, hi = self._planes[int(self._i0[k])], self._planes[int(self._i1[k])]
+            for c in range(n):
+                np.subtract(hi[c], lo[c], out=tmp)
                 tmp *= self._w[k]
-                np.add(src[self._i0[k]], tmp, out=dst[k])
+                np.add(lo[c], tmp, out=self._out[c, k])
         self._written[ready] = True
+        pending = ~self._written  # drop the planes no source slice still needs
+        needed = set(self._i0[pending].tolist()) | set(self._i1[pending].tolist())
+        for m in [m for m in self._planes if m not in needed]:
+            del self._planes[m]
 
     def result(self) -> Array:
         """Wait for the worker; ``[C, K, J, I]`` float32 on the source grid.
