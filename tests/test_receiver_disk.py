@@ -194,6 +194,59 @@ def test_failed_spool_write_is_retried_and_segments_are_recycled_again(
     assert list((spool.root / ".journal").iterdir()) == []
 
 
+def test_failed_index_rows_are_retried_without_rewriting_the_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full index (the rows are written after the acknowledgement) is retried; until then
+    the instances stay outstanding, so the journal segments holding them are kept."""
+    import sqlite3
+
+    settings = _settings(tmp_path)
+    from dicom_node.fastscp import receiver
+
+    monkeypatch.setattr(receiver, "MATERIALISE_RETRY_S", 0.1)
+    spool = Spool(settings.storage.path)
+    index = SeriesIndex(settings.storage.database_path)
+    rx = Listener(settings, index, spool)
+    rx.journal.segment_bytes = 100_000  # ~3 instances a segment: segments rotate
+    real_index = rx._index_materialised
+    real_write = rx._write_file
+    failures = {"left": 3}
+    writes: list[Path] = []
+
+    def full_index(items: list[Any]) -> None:
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        real_index(items)
+
+    def counted_write(final: Path, data: bytes) -> None:
+        writes.append(final)
+        real_write(final, data)
+
+    monkeypatch.setattr(rx, "_index_materialised", full_index)
+    monkeypatch.setattr(rx, "_write_file", counted_write)
+    files = _files_of(tmp_path, 12, 128, seed=9)
+    rx.start()
+    try:
+        assert store_files(rx.port, files) == [status.SUCCESS] * len(files)
+        deadline = time.monotonic() + 10
+        while (rx._outstanding or rx.journal._closed) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert failures["left"] == 0
+        assert not rx._outstanding, "a failed index row was never retried"
+        assert not rx.journal._closed, "segments are no longer recycled after a failure"
+        assert len(writes) == len(set(writes)) == len(files)  # each file written once
+        assert index.count_instances() == len(files)
+        for f in files:
+            uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+            found = index.lookup_instance(uid)
+            assert found is not None and dataset_bytes(found[0]) == dataset_bytes(f)
+    finally:
+        rx.stop()
+        index.close()
+    assert list((spool.root / ".journal").iterdir()) == []
+
+
 def test_room_check_rereads_before_refusing(tmp_path: Path) -> None:
     """A reused free-space reading may say yes; a no is always checked against a fresh one."""
     from dicom_node.fastscp.receiver import _RoomCheck
