@@ -12,6 +12,7 @@ Model-specific interpretation (lobe names, report sections, ...) builds
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -242,7 +243,9 @@ def run_model(
             and inside kernels). ``None``: the outputs whose source-grid probabilities the
             callers of earlier runs of this package read (:data:`_READ_IN_FULL`). Only for
             ``NCHW`` packages whose slice axis is the source's; others map on first use. The
-            values are the same either way.
+            values are the same either way. ``None`` streams nothing unless the environment
+            sets :data:`STREAM_ENV` to ``1`` (opt-in until measured on a quiet machine: on the
+            loaded 2-core VM the extra thread competing with ORT's made jobs slower).
 
     Raises:
         PackageError: An instruction the package does not support.
@@ -271,7 +274,9 @@ def run_model(
         o.name for o in outs if isinstance(o, SegmentationOutput | ImageOutput)
     }
     key = _package_key(package)
-    if stream is None:
+    if stream is None and not _stream_by_default():
+        stream = ()
+    elif stream is None:
         with _READ_LOCK:
             stream = set(_READ_IN_FULL.get(key, ()))
     streamed = [o for o in outs if isinstance(o, SegmentationOutput) and o.name in stream]
@@ -382,6 +387,13 @@ _READ_IN_FULL: dict[tuple[str, str], set[str]] = {}
 caller read after an earlier :func:`run_model`; ``stream=None`` maps those while the engine
 runs. A node's first job of a package therefore maps on first use; later ones overlap."""
 _READ_LOCK = threading.Lock()
+
+STREAM_ENV = "OMNIMRI_MAP_DURING_INFERENCE"
+"""``1``: :func:`run_model` with ``stream=None`` maps the learnt outputs while the engine runs."""
+
+
+def _stream_by_default() -> bool:
+    return os.environ.get(STREAM_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _package_key(package: ModelPackage) -> tuple[str, str]:

@@ -88,8 +88,8 @@ def _blobs(shape: tuple[int, int, int]) -> np.ndarray:
     "transposed",                 # rows/columns swapped in-plane, slices reversed
     "sagittal",                   # slice axis is not the model's: maps on first use instead
 ])
-def test_mapping_during_inference_equals_mapping_on_first_use(tmp_path: Path,
-                                                              affine: str) -> None:
+def test_mapping_during_inference_equals_mapping_on_first_use(
+        tmp_path: Path, affine: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``run_model(stream=...)`` maps slab by slab while the engine runs: same values, same
     labels and components (a case with two detections), bit for bit."""
     shape = (27, 30, 26)
@@ -124,7 +124,13 @@ def test_mapping_during_inference_equals_mapping_on_first_use(tmp_path: Path,
     np.testing.assert_array_equal(streamed.label_map, lazy.label_map)
     assert len(lazy.components[1]) == 2
     assert streamed.components == lazy.components
-    # stream=None: the outputs a caller read in full after an earlier run of this package
+    # stream=None: nothing unless opted in; then the outputs a caller read in full after an
+    # earlier run of this package
+    from inference.runner import STREAM_ENV
+
+    monkeypatch.delenv(STREAM_ENV, raising=False)
+    assert run_model(pkg, vol, eng, ["segment"]).segmentation["mask"]._probabilities is None
+    monkeypatch.setenv(STREAM_ENV, "1")
     again = run_model(pkg, vol, eng, ["segment"]).segmentation["mask"]
     assert (again._probabilities is not None) == can_stream
     np.testing.assert_array_equal(again.probabilities, lazy.probabilities)
