@@ -224,6 +224,10 @@ def test_free_text_instructions_route_and_unsupported_ones_are_refused() -> None
     assert route_instructions(["could you denoise the images, segment grey and white matter "
                                "and suggest a likely diagnosis?"], pkg) == [
         "segment brain tissues", "suggest a diagnosis", "reconstruct"]
+    for bare, task in (("find tumours", "detect abnormalities"),  # config lines are often bare
+                       ("measure the grey matter", "segment brain tissues"),
+                       ("denoise the images", "reconstruct")):
+        assert route_instructions([bare], pkg) == [task], bare
     for cls, texts in REFUSED.items():
         for bad in texts:
             with pytest.raises(InstructionRefused):

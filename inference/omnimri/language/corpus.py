@@ -578,6 +578,11 @@ QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
 """Question frames: ``{t}``/``{tp}`` a lesion word (singular/plural), ``{loc}`` a location
 filter, ``{tissue}`` a tissue word, ``{dn}`` a diagnosis noun, ``{s}`` a study word, ``{dis}``
 a disease name."""
+INTERROGATIVES = frozenset(("what", "what's", "how", "which", "where", "is", "are", "does", "do",
+                            "can", "has", "was", "were", "could", "did", "have", "on", "in",
+                            "left", "who", "when", "why", "should", "will"))
+"""First words of question frames that stay questions without a question mark (``white matter
+volume`` without one could be an instruction: frames like it keep theirs)."""
 QUESTION_PREFIXES = ("", "", "", "please, ", "quick question: ", "tell me, ", "doctor asks: ",
                      "question: ", "i wonder, ", "can you tell me: ", "one thing: ",
                      "sorry, ", "hi, ", "so, ", "and ", "ok, ")
@@ -602,11 +607,26 @@ class Example:
         return self.intent if head == "intent" else self.labels.get(head, IGNORE)
 
 
+def bare_clause(task: str, rng: random.Random, which: Split) -> str:
+    """``verb object`` alone (a verb-object pair of ``which``), as a config line often is."""
+    verbs, objs = TASK_VERBS[task], TASK_OBJECTS[task]
+    i, j = rng.choice([(i, j) for i in range(len(verbs)) for j in range(len(objs))
+                       if pair_split(i, j, which)])
+    return f"{verbs[i]} {objs[j]}"
+
+
 def _instruction(rng: random.Random, which: Split) -> Example:
     n_tasks = rng.choice((1, 1, 1, 2, 2, 2, 3, 3, 4, 5))
     chosen = rng.sample(TASKS, n_tasks)
-    return Example(_request(chosen, rng, which), INTENTS.index("instruction"),
-                   tuple(int(t in chosen) for t in TASKS), kind="instruction")
+    if which == "train" and rng.random() < 0.15:  # bare: no wrapper, frame or ending (these
+        # are training templates, so held-out text never is bare: evaluate scores bare
+        # held-out pairs apart)
+        text = _join([bare_clause(t, rng, which) for t in chosen], rng,
+                     split(CONNECTORS, which))
+    else:
+        text = _request(chosen, rng, which)
+    return Example(text, INTENTS.index("instruction"), tuple(int(t in chosen) for t in TASKS),
+                   kind="instruction")
 
 
 def _refused_instruction(rng: random.Random, which: Split) -> Example:
@@ -642,9 +662,9 @@ def _question(rng: random.Random, which: Split) -> Example:
             loc = loc_t.format(side=side, lobe=lobe)
             labels["side"], labels["lobe"] = SIDES.index(side), LOBES.index(lobe)
         text = frame.format(t=t, tp=tp, loc=loc)
-    text = rng.choice(split(QUESTION_PREFIXES, which)) + text
-    if rng.random() < 0.15:
+    if rng.random() < 0.15 and text.split()[0] in INTERROGATIVES:  # "how many masses"
         text = text.rstrip("?")
+    text = rng.choice(split(QUESTION_PREFIXES, which)) + text
     return Example(text, INTENTS.index("question"), labels=labels, kind="question")
 
 

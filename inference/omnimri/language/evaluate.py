@@ -9,7 +9,9 @@
   (the out-of-scope world is open), which the runtime refuses by itself; the rate of the
   encoder alone (unknown words ignored) is reported beside it. Also counted: in-scope
   instructions routed to a *wrong* set of tasks (not refused: guessed wrong), and in-scope
-  texts with an unknown word (0 by construction of the corpus: tested).
+  texts with an unknown word (0 by construction of the corpus: tested), and the routing of
+  bare held-out verb-object pairs (``detect masses``: no wrapper, as a config line often is;
+  measured apart because the bare form is itself a training template).
 * **Question answering**: held-out question phrasings about sampled structured findings;
   correct when the answer states the value the true question slots give; contradictions are
   answers :func:`~.facts.verify_text` finds false against the findings.
@@ -220,11 +222,15 @@ def evaluate_language(model: TextModel, n: int = 2000, seed: int = 1, reports: i
             rep.examples.append(f"report: {r.findings} | {r.impression}")
     times.sort()
     rep.examples += misses
+    pairs = [(t, C.bare_clause(t, rng, "heldout")) for t in C.TASKS for _ in range(40)]
+    bare_ok = sum(refusal_reason(p) is None and p.tasks == (t,) for (t, _), p in zip(
+        pairs, model.parse([b for _, b in pairs]), strict=True))
     rep.counts = {"instructions": n_ins, "refusals": n_ref, "questions": n_q,
-                  "reports": reports}
+                  "reports": reports, "bare": len(pairs)}
     rep.metrics = {
         "routing_accuracy": routed / max(1, n_ins),
         "routing_wrong_tasks": wrong,
+        "routing_accuracy_bare_pairs": bare_ok / len(pairs),
         "refusal_rate": refused / max(1, n_ref),
         "refusal_rate_encoder_alone": alone / max(1, n_ref),
         "out_of_scope_with_unknown_words": n_unknown / max(1, n_ref),
