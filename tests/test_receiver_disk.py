@@ -265,3 +265,21 @@ def test_room_check_rereads_before_refusing(tmp_path: Path) -> None:
     assert room.has_room(0, 0, 60_000)
     free["bytes"] = 0
     assert room.has_room(0, 0, 60_000)  # a yes from the reused reading (errs low by design)
+
+
+def test_room_check_counts_acknowledged_bytes_not_yet_written(tmp_path: Path) -> None:
+    """Bytes acknowledged but still waiting for the materialiser take their space at once."""
+    from dicom_node.fastscp.receiver import _RoomCheck
+
+    unwritten = {"bytes": 0}
+
+    class _Disk:
+        def free_space(self) -> tuple[int, float]:
+            return 100_000, 50.0  # the materialiser has written nothing yet
+
+    room = _RoomCheck(_Disk(), lambda: unwritten["bytes"])  # type: ignore[arg-type]
+    assert room.has_room(0, 0, 60_000)
+    unwritten["bytes"] = 60_000  # the admitted instance is acknowledged, not yet written
+    assert not room.has_room(0, 0, 60_000)  # a fresh reading alone would say yes
+    unwritten["bytes"] = 0  # written: now the disk itself shows it (here: it does not)
+    assert room.has_room(0, 0, 60_000)

@@ -250,10 +250,13 @@ class _RoomCheck:
     admitted since are subtracted from the free space read, so the estimate errs low.
     Only a *yes* is answered from a reused reading: before a refusal the free space is read
     again, so an instance is never refused on a reading taken before space was freed.
+    Bytes acknowledged but not yet in the spool (``unwritten``: the materialiser's queue) are
+    counted as used at each reading: the space is promised to them.
     """
 
-    def __init__(self, spool: Spool) -> None:
+    def __init__(self, spool: Spool, unwritten: Callable[[], int] = lambda: 0) -> None:
         self.spool = spool
+        self._unwritten = unwritten
         self._lock = threading.Lock()
         self._at = -1.0
         self._free = 0
@@ -279,7 +282,7 @@ class _RoomCheck:
 
     def _read(self, now: float) -> None:
         self._free, self._pct = self.spool.free_space()
-        self._at, self._since = now, 0
+        self._at, self._since = now, max(0, self._unwritten())
 
     def _fits(self, min_free_bytes: int, min_free_percent: float, incoming_bytes: int
               ) -> bool:
@@ -325,7 +328,7 @@ class Listener:
         self._active = 0
         self._active_lock = threading.Lock()
         self.journal = Journal(Path(spool.root) / ".journal", fsync=settings.storage.fsync)
-        self._room = _RoomCheck(spool)
+        self._room = _RoomCheck(spool, lambda: self._pending_bytes)
         self._dedupe_lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
         self._pending_bytes = 0
