@@ -62,12 +62,12 @@ bench: install-test
 ## validation cases, held-out evaluation on seeds 1 and 2, the INT8 variant (checked, served by default).
 MODEL_RUN ?= training-runs/omnimri-tiny-seed0
 MODEL_OUT ?= models/omnimri-tiny
-MODEL_VERSION ?= 3.1.0
+MODEL_VERSION ?= 3.2.0
 model:
 	$(PIP) install -q -e '.[train]'
 	omnimri-node train all --seed 0 --out $(MODEL_RUN)
 	omnimri-node train export --run $(MODEL_RUN) --out $(MODEL_OUT) --version $(MODEL_VERSION)
 	omnimri-node train calibrate --model $(MODEL_OUT)
-	omnimri-node eval --model $(MODEL_OUT) --cases 12 --seed 1 --recon-cases 2 --baselines --write-metrics --json $(MODEL_RUN)/eval-seed1.json
-	omnimri-node eval --model $(MODEL_OUT) --cases 12 --seed 2 --recon-cases 2 --baselines --json $(MODEL_RUN)/eval-seed2.json
+	omnimri-node eval --model $(MODEL_OUT) --cases 30 --seed 1 --recon-cases 2 --baselines --write-metrics --json $(MODEL_RUN)/eval-seed1.json
+	omnimri-node eval --model $(MODEL_OUT) --cases 30 --seed 2 --recon-cases 2 --baselines --json $(MODEL_RUN)/eval-seed2.json
 	omnimri-node engines quantize $(MODEL_OUT) --cases 4 --check 6 --make-default

@@ -315,3 +315,37 @@ def test_diagnosis_blends_the_slice_head_with_the_detections() -> None:
     half = blend_diagnosis(head, [mass], 0.5)
     assert half.probabilities["mass"] == round(0.5 * 0.05 + 0.5 * 0.9, 4)
     assert abs(sum(half.probabilities.values()) - 1.0) < 1e-3
+
+
+def test_flipped_batches_mirror_image_and_labels_together() -> None:
+    """``sample_batch(flip=True)``: about half the slices mirrored, labels with their image."""
+    from types import SimpleNamespace
+
+    from inference.omnimri.config import preset
+    from inference.omnimri.train import PoolCase, TrainSettings, sample_batch
+
+    rng0 = np.random.default_rng(3)
+    image = rng0.random((6, 40, 52), dtype=np.float32)
+    image[:, :, :20] += 1.0  # one side brighter: a mirrored slice is told apart
+    labels = (image > 1.0).astype(np.int64)  # tissue and lesion labels follow the image
+    pc = PoolCase(image=image, zero_filled=image.copy(), tissue=labels, lesion=labels,
+                  diagnosis=1, report_tokens=np.zeros(4, np.int64), facts={},
+                  brain_slices=np.arange(1, 5), lesion_slices=np.arange(1, 5),
+                  hard_slices=np.arange(0))
+    pool = SimpleNamespace(cases=[pc], s=TrainSettings(crop=128, device="cpu"))
+    cfg = preset("tiny")
+    b = sample_batch(pool, np.random.default_rng(0), 40, cfg, flip=True)  # type: ignore[arg-type]
+    centre = b["image"][:, cfg.context_slices].numpy()
+    mirrored = 0
+    for n in range(40):
+        inside = centre[n] > 0  # the padded case
+        np.testing.assert_array_equal(b["tissue"][n].numpy()[inside], centre[n][inside] > 1.0)
+        np.testing.assert_array_equal(b["lesion"][n].numpy(), b["tissue"][n].numpy())
+        cols = np.flatnonzero(inside.any(0))
+        left, right = centre[n][:, cols[:10]], centre[n][:, cols[-10:]]
+        mirrored += int(right[right > 0].mean() > left[left > 0].mean())
+    assert 10 <= mirrored <= 30
+    plain = sample_batch(pool, np.random.default_rng(0), 40, cfg)  # type: ignore[arg-type]
+    p = plain["image"][:, cfg.context_slices].numpy()
+    assert all(p[n][:, np.flatnonzero((p[n] > 0).any(0))[:10]].mean()
+               > p[n][:, np.flatnonzero((p[n] > 0).any(0))[-10:]].mean() for n in range(40))

@@ -38,7 +38,7 @@ def served() -> Iterator[E.ServedModel]:
 
 def test_eval_and_a_node_job_agree_on_the_same_case(served: E.ServedModel,
                                                     tmp_path: Path) -> None:
-    case = E.heldout_case(10, seed=1)  # small-vessel PD case: v3.1.0 detects 3 (1 true)
+    case = E.heldout_case(10, seed=1)  # small-vessel PD case: v3.2.0 detects 3 (1 true)
     vol = E.case_volume(case)
     ours = served.run(vol, E.ALL_INSTRUCTIONS)
 
