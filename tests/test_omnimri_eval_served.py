@@ -112,3 +112,18 @@ def test_eval_prints_per_contrast_tables_and_targets(served: E.ServedModel) -> N
     both = E.merge_reports([rep, rep])
     assert both.metrics["cases"] == 2
     assert rep.baselines["all"]["gmm_dice_white_matter"] > 0.3  # the mixture does find WM
+
+
+def test_training_layout_is_the_same_case_with_lesions_elsewhere(served: E.ServedModel) -> None:
+    """``--layout training``: same seed, anatomy and contrast; lesion centres in other cells."""
+    held, train = E.heldout_case(1, 5), E.heldout_case(1, 5, "training")  # small-vessel cases
+    assert held.contrast == train.contrast and held.diagnosis == train.diagnosis == 1
+    np.testing.assert_array_equal(held.tissue, train.tissue)
+    assert held.lesions and train.lesions
+    assert not np.array_equal(held.lesion, train.lesion)
+    with pytest.raises(ValueError, match="unknown layout"):
+        E.heldout_case(1, 5, "random")
+    rep = E.evaluate(served, 1, seed=5, recon_cases=0, layout="training")
+    assert rep.layout == "training" and "a diagnostic" in "\n".join(rep.lines())
+    with pytest.raises(ValueError, match="different lesion layouts"):
+        E.merge_reports([rep, E.evaluate(served, 1, seed=5, recon_cases=0)])

@@ -151,6 +151,10 @@ def eval_cmd(
     ] = None,
     write_metrics: Annotated[bool, typer.Option(help="Store the metrics in model.yaml.")] = False,
     verbose: Annotated[bool, typer.Option(help="Print every case.")] = False,
+    layout: Annotated[str, typer.Option(
+        help="Lesion layout of the cases: heldout (the metric) or training (a diagnostic: the "
+             "same seeds with lesions where training puts them; the difference is what the "
+             "model learned about where lesions may be).")] = "heldout",
     real_mr: Annotated[bool, typer.Option(
         help="Instead: describe the package's outputs on real MR from installed packages "
              "(nibabel, dipy, pydicom, the MNI152 template as DICOM: the acceptance list "
@@ -175,16 +179,23 @@ def eval_cmd(
         for line in describe(ModelPackage.load(model)):
             typer.echo(line)
         return
+    from inference.omnimri.evaluate import LAYOUTS
+
+    if layout not in LAYOUTS:
+        raise typer.BadParameter(f"one of {', '.join(LAYOUTS)}", param_hint="--layout")
+    if write_metrics and layout != "heldout":
+        raise typer.BadParameter("only held-out-layout metrics go into model.yaml",
+                                 param_hint="--write-metrics")
     reports = []
     if checkpoint is None:
         _require_package(model)
     for s in seed or [0]:
         if checkpoint is not None:
             r = evaluate_checkpoint(checkpoint, cases, seed=s, baselines=baselines,
-                                    recon_cases=recon_cases, progress=prog)
+                                    recon_cases=recon_cases, progress=prog, layout=layout)
         else:
             r = evaluate_package(model, cases, seed=s, baselines=baselines,
-                                 recon_cases=recon_cases, progress=prog)
+                                 recon_cases=recon_cases, progress=prog, layout=layout)
         reports.append(r)
         for line in r.lines():
             typer.echo(line)

@@ -110,6 +110,8 @@ class EvalReport:
     """Contrast (and ``all``) -> baseline metrics (``gmm_*``, ``z_*``), with ``baselines``."""
     cases: list[dict[str, object]] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
+    layout: str = "heldout"
+    """Lesion layout of the cases (:data:`LAYOUTS`); only ``heldout`` is a held-out metric."""
     scores: list[CaseScore] = field(default_factory=list, repr=False)
     baseline_scores: list[CaseScore] = field(default_factory=list, repr=False)
     recon: list[tuple[float, float]] = field(default_factory=list, repr=False)
@@ -119,6 +121,9 @@ class EvalReport:
         """Per-contrast tables, then ``metric value target PASS/MISS`` lines, then the rest."""
         out = [f"held-out seeds {self.seeds}: {int(self.metrics.get('cases', 0))} cases, "
                "served path (Volume -> prepare -> engine -> post-processing -> Results)"]
+        if self.layout != "heldout":
+            out.append(f"lesions in the {self.layout} layout: a diagnostic, not a held-out "
+                       "metric")
         out.append("contrast " + " ".join(f"{h:>6s}" for _, h, _ in CONTRAST_COLUMNS))
         for c, m in self.by_contrast.items():
             cells = [(f.format(m[k]) if k in m else "     -").rjust(6)
@@ -170,8 +175,9 @@ class EvalReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready content (metrics, per contrast, baselines, cases)."""
-        return {"seeds": self.seeds, "metrics": self.metrics, "by_contrast": self.by_contrast,
-                "baselines": self.baselines, "cases": self.cases}
+        return {"seeds": self.seeds, "layout": self.layout, "metrics": self.metrics,
+                "by_contrast": self.by_contrast, "baselines": self.baselines,
+                "cases": self.cases}
 
 
 def dice(a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_]) -> float:
@@ -236,14 +242,22 @@ def case_volume(case: syn.Case, image: npt.NDArray[np.floating] | None = None) -
                   slices=slices, metadata={"contrast": case.contrast})
 
 
-def heldout_case(n: int, seed: int = 0) -> syn.Case:
-    """Held-out case ``n`` of set ``seed`` (held-out seeds and lesion layout).
+LAYOUTS = ("heldout", "training")
+"""Lesion layouts of the evaluation cases: ``heldout`` (the metric), ``training`` (a diagnostic:
+the same held-out seeds with lesions in the training layout's cells, so the difference shows how
+much the model learned *where* lesions may be)."""
+
+
+def heldout_case(n: int, seed: int = 0, layout: str = "heldout") -> syn.Case:
+    """Held-out case ``n`` of set ``seed`` (held-out seeds and, by default, lesion layout).
 
     Diagnoses cycle, then contrasts (:data:`inference.omnimri.synthetic.CONTRASTS`).
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; one of {', '.join(LAYOUTS)}")
     contrast = syn.CONTRASTS[(n // 3) % len(syn.CONTRASTS)]
-    return syn.make_case(HELDOUT_SEED_BASE + seed * 10_000 + n, heldout=True, diagnosis=n % 3,
-                         contrast=contrast)
+    return syn.make_case(HELDOUT_SEED_BASE + seed * 10_000 + n, heldout=layout == "heldout",
+                         diagnosis=n % 3, contrast=contrast)
 
 
 # --------------------------------------------------------------------------- the served model
@@ -501,11 +515,16 @@ def build_report(scores: list[CaseScore], recon: list[tuple[float, float]],
 
 def merge_reports(reports: list[EvalReport]) -> EvalReport:
     """One report over the cases of several (e.g. several held-out seeds)."""
-    return build_report([s for r in reports for s in r.scores],
-                        [x for r in reports for x in r.recon],
-                        [s for r in reports for s in r.baseline_scores],
-                        [c for r in reports for c in r.cases],
-                        [s for r in reports for s in r.seeds])
+    layouts = {r.layout for r in reports}
+    if len(layouts) > 1:
+        raise ValueError(f"reports of different lesion layouts: {sorted(layouts)}")
+    rep = build_report([s for r in reports for s in r.scores],
+                       [x for r in reports for x in r.recon],
+                       [s for r in reports for s in r.baseline_scores],
+                       [c for r in reports for c in r.cases],
+                       [s for r in reports for s in r.seeds])
+    rep.layout = layouts.pop() if layouts else "heldout"
+    return rep
 
 
 # --------------------------------------------------------------------------- reconstruction
@@ -541,6 +560,7 @@ def recon_psnr(model: ServedModel, case: syn.Case, volume: Volume, seed: int = 0
 def evaluate(
     model: ServedModel, n_cases: int = 30, *, seed: int = 0, recon_cases: int | None = None,
     baselines: bool = False, progress: Callable[[str], None] | None = None,
+    layout: str = "heldout",
 ) -> EvalReport:
     """Evaluate a served model on ``n_cases`` held-out cases of set ``seed``.
 
@@ -558,7 +578,7 @@ def evaluate(
     recon_cases = n_cases if recon_cases is None else recon_cases
     for n in range(n_cases):
         t0 = time.monotonic()
-        case = heldout_case(n, seed)
+        case = heldout_case(n, seed, layout)
         vol = case_volume(case)
         res = model.run(vol, ALL_INSTRUCTIONS)
         sc = score_case(case, res)
@@ -578,17 +598,20 @@ def evaluate(
         })
         if progress:
             progress(f"case {n + 1}/{n_cases}: {cases[-1]}")
-    return build_report(scores, recon, bscores, cases, [seed])
+    rep = build_report(scores, recon, bscores, cases, [seed])
+    rep.layout = layout
+    return rep
 
 
 def evaluate_package(folder: Path, n_cases: int = 30, *, seed: int = 0, threads: int = 2,
                      recon_cases: int | None = None, baselines: bool = False,
-                     progress: Callable[[str], None] | None = None) -> EvalReport:
+                     progress: Callable[[str], None] | None = None,
+                     layout: str = "heldout") -> EvalReport:
     """Evaluate a model package (ONNX Runtime, as the node runs it) on held-out cases."""
     model = ServedModel.load(folder, threads)
     try:
         return evaluate(model, n_cases, seed=seed, recon_cases=recon_cases, baselines=baselines,
-                        progress=progress)
+                        progress=progress, layout=layout)
     finally:
         model.close()
 
@@ -628,11 +651,12 @@ def checkpoint_model(checkpoint: Path, settings: TaskSettings | None = None) -> 
 def evaluate_checkpoint(checkpoint: Path, n_cases: int = 30, *, seed: int = 0,
                         recon_cases: int | None = None, baselines: bool = False,
                         settings: TaskSettings | None = None,
-                        progress: Callable[[str], None] | None = None) -> EvalReport:
+                        progress: Callable[[str], None] | None = None,
+                        layout: str = "heldout") -> EvalReport:
     """Evaluate a PyTorch training checkpoint through the same served path (torch engine)."""
     model = checkpoint_model(checkpoint, settings)
     try:
         return evaluate(model, n_cases, seed=seed, recon_cases=recon_cases, baselines=baselines,
-                        progress=progress)
+                        progress=progress, layout=layout)
     finally:
         model.close()
