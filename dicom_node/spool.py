@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Generic, TypeVar
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
@@ -136,12 +136,19 @@ def read_header_from(f: IO[bytes], size: int) -> InstanceHeader:
                 # cut inside the header is told apart from a complete non-image object.
                 pos = _dataset_start(f)
             _check_tail(f, pos, size, ts.is_implicit_VR, ts.is_little_endian)
+        # pydicom decodes element values lazily: an unknown VR or a bad value raises here,
+        # on first access, not in dcmread.
+        return _header_of(ds, ts)
     except InstanceRejected:
         raise
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, struct.error,
             NotImplementedError, TypeError, AttributeError) as err:
         raise InstanceRejected(status.CANNOT_UNDERSTAND,
                                f"undecodable: {type(err).__name__}") from None
+
+
+def _header_of(ds: Dataset, ts: UID) -> InstanceHeader:
+    """The :class:`InstanceHeader` of a data set read with :data:`HEADER_TAGS`."""
     uids = {k: str(ds.get(k, "") or "").strip() for k in
             ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
     missing = [k for k, v in uids.items() if not v]

@@ -90,3 +90,18 @@ def test_valid_headers_agree(ts: str, description: str, number: int) -> None:
     slow = read_header_bytes(part10)
     if fast is not None:  # None: unusual values, the receive path then uses pydicom
         assert fast == slow
+
+
+def test_unknown_vr_met_when_a_value_is_read_is_refused_not_raised() -> None:
+    """Found by the fuzzer in CI: pydicom decodes values lazily, so an element with a VR it
+    does not know (here bytes 0x4C 0xC6 in SeriesDescription's VR field) raised
+    NotImplementedError on first access, after the read that was guarded."""
+    part10, offset = SEEDS[EXPLICIT]
+    at = part10.index(b"\x08\x00\x3e\x10", offset)  # (0008,103E) SeriesDescription
+    bad = part10[: at + 4] + b"\x4c\xc6" + part10[at + 6:]
+    try:
+        read_header_bytes(bad)
+    except InstanceRejected as err:
+        assert err.status == status.CANNOT_UNDERSTAND and "undecodable" in err.reason
+    else:
+        raise AssertionError("an unknown VR was accepted")
