@@ -63,6 +63,21 @@ def _files_of(tmp: Path, n: int, size: int, seed: int) -> list[Path]:
     return write_series(synthetic_series(n, size, size, seed=seed), tmp / f"s{seed}")
 
 
+def _settle(rx: Listener, timeout_s: float = 10.0) -> None:
+    """Wait until nothing is outstanding and no journal segment is held back (or timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while (rx._outstanding or rx.journal._closed) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _assert_stored(index: SeriesIndex, files: list[Path]) -> None:
+    """Every file is indexed and its spool copy holds the same data set."""
+    for f in files:
+        uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+        found = index.lookup_instance(uid)
+        assert found is not None and dataset_bytes(found[0]) == dataset_bytes(f)
+
+
 def test_disk_full_answers_out_of_resources_leaves_nothing_and_recovers(
         small_disk: Path, node_factory: Callable[..., NodeProcess], tmp_path: Path) -> None:
     node = node_factory(node={"max_associations": 4},
@@ -177,16 +192,11 @@ def test_failed_spool_write_is_retried_and_segments_are_recycled_again(
     rx.start()
     try:
         assert store_files(rx.port, files) == [status.SUCCESS] * len(files)
-        deadline = time.monotonic() + 10
-        while (rx._outstanding or rx.journal._closed) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _settle(rx)
         assert failures["left"] == 0
         assert not rx._outstanding, "a failed write was never retried"
         assert not rx.journal._closed, "segments are no longer recycled after a failure"
-        for f in files:
-            uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
-            found = index.lookup_instance(uid)
-            assert found is not None and dataset_bytes(found[0]) == dataset_bytes(f)
+        _assert_stored(index, files)
         assert len(list((spool.root / ".journal").iterdir())) <= 3
     finally:
         rx.stop()
@@ -229,18 +239,13 @@ def test_failed_index_rows_are_retried_without_rewriting_the_files(
     rx.start()
     try:
         assert store_files(rx.port, files) == [status.SUCCESS] * len(files)
-        deadline = time.monotonic() + 10
-        while (rx._outstanding or rx.journal._closed) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _settle(rx)
         assert failures["left"] == 0
         assert not rx._outstanding, "a failed index row was never retried"
         assert not rx.journal._closed, "segments are no longer recycled after a failure"
         assert len(writes) == len(set(writes)) == len(files)  # each file written once
         assert index.count_instances() == len(files)
-        for f in files:
-            uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
-            found = index.lookup_instance(uid)
-            assert found is not None and dataset_bytes(found[0]) == dataset_bytes(f)
+        _assert_stored(index, files)
     finally:
         rx.stop()
         index.close()
