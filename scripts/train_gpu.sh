@@ -39,7 +39,8 @@ from inference.omnimri.train import TrainSettings, train_all
 s = TrainSettings(size=os.environ["SIZE"], seed=int(os.environ["SEED"]),
                   out=Path(os.environ["RUN"]), device="cuda", workers=int(os.environ["WORKERS"]),
                   batch=48, pool_cases=64, refresh_every=10, threads=2)
-steps = {"pretrain": 300, "align": 150, "multimodal": 4000, "instruct": 4000, "finetune": 4000}
+steps = {"pretrain": 300, "align": 150, "multimodal": 4000, "instruct": 4000, "finetune": 4000,
+         "refine": 3000}
 train_all(s.seed, s, steps=steps, progress=print)
 EOF
 echo "training: $(( $(date +%s) - start )) s"

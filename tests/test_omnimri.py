@@ -36,7 +36,7 @@ def test_synthetic_case_is_deterministic_and_labelled() -> None:
     assert rt.parse_facts(a.report) == {k: v for k, v in facts.items() if k != "kind"} | {
         "kind": "small_vessel"}
     # held-out layout uses the other half of the 16 mm cells
-    h = syn.make_case(5, diagnosis=2, heldout=True)
+    h = syn.make_case(5, diagnosis=2, layout="heldout")
     for les in h.lesions:
         assert int((np.floor(np.array(les.centre_index)) // 8).sum()) % 2 in (0, 1)
     normal = syn.make_case(6, diagnosis=0)
@@ -49,6 +49,38 @@ def test_heldout_lesion_centres_use_other_cells() -> None:
     for parity in (0, 1):
         for c in syn._pick_centres(rng, cand, 5, parity, 0.0):
             assert int((c // 8).sum()) % 2 == parity
+
+
+def test_anywhere_layout_uses_both_cell_parities_and_unknown_layouts_are_refused() -> None:
+    rng = np.random.default_rng(0)
+    cand = np.argwhere(np.ones((20, 20, 20), bool))
+    parities = {int((c // 8).sum()) % 2 for c in syn._pick_centres(rng, cand, 12, None, 0.0)}
+    assert parities == {0, 1}
+    with pytest.raises(ValueError, match="unknown layout"):
+        syn.make_case(1, layout="nowhere")  # type: ignore[arg-type]
+
+
+def test_in_plane_voxels_reach_the_requested_coarseness() -> None:
+    img = np.random.default_rng(0).random((24, 32, 32)).astype(np.float32)
+
+    def widest(max_mm: float) -> float:
+        out = 0.0
+        for seed in range(40):
+            _, meta = syn._acquire(np.random.default_rng(seed), img, 1.0, max_mm)
+            s = sorted(v for k, v in meta.items() if k.startswith("spacing_"))
+            if s:
+                out = max(out, s[1])  # the coarser in-plane axis (the largest is the slice)
+        return out
+
+    assert widest(3.0) <= 3.0
+    assert 4.0 < widest(5.0) <= 5.0
+
+
+def test_cli_stages_are_the_training_stages() -> None:
+    from dicom_node.cli.train import Stage
+    from inference.omnimri.train import STAGES
+
+    assert [s.value for s in Stage if s is not Stage.all] == list(STAGES)
 
 
 def test_undersampling_keeps_a_quarter_and_zero_filled_degrades() -> None:

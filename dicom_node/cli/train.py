@@ -23,13 +23,18 @@ train_app = typer.Typer(help="Train, export and evaluate the OmniMRI model famil
 
 
 class Stage(enum.StrEnum):
-    """Training stages (``all`` runs the five in order)."""
+    """Training stages (``all`` runs the six in order).
+
+    The same as :data:`inference.omnimri.train.STAGES`, kept here so that the CLI loads without
+    torch; a test holds the two equal.
+    """
 
     pretrain = "pretrain"
     align = "align"
     multimodal = "multimodal"
     instruct = "instruct"
     finetune = "finetune"
+    refine = "refine"
     all = "all"
 
 
@@ -64,7 +69,7 @@ def _stage_command(stage: Stage) -> None:
     ) -> None:
         _train(stage, size, seed, out, steps, batch)
 
-    cmd.__doc__ = ("Run the five stages in order (skips finished ones)." if stage is Stage.all
+    cmd.__doc__ = ("Run the six stages in order (skips finished ones)." if stage is Stage.all
                    else f"Run (or resume) the '{stage.value}' stage.")
     train_app.command(stage.value)(cmd)
 
@@ -77,7 +82,7 @@ for _stage in Stage:
 def export_cmd(
     run: Annotated[
         Path,
-        typer.Option(help="Run folder with the stage's checkpoint (finetune.pt)."),
+        typer.Option(help="Run folder with the stage's checkpoint (refine.pt)."),
     ] = Path("training-runs/omnimri-tiny-seed0"),
     out: Annotated[
         Path,
@@ -85,7 +90,8 @@ def export_cmd(
     ] = Path("models/omnimri-tiny"),
     name: Annotated[str, typer.Option()] = "omnimri-tiny",
     version: Annotated[str, typer.Option()] = "1.0.0",
-    stage: Annotated[str, typer.Option(help="Checkpoint stage to export.")] = "finetune",
+    stage: Annotated[str, typer.Option(help="Checkpoint stage to export (default: the last).")
+                     ] = "refine",
 ) -> None:
     """Export a checkpoint to an ONNX model package (verified against PyTorch).
 

@@ -256,7 +256,8 @@ def heldout_case(n: int, seed: int = 0, layout: str = "heldout") -> syn.Case:
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; one of {', '.join(LAYOUTS)}")
     contrast = syn.CONTRASTS[(n // 3) % len(syn.CONTRASTS)]
-    return syn.make_case(HELDOUT_SEED_BASE + seed * 10_000 + n, heldout=layout == "heldout",
+    return syn.make_case(HELDOUT_SEED_BASE + seed * 10_000 + n,
+                         layout="heldout" if layout == "heldout" else "training",
                          diagnosis=n % 3, contrast=contrast)
 
 

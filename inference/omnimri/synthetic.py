@@ -18,15 +18,17 @@ download), padded 40 mm below the brain so the skull base and neck fit:
   included: a mass core is not CSF-like by construction), for T1-, T2-, FLAIR- and PD-like
   tables (jittered), an inverted T1 and fully random contrasts; the template's texture with a
   random sign and strength, and smooth per-label noise;
-* acquisition: voxel size 2-6 mm along one axis and 2-3 mm in-plane (blur, then down- and
-  up-sampling), partial field of view, multiplicative bias field, gamma, ghosting and motion,
-  Rician noise and a global intensity scale;
+* acquisition: voxel size 2-6 mm along one axis and 2-3 mm in-plane (2-5 mm in the ``refine``
+  stage; blur, then down- and up-sampling), partial field of view, multiplicative bias field,
+  gamma, ghosting and motion, Rician noise and a global intensity scale;
 * a diagnosis label (``normal`` / ``small_vessel`` / ``mass``) and a templated report written
   from the ground truth; reconstruction pairs: Cartesian 4x undersampling of each slice's
   k-space (zero-filled).
 
-Training and held-out cases use different seeds *and* disjoint lesion layouts: lesion centres
-are drawn from alternating 16 mm cells (parity 0 for training, 1 for held-out).
+Training and held-out cases use different seeds. The stages up to ``finetune`` also use
+disjoint lesion layouts (lesion centres from alternating 16 mm cells: parity 0 for training, 1
+for held-out); the last stage, ``refine``, draws them anywhere, so that the model cannot
+learn where lesions sit (it had: ``eval --layout training``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -55,6 +58,10 @@ BELOW_BRAIN_PAD = 20
 """Slices (2 mm) added below the template grid, whose bottom is the brain's, for the neck."""
 
 Array = npt.NDArray[np.float32]
+
+Layout = Literal["training", "heldout", "anywhere"]
+LAYOUTS: tuple[Layout, ...] = ("training", "heldout", "anywhere")
+"""Lesion layouts of :func:`make_case` (where lesion centres may be drawn)."""
 
 
 @dataclass
@@ -280,13 +287,15 @@ def _blob(
     return out
 
 
-def _layout_ok(kji: npt.NDArray[np.int_], parity: int) -> bool:
+def _layout_ok(kji: npt.NDArray[np.int_], parity: int | None) -> bool:
+    if parity is None:  # the "anywhere" layout
+        return True
     cell = (np.asarray(kji) // 8).sum()
     return int(cell) % 2 == parity
 
 
 def _pick_centres(
-    rng: np.random.Generator, candidates: npt.NDArray[np.int_], n: int, parity: int,
+    rng: np.random.Generator, candidates: npt.NDArray[np.int_], n: int, parity: int | None,
     min_dist_vox: float,
 ) -> list[npt.NDArray[np.int_]]:
     chosen: list[npt.NDArray[np.int_]] = []
@@ -557,17 +566,20 @@ def _resample_axis(img: Array, axis: int, factor: float, offset: float) -> Array
     return out
 
 
-def _acquire(rng: np.random.Generator, img: Array, augment: float) -> tuple[Array, dict[str,
-                                                                                       float]]:
-    """Acquisition effects on a 0-1 scale image: resolution, bias, gamma, ghosting, noise."""
+def _acquire(rng: np.random.Generator, img: Array, augment: float,
+             max_in_plane_mm: float = 3.0) -> tuple[Array, dict[str, float]]:
+    """Acquisition effects on a 0-1 scale image: resolution, bias, gamma, ghosting, noise.
+
+    ``max_in_plane_mm``: the coarsest in-plane voxel drawn (millimetres; from 2.0).
+    """
     a = augment
     meta: dict[str, float] = {}
     shape = img.shape
     if rng.random() < 0.7:
         # Voxel size: one thick axis (slice thickness 2-6 mm; axial most often), the in-plane
-        # axes 2-3 mm (finer than the 2 mm grid is the grid itself).
+        # axes 2 mm to ``max_in_plane_mm`` (finer than the 2 mm grid is the grid itself).
         thick = int(rng.choice(3, p=[0.6, 0.2, 0.2]))
-        spacing = [float(rng.uniform(2.0, 3.0)) for _ in range(3)]
+        spacing = [float(rng.uniform(2.0, max_in_plane_mm)) for _ in range(3)]
         spacing[thick] = float(rng.uniform(2.0, 2.0 + 4.0 * a))
         sig = [max(0.0, s / 2.355 / SPACING_MM) if s > 2.2 else 0.0 for s in spacing]
         if any(v > 0 for v in sig):
@@ -631,14 +643,17 @@ def _field_of_view(rng: np.random.Generator, brain: npt.NDArray[np.bool_]
 
 
 def make_case(
-    seed: int, *, heldout: bool = False, diagnosis: int | None = None, contrast: str | None = None,
-    augment: float = 1.0, strip: float = 0.0,
+    seed: int, *, layout: Layout = "training", diagnosis: int | None = None,
+    contrast: str | None = None, augment: float = 1.0, strip: float = 0.0,
+    max_in_plane_mm: float = 3.0,
 ) -> Case:
     """Generate one synthetic case (SynthSeg-style domain randomisation from label maps).
 
     Args:
         seed: Random seed (the same seed gives the same case).
-        heldout: Use the held-out lesion layout (parity-1 cells) instead of the training one.
+        layout: Where lesion centres may lie: ``training`` (parity-0 cells), ``heldout``
+            (parity-1 cells) or ``anywhere`` (no cell constraint: the ``refine`` stage, so the
+            model cannot learn lesion positions).
         diagnosis: Force a class (index into :data:`DIAGNOSES`); random if ``None``.
         contrast: Force one of :data:`TRAINING_CONTRASTS`; random if ``None`` (drawn with
             :data:`CONTRAST_WEIGHTS`).
@@ -647,6 +662,8 @@ def make_case(
         strip: Probability that the case is brain-extracted like a skull-stripped scan (all
             non-brain signal zero outside the brain mask, dilated 0-4 mm). Drawn from its own
             random stream, so ``strip=0`` gives exactly the cases it gave before it existed.
+        max_in_plane_mm: Coarsest in-plane voxel of the simulated acquisition (mm). The default
+            3.0 gives exactly the cases of the stages before ``refine``.
     """
     rng = np.random.default_rng(seed)
     tpl = load_template()
@@ -667,7 +684,9 @@ def make_case(
         contrast = str(rng.choice(TRAINING_CONTRASTS, p=CONTRAST_WEIGHTS))
     if contrast not in TRAINING_CONTRASTS:
         raise ValueError(f"unknown contrast {contrast!r}; known: {', '.join(TRAINING_CONTRASTS)}")
-    parity = 1 if heldout else 0
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    parity = {"training": 0, "heldout": 1, "anywhere": None}[layout]
     meta: dict[str, float] = {}
 
     # Anatomical variety: enlarged ventricles, widened sulci (CSF grown into tissue).
@@ -779,7 +798,7 @@ def make_case(
         img = img * (1 - a) + a * target
     img = np.clip(img, 0, None).astype(np.float32)
     if augment > 0:
-        img, acq = _acquire(rng, img, augment)
+        img, acq = _acquire(rng, img, augment, max_in_plane_mm)
         meta.update(acq)
         if fov is not None:
             img *= fov

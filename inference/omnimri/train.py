@@ -1,4 +1,4 @@
-"""The four OmniMRI training stages, each resumable from its checkpoint.
+"""The OmniMRI training stages, each resumable from its checkpoint.
 
 1. ``pretrain``   - self-supervised vision pretraining: masked-patch (SimMIM-style) image
    reconstruction of randomly masked 16 mm tokens; no labels.
@@ -11,10 +11,13 @@
 5. ``finetune``   - task-focused fine-tuning of the reading heads (tissue, lesion, diagnosis)
    every step, lesion slices oversampled further and a lighter false-lesion term, the report
    decoder and reconstruction kept on a few steps so they do not forget.
+6. ``refine``     - ``finetune``'s step at a lower learning rate on new data: lesion centres drawn
+   anywhere (the earlier stages keep to the training layout's cells, and the model had learned
+   them) and in-plane voxels up to 5 mm (clinical T2/FLAIR heads are 4-5 mm in-plane).
 
 Each stage reads the previous stage's checkpoint, saves ``<out>/<stage>.pt`` every
 ``save_every`` steps (model, optimiser, data-pool seeds, step) and writes ``<out>/<stage>.done``
-when finished, so a killed run resumes where it stopped. ``train_all(seed)`` runs the four
+when finished, so a killed run resumes where it stopped. ``train_all(seed)`` runs the
 stages in order with the shipped step counts.
 """
 
@@ -41,18 +44,22 @@ from inference.omnimri.model import OmniMRI, ReportDecoder, TextEncoder
 
 log = structlog.get_logger(__name__)
 
-STAGES = ("pretrain", "align", "multimodal", "instruct", "finetune")
+STAGES = ("pretrain", "align", "multimodal", "instruct", "finetune", "refine")
 
 DEFAULT_STEPS: dict[str, int] = {"pretrain": 150, "align": 80, "multimodal": 3000,
-                                 "instruct": 2500, "finetune": 7000}
+                                 "instruct": 2500, "finetune": 7000, "refine": 6000}
 """Steps of the shipped ``tiny`` run (batch 12 crops of 96x96 pixels), head synthesis
 included: about 90 minutes of one CPU core shared with other work (v3.2.0: 48 + 13 + 1 267 +
 756 + 3 254 s); ``finetune`` alone is 0.43 s per step."""
 
 SEG_HEADS = frozenset({"tissue", "lesion", "diagnosis"})
-STRIP_STAGES = frozenset({"instruct", "finetune"})
-"""Stages whose pools hold skull-stripped cases (:attr:`TrainSettings.strip_fraction`)."""
 """Heads trained from one forward pass of the image (one shared segmentation decoder)."""
+STRIP_STAGES = frozenset({"instruct", "finetune", "refine"})
+"""Stages whose pools hold skull-stripped cases (:attr:`TrainSettings.strip_fraction`)."""
+STAGE_SYNTHESIS: dict[str, dict[str, Any]] = {
+    "refine": {"layout": "anywhere", "max_in_plane_mm": 5.0}}
+"""Per-stage :func:`inference.omnimri.synthetic.make_case` options (the other stages: its
+defaults, the training layout and 2-3 mm in-plane)."""
 
 
 @dataclass
@@ -146,6 +153,7 @@ class CasePool:
         self.base = (s.seed + 1) * 1_000_000 + stage_index * 100_000
         self.max_tokens = max_tokens
         self.strip = s.strip_fraction if STAGES[stage_index] in STRIP_STAGES else 0.0
+        self.synthesis = STAGE_SYNTHESIS.get(STAGES[stage_index], {})
         n = s.pool_cases
         # pool.step(k) has run for k < start_step; each refresh issued refresh_cases ids.
         issued = n + (max(start_step - 1, 0) // s.refresh_every) * s.refresh_cases
@@ -161,7 +169,7 @@ class CasePool:
             self._exec = ProcessPoolExecutor(s.workers, mp_context=mp.get_context("spawn"))
             for i in holds:
                 self._ahead[i] = self._exec.submit(_make_pool_case, self.base, i, max_tokens,
-                                                   self.strip)
+                                                   self.strip, self.synthesis)
         self.cases: list[PoolCase] = [self._make_id(i) for i in holds]
         self.next_id = issued
         self._prefetch()
@@ -172,7 +180,7 @@ class CasePool:
         for i in range(self.next_id, self.next_id + 2 * self.s.workers):
             if i not in self._ahead:
                 self._ahead[i] = self._exec.submit(_make_pool_case, self.base, i,
-                                                   self.max_tokens, self.strip)
+                                                   self.max_tokens, self.strip, self.synthesis)
 
     def close(self) -> None:
         """Stop the case-generating processes (if any)."""
@@ -190,7 +198,7 @@ class CasePool:
         if fut is not None:
             out: PoolCase = fut.result()
             return out
-        return _make_pool_case(self.base, n, self.max_tokens, self.strip)
+        return _make_pool_case(self.base, n, self.max_tokens, self.strip, self.synthesis)
 
     def _make(self) -> PoolCase:
         case = self._make_id(self.next_id)
@@ -206,10 +214,14 @@ class CasePool:
                 self.cases[where] = self._make()
 
 
-def _make_pool_case(base: int, n: int, max_tokens: int, strip: float = 0.0) -> PoolCase:
-    """Case ``n`` of a pool whose seeds start at ``base`` (class-balanced: diagnoses cycle)."""
+def _make_pool_case(base: int, n: int, max_tokens: int, strip: float = 0.0,
+                    synthesis: dict[str, Any] | None = None) -> PoolCase:
+    """Case ``n`` of a pool whose seeds start at ``base`` (class-balanced: diagnoses cycle).
+
+    ``synthesis``: extra :func:`inference.omnimri.synthetic.make_case` options.
+    """
     seed = base + n
-    case = syn.make_case(seed, diagnosis=n % 3, strip=strip)
+    case = syn.make_case(seed, diagnosis=n % 3, strip=strip, **(synthesis or {}))
     return prepare_case(case, max_tokens, kspace_seed=seed)
 
 
@@ -583,8 +595,9 @@ def _step_finetune(m: Modules, pool: CasePool, rng: np.random.Generator, step: i
 
 _STEP_FNS: dict[str, StepFn] = {"pretrain": _step_pretrain, "align": _step_align,
                                 "multimodal": _step_multimodal, "instruct": _step_instruct,
-                                "finetune": _step_finetune}
-_LR = {"pretrain": 2e-3, "align": 1e-3, "multimodal": 2e-3, "instruct": 1e-3, "finetune": 1e-3}
+                                "finetune": _step_finetune, "refine": _step_finetune}
+_LR = {"pretrain": 2e-3, "align": 1e-3, "multimodal": 2e-3, "instruct": 1e-3, "finetune": 1e-3,
+       "refine": 5e-4}
 
 
 def _ckpt(out: Path, stage: str) -> Path:
