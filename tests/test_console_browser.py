@@ -194,3 +194,108 @@ def test_wrong_token_stays_on_login(server: tuple[AdminServer, str], browser: An
     _wait(browser, lambda d: out.text != "")
     assert out.text == "unknown token"
     assert browser.current_url.endswith("/console/login")
+
+
+REPO = Path(__file__).resolve().parents[1]
+XSS = '<img src=x onerror="window.__xss=1">'
+"""A lobe name planted in the findings file: the answer shows it as text, never as markup."""
+
+
+@pytest.fixture(scope="module")
+def ask_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AdminServer, str]]:
+    """A console over a stored brain (2 mm, 24 slices) and the shipped omnimri-tiny package."""
+    from inference.package import ModelPackage
+
+    if "language" not in ModelPackage.load(REPO / "models" / "omnimri-tiny").spec.extra:
+        pytest.skip("models/omnimri-tiny has no extra.language: run 'omnimri-node train "
+                    "language'")
+    tmp = tmp_path_factory.mktemp("console-ask")
+    doc = _config(tmp, free_port())
+    doc["models"] = {"path": str(REPO / "models")}
+    doc["pipelines"]["brain"] = {"model": "omnimri-tiny",
+                                 "instructions": ["detect abnormalities", "write the report"]}
+    cfg = tmp / "config.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    settings = load_config(cfg)
+    settings.storage.path.mkdir(parents=True)
+    from omnimri_samples import brain_series
+
+    uid, _ = _index_series(settings, datasets=brain_series(resolution_mm=2, slices=24))
+    srv = AdminServer(settings, config_path=cfg, host="127.0.0.1", port=free_port())
+    srv.start()
+    yield srv, uid
+    srv.stop()
+
+
+def _ask(driver: Any, question: str) -> Any:
+    """Type ``question`` into the series page's ask box; the answer element once answered."""
+    from selenium.webdriver.common.by import By
+
+    box = driver.find_element(By.ID, "q")
+    box.clear()
+    box.send_keys(question)
+    driver.find_element(By.ID, "ask").click()
+    # The first question runs the model on the series (seconds; minutes on a loaded machine).
+    _wait(driver, lambda d: d.find_element(By.ID, "answer").get_attribute("data-status")
+          is not None, timeout=300.0)
+    return driver.find_element(By.ID, "answer")
+
+
+def test_console_ask_box_for_a_viewer(ask_server: tuple[AdminServer, str], browser: Any) -> None:
+    import json
+
+    from selenium.webdriver.common.by import By
+
+    from dicom_node.audit import read_audit
+
+    srv, uid = ask_server
+    settings = srv.backend.settings
+    assert settings.audit.path is not None
+
+    def asks() -> list[dict[str, Any]]:
+        assert settings.audit.path is not None
+        return [r for r in read_audit(settings.audit.path, event="admin_action")
+                if r.get("action") == "ask"]
+
+    _sign_in(browser, srv.url, VIEWER)
+    browser.get(f"{srv.url}/console/series/{uid}")
+    assert "Ask about this series" in browser.page_source
+    assert browser.find_elements(By.ID, "rerun") == []  # a viewer, who may still ask
+
+    answer = _ask(browser, "How many lesions are there?")
+    assert answer.get_attribute("data-status") == "200", answer.text
+    assert answer.get_attribute("data-refused") == "false", answer.text
+    assert "lesion" in answer.text.lower() and answer.text.endswith("."), answer.text
+    assert "omnimri-tiny" in browser.find_element(By.ID, "askmodel").text
+    browser.execute_script("arguments[0].scrollIntoView()", answer)
+    _shot(browser, "ask")
+    [first] = asks()
+    assert (first["token_id"], first["target"], first["question_type"], first["refused"]) == (
+        "ward-viewer", uid, "count", False)
+
+    answer = _ask(browser, "what is the patient's name?")
+    assert answer.get_attribute("data-status") == "200"
+    assert answer.get_attribute("data-refused") == "true", answer.text
+    assert answer.text.startswith("I cannot answer that"), answer.text
+    assert "Not answered" in browser.find_element(By.ID, "askmodel").text
+    assert [r["refused"] for r in asks()] == [False, True]
+
+    # Findings whose words carry markup (a tampered cache, a future generative model): the
+    # answer shows them as text; no element is created and no script runs.
+    [cache] = (settings.storage.path.parent / "language").glob(f"{uid}.r*.json")
+    facts = json.loads(cache.read_text())
+    facts["lesions"] = [{"kind": "wmh", "side": "left", "lobe": XSS, "diameter_mm": 9.0,
+                         "volume_ml": 0.3}]
+    facts["lesions_measured"] = True
+    cache.write_text(json.dumps(facts))
+    answer = _ask(browser, "which side is the largest lesion on?")
+    assert answer.get_attribute("data-status") == "200", answer.text
+    assert XSS in answer.text, answer.text
+    assert answer.find_elements(By.TAG_NAME, "img") == []
+    assert "&lt;img" in answer.get_attribute("innerHTML")
+    assert browser.execute_script("return window.__xss === undefined")
+    assert len(asks()) == 3
+
+    text = Path(str(settings.audit.path)).read_text()
+    assert "patient's name" not in text and "How many" not in text  # no question text
+    assert "OMNIMRI^PHANTOM" not in text and "OMNIMRI^PHANTOM" not in browser.page_source

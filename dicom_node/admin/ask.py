@@ -34,8 +34,13 @@ FACT_INSTRUCTIONS = ("segment brain tissues", "detect abnormalities", "suggest a
 MAX_QUESTION_CHARS = 500
 
 
+def model_pipelines(settings: NodeSettings) -> dict[str, PipelineConfig]:
+    """The configured pipelines whose model package can answer questions, in config order."""
+    return {n: p for n, p in settings.pipelines.items() if p.kind == "omnimri" and p.model}
+
+
 def _pipeline(settings: NodeSettings, name: str | None) -> tuple[str, PipelineConfig]:
-    models = {n: p for n, p in settings.pipelines.items() if p.kind == "omnimri" and p.model}
+    models = model_pipelines(settings)
     if name is not None:
         if name not in models:
             raise AdminError(404, f"no model pipeline {name!r} (known: "

@@ -18,6 +18,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from dicom_node.admin.auth import COOKIE_NAME, Principal, find_token
 from dicom_node.admin.backend import AdminBackend, AdminError, scrub_for
+from dicom_node.config import NodeSettings
 
 router = APIRouter(prefix="/console", include_in_schema=False)
 
@@ -56,6 +57,9 @@ pre{background:#0b1118;border:1px solid var(--line);border-radius:6px;padding:10
 white-space:pre-wrap;min-height:60px}pre:empty{display:none}.row{display:flex;gap:10px;align-items:center;
 flex-wrap:wrap;margin:10px 0}.two{display:grid;grid-template-columns:1fr 1fr;gap:16px}
 @media(max-width:900px){.two{grid-template-columns:1fr}}
+#q{flex:1;min-width:260px}.answer{background:var(--panel);border:1px solid var(--line);
+border-radius:6px;padding:10px;white-space:pre-wrap}.answer:empty{display:none}
+.answer.ok{border-color:var(--ok)}.answer.bad{border-color:var(--bad);color:var(--bad)}
 """
 
 _JS = """
@@ -271,13 +275,58 @@ def series_detail(request: Request, series_uid: str) -> Response:
 const res=await api('POST',
  '/api/v1/series/'+encodeURIComponent({_js_in_script(series_uid)})+'/rerun',
 {{pipeline:document.getElementById('pipe').value}});show('out',res)}};""")
+    ask_box, ask_js = _ask_box(b.settings, series_uid)
     body = (f"<h1>{_e(s.get('series_description') or 'Series')}</h1><div class='two'><div>"
             f"<img alt='middle slice' style='max-width:100%;background:#000;border-radius:8px' "
             f"src='/api/v1/series/{quote(series_uid)}/thumbnail.png?size=512'></div><div>"
             f"<table>{facts}</table></div></div><h2>Jobs</h2><table><tr><th>job</th>"
             f"<th>state</th><th>pipeline</th><th>destinations</th><th>attempts</th></tr>"
-            f"{jobs or '<tr><td colspan=5 class=mut>none</td></tr>'}</table>{rerun}")
-    return _page("Series", body, active="series", who=who, extra_js=js)
+            f"{jobs or '<tr><td colspan=5 class=mut>none</td></tr>'}</table>{ask_box}{rerun}")
+    return _page("Series", body, active="series", who=who, extra_js=js + ask_js)
+
+
+_ASK_JS = """const af=document.getElementById('askf');if(af)af.addEventListener('submit',async e=>{
+e.preventDefault();const a=document.getElementById('answer'),m=document.getElementById('askmodel'),
+q=document.getElementById('q').value.trim(),p=document.getElementById('askpipe');if(!q)return;
+const btn=document.getElementById('ask');btn.disabled=true;delete a.dataset.status;
+a.className='answer mut';m.textContent='';
+a.textContent='Reading the series... (the first question runs the model once)';
+const res=await api('POST','/api/v1/series/'+encodeURIComponent(SERIES_UID)+'/ask',
+  p?{question:q,pipeline:p.value}:{question:q});
+if(res.ok){a.textContent=res.data.answer;a.className='answer '+(res.data.refused?'bad':'ok');
+  a.dataset.refused=res.data.refused;m.textContent=(res.data.refused?'Not answered (out of '
+  +'scope)':'Answered from the structured findings')+' by '+res.data.model+' ('
+  +res.data.pipeline+').'}
+else{const d=res.data.detail;a.textContent='HTTP '+res.status+': '+(typeof d==='string'?d
+  :JSON.stringify(d));a.className='answer bad';a.dataset.refused='error'}
+a.dataset.status=res.status;btn.disabled=false});"""
+"""The ask box's script: the text of the answer goes in with ``textContent`` only (a model's or a
+findings file's words are never parsed as HTML); ``data-status`` is set last."""
+
+
+def _ask_box(settings: NodeSettings, series_uid: str) -> tuple[str, str]:
+    """HTML and script of "Ask about this series" (``("", "")`` without a model pipeline).
+
+    The box posts to ``POST /api/v1/series/{uid}/ask`` (any role; audited there, one record a
+    question, without its text).
+    """
+    from dicom_node.admin.ask import MAX_QUESTION_CHARS, model_pipelines
+
+    names = list(model_pipelines(settings))
+    if not names:
+        return ("<h2>Ask about this series</h2><p class='mut'>No pipeline with a model is "
+                "configured, so there is no model to ask.</p>", "")
+    pick = ("<select id='askpipe' title='model pipeline'>"
+            + "".join(f"<option>{_e(n)}</option>" for n in names) + "</select>"
+            if len(names) > 1 else "")
+    html_ = (f"<h2>Ask about this series</h2><form id='askf' class='row'>"
+             f"<input id='q' type='text' maxlength='{MAX_QUESTION_CHARS}' autocomplete='off' "
+             f"aria-label='Ask about this series' placeholder='e.g. how many white matter "
+             f"lesions are there? which side is the largest lesion on? what is the brain "
+             f"volume?'>{pick}<button id='ask'>Ask</button></form>"
+             f"<div id='answer' class='answer' aria-live='polite'></div>"
+             f"<p id='askmodel' class='mut'></p>")
+    return html_, f"const SERIES_UID={_js_in_script(series_uid)};" + _ASK_JS
 
 
 @router.get("/rules", response_model=None)
