@@ -29,14 +29,18 @@ how well the vision model finds lesions is :mod:`inference.omnimri.evaluate`'s m
 from __future__ import annotations
 
 import random
-import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from inference.omnimri.language import corpus as C
-from inference.omnimri.language.facts import Lesion, SeriesFacts, number_word, verify_text
+from inference.omnimri.language.facts import (
+    Lesion,
+    SeriesFacts,
+    report_fact_checks,
+    verify_text,
+)
 from inference.omnimri.language.narrate import ALL_TEMPLATES, write_report
 from inference.omnimri.language.qa import answer, expected_value
 from inference.omnimri.language.runtime import Parse, TextModel, refusal_reason
@@ -57,7 +61,8 @@ def random_facts(rng: random.Random) -> SeriesFacts:
     """Plausible structured findings of one series.
 
     Normal, small-vessel disease or mass (with or without white-matter lesions); tissue
-    volumes in ml (absent in one case of ten); the diagnosis disagrees with the lesions in
+    volumes in ml (tissues not segmented in one case of ten: ``tasks`` says which ran); the
+    diagnosis disagrees with the lesions in
     about one case of ten.
     """
     kind = rng.choice(("normal", "small_vessel", "mass"))
@@ -81,35 +86,10 @@ def random_facts(rng: random.Random) -> SeriesFacts:
         tissue = {"brain": round(gm + wm + csf, 1), "grey matter": round(gm, 1),
                   "white matter": round(wm, 1), "csf": round(csf, 1)}
     diag = kind if rng.random() < 0.9 else rng.choice(("normal", "small_vessel", "mass"))
+    ran = ("detect abnormalities", "suggest a diagnosis", "write the report")
     return SeriesFacts(lesions=tuple(lesions), diagnosis=diag,
                        diagnosis_probability=round(rng.uniform(0.5, 1.0), 3), tissue_ml=tissue,
-                       model="sampled")
-
-
-def report_fact_checks(findings: str, impression: str, facts: SeriesFacts) -> list[bool]:
-    """Whether each statement a report must make is there (one bool per statement)."""
-    text = f"{findings} {impression}".lower()
-    checks = []
-    kind = facts.report_kind
-    key = {"normal": r"normal|unremarkable|no intracranial abnormality",
-           "small_vessel": r"small-vessel", "mass": r"mass|space-occupying"}[kind]
-    checks.append(re.search(key, impression.lower()) is not None)
-    for k in ("mass", "wmh"):
-        group = [x for x in facts.lesions if x.kind == k]
-        if not group:
-            continue
-        big = group[0]
-        checks.append(big.where in text)
-        checks.append(f"{round(big.diameter_mm)} mm" in text)
-        n = len(group)
-        stated = rf"\b({n}|{number_word(n)}) |\({n}\)"
-        checks.append(bool(re.search(stated, text)) if n > 1 else bool(
-            re.search(r"\b(a|one|single|solitary)\b", text)))
-    if not facts.lesions:
-        checks.append(bool(re.search(r"\bno (focal |mass)", text)))
-    for v in facts.tissue_ml.values():
-        checks.append(f"{v:.0f} ml" in text)
-    return checks
+                       model="sampled", tasks=(("segment brain tissues",) if tissue else ()) + ran)
 
 
 @dataclass

@@ -20,6 +20,8 @@ from inference import results as R
 
 LOBE_WORDS = ("frontal", "parietal", "temporal", "occipital", "cerebellum")
 SIDE_WORDS = ("left", "right", "midline")
+TISSUE_TASK = "segment brain tissues"
+"""The canonical instruction that segments the tissues."""
 TISSUE_LABELS = {"Brain": "brain", "CSF": "csf", "Grey matter": "grey matter",
                  "White matter": "white matter"}
 """Segment label of :mod:`inference.omnimri.tasks` -> tissue name of the questions."""
@@ -64,6 +66,14 @@ class SeriesFacts:
     """``False`` when the lesion head did not run (then ``lesions`` says nothing)."""
     model: str = ""
     """``name version`` of the model that found them."""
+    tasks: tuple[str, ...] = ()
+    """The canonical instructions that ran (empty: not recorded, e.g. an older cache; then the
+    tissues count as segmented only when :attr:`tissue_ml` holds volumes)."""
+
+    @property
+    def tissues_measured(self) -> bool:
+        """Whether the tissues were segmented (text may describe grey/white matter, CSF)."""
+        return TISSUE_TASK in self.tasks or bool(self.tissue_ml)
 
     @property
     def report_kind(self) -> str:
@@ -91,6 +101,7 @@ class SeriesFacts:
         """Inverse of :meth:`to_dict`."""
         d = dict(d)
         d["lesions"] = tuple(Lesion(**x) for x in d.get("lesions", ()))
+        d["tasks"] = tuple(d.get("tasks", ()))
         return cls(**d)
 
     @classmethod
@@ -120,10 +131,11 @@ class SeriesFacts:
                 if s.label.label in TISSUE_LABELS:
                     tissue[TISSUE_LABELS[s.label.label]] = round(
                         float(np.count_nonzero(s.mask)) * voxel_ml, 1)
-        measured = "detect abnormalities" in res.instructions or bool(res.detections)
+        ran = tuple(" ".join(i.lower().split()) for i in res.instructions)
+        measured = "detect abnormalities" in ran or bool(res.detections)
         return cls(lesions=lesions, diagnosis=diag, diagnosis_probability=prob,
                    tissue_ml=tissue, lesions_measured=measured,
-                   model=f"{res.model.name} {res.model.version}")
+                   model=f"{res.model.name} {res.model.version}", tasks=ran)
 
 
 # --------------------------------------------------------------------------- checking text
@@ -174,6 +186,12 @@ def _kind_of(sentence: str) -> str | None:
     return None
 
 
+_TISSUE_STATEMENT = re.compile(
+    r"\b(?:gr[ae]y(?:[- ]white)?(?: matter)?|csf|cerebrospinal|tissue volumes?|segmented "
+    r"volumes?|brain (?:measures|volume)|white matter (?:are|is|appears?|volume|\d))\b")
+"""Words that describe the segmented tissues (grey/white matter, CSF, tissue volumes); a
+white-matter *lesion* is not one."""
+
 DIAGNOSIS_TEXT = {"normal": "normal", "small_vessel": "small-vessel disease",
                   "mass": "intracranial mass"}
 
@@ -186,7 +204,8 @@ def verify_text(text: str, facts: SeriesFacts) -> list[str]:
     or lesion volume; a ``no lesion``/``no mass`` statement has no such lesion (where it names
     a place, none there); a lesion count stated in digits is neither below the lesions at the
     places named nor above all of that kind; a sentence naming "the diagnosis" names the
-    model's.
+    model's; grey/white matter, CSF and tissue volumes are described only when the tissues
+    were segmented (:attr:`SeriesFacts.tissues_measured`).
     """
     problems: list[str] = []
     low = text.lower()
@@ -195,6 +214,9 @@ def verify_text(text: str, facts: SeriesFacts) -> list[str]:
         round(x.volume_ml, 1) for x in facts.lesions} | {
         round(x.volume_ml, 2) for x in facts.lesions}
     for sentence in re.split(r"(?<=[.;!?])\s+", low):
+        if (not facts.tissues_measured and _TISSUE_STATEMENT.search(sentence)
+                and not re.search(r"\bnot (?:measured|segmented)\b", sentence)):
+            problems.append(f"describes the tissues, which were not segmented: {sentence!r}")
         kind = _kind_of(sentence)
         pool = [x for x in facts.lesions if kind is None or x.kind == kind]
         places = _mentions(sentence)
@@ -228,3 +250,29 @@ def verify_text(text: str, facts: SeriesFacts) -> list[str]:
                 problems.append(f"names diagnosis {said[0]!r}, the model's is "
                                 f"{facts.diagnosis!r}: {sentence!r}")
     return problems
+
+
+def report_fact_checks(findings: str, impression: str, facts: SeriesFacts) -> list[bool]:
+    """Whether each statement a report must make is there (one bool per statement)."""
+    text = f"{findings} {impression}".lower()
+    checks = []
+    kind = facts.report_kind
+    key = {"normal": r"normal|unremarkable|no intracranial abnormality",
+           "small_vessel": r"small-vessel", "mass": r"mass|space-occupying"}[kind]
+    checks.append(re.search(key, impression.lower()) is not None)
+    for k in ("mass", "wmh"):
+        group = [x for x in facts.lesions if x.kind == k]
+        if not group:
+            continue
+        big = group[0]
+        checks.append(big.where in text)
+        checks.append(f"{round(big.diameter_mm)} mm" in text)
+        n = len(group)
+        stated = rf"\b({n}|{number_word(n)}) |\({n}\)"
+        checks.append(bool(re.search(stated, text)) if n > 1 else bool(
+            re.search(r"\b(a|one|single|solitary)\b", text)))
+    if not facts.lesions:
+        checks.append(bool(re.search(r"\bno (focal |mass)", text)))
+    for v in facts.tissue_ml.values():
+        checks.append(f"{v:.0f} ml" in text)
+    return checks

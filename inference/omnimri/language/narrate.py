@@ -15,12 +15,14 @@ import dataclasses
 import hashlib
 import json
 import random
+import re
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
 
 from inference import results as R
-from inference.omnimri.language.facts import Lesion, SeriesFacts, number_word
+from inference.omnimri.language.facts import SeriesFacts, number_word
 
 NORMAL_FINDINGS = (
     "No focal lesion is identified.",
@@ -98,10 +100,6 @@ ALL_TEMPLATES: dict[str, tuple[str, ...]] = {
 """Every sentence template, by statement (the variety measure counts distinct ones used)."""
 
 
-def _cap(s: str) -> str:
-    return s[:1].upper() + s[1:]
-
-
 def _fmt_mm(x: float) -> str:
     return str(round(x))
 
@@ -114,25 +112,122 @@ class _Picker:
     def __init__(self, seed: str) -> None:
         h = hashlib.sha256(seed.encode()).digest()
         self.rng = random.Random(int.from_bytes(h[:8], "big"))
-        self.used: list[str] = []
 
-    def __call__(self, key: str, **kw: str) -> str:
-        n = self.rng.randrange(len(ALL_TEMPLATES[key]))
-        self.used.append(f"{key}:{n}")
-        return _cap(ALL_TEMPLATES[key][n].format(**kw))
+    def __call__(self, key: str) -> int:
+        return self.rng.randrange(len(ALL_TEMPLATES[key]))
 
 
-def _lesion_sentences(pick: _Picker, group: list[Lesion], one: str, many: str) -> list[str]:
-    big = group[0]
-    kw = {"where": big.where, "d": _fmt_mm(big.diameter_mm), "v": _fmt_ml(big.volume_ml),
-          "n": str(len(group)), "nw": number_word(len(group))}
-    out = [pick(one if len(group) == 1 else many, **kw)]
-    others = sorted({x.where for x in group[1:]} - {big.where})
-    if others:
-        places = others[:3]
-        text = places[0] if len(places) == 1 else ", ".join(places[:-1]) + " and " + places[-1]
-        out.append(pick("spread", places=text))
+Statement = tuple[str, str]
+"""One sentence of a report plan: ``(template key, group)``; the group (``mass``, ``wmh`` or
+``""``) says whose values the sentence's slots take (:func:`slot_values`)."""
+
+
+def slot_values(facts: SeriesFacts) -> dict[str, str]:
+    """The measured values a report may state, by slot name.
+
+    ``where_mass``, ``d_mass`` (mm), ``v_mass`` (ml), ``n_mass``, ``nw_mass``, ``places_mass``
+    and the same for ``wmh`` (for each kind that was detected; ``places`` only when other
+    lesions lie elsewhere); ``brain``, ``gm``, ``wm``, ``csf`` (ml) when all four tissue
+    volumes were measured.
+    """
+    out: dict[str, str] = {}
+    for kind in ("mass", "wmh"):
+        group = [x for x in facts.lesions if x.kind == kind]
+        if not group:
+            continue
+        big = group[0]
+        out |= {f"where_{kind}": big.where, f"d_{kind}": _fmt_mm(big.diameter_mm),
+                f"v_{kind}": _fmt_ml(big.volume_ml), f"n_{kind}": str(len(group)),
+                f"nw_{kind}": number_word(len(group))}
+        others = sorted({x.where for x in group[1:]} - {big.where})[:3]
+        if others:
+            out[f"places_{kind}"] = (others[0] if len(others) == 1
+                                     else ", ".join(others[:-1]) + " and " + others[-1])
+    t = facts.tissue_ml
+    if all(k in t for k in ("brain", "grey matter", "white matter", "csf")):
+        out |= {"brain": f"{t['brain']:.0f}", "gm": f"{t['grey matter']:.0f}",
+                "wm": f"{t['white matter']:.0f}", "csf": f"{t['csf']:.0f}"}
     return out
+
+
+def report_plan(facts: SeriesFacts) -> tuple[list[Statement], Statement]:
+    """The statements of the report of ``facts``: findings sentences and the impression.
+
+    A normal study says so, and describes grey and white matter only when the tissues were
+    segmented (:attr:`SeriesFacts.tissues_measured`); lesions by kind (the largest, the count,
+    other places); the tissue volumes when measured; the impression follows
+    :attr:`SeriesFacts.report_kind`.
+    """
+    values = slot_values(facts)
+    masses = any(x.kind == "mass" for x in facts.lesions)
+    wmh = [x for x in facts.lesions if x.kind == "wmh"]
+    findings: list[Statement] = []
+    if not facts.lesions:
+        findings.append(("normal", ""))
+        if facts.tissues_measured:
+            findings.append(("grey_white", ""))
+    for kind, one, many in (("mass", "one_mass", "many_masses"), ("wmh", "one_wmh", "many_wmh")):
+        if f"n_{kind}" not in values:
+            continue
+        findings.append((one if values[f"n_{kind}"] == "1" else many, kind))
+        if f"places_{kind}" in values:
+            findings.append(("spread", kind))
+        if kind == "mass" and not wmh:
+            findings.append(("no_wmh", ""))
+    if "brain" in values:
+        findings.append(("volumes", ""))
+    kind = facts.report_kind
+    return findings, (f"impression_{kind}", "mass" if kind == "mass" and masses else "")
+
+
+def slotted(template: str, group: str) -> str:
+    """``template`` with its slots named for ``group`` (``{where}`` -> ``{where_mass}``)."""
+    if not group:
+        return template
+    return re.sub(r"\{(where|d|v|n|nw|places)\}", rf"{{\1_{group}}}", template)
+
+
+SENTENCE_START = re.compile(r"(^|[.;!?]\s+)([a-z])")
+
+
+def capitalise(text: str) -> str:
+    """Each sentence of ``text`` starting with a capital."""
+    return SENTENCE_START.sub(lambda m: m.group(1) + m.group(2).upper(), text)
+
+
+def fill(template_text: str, values: dict[str, str]) -> str:
+    """Delexicalised text (slots ``{d_mass}``...) with the measured values, capitalised.
+
+    Raises:
+        KeyError: A slot the findings have no value for.
+    """
+    return capitalise(re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], template_text))
+
+
+def delexicalised_report(facts: SeriesFacts, choose: Callable[[str], int]
+                         ) -> tuple[str, str, list[str]]:
+    """Findings and impression of ``facts`` with slots instead of values, and template ids.
+
+    ``choose(key)`` picks the template of each statement (an index into
+    :data:`ALL_TEMPLATES` ``[key]``).
+    """
+    findings, impression = report_plan(facts)
+    used: list[str] = []
+    out: list[str] = []
+    for key, group in [*findings, impression]:
+        n = choose(key)
+        used.append(f"{key}:{n}")
+        out.append(slotted(ALL_TEMPLATES[key][n], group))
+    return " ".join(out[:-1]), out[-1], used
+
+
+def styled_choice(style: int) -> Callable[[str], int]:
+    """The template choice of one style: index ``style % len(templates)`` of every statement.
+
+    Twelve styles cover every pair of a 3- and a 4-template choice (the report decoder is
+    trained on these and told the style: :mod:`inference.omnimri.language.decoder`).
+    """
+    return lambda key: style % len(ALL_TEMPLATES[key])
 
 
 def write_report(facts: SeriesFacts, seed: str = "") -> tuple[R.Report, list[str]]:
@@ -143,26 +238,9 @@ def write_report(facts: SeriesFacts, seed: str = "") -> tuple[R.Report, list[str
         seed: Chooses among the templates (same seed and facts: same text), e.g. the job id.
     """
     pick = _Picker(seed)
-    masses = [x for x in facts.lesions if x.kind == "mass"]
-    wmh = [x for x in facts.lesions if x.kind == "wmh"]
-    findings: list[str] = []
-    if not facts.lesions:
-        findings.append(pick("normal"))
-        findings.append(pick("grey_white"))
-    if masses:
-        findings += _lesion_sentences(pick, masses, "one_mass", "many_masses")
-        if not wmh:
-            findings.append(pick("no_wmh"))
-    if wmh:
-        findings += _lesion_sentences(pick, wmh, "one_wmh", "many_wmh")
-    t = facts.tissue_ml
-    if all(k in t for k in ("brain", "grey matter", "white matter", "csf")):
-        findings.append(pick("volumes", brain=f"{t['brain']:.0f}", gm=f"{t['grey matter']:.0f}",
-                             wm=f"{t['white matter']:.0f}", csf=f"{t['csf']:.0f}"))
-    kind = facts.report_kind
-    where = masses[0].where if masses else ""
-    impression = pick(f"impression_{kind}", where=where)
-    return R.Report(findings=" ".join(findings), impression=impression), pick.used
+    findings, impression, used = delexicalised_report(facts, pick)
+    values = slot_values(facts)
+    return R.Report(findings=fill(findings, values), impression=fill(impression, values)), used
 
 
 def vocabulary_text() -> list[str]:
