@@ -36,14 +36,17 @@ def language_cmd(
     seed: Annotated[int, typer.Option(help="Random seed (data, initialisation).")] = 0,
     steps: Annotated[int | None, typer.Option(help="Training steps (default 2500).")] = None,
     reports: Annotated[str, typer.Option(
-        help="Who writes reports: 'decoder' (the package's report decoder) or 'natural' "
-             "(varied sentences from the structured findings; the vision eval's report "
-             "scoring reads only the decoder's grammar).")] = "decoder",
+        help="Who writes reports: 'decoder' (the package's report decoder), 'natural' "
+             "(varied sentences from the structured findings) or 'neural' (the grounded "
+             "neural report decoder trained here, the grammar where a generation fails the "
+             "check); the vision eval's report scoring reads only the decoder's grammar.")
+    ] = "decoder",
 ) -> None:
-    """Train the tokenizer and text encoder (instructions, questions) on one CPU thread.
+    """Train the tokenizer, text encoder and report decoder on one CPU thread.
 
     Writes ``<version>/language/`` (tokenizer.json, text_encoder.onnx checked against PyTorch,
-    language.json) and ``extra.language`` in model.yaml.
+    report_tokenizer.json, report_decoder.onnx checked against PyTorch with its key/value
+    cache, language.json) and ``extra.language`` in model.yaml.
     """
     from inference.omnimri.language.textmodel import (
         LanguageTrainSettings,
@@ -53,8 +56,9 @@ def language_cmd(
     from inference.package import ModelPackage
 
     _require_package(model)
-    if reports not in ("decoder", "natural"):
-        typer.echo(f"error: --reports is 'decoder' or 'natural', not {reports!r}", err=True)
+    if reports not in ("decoder", "natural", "neural"):
+        typer.echo(f"error: --reports is 'decoder', 'natural' or 'neural', not {reports!r}",
+                   err=True)
         raise typer.Exit(2)
     s = LanguageTrainSettings(seed=seed)
     if steps:
@@ -75,7 +79,11 @@ def language_eval_cmd(
     seed: Annotated[int, typer.Option(help="Held-out set seed.")] = 1,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write JSON.")] = None,
 ) -> None:
-    """Issue #16 language targets on held-out phrasings: routing, refusal, QA, reports."""
+    """Issue #16 language targets on held-out phrasings: routing, refusal, QA, reports.
+
+    With a report decoder in the package, also its report facts, contradictions, refusals by
+    the grounding check, variety and ms per report (ONNX Runtime, key/value cache).
+    """
     from inference.omnimri.language.evaluate import evaluate_package
 
     _require_package(model)

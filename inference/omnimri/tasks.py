@@ -508,8 +508,13 @@ def results_from_raw(package: Any, raw: Any, volume: Any, instructions: list[str
     if "recon" in raw.image:
         heads.recon = raw.image["recon"]
     narrator: Narrator | None = None
-    if writer is None and (extra.get("language") or {}).get("reports") == "natural":
+    reports = (extra.get("language") or {}).get("reports")
+    if writer is None and reports == "natural":
         from inference.omnimri.language.narrate import narrate_results as narrator
+    elif writer is None and reports == "neural":  # grounded neural decoder, grammar fallback
+        from inference.omnimri.language.reportgen import narrator_for
+
+        narrator = narrator_for(package)
     if writer is None and narrator is None and "write the report" in [
             " ".join(i.lower().split()) for i in instructions]:
         writer = report_writer_for(package.version_folder(), extra)

@@ -19,6 +19,10 @@
   statements a report must make (impression, place, size and count of the largest lesion of
   each kind, tissue volumes), contradictions as above, variety the distinct sentence templates
   and distinct reports.
+* **Neural reports**: the report decoder (:mod:`~.reportgen`, ONNX Runtime with a key/value
+  cache) on the same findings: facts and contradictions of the reports used (grounded: the
+  grammar's where a generation fails the check), how many generations were refused, variety
+  (distinct sentence templates and reports), ms per report p50/p95.
 * **Latency**: text encoder on ONNX Runtime (one thread) per text, report writing per series.
 
 The findings are sampled, not read from images: the answers and reports are computed from
@@ -29,6 +33,7 @@ how well the vision model finds lesions is :mod:`inference.omnimri.evaluate`'s m
 from __future__ import annotations
 
 import random
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,8 +46,9 @@ from inference.omnimri.language.facts import (
     report_fact_checks,
     verify_text,
 )
-from inference.omnimri.language.narrate import ALL_TEMPLATES, write_report
+from inference.omnimri.language.narrate import ALL_TEMPLATES, fill, slot_values, write_report
 from inference.omnimri.language.qa import answer, expected_value
+from inference.omnimri.language.reportgen import ReportDecoder
 from inference.omnimri.language.runtime import Parse, TextModel, refusal_reason
 
 TARGETS: dict[str, tuple[str, float]] = {
@@ -53,6 +59,9 @@ TARGETS: dict[str, tuple[str, float]] = {
     "report_fact_rate": (">=", 0.95),
     "report_contradictions": ("<=", 0),
     "report_seconds_p95": ("<=", 1.0),
+    "decoder_report_fact_rate": (">=", 0.95),
+    "decoder_report_contradictions": ("<=", 0),
+    "decoder_ms_p95": ("<=", 1000.0),
 }
 """Metric -> (comparison, target) from issue #16."""
 
@@ -122,9 +131,61 @@ class LanguageReport:
         return {"metrics": self.metrics, "counts": self.counts, "examples": self.examples}
 
 
-def evaluate_language(model: TextModel, n: int = 2000, seed: int = 1, reports: int = 300
-                      ) -> LanguageReport:
-    """All language metrics on ``n`` held-out texts and ``reports`` sampled findings."""
+def decoder_metrics(decoder: ReportDecoder, cases: list[SeriesFacts]) -> dict[str, float]:
+    """The neural report decoder on ``cases`` (findings), as served (ONNX Runtime, cache).
+
+    ``decoder_report_fact_rate`` and ``decoder_report_contradictions`` score the reports
+    *used* (the decoder's when grounded, else the grammar's); ``decoder_rejected`` counts the
+    generations the grounding check refused (and their rate), ``decoder_fact_rate_raw`` the
+    decoder's own texts before that check; variety is the distinct delexicalised sentences
+    (sentence templates) and distinct reports; ``decoder_ms_p50``/``p95`` the generation time
+    per report, ms (one thread).
+    """
+    ok = n = bad = rejected = raw_ok = raw_n = 0
+    sentences: set[str] = set()
+    texts: set[str] = set()
+    ms = []
+    for k, facts in enumerate(cases):
+        g = decoder.write(facts, seed=f"case-{k}")
+        ms.append(1000 * g.seconds)
+        checks = report_fact_checks(g.report.findings, g.report.impression, facts)
+        ok += sum(checks)
+        n += len(checks)
+        bad += bool(verify_text(f"{g.report.findings} {g.report.impression}", facts))
+        rejected += not g.neural
+        findings, _, impression = g.delexicalised.partition(" <impression> ")
+        try:
+            raw = fill(findings, slot_values(facts)), fill(impression, slot_values(facts))
+            raw_checks = report_fact_checks(*raw, facts)
+        except KeyError:
+            raw_checks = [False]
+        raw_ok += sum(raw_checks)
+        raw_n += len(raw_checks)
+        if g.neural:
+            for part in re.split(r"(?<=[.;])\s+", f"{findings} {impression}"):
+                sentences.add(re.sub(r"_(?:mass|wmh)\}", "}", part))
+        texts.add(g.report.findings + g.report.impression)
+    ms.sort()
+    return {
+        "decoder_report_fact_rate": ok / max(1, n),
+        "decoder_report_contradictions": bad,
+        "decoder_rejected": rejected,
+        "decoder_rejected_rate": rejected / max(1, len(cases)),
+        "decoder_fact_rate_raw": raw_ok / max(1, raw_n),
+        "decoder_sentence_templates": len(sentences),
+        "decoder_distinct_reports": len(texts),
+        "decoder_ms_p50": ms[len(ms) // 2] if ms else 0.0,
+        "decoder_ms_p95": ms[int(0.95 * (len(ms) - 1))] if ms else 0.0,
+    }
+
+
+def evaluate_language(model: TextModel, n: int = 2000, seed: int = 1, reports: int = 300,
+                      decoder: ReportDecoder | None = None) -> LanguageReport:
+    """All language metrics on ``n`` held-out texts and ``reports`` sampled findings.
+
+    With ``decoder``, also the neural report decoder's (:func:`decoder_metrics`) on the same
+    findings.
+    """
     rep = LanguageReport()
     ex = C.generate(n, "heldout", seed=seed)
     t0 = time.perf_counter()
@@ -186,8 +247,10 @@ def evaluate_language(model: TextModel, n: int = 2000, seed: int = 1, reports: i
     templates: set[str] = set()
     texts: set[str] = set()
     times = []
+    cases = []
     for k in range(reports):
         facts = random_facts(rng)
+        cases.append(facts)
         t0 = time.perf_counter()
         r, used = write_report(facts, seed=f"case-{k}")
         times.append(time.perf_counter() - t0)
@@ -228,6 +291,11 @@ def evaluate_language(model: TextModel, n: int = 2000, seed: int = 1, reports: i
         "encoder_ms_per_text_batched": 1000 * batch_s,
         "encoder_ms_per_text_single": 1000 * single_s,
     }
+    if decoder is not None:
+        rep.metrics |= decoder_metrics(decoder, cases)
+        g = decoder.write(cases[0], seed="case-0")
+        rep.examples.insert(0, f"decoder report ({'neural' if g.neural else 'grammar'}): "
+                               f"{g.report.findings} | {g.report.impression}")
     return rep
 
 
@@ -238,11 +306,13 @@ def evaluate_package(folder: Path, n: int = 2000, seed: int = 1, reports: int = 
     Raises:
         ValueError: The package has no ``extra.language``.
     """
+    from inference.omnimri.language.reportgen import decoder_for
     from inference.omnimri.language.runtime import text_model_for
     from inference.package import ModelPackage
 
-    tm = text_model_for(ModelPackage.load(folder))
+    pkg = ModelPackage.load(folder)
+    tm = text_model_for(pkg)
     if tm is None:
         raise ValueError(f"{folder}: no language model (extra.language); run "
                          "'omnimri-node train language' first")
-    return evaluate_language(tm, n, seed, reports)
+    return evaluate_language(tm, n, seed, reports, decoder_for(pkg))

@@ -53,6 +53,10 @@ class LanguageTrainSettings:
     batch: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.01
+    decoder_steps: int = 800
+    """Steps of the report decoder (:class:`~.decoder.DecoderSettings`; 0: no decoder)."""
+    decoder_examples: int = 4000
+    """Training reports of the report decoder."""
 
 
 def train_tokenizer(max_vocab: int) -> Any:
@@ -169,9 +173,12 @@ def train_language(out_folder: Path, s: LanguageTrainSettings | None = None,
     """Train tokenizer and encoder, export both to ``out_folder`` and check ONNX vs PyTorch.
 
     Writes ``tokenizer.json``, ``text_encoder.onnx`` and ``language.json`` (settings, label
-    names, training summary). Returns the ``extra.language`` spec for ``model.yaml``, with
-    ``reports: decoder`` (the package's report decoder writes reports; ``natural`` switches
-    to :func:`inference.omnimri.language.narrate.narrate_results`).
+    names, training summary), then the neural report decoder (:mod:`.decoder`:
+    ``report_tokenizer.json``, ``report_decoder.onnx``, checked against PyTorch with its
+    key/value cache). Returns the ``extra.language`` spec for ``model.yaml``, with
+    ``reports: decoder`` (the vision package's report decoder writes reports; ``natural``
+    switches to :func:`inference.omnimri.language.narrate.narrate_results`, ``neural`` to the
+    grounded neural decoder, :func:`inference.omnimri.language.reportgen.narrator_for`).
     """
     import torch
 
@@ -222,10 +229,20 @@ def train_language(out_folder: Path, s: LanguageTrainSettings | None = None,
                "parameters": sum(p.numel() for p in model.parameters()),
                "labels": {"intent": C.INTENTS, "tasks": C.TASKS,
                           **{h: C.HEADS[h] for h in OUTPUT_NAMES[2:]}}}
+    spec: dict[str, Any] = {
+        "folder": out_folder.name, "tokenizer": TOKENIZER_FILE, "encoder": ENCODER_FILE,
+        "max_tokens": s.max_tokens, "reports": "decoder", "seed": s.seed,
+        "train_seconds": round(train_s, 1), "onnx_max_abs_diff": float(check)}
+    if s.decoder_steps > 0:
+        from inference.omnimri.language.decoder import DecoderSettings, train_decoder
+
+        dec = train_decoder(out_folder, DecoderSettings(
+            seed=s.seed, steps=s.decoder_steps, train_examples=s.decoder_examples), say)
+        summary["report_decoder"] = {k: v for k, v in dec.items() if k != "spec"}
+        spec |= dec["spec"] | {"decoder_train_seconds": dec["train_seconds"],
+                               "decoder_onnx_max_abs_diff": dec["onnx_max_abs_diff"]}
     (out_folder / "language.json").write_text(json.dumps(summary, indent=1))
-    return {"folder": out_folder.name, "tokenizer": TOKENIZER_FILE, "encoder": ENCODER_FILE,
-            "max_tokens": s.max_tokens, "reports": "decoder", "seed": s.seed,
-            "train_seconds": round(train_s, 1), "onnx_max_abs_diff": float(check)}
+    return spec
 
 
 def export_onnx(model: Any, tok: Any, path: Path, max_tokens: int, seed: int) -> float:
