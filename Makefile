@@ -66,7 +66,7 @@ MODEL_OUT ?= models/omnimri-tiny
 MODEL_VERSION ?= 3.2.0
 model:
 	$(PIP) install -q -e '.[train]'
-	omnimri-node train all --seed 0 --out $(MODEL_RUN)
+	omnimri-node train all --seed 0 --out $(MODEL_RUN) --model $(MODEL_OUT)
 	omnimri-node train export --run $(MODEL_RUN) --out $(MODEL_OUT) --version $(MODEL_VERSION)
 	omnimri-node train calibrate --model $(MODEL_OUT)
 	omnimri-node eval --model $(MODEL_OUT) --cases 30 --seed 1 --recon-cases 2 --baselines --write-metrics --json $(MODEL_RUN)/eval-seed1.json

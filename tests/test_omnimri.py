@@ -245,6 +245,62 @@ def test_reexport_keeps_the_language_models_and_drops_stale_variants(
     assert (folder / "1" / "model.onnx").is_file()
 
 
+def test_train_all_then_trains_the_language_half_once(
+        tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train all``'s path: the (finished) stages, then ``train language`` with the run's seed
+    into the package; a second run skips it, as a finished stage is skipped.
+
+    The language settings are shrunk (fewer examples, a 30-step report decoder) where
+    ``train language`` makes them, so the command itself runs, quickly.
+    """
+    pytest.importorskip("transformers")
+    import functools
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from dicom_node.cli import app
+    from dicom_node.cli.train import language_is_trained, train_everything
+    from inference.omnimri.export import export_package
+    from inference.omnimri.language import textmodel
+    from inference.omnimri.language.runtime import TextModel
+    from inference.omnimri.train import STAGES, TrainSettings
+
+    monkeypatch.setattr(textmodel, "LanguageTrainSettings", functools.partial(
+        textmodel.LanguageTrainSettings, train_examples=400, batch=16, decoder_steps=30,
+        decoder_examples=300))
+    pkg = export_package(tiny_run / "instruct.pt", tmp_path / "pkg", name="omnimri-test")
+    s = TrainSettings(out=tiny_run, batch=2, crop=32, pool_cases=2, threads=1,
+                      cfg_overrides=TINY, seed=3)
+    logs: list[str] = []
+    assert not language_is_trained(pkg, 3, 20)
+    ck = train_everything(s, {k: 2 for k in STAGES}, pkg, language_steps=20,
+                          progress=logs.append)
+    assert ck == tiny_run / "refine.pt" and all((tiny_run / f"{k}.done").exists() for k in STAGES)
+    assert "language: train language --model" in "\n".join(logs)
+    spec = yaml.safe_load((pkg / "model.yaml").read_text())["extra"]["language"]
+    assert spec["seed"] == 3 and spec["reports"] == "decoder"
+    folder = pkg / "1" / "language"
+    assert json.loads((folder / "language.json").read_text())["settings"]["steps"] == 20
+    assert (folder / spec["encoder"]).is_file() and len(list(folder.glob("*.onnx"))) >= 2
+    assert len(TextModel(folder).parse(["write the report"])) == 1
+    assert language_is_trained(pkg, 3, 20)
+    assert not language_is_trained(pkg, 4, 20) and not language_is_trained(pkg, 3)
+
+    before = {f.name: f.stat().st_mtime_ns for f in folder.iterdir()}
+    logs.clear()
+    train_everything(s, {k: 2 for k in STAGES}, pkg, language_steps=20, progress=logs.append)
+    assert logs == [f"language: {pkg} has the language model of seed 3, skipped"]
+    assert {f.name: f.stat().st_mtime_ns for f in folder.iterdir()} == before
+
+    # A missing package is refused before any stage trains.
+    r = CliRunner().invoke(app, ["train", "all", "--out", str(tmp_path / "run"), "--model",
+                                 str(tmp_path / "none")])
+    assert r.exit_code == 2 and "is not a model package" in r.output, r.output
+    assert not (tmp_path / "run").exists()
+
+
 def _blob(shape: tuple[int, int, int], centre: tuple[int, int, int], r: int) -> np.ndarray:
     g = np.indices(shape)
     return sum((g[d] - centre[d]) ** 2 for d in range(3)) <= r * r  # type: ignore[no-any-return]

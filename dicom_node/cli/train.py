@@ -2,7 +2,7 @@
 
 Examples::
 
-    omnimri-node train all --seed 0                       # reproduces models/omnimri-tiny
+    omnimri-node train all --seed 0                       # six stages, then train language
     omnimri-node train multimodal --out training-runs/x   # one stage (resumes if interrupted)
     omnimri-node train export --out models/omnimri-tiny   # ONNX package, verified vs PyTorch
     omnimri-node train calibrate --model models/omnimri-tiny  # post-processing, validation set
@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from inference.omnimri.train import TrainSettings
 
 train_app = typer.Typer(help="Train, export and evaluate the OmniMRI model family.",
                         no_args_is_help=True)
 
 
 class Stage(enum.StrEnum):
-    """Training stages (``all`` runs the six in order).
+    """Training stages (``all`` runs the six in order, then ``train language``).
 
     The same as :data:`inference.omnimri.train.STAGES`, kept here so that the CLI loads without
     torch; a test holds the two equal.
@@ -43,19 +47,120 @@ def _echo(msg: str) -> None:
 
 
 def _train(stage: Stage, size: str, seed: int, out: Path | None, steps: int | None,
-           batch: int | None) -> None:
-    from inference.omnimri.train import STAGES, TrainSettings, run_stage, train_all
+           batch: int | None, model: Path | None = None,
+           language_steps: int | None = None) -> None:
+    from inference.omnimri.train import STAGES, TrainSettings, run_stage
 
     s = TrainSettings(size=size, seed=seed,
                       out=out or Path(f"training-runs/omnimri-{size}-seed{seed}"))
     if batch:
         s.batch = batch
     if stage is Stage.all:
-        ck = train_all(seed, s, steps={k: steps for k in STAGES} if steps else None,
-                       progress=_echo)
+        ck = train_everything(s, {k: steps for k in STAGES} if steps else None, model,
+                              language_steps, progress=_echo)
     else:
         ck = run_stage(stage.value, s, steps, progress=_echo)
     typer.echo(f"checkpoint: {ck}")
+
+
+def _language_files(spec: object) -> list[str]:
+    """File names (``*.json``, ``*.onnx``, ``*.txt``) anywhere in an ``extra.language`` spec."""
+    if isinstance(spec, dict):
+        return [n for v in spec.values() for n in _language_files(v)]
+    if isinstance(spec, list):
+        return [n for v in spec for n in _language_files(v)]
+    return [spec] if isinstance(spec, str) and spec.endswith((".json", ".onnx", ".txt")) else []
+
+
+def language_is_trained(model: Path, seed: int, steps: int | None = None) -> bool:
+    """Whether ``model`` holds what ``train language --seed SEED [--steps STEPS]`` writes.
+
+    That is ``extra.language`` in ``model.yaml`` with this seed, every file it names in the
+    version folder's ``language/``, and a ``language.json`` whose settings are those the
+    command trains with (``steps`` ``None``: the default schedule), so a package from older
+    code (other settings, fewer models) is trained again.
+    """
+    from dataclasses import asdict
+
+    from inference.omnimri.language.textmodel import LanguageTrainSettings
+    from inference.package import ModelPackage, PackageError
+
+    try:
+        pkg = ModelPackage.load(model)
+        folder = pkg.version_folder()
+    except PackageError:
+        return False
+    spec = pkg.spec.extra.get("language")
+    if not isinstance(spec, dict) or spec.get("seed") != seed:
+        return False
+    folder = folder / str(spec.get("folder", "language"))
+    if not all((folder / n).is_file() for n in [*_language_files(spec), "language.json"]):
+        return False
+    try:
+        made = json.loads((folder / "language.json").read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    want = LanguageTrainSettings(seed=seed)  # as 'train language' makes them
+    if steps:
+        want.steps = steps
+    return bool(made == asdict(want))
+
+
+def _require_language_package(model: Path) -> None:
+    """Exit 2 unless ``model`` is a package that ``train language`` can write into."""
+    if not (model / "model.yaml").is_file():
+        typer.echo(f"error: {model} is not a model package (no model.yaml); the language half "
+                   "is trained into a package: pass --model PACKAGE, or run 'train all "
+                   f"--no-language', 'train export --out {model}', then 'train all' again "
+                   "(finished stages are skipped)", err=True)
+        raise typer.Exit(2)
+
+
+def train_language_after(model: Path, seed: int, steps: int | None = None,
+                         progress: Callable[[str], None] | None = None) -> bool:
+    """The language step of ``train all``: ``train language --model MODEL --seed SEED``.
+
+    Skipped (returns ``False``) when :func:`language_is_trained` says its outputs exist, as a
+    finished stage is skipped. The package's ``reports`` setting (who writes reports) is
+    kept (``decoder`` for a package without one). Returns ``True`` when it trained.
+    """
+    from dicom_node.cli.language import language_cmd
+    from inference.package import ModelPackage
+
+    say = progress or _echo
+    if language_is_trained(model, seed, steps):
+        say(f"language: {model} has the language model of seed {seed}, skipped")
+        return False
+    old = ModelPackage.load(model).spec.extra.get("language")
+    reports = old.get("reports") if isinstance(old, dict) else None
+    say(f"language: train language --model {model} --seed {seed}")
+    language_cmd(model=model, seed=seed, steps=steps, reports=str(reports or "decoder"))
+    return True
+
+
+def train_everything(s: TrainSettings, steps: dict[str, int] | None, model: Path | None,
+                     language_steps: int | None = None,
+                     progress: Callable[[str], None] | None = None) -> Path:
+    """What ``train all`` runs: the six stages, then the language half into ``model``.
+
+    The stages (:func:`inference.omnimri.train.train_all`, seed ``s.seed``, ``steps`` per
+    stage) skip finished ones; then :func:`train_language_after` with the same seed (``model``
+    ``None``: not trained). ``model`` is checked first, before hours of training.
+
+    Returns:
+        The last stage's checkpoint.
+    """
+    from inference.omnimri.train import train_all
+
+    say = progress or _echo
+    if model is not None:
+        _require_language_package(model)
+    ck = train_all(s.seed, s, steps=steps, progress=progress)
+    if model is None:
+        say("language: not trained (--no-language)")
+    else:
+        train_language_after(model, s.seed, language_steps, progress=say)
+    return ck
 
 
 def _stage_command(stage: Stage) -> None:
@@ -69,13 +174,39 @@ def _stage_command(stage: Stage) -> None:
     ) -> None:
         _train(stage, size, seed, out, steps, batch)
 
-    cmd.__doc__ = ("Run the six stages in order (skips finished ones)." if stage is Stage.all
-                   else f"Run (or resume) the '{stage.value}' stage.")
+    cmd.__doc__ = f"Run (or resume) the '{stage.value}' stage."
     train_app.command(stage.value)(cmd)
 
 
 for _stage in Stage:
-    _stage_command(_stage)
+    if _stage is not Stage.all:
+        _stage_command(_stage)
+
+
+@train_app.command("all")
+def all_cmd(
+    size: Annotated[str, typer.Option(help="Model size: tiny, small, base, large.")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Random seed (data, initialisation; the language "
+                                           "training's too).")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Run folder (checkpoints).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Steps per vision stage; default: the "
+                                     "shipped schedule.")] = None,
+    batch: Annotated[int | None, typer.Option(help="Slices per step (default 12).")] = None,
+    model: Annotated[Path | None, typer.Option(help="Model package the language half is "
+                                     "trained into (default models/omnimri-SIZE).")] = None,
+    language: Annotated[bool, typer.Option(help="Then train the language half ('train "
+                                                "language', same seed).")] = True,
+    language_steps: Annotated[int | None, typer.Option(help="Language training steps "
+                                                            "(default 2500).")] = None,
+) -> None:
+    """Run the six stages in order, then 'train language' (each skipped when finished).
+
+    The stages write the run folder (``train export`` makes the package of it); the language
+    half is written into the package ``--model`` (a re-export keeps it), skipped when that
+    package already holds the language model of this seed and these settings.
+    """
+    pkg = (model or Path(f"models/omnimri-{size}")) if language else None
+    _train(Stage.all, size, seed, out, steps, batch, model=pkg, language_steps=language_steps)
 
 
 @train_app.command("export")
