@@ -231,6 +231,7 @@ def _ask(driver: Any, question: str) -> Any:
     """Type ``question`` into the series page's ask box; the answer element once answered."""
     from selenium.webdriver.common.by import By
 
+    driver.execute_script("document.getElementById('answer').removeAttribute('data-status')")
     box = driver.find_element(By.ID, "q")
     box.clear()
     box.send_keys(question)
