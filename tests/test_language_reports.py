@@ -45,6 +45,15 @@ def test_the_checker_flags_tissue_statements_when_the_tissues_did_not_run() -> N
         {k: v for k, v in NO_TISSUE.to_dict().items() if k != "tasks"}).tissues_measured
 
 
+def test_only_sentence_starts_are_capitalised() -> None:
+    from inference.omnimri.language.narrate import capitalise, fill
+
+    assert capitalise("a mass. there are 3 lesions; the largest is 5 mm.") == (
+        "A mass. There are 3 lesions; the largest is 5 mm.")
+    assert fill("{nw_wmh} lesions; the largest {d_wmh} mm.", {"nw_wmh": "three", "d_wmh": "9"}
+                ) == "Three lesions; the largest 9 mm."
+
+
 def test_sampled_reports_never_state_tissue_findings_without_segmentation() -> None:
     rng = random.Random(7)
     n = 0

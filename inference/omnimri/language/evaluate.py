@@ -33,7 +33,6 @@ how well the vision model finds lesions is :mod:`inference.omnimri.evaluate`'s m
 from __future__ import annotations
 
 import random
-import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,7 +45,13 @@ from inference.omnimri.language.facts import (
     report_fact_checks,
     verify_text,
 )
-from inference.omnimri.language.narrate import ALL_TEMPLATES, fill, slot_values, write_report
+from inference.omnimri.language.narrate import (
+    ALL_TEMPLATES,
+    fill,
+    slot_values,
+    slotted,
+    write_report,
+)
 from inference.omnimri.language.qa import answer, expected_value
 from inference.omnimri.language.reportgen import ReportDecoder
 from inference.omnimri.language.runtime import Parse, TextModel, refusal_reason
@@ -131,15 +136,17 @@ class LanguageReport:
         return {"metrics": self.metrics, "counts": self.counts, "examples": self.examples}
 
 
-def decoder_metrics(decoder: ReportDecoder, cases: list[SeriesFacts]) -> dict[str, float]:
+def decoder_metrics(decoder: ReportDecoder, cases: list[SeriesFacts],
+                    rejections: list[str] | None = None) -> dict[str, float]:
     """The neural report decoder on ``cases`` (findings), as served (ONNX Runtime, cache).
 
     ``decoder_report_fact_rate`` and ``decoder_report_contradictions`` score the reports
     *used* (the decoder's when grounded, else the grammar's); ``decoder_rejected`` counts the
     generations the grounding check refused (and their rate), ``decoder_fact_rate_raw`` the
-    decoder's own texts before that check; variety is the distinct delexicalised sentences
-    (sentence templates) and distinct reports; ``decoder_ms_p50``/``p95`` the generation time
-    per report, ms (one thread).
+    decoder's own texts before that check; variety is the distinct sentence templates
+    (:data:`~.narrate.ALL_TEMPLATES`) its accepted texts use and the distinct reports;
+    ``decoder_ms_p50``/``p95`` the generation time per report, ms (one thread). The first
+    three refused generations and why go to ``rejections``.
     """
     ok = n = bad = rejected = raw_ok = raw_n = 0
     sentences: set[str] = set()
@@ -153,6 +160,9 @@ def decoder_metrics(decoder: ReportDecoder, cases: list[SeriesFacts]) -> dict[st
         n += len(checks)
         bad += bool(verify_text(f"{g.report.findings} {g.report.impression}", facts))
         rejected += not g.neural
+        if not g.neural and rejections is not None and len(rejections) < 3:
+            rejections.append(f"decoder text refused ({'; '.join(g.problems)}): "
+                              f"{g.delexicalised}")
         findings, _, impression = g.delexicalised.partition(" <impression> ")
         try:
             raw = fill(findings, slot_values(facts)), fill(impression, slot_values(facts))
@@ -162,8 +172,9 @@ def decoder_metrics(decoder: ReportDecoder, cases: list[SeriesFacts]) -> dict[st
         raw_ok += sum(raw_checks)
         raw_n += len(raw_checks)
         if g.neural:
-            for part in re.split(r"(?<=[.;])\s+", f"{findings} {impression}"):
-                sentences.add(re.sub(r"_(?:mass|wmh)\}", "}", part))
+            sentences |= {f"{key}:{n}" for key, ts in ALL_TEMPLATES.items()
+                          for n, t in enumerate(ts) for group in ("", "mass", "wmh")
+                          if slotted(t, group) in g.delexicalised}
         texts.add(g.report.findings + g.report.impression)
     ms.sort()
     return {
@@ -292,7 +303,9 @@ def evaluate_language(model: TextModel, n: int = 2000, seed: int = 1, reports: i
         "encoder_ms_per_text_single": 1000 * single_s,
     }
     if decoder is not None:
-        rep.metrics |= decoder_metrics(decoder, cases)
+        turned_down: list[str] = []
+        rep.metrics |= decoder_metrics(decoder, cases, turned_down)
+        rep.examples += turned_down
         g = decoder.write(cases[0], seed="case-0")
         rep.examples.insert(0, f"decoder report ({'neural' if g.neural else 'grammar'}): "
                                f"{g.report.findings} | {g.report.impression}")

@@ -187,7 +187,7 @@ def slotted(template: str, group: str) -> str:
     return re.sub(r"\{(where|d|v|n|nw|places)\}", rf"{{\1_{group}}}", template)
 
 
-SENTENCE_START = re.compile(r"(^|[.;!?]\s+)([a-z])")
+SENTENCE_START = re.compile(r"(^|[.!?]\s+)([a-z])")
 
 
 def capitalise(text: str) -> str:
