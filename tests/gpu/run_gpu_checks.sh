@@ -13,4 +13,7 @@ for name, status in engine_availability().items():
     print(f"{name:12s} {status}")
 PY
 python3 -m pytest -q -rs -m gpu tests/gpu -p no:cacheprovider
+# language models (text encoder, report-decoder step) on TensorRT vs ORT CPU: prints the
+# encoder max |diff| and how many greedy generations gave the same tokens (2 = skipped)
+python3 -m tests.gpu.language_trt_check || [ $? -eq 2 ]
 python3 benchmarks/engines.py --gpu --no-peak --repeats "${REPEATS:-10}"

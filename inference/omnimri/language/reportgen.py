@@ -30,6 +30,7 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,20 +129,21 @@ class ReportDecoder:
         folder: The language folder (``report_decoder.onnx``, ``report_tokenizer.json``).
         decoder: File name of the decoder step graph.
         tokenizer: File name of its tokenizer.
+        engine: The vision model's engine preference (``auto``, a name or a list): TensorRT
+            when it is in it and usable here, else ONNX Runtime on CPU
+            (:func:`inference.omnimri.language.trt.language_session`).
     """
 
     def __init__(self, folder: Path, decoder: str = DECODER_FILE,
-                 tokenizer: str = DECODER_TOKENIZER_FILE) -> None:
-        import onnxruntime as ort
+                 tokenizer: str = DECODER_TOKENIZER_FILE,
+                 engine: str | tuple[str, ...] = "auto") -> None:
         from tokenizers import Tokenizer
 
+        from inference.omnimri.language.trt import decoder_dims, language_session
+
         self.tok = Tokenizer.from_file(str(folder / tokenizer))
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 1
-        self.sess = ort.InferenceSession(str(folder / decoder), so,
-                                         providers=["CPUExecutionProvider"])
-        past = next(i for i in self.sess.get_inputs() if i.name == "past")
-        layers, two, batch, heads, _, head_dim = past.shape
+        self.sess = language_session(folder / decoder, engine, dims=decoder_dims())
+        layers, two, batch, heads, _, head_dim = self.sess.input_shape("past")
         self.empty_past = np.zeros((int(layers), int(two), int(batch), int(heads), 0,
                                     int(head_dim)), np.float32)
         self.end = self.token_id("<end>")
@@ -162,7 +164,7 @@ class ReportDecoder:
         """
         t = len(ids)
         mask = np.triu(np.full((t, start + t), -np.inf, np.float32), start + 1)[None, None]
-        logits, present = self.sess.run(None, {
+        logits, present = self.sess.run(["logits", "present"], {
             "input_ids": np.array([ids], np.int64),
             "position_ids": np.arange(start, start + t, dtype=np.int64)[None],
             "attention_mask": mask, "past": past})
@@ -211,21 +213,27 @@ class ReportDecoder:
 
 
 @functools.lru_cache(maxsize=4)
-def _load(folder: str, decoder: str, tokenizer: str) -> ReportDecoder:
-    return ReportDecoder(Path(folder), decoder, tokenizer)
+def _load(folder: str, decoder: str, tokenizer: str,
+          engine: str | tuple[str, ...] = "auto") -> ReportDecoder:
+    return ReportDecoder(Path(folder), decoder, tokenizer, engine)
 
 
-def decoder_for(package: Any) -> ReportDecoder | None:
-    """The package's report decoder (``extra.language.report_decoder``), cached, or ``None``."""
+def decoder_for(package: Any, engine: str | Sequence[str] = "auto") -> ReportDecoder | None:
+    """The package's report decoder (``extra.language.report_decoder``), cached, or ``None``.
+
+    ``engine``: the vision model's engine preference (``auto``: TensorRT, then ONNX Runtime
+    on CPU).
+    """
     spec = dict(package.spec.extra).get("language") or {}
     if not spec.get("report_decoder"):
         return None
     folder = package.version_folder() / spec.get("folder", "language")
     return _load(str(folder), spec["report_decoder"],
-                 spec.get("report_tokenizer", DECODER_TOKENIZER_FILE))
+                 spec.get("report_tokenizer", DECODER_TOKENIZER_FILE),
+                 engine if isinstance(engine, str) else tuple(engine))
 
 
-def narrator_for(package: Any) -> Any:
+def narrator_for(package: Any, engine: str | Sequence[str] = "auto") -> Any:
     """A :data:`inference.omnimri.tasks.Narrator` writing with the package's report decoder.
 
     Falls back to the grammar (:func:`~.narrate.narrate_results`) when the package has no
@@ -233,7 +241,7 @@ def narrator_for(package: Any) -> Any:
     """
     from inference.omnimri.language.narrate import narrate_results
 
-    dec = decoder_for(package)
+    dec = decoder_for(package, engine)
     if dec is None:
         return narrate_results
 

@@ -12,6 +12,7 @@ never guessed.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,29 +82,31 @@ class TextModel:
     Args:
         folder: The language folder (``tokenizer.json``, ``text_encoder.onnx``).
         max_tokens: Longest input in tokens.
+        engine: The vision model's engine preference (``auto``, a name or a list): TensorRT
+            when it is in it and usable here, else ONNX Runtime on CPU
+            (:func:`inference.omnimri.language.trt.language_session`).
     """
 
     def __init__(self, folder: Path, max_tokens: int = 40, tokenizer: str = "tokenizer.json",
-                 encoder: str = "text_encoder.onnx") -> None:
-        import onnxruntime as ort
+                 encoder: str = "text_encoder.onnx",
+                 engine: str | tuple[str, ...] = "auto") -> None:
         from tokenizers import Tokenizer
+
+        from inference.omnimri.language.trt import encoder_dims, language_session
 
         self.folder = folder
         self.max_tokens = max_tokens
         self.tok = Tokenizer.from_file(str(folder / tokenizer))
         self.words = taught_words(self.tok)
         """The words the model was taught."""
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 1
-        self.sess = ort.InferenceSession(str(folder / encoder), so,
-                                         providers=["CPUExecutionProvider"])
+        self.sess = language_session(folder / encoder, engine, dims=encoder_dims(max_tokens))
 
     def logits(self, texts: list[str]) -> dict[str, np.ndarray]:
         """Raw logits of every head for ``texts``."""
         from inference.omnimri.language.textmodel import OUTPUT_NAMES, encode_batch
 
         ids, mask = encode_batch(self.tok, texts, self.max_tokens)
-        out = self.sess.run(None, {"input_ids": ids, "attention_mask": mask})
+        out = self.sess.run(list(OUTPUT_NAMES), {"input_ids": ids, "attention_mask": mask})
         return dict(zip(OUTPUT_NAMES, out, strict=True))
 
     def unknown_words(self, text: str) -> tuple[str, ...]:
@@ -134,19 +137,25 @@ class TextModel:
 
 
 @functools.lru_cache(maxsize=4)
-def _load(folder: str, max_tokens: int, tokenizer: str, encoder: str) -> TextModel:
-    return TextModel(Path(folder), max_tokens, tokenizer, encoder)
+def _load(folder: str, max_tokens: int, tokenizer: str, encoder: str,
+          engine: str | tuple[str, ...] = "auto") -> TextModel:
+    return TextModel(Path(folder), max_tokens, tokenizer, encoder, engine)
 
 
-def text_model_for(package: Any) -> TextModel | None:
-    """The package's text model (``extra.language``), cached; ``None`` if it has none."""
+def text_model_for(package: Any, engine: str | Sequence[str] = "auto") -> TextModel | None:
+    """The package's text model (``extra.language``), cached; ``None`` if it has none.
+
+    ``engine``: the vision model's engine preference (a pipeline's ``engine`` or
+    ``models.engine_order``); ``auto`` tries TensorRT, then ONNX Runtime on CPU.
+    """
     spec = dict(package.spec.extra).get("language")
     if not spec:
         return None
     folder = package.version_folder() / spec.get("folder", "language")
     return _load(str(folder), int(spec.get("max_tokens", 40)),
                  spec.get("tokenizer", "tokenizer.json"),
-                 spec.get("encoder", "text_encoder.onnx"))
+                 spec.get("encoder", "text_encoder.onnx"),
+                 engine if isinstance(engine, str) else tuple(engine))
 
 
 def refusal_reason(p: Parse) -> str | None:
