@@ -2,7 +2,7 @@
 
 ``python3 -m tests.gpu.language_trt_check [PACKAGE]`` copies the package's language folder to a
 temporary folder (plans are written next to the ONNX files), builds the TensorRT plans of the
-text encoder and of the report-decoder step, and prints:
+text encoder and of the report-decoder step (removed afterwards), and prints:
 
 * the text encoder's largest absolute logit difference, TensorRT vs ORT CPU, on held-out
   phrasings (one padded batch over the profile's largest batch, so it runs in chunks, and
@@ -65,8 +65,7 @@ def compare(package: Path = PACKAGE, texts: int = 40, reports: int = 20,
     spec = dict(pkg.spec.extra).get("language")
     if not spec or not spec.get("report_decoder"):
         raise LookupError(f"{package} has no extra.language with a report decoder")
-    tmp = Path(tempfile.mkdtemp(prefix="lang-trt-")) if work is None else work
-    folder = tmp / "language"
+    folder = (Path(tempfile.mkdtemp(prefix="lang-trt-")) if work is None else work) / "language"
     shutil.copytree(pkg.version_folder() / spec.get("folder", "language"), folder)
     args = (folder, int(spec.get("max_tokens", 40)), spec.get("tokenizer", "tokenizer.json"),
             spec.get("encoder", "text_encoder.onnx"))
@@ -98,7 +97,8 @@ def main(argv: list[str]) -> int:
     from inference.engines import EngineUnavailable
 
     try:
-        r = compare(Path(argv[0]) if argv else PACKAGE)
+        with tempfile.TemporaryDirectory(prefix="lang-trt-") as work:
+            r = compare(Path(argv[0]) if argv else PACKAGE, work=Path(work))
     except (EngineUnavailable, LookupError) as err:
         print(f"language on TensorRT: skipped: {err}")
         return 2
