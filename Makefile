@@ -63,7 +63,7 @@ bench: install-test
 ## passes its accuracy check).
 MODEL_RUN ?= training-runs/omnimri-tiny-seed0
 MODEL_OUT ?= models/omnimri-tiny
-MODEL_VERSION ?= 3.2.0
+MODEL_VERSION ?= 3.3.0
 model:
 	$(PIP) install -q -e '.[train]'
 	omnimri-node train all --seed 0 --out $(MODEL_RUN) --model $(MODEL_OUT)

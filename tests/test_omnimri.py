@@ -130,8 +130,29 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     logs: list[str] = []
     train_all(3, s, steps={k: 2 for k in STAGES}, progress=logs.append)
     assert all((out / f"{k}.done").exists() for k in STAGES)
+    assert (out / "soup.pt").is_file()
     assert any("multimodal step 2/2" in m and "report=" in m for m in logs)
     return out
+
+
+def test_the_soup_is_the_mean_of_finetune_and_refine(tiny_run: Path) -> None:
+    import torch
+
+    from inference.omnimri.train import SOUP_OF
+
+    assert SOUP_OF == ("finetune", "refine")
+    a, b, soup = (torch.load(tiny_run / f"{k}.pt", weights_only=False)["modules"]
+                  for k in (*SOUP_OF, "soup"))
+    differs = 0
+    for group, tensors in soup.items():
+        for name, t in tensors.items():
+            ta, tb = a[group][name], b[group][name]
+            if t.is_floating_point():
+                assert torch.equal(t, ta * 0.5 + tb * 0.5), f"{group}.{name}"
+                differs += int(not torch.equal(t, tb))
+            else:
+                assert torch.equal(t, tb)
+    assert differs > 0  # the two stages' weights differ, so the soup is neither of them
 
 
 def test_every_stage_runs_and_resumes(tiny_run: Path) -> None:
@@ -168,6 +189,7 @@ def test_train_all_reproduces_bit_for_bit_from_the_seed(tiny_run: Path, tmp_path
     s = TrainSettings(out=tmp_path, batch=2, crop=32, pool_cases=2, threads=1, cfg_overrides=TINY)
     train_all(3, s, steps={k: 2 for k in STAGES})
     _same_weights(tiny_run / "instruct.pt", tmp_path / "instruct.pt")
+    _same_weights(tiny_run / "soup.pt", tmp_path / "soup.pt")  # the whole recipe, soup included
 
 
 def test_a_killed_stage_resumes_bit_for_bit(tiny_run: Path, tmp_path: Path,
@@ -277,7 +299,7 @@ def test_train_all_then_trains_the_language_half_once(
     assert not language_is_trained(pkg, 3, 20)
     ck = train_everything(s, {k: 2 for k in STAGES}, pkg, language_steps=20,
                           progress=logs.append)
-    assert ck == tiny_run / "refine.pt" and all((tiny_run / f"{k}.done").exists() for k in STAGES)
+    assert ck == tiny_run / "soup.pt" and all((tiny_run / f"{k}.done").exists() for k in STAGES)
     assert "language: train language --model" in "\n".join(logs)
     spec = yaml.safe_load((pkg / "model.yaml").read_text())["extra"]["language"]
     assert spec["seed"] == 3 and spec["reports"] == "decoder"

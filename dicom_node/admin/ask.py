@@ -126,7 +126,9 @@ def ask_series(settings: NodeSettings, series_uid: str, question: str, *, token_
         raise AdminError(422, f"a question needs 1-{MAX_QUESTION_CHARS} characters")
     name, cfg = _pipeline(settings, pipeline)
     package = _package(settings, cfg)
-    tm = text_model_for(package)
+    from dicom_node.pipelines.models import engine_slot
+
+    tm = text_model_for(package, engine_slot(cfg, settings).preference)
     if tm is None:
         raise AdminError(409, f"model package {package.name} has no language model "
                               "(run 'omnimri-node train language')")

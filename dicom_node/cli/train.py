@@ -148,7 +148,7 @@ def train_everything(s: TrainSettings, steps: dict[str, int] | None, model: Path
     ``None``: not trained). ``model`` is checked first, before hours of training.
 
     Returns:
-        The last stage's checkpoint.
+        The soup checkpoint (the averaged weights that are exported).
     """
     from inference.omnimri.train import train_all
 
@@ -209,11 +209,26 @@ def all_cmd(
     _train(Stage.all, size, seed, out, steps, batch, model=pkg, language_steps=language_steps)
 
 
+@train_app.command("soup")
+def soup_cmd(
+    run: Annotated[Path, typer.Option(help="Run folder with the finished stages.")
+                   ] = Path("training-runs/omnimri-tiny-seed0"),
+) -> None:
+    """Average the finetune and refine weights into soup.pt ('train all' does this last)."""
+    from inference.omnimri.train import SOUP_OF, make_soup
+
+    missing = [k for k in SOUP_OF if not (run / f"{k}.pt").is_file()]
+    if missing:
+        raise typer.BadParameter(f"{run} has no {', '.join(k + '.pt' for k in missing)}",
+                                 param_hint="--run")
+    typer.echo(f"checkpoint: {make_soup(run)} (average of {', '.join(SOUP_OF)})")
+
+
 @train_app.command("export")
 def export_cmd(
     run: Annotated[
         Path,
-        typer.Option(help="Run folder with the stage's checkpoint (refine.pt)."),
+        typer.Option(help="Run folder with the checkpoint (soup.pt: the averaged weights)."),
     ] = Path("training-runs/omnimri-tiny-seed0"),
     out: Annotated[
         Path,
@@ -221,8 +236,9 @@ def export_cmd(
     ] = Path("models/omnimri-tiny"),
     name: Annotated[str, typer.Option()] = "omnimri-tiny",
     version: Annotated[str, typer.Option()] = "1.0.0",
-    stage: Annotated[str, typer.Option(help="Checkpoint stage to export (default: the last).")
-                     ] = "refine",
+    stage: Annotated[str, typer.Option(help="Checkpoint to export: soup (the shipped weights, "
+                                             "made by 'train all' or 'train soup') or a stage.")
+                     ] = "soup",
 ) -> None:
     """Export a checkpoint to an ONNX model package (verified against PyTorch).
 

@@ -237,6 +237,7 @@ def export_package(checkpoint: Path, out_dir: Path, *, name: str = "omnimri-tiny
         "seed": int(st.get("seed", 0)),
         "stages": list(runs),
         "stage_runs": runs,
+        **({"averaged_stages": list(st["of"])} if "of" in st else {}),
         "weights_sha256": weights_sha256(mods),
         "code_version": "inference.omnimri",
         "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),

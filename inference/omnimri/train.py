@@ -18,7 +18,9 @@
 Each stage reads the previous stage's checkpoint, saves ``<out>/<stage>.pt`` every
 ``save_every`` steps (model, optimiser, data-pool seeds, step) and writes ``<out>/<stage>.done``
 when finished, so a killed run resumes where it stopped. ``train_all(seed)`` runs the
-stages in order with the shipped step counts.
+stages in order with the shipped step counts, then :func:`make_soup`: the shipped weights are the
+uniform average of the ``finetune`` and ``refine`` checkpoints (``soup.pt``; a "model soup",
+Wortsman et al., ICML 2022), measured better on held-out and real MR than either alone.
 """
 
 from __future__ import annotations
@@ -697,10 +699,53 @@ def run_stage(stage: str, s: TrainSettings, steps: int | None = None,
     return ck
 
 
+SOUP = "soup"
+"""Name of the averaged checkpoint (``<out>/soup.pt``): what ``train export`` exports."""
+SOUP_OF = ("finetune", "refine")
+"""Stage checkpoints whose weights :func:`make_soup` averages. Measured (model card, v3.3.0):
+``refine`` alone lowered false positives but made the MNI template "Normal" at p = 0.50 (mass
+0.50) and dipy's head 156 ml of brain; the average kept the gains on held-out cases and read the
+template Normal at p = 0.76."""
+
+
+def make_soup(out: Path, of: tuple[str, ...] = SOUP_OF) -> Path:
+    """Uniform average of the floating-point weights of the ``of`` checkpoints in ``out``.
+
+    Each tensor is ``sum_k t_k * (1 / len(of))`` in checkpoint order (for two: exactly
+    ``a * 0.5 + b * 0.5``), in the tensors' own dtype; integer buffers come from the last.
+    Writes ``<out>/soup.pt`` (modules, config and seed of the last checkpoint) and
+    ``soup.done``; returns the checkpoint path.
+    """
+    if len(of) < 1:
+        raise ValueError("a soup needs at least one checkpoint")
+    states = [torch.load(_ckpt(out, k), map_location="cpu", weights_only=False) for k in of]
+    w = 1.0 / len(of)
+    modules: dict[str, dict[str, Tensor]] = {}
+    for group, tensors in states[-1]["modules"].items():
+        modules[group] = {}
+        for name, last in tensors.items():
+            if not last.is_floating_point():
+                modules[group][name] = last
+                continue
+            acc = states[0]["modules"][group][name] * w
+            for st in states[1:]:
+                acc = acc + st["modules"][group][name] * w
+            modules[group][name] = acc.to(last.dtype)
+    ck = _ckpt(out, SOUP)
+    tmp = ck.with_suffix(".pt.tmp")
+    torch.save({"stage": SOUP, "of": list(of), "config": states[-1]["config"],
+                "seed": states[-1].get("seed", 0), "modules": modules}, tmp)
+    tmp.replace(ck)
+    (out / f"{SOUP}.done").write_text(json.dumps({"of": list(of), "weights": [w] * len(of)}))
+    return ck
+
+
 def train_all(seed: int = 0, s: TrainSettings | None = None,
               steps: dict[str, int] | None = None,
               progress: Callable[[str], None] | None = None) -> Path:
-    """Run the stages in order (skipping finished ones); returns the final checkpoint.
+    """Run the stages in order (skipping finished ones), then :func:`make_soup`.
+
+    Returns the soup checkpoint (what is exported).
 
     ``train_all(0)`` with the default settings reproduces the shipped ``omnimri-tiny`` model
     (up to floating-point nondeterminism of multi-threaded CPU kernels).
@@ -712,4 +757,4 @@ def train_all(seed: int = 0, s: TrainSettings | None = None,
         if (s.out / f"{stage}.done").exists():
             continue
         run_stage(stage, s, n, progress)
-    return _ckpt(s.out, STAGES[-1])
+    return make_soup(s.out)  # always: seconds, and never stale after a stage was rerun
