@@ -209,6 +209,21 @@ def test_without_tensorrt_both_models_run_on_ort_cpu(monkeypatch: pytest.MonkeyP
     """Not installed: not tried, nothing logged; installed but unusable: the reason logged."""
     if _tensorrt_usable():
         pytest.skip("TensorRT is usable here; tests/gpu/test_gpu_language.py covers it")
+    import logging
+
+    import structlog
+
+    # An earlier test in the same process may have configured logging at WARNING: the filtering
+    # logger then drops INFO before capture_logs sees it. Capture at every level here.
+    old = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        _run_without_tensorrt(monkeypatch)
+    finally:
+        structlog.configure(**old)
+
+
+def _run_without_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
     from inference.omnimri.language import trt
     from inference.omnimri.language.reportgen import ReportDecoder
     from inference.omnimri.language.runtime import TextModel
