@@ -32,20 +32,26 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AdminServer, str]]:
-    tmp = tmp_path_factory.mktemp("console")
+def _serve(tmp: Path, doc: dict[str, Any], slices: int
+           ) -> Iterator[tuple[AdminServer, str]]:
+    """An admin server on config ``doc`` over a stored 2 mm brain of ``slices`` slices."""
     cfg = tmp / "config.yaml"
-    cfg.write_text(yaml.safe_dump(_config(tmp, free_port())))
+    cfg.write_text(yaml.safe_dump(doc))
     settings = load_config(cfg)
     settings.storage.path.mkdir(parents=True)
     from omnimri_samples import brain_series
 
-    uid, _ = _index_series(settings, datasets=brain_series(resolution_mm=2, slices=9))
+    uid, _ = _index_series(settings, datasets=brain_series(resolution_mm=2, slices=slices))
     srv = AdminServer(settings, config_path=cfg, host="127.0.0.1", port=free_port())
     srv.start()
     yield srv, uid
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AdminServer, str]]:
+    tmp = tmp_path_factory.mktemp("console")
+    yield from _serve(tmp, _config(tmp, free_port()), slices=9)
 
 
 @pytest.fixture(scope="module")
@@ -214,17 +220,7 @@ def ask_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Admin
     doc["models"] = {"path": str(REPO / "models")}
     doc["pipelines"]["brain"] = {"model": "omnimri-tiny",
                                  "instructions": ["detect abnormalities", "write the report"]}
-    cfg = tmp / "config.yaml"
-    cfg.write_text(yaml.safe_dump(doc))
-    settings = load_config(cfg)
-    settings.storage.path.mkdir(parents=True)
-    from omnimri_samples import brain_series
-
-    uid, _ = _index_series(settings, datasets=brain_series(resolution_mm=2, slices=24))
-    srv = AdminServer(settings, config_path=cfg, host="127.0.0.1", port=free_port())
-    srv.start()
-    yield srv, uid
-    srv.stop()
+    yield from _serve(tmp, doc, slices=24)
 
 
 def _ask(driver: Any, question: str) -> Any:

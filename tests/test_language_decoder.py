@@ -123,17 +123,12 @@ def test_serving_the_decoder_does_not_import_torch() -> None:
 def test_a_pipeline_with_neural_reports_writes_the_decoders_grounded_text() -> None:
     shipped_decoder()
     from inference import results as R
-    from inference.omnimri import synthetic as syn
     from inference.omnimri.language.reportgen import narrator_for
-    from inference.omnimri.tasks import HeadOutputs, build_results
+    from inference.omnimri.tasks import build_results
+    from tests.test_language_reports import template_heads
 
     narrate = narrator_for(ModelPackage.load(PACKAGE))
-    tpl = syn.load_template()
-    lesion = np.zeros((4, *tpl.t1.shape), np.float32)
-    lesion[0] = 1.0
-    heads = HeadOutputs(affine=tpl.affine, tissue=tpl.probs.copy(), lesion=lesion,
-                        slice_diagnosis=np.tile([[0.9, 0.05, 0.05]], (tpl.t1.shape[0], 1)
-                                                ).astype(np.float32))
+    heads = template_heads()
     for seg in (False, True):
         ins = ["segment brain tissues"] * seg + ["detect abnormalities", "write the report"]
         res = build_results(heads, ins, R.ModelInfo("t", "1"), narrator=narrate)

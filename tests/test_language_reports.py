@@ -67,13 +67,19 @@ def test_sampled_reports_never_state_tissue_findings_without_segmentation() -> N
     assert n >= 10
 
 
-def test_pipeline_without_segmentation_writes_no_tissue_sentence() -> None:
+def template_heads() -> HeadOutputs:
+    """Head outputs of a normal brain: the template's tissue probabilities, no lesion, a
+    "normal" slice diagnosis (also used by tests/test_language_decoder.py)."""
     tpl = syn.load_template()
     lesion = np.zeros((4, *tpl.t1.shape), np.float32)
     lesion[0] = 1.0
-    heads = HeadOutputs(affine=tpl.affine, tissue=tpl.probs.copy(), lesion=lesion,
-                        slice_diagnosis=np.tile([[0.9, 0.05, 0.05]], (tpl.t1.shape[0], 1)
-                                                ).astype(np.float32))
+    return HeadOutputs(affine=tpl.affine, tissue=tpl.probs.copy(), lesion=lesion,
+                       slice_diagnosis=np.tile([[0.9, 0.05, 0.05]], (tpl.t1.shape[0], 1)
+                                               ).astype(np.float32))
+
+
+def test_pipeline_without_segmentation_writes_no_tissue_sentence() -> None:
+    heads = template_heads()
     seen: dict[bool, set[str]] = {False: set(), True: set()}
     for seg in (False, True):
         ins = ["segment brain tissues"] * seg + ["detect abnormalities", "write the report"]
