@@ -1,7 +1,7 @@
 # OmniMRI Node — the two commands of the README's quick start, and a few for developers.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-APT_PACKAGES := dcmtk orthanc orthanc-dicomweb chromium chromium-driver pixelmed-apps postgresql
+APT_PACKAGES := dcmtk orthanc orthanc-dicomweb chromium chromium-driver pixelmed-apps postgresql mricron-data
 PYTEST_ARGS ?=
 OHIF_VERSION := 3.13.2
 PYTRITON_VERSION := 0.7.0

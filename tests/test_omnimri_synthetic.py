@@ -133,3 +133,31 @@ def test_skull_stripped_cases_have_no_head_and_leave_other_cases_alone() -> None
     # beyond the largest dilation (4 mm) of the case's own brain
     far = ndimage.distance_transform_edt(s.tissue == 0, sampling=syn.SPACING_MM) > 6.0
     assert float(s.image[far].max()) == 0.0 and float(a.image[far].max()) > 0.0
+
+
+def test_textured_neck_is_brain_like_but_background_and_leaves_marble_cases_alone() -> None:
+    """``neck="textured"`` puts grey- and white-matter-like soft tissue below the brain.
+
+    The labels stay those of the marble case (background there); the default is the marble,
+    exactly as before the option existed.
+    """
+    a = syn.make_case(1, diagnosis=0, contrast="T1", augment=0.0)
+    m = syn.make_case(1, diagnosis=0, contrast="T1", augment=0.0, neck="marble")
+    t = syn.make_case(1, diagnosis=0, contrast="T1", augment=0.0, neck="textured")
+    np.testing.assert_array_equal(a.image, m.image)
+    np.testing.assert_array_equal(t.tissue, m.tissue)
+    np.testing.assert_array_equal(t.lesion, m.lesion)
+    low = slice(0, syn.BELOW_BRAIN_PAD)
+
+    def brain_like(c: syn.Case) -> tuple[float, float]:
+        """Shares of the neck's imaged background voxels at the T1 table's GM / WM means."""
+        v = c.image[low][(c.tissue[low] == 0) & (c.image[low] > 50.0)]
+        return (float((np.abs(v - 550.0) < 11.0).mean()),
+                float((np.abs(v - 780.0) < 16.0).mean()))
+
+    assert max(brain_like(m)) < 0.02
+    gm, wm = brain_like(t)
+    assert gm > 0.1 and wm > 0.05
+    assert (t.tissue[low] == 0).all()
+    with pytest.raises(ValueError, match="unknown neck"):
+        syn.make_case(1, neck="plaid")  # type: ignore[arg-type]

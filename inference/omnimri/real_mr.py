@@ -15,7 +15,12 @@ Sources (``SOURCES``; a missing optional package skips its scans, said so in the
 * ``dipy``: ``data/files/aniso_vox.nii.gz`` - a whole head (skull on), T2-like, 4x4x5 mm;
 * ``pydicom``: ``MR_small.dcm`` - one 64x64 slice (a crop), not a brain volume;
 * the MNI152 2009a template (nilearn) written as a 1 mm DICOM series and read back by the
-  node's volume builder - a whole, skull-stripped brain (the template brain is 1.88 l).
+  node's volume builder - a whole, skull-stripped brain (the template brain is 1.88 l);
+* Debian's ``mricron-data``: ``/usr/share/mricron/templates/ch2.nii.gz`` - "Colin27" (Holmes
+  et al. 1998), one real adult's T1 **with scalp, skull, face and the top of the neck**
+  (27 scans averaged, 1 mm, 181x217x181), and ``ch2better.nii.gz``, the same head at 0.5 mm;
+  ``ch2bet.nii.gz`` is its brain extracted by FSL BET, against which the model's Brain segment
+  is scored (Dice; BET's mask is a reference, not ground truth: it keeps some sulcal CSF).
 
 Looked at and left out: ``pydicom-data``'s ``emri_small.dcm`` (Enhanced MR, a 64x64 sagittal
 crop of a head) carries no geometry at all, and the volume builder refuses it by name;
@@ -35,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 ALL = ["segment brain tissues", "detect abnormalities", "suggest a diagnosis",
        "write the report", "reconstruct"]
@@ -92,6 +98,21 @@ def dipy_aniso_vox() -> Any:
     return _nifti_volume(Path(dipy.__file__).parent / "data" / "files" / "aniso_vox.nii.gz")
 
 
+MRICRON_TEMPLATES = Path("/usr/share/mricron/templates")
+"""Where Debian's ``mricron-data`` puts the Colin27 head (``apt-get install mricron-data``)."""
+
+
+def colin27(name: str = "ch2.nii.gz") -> Any:
+    """Colin27 from ``mricron-data`` (``ch2.nii.gz``: 1 mm with skull; ``ch2better``: 0.5 mm)."""
+    return _nifti_volume(MRICRON_TEMPLATES / name)
+
+
+def colin27_brain_mask() -> npt.NDArray[np.bool_]:
+    """FSL BET's brain of Colin27 (``ch2bet.nii.gz``) on the ``ch2.nii.gz`` grid (1 mm)."""
+    out: npt.NDArray[np.bool_] = colin27("ch2bet.nii.gz").array > 0
+    return out
+
+
 def mni_brain_series(folder: Path) -> Any:
     """The MNI152 template written as a 1 mm DICOM series into ``folder``, read back."""
     from inference.volume import build_volume
@@ -109,6 +130,8 @@ class Source:
     """Whether the brain-volume target (:data:`BRAIN_ML_RANGE`) applies (not to crops)."""
     make: Callable[[Path], Any]
     """Builds the volume (``folder`` for scratch files)."""
+    reference_brain: Callable[[], npt.NDArray[np.bool_]] | None = None
+    """A reference brain mask on the volume's own grid (scored as Dice), if there is one."""
 
 
 SOURCES: tuple[Source, ...] = (
@@ -118,6 +141,10 @@ SOURCES: tuple[Source, ...] = (
            lambda _: dipy_aniso_vox()),
     Source("pydicom MR_small.dcm (one 64x64 slice)", False, lambda _: pydicom_mr_small()),
     Source("MNI152 2009a template as 1 mm DICOM (skull-stripped)", True, mni_brain_series),
+    Source("Colin27 ch2.nii.gz (T1 with skull, face, neck; 1 mm)", True,
+           lambda _: colin27("ch2.nii.gz"), colin27_brain_mask),
+    Source("Colin27 ch2better.nii.gz (T1 with skull; 0.5 mm)", True,
+           lambda _: colin27("ch2better.nii.gz")),
 )
 
 
@@ -135,6 +162,8 @@ class RealResult:
     diagnosis: str
     probability: float
     findings: str
+    brain_dice: float | None = None
+    """Dice of the Brain segment against :attr:`Source.reference_brain` (``None``: none)."""
 
     @property
     def normal(self) -> bool:
@@ -153,16 +182,27 @@ class RealResult:
         fr = " ".join(f"{k} {v:.2f}" for k, v in self.fractions.items())
         dets = "; ".join(self.detections) or "none"
         target = {None: "no target (crop)", True: "PASS", False: "MISS"}[self.brain_ok]
+        ref = "" if self.brain_dice is None else f" (Dice {self.brain_dice:.3f} vs BET)"
         return (f"{self.name} {self.shape}: normal {'PASS' if self.normal else 'MISS'}; "
                 f"detections: {dets}; diagnosis: {self.diagnosis} (p = {self.probability:.2f}); "
-                f"brain {self.brain_ml:.0f} ml [{target}]; fractions {fr}; "
+                f"brain {self.brain_ml:.0f} ml [{target}]{ref}; fractions {fr}; "
                 f"findings: \"{self.findings}\"")
 
 
-def result_of(name: str, whole_brain: bool, res: Any, volume: Any) -> RealResult:
-    """Summarise :class:`inference.results.Results` of one scan."""
+def result_of(name: str, whole_brain: bool, res: Any, volume: Any,
+              reference_brain: npt.NDArray[np.bool_] | None = None) -> RealResult:
+    """Summarise :class:`inference.results.Results` of one scan.
+
+    ``reference_brain``: a brain mask on the volume's grid to score the Brain segment against.
+    """
     spacing = volume.spacing
     seg = {s.label.label: s.volume_ml(spacing) for s in res.segments}
+    dice: float | None = None
+    if reference_brain is not None:
+        mine = next((s.mask.astype(bool) for s in res.segments if s.label.label == "Brain"),
+                    np.zeros(reference_brain.shape, bool))
+        total = int(mine.sum()) + int(reference_brain.sum())
+        dice = 2.0 * float((mine & reference_brain).sum()) / total if total else 1.0
     brain = float(seg.get("Brain", 0.0))
     fr = {k: (float(seg.get(n, 0.0)) / brain if brain > 0 else 0.0)
           for k, n in (("CSF", "CSF"), ("GM", "Grey matter"), ("WM", "White matter"))}
@@ -173,7 +213,7 @@ def result_of(name: str, whole_brain: bool, res: Any, volume: Any) -> RealResult
                       whole_brain=whole_brain, brain_ml=brain, fractions=fr, detections=dets,
                       diagnosis=dg.code.meaning if dg else "-",
                       probability=float(dg.probability) if dg else 0.0,
-                      findings=res.report.findings if res.report else "")
+                      findings=res.report.findings if res.report else "", brain_dice=dice)
 
 
 def summarise(res: Any, spacing: Any) -> str:
@@ -203,7 +243,8 @@ def run_all(package: Any, sources: tuple[Source, ...] = SOURCES) -> list[RealRes
                 out.append(f"{src.name}: skipped ({type(exc).__name__}: {exc})")
                 continue
             res = run_omnimri(package, vol, ALL)
-            out.append(result_of(src.name, src.whole_brain, res, vol))
+            ref = src.reference_brain() if src.reference_brain else None
+            out.append(result_of(src.name, src.whole_brain, res, vol, ref))
     return out
 
 

@@ -62,6 +62,9 @@ Array = npt.NDArray[np.float32]
 Layout = Literal["training", "heldout", "anywhere"]
 LAYOUTS: tuple[Layout, ...] = ("training", "heldout", "anywhere")
 """Lesion layouts of :func:`make_case` (where lesion centres may be drawn)."""
+Neck = Literal["marble", "textured"]
+NECKS: tuple[Neck, ...] = ("marble", "textured")
+"""Neck and face soft-tissue models of :func:`make_case`."""
 
 
 @dataclass
@@ -441,8 +444,29 @@ def _ellipsoid(xyz: Array, centre: tuple[float, float, float],
     return out
 
 
+def _textured_soft_tissue(nrng: np.random.Generator, shape: tuple[int, int, int], low: int
+                          ) -> tuple[npt.NDArray[np.bool_], ...]:
+    """Fat planes, muscle, grey-matter-like and white-matter-like parts of neck and face.
+
+    Returns four disjoint masks ``[low, j, i]`` (fat, muscle, GM-like, WM-like) covering every
+    voxel. Fat lies in thin sheets (the band ``|n| < t`` around the zero set of a smooth field
+    with ~11 mm features: fascial planes between muscles); the compartments between them take
+    one of three soft-tissue classes from a coarser field, in random proportions. Real neck
+    muscles, glands and the tongue have intensities and texture like grey and white matter on
+    every contrast; the marble of fat and muscle alone taught the model that anything
+    brain-like is brain (Colin27 with skull: the neck read as 0.4 l of brain).
+    """
+    n1 = _smooth_noise(nrng, shape, (20, 22, 20))[:low]
+    n2 = _smooth_noise(nrng, shape, (16, 18, 16))[:low]
+    fat = np.abs(n1) < nrng.uniform(0.15, 0.45)
+    t1, t2 = np.sort(nrng.uniform(-0.8, 0.8, 2))
+    rest = ~fat
+    return fat, rest & (n2 < t1), rest & (n2 >= t1) & (n2 < t2), rest & (n2 >= t2)
+
+
 def _head_fractions(rng: np.random.Generator, dist_mm: Array, xyz: Array, nonbrain: Array,
-                    augment: float, extra_csf_mm: float) -> Array:
+                    augment: float, extra_csf_mm: float,
+                    neck_rng: np.random.Generator | None = None) -> Array:
     """Fractions ``[11, k, j, i]`` of every anatomy label in the non-brain part of each voxel.
 
     ``dist_mm`` is the distance outside the brain mask (mm, 0 inside), ``xyz`` the MNI position
@@ -450,6 +474,8 @@ def _head_fractions(rng: np.random.Generator, dist_mm: Array, xyz: Array, nonbra
     Layers outward from the brain: extra-cerebral CSF, inner table (cortical bone), diploe
     (marrow), outer table, temporal muscle (laterally), subcutaneous fat, skin; then the neck
     (muscle/fat, vertebra, airway, spinal canal) and face (eyes, orbital fat, air sinuses).
+    ``neck_rng``: draw the neck and face soft tissue with :func:`_textured_soft_tissue` from
+    this stream (``None``: the fat/muscle marble of the stages before ``refine2``).
     """
     shape = dist_mm.shape
     a = augment
@@ -490,8 +516,13 @@ def _head_fractions(rng: np.random.Generator, dist_mm: Array, xyz: Array, nonbra
     marble = _smooth_noise(rng, shape, (10, 12, 10))[:low] > u(-0.3, 0.8)
     w[0] = outside
     soft = (neck | face).astype(np.float32) * outside[:low]
-    w[7, :low] += soft * marble
-    w[8, :low] += soft * ~marble
+    if neck_rng is None:
+        w[7, :low] += soft * marble
+        w[8, :low] += soft * ~marble
+    else:
+        for lab, part in zip((7, 8, 2, 3), _textured_soft_tissue(neck_rng, shape, low),
+                             strict=True):
+            w[lab, :low] += soft * part
     w[0, :low] -= soft
     out_csf = d[:low] > b1 + 1.0
     below = z < -60.0
@@ -645,7 +676,7 @@ def _field_of_view(rng: np.random.Generator, brain: npt.NDArray[np.bool_]
 def make_case(
     seed: int, *, layout: Layout = "training", diagnosis: int | None = None,
     contrast: str | None = None, augment: float = 1.0, strip: float = 0.0,
-    max_in_plane_mm: float = 3.0,
+    max_in_plane_mm: float = 3.0, neck: Neck = "marble",
 ) -> Case:
     """Generate one synthetic case (SynthSeg-style domain randomisation from label maps).
 
@@ -664,6 +695,11 @@ def make_case(
             random stream, so ``strip=0`` gives exactly the cases it gave before it existed.
         max_in_plane_mm: Coarsest in-plane voxel of the simulated acquisition (mm). The default
             3.0 gives exactly the cases of the stages before ``refine``.
+        neck: Soft tissue of neck and face: ``marble`` (fat and muscle; the stages before
+            ``refine2``, whose cases it leaves exactly as they were) or ``textured`` (fat
+            planes between compartments of muscle-, grey- and white-matter-like intensity,
+            drawn from their own random stream; :func:`_textured_soft_tissue`). Either way
+            they are background for the tissue head.
     """
     rng = np.random.default_rng(seed)
     tpl = load_template()
@@ -686,6 +722,8 @@ def make_case(
         raise ValueError(f"unknown contrast {contrast!r}; known: {', '.join(TRAINING_CONTRASTS)}")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    if neck not in NECKS:
+        raise ValueError(f"unknown neck {neck!r}; known: {', '.join(NECKS)}")
     parity = {"training": 0, "heldout": 1, "anywhere": None}[layout]
     meta: dict[str, float] = {}
 
@@ -776,7 +814,8 @@ def make_case(
     xyz = (np.tensordot(tpl.affine[:3, :3], coords, axes=(1, 0))
            + tpl.affine[:3, 3, None, None, None]).astype(np.float32) * np.array(
                [-1.0, -1.0, 1.0], np.float32)[:, None, None, None]
-    w = _head_fractions(rng, dist_out, xyz, probs[0], augment, extra_csf)
+    w = _head_fractions(rng, dist_out, xyz, probs[0], augment, extra_csf,
+                        np.random.default_rng([seed, 12]) if neck == "textured" else None)
     w[1:4] += probs[1:4]
     img = np.tensordot(means[:_N_ANATOMY].astype(np.float32), w, axes=1).astype(np.float32)
     # Texture: the template's own (sign and strength random per case: contrasts differ) plus
