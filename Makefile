@@ -16,7 +16,7 @@ run: install
 install:
 	$(PIP) install -q -e .
 
-## Install what the tests need (Debian dcmtk, orthanc, orthanc-dicomweb, chromium + driver; Python extras) and run them all.
+## Install what the tests need (Debian: $(APT_PACKAGES); Python extras; OHIF from npm) and run them all.
 test: install-test
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
