@@ -286,8 +286,39 @@ class TextOutput(_Strict):
     """Separator placed between tokens when detokenising. Default one space."""
 
 
+class EmbeddingOutput(_Strict):
+    """A global feature vector ``[N, D]`` per window, pooled into one vector per series.
+
+    Used for retrieval (e.g. report<->image, :mod:`inference.omnimri.retrieval`). The runner
+    averages the window vectors with a weight per window (``pool``), then scales the mean to
+    unit length when ``normalise`` is set.
+    """
+
+    kind: Literal["embedding"]
+    name: str = Field(min_length=1)
+    """ONNX output name."""
+    pool: Literal["mean", "foreground", "segmentation"] = "mean"
+    """Window weights: ``mean`` (equal), ``foreground`` (fraction of the centre slice's voxels
+    whose normalised intensity exceeds ``foreground_above``) or ``segmentation`` (mean
+    foreground probability of the softmax segmentation output ``weight_output`` in the window:
+    one minus its channel 0). Default ``mean``."""
+    foreground_above: float = Field(default=0.05, ge=0.0)
+    """Normalised intensity above which a voxel is foreground (``pool: foreground``).
+    Default 0.05."""
+    weight_output: str = ""
+    """The segmentation output whose foreground weighs the windows (``pool: segmentation``)."""
+    normalise: bool = True
+    """Scale the pooled vector to unit L2 norm. Default true."""
+
+    @model_validator(mode="after")
+    def _weights_named(self) -> EmbeddingOutput:
+        if self.pool == "segmentation" and not self.weight_output:
+            raise ValueError("pool 'segmentation' needs weight_output (a segmentation output)")
+        return self
+
+
 OutputSpec = Annotated[
-    SegmentationOutput | ClassificationOutput | ImageOutput | TextOutput,
+    SegmentationOutput | ClassificationOutput | ImageOutput | TextOutput | EmbeddingOutput,
     Field(discriminator="kind"),
 ]
 """One declared output, by ``kind``."""
@@ -387,6 +418,11 @@ class ModelSpec(_Strict):
                 raise ValueError(
                     f"text output {o.name!r}: memory_output {o.memory_output!r} is not an output"
                 )
+            if isinstance(o, EmbeddingOutput) and o.pool == "segmentation":
+                w = next((x for x in self.outputs if x.name == o.weight_output), None)
+                if not isinstance(w, SegmentationOutput) or w.activation != "softmax":
+                    raise ValueError(f"embedding output {o.name!r}: weight_output "
+                                     f"{o.weight_output!r} is not a softmax segmentation output")
         vnames = [v.name for v in self.variants]
         if FP32_VARIANT in vnames or len(set(vnames)) != len(vnames):
             raise ValueError(f"variant names must be unique and not {FP32_VARIANT!r}: {vnames}")
@@ -438,10 +474,12 @@ class ModelSpec(_Strict):
         wanted: set[str] = set()
         for instr in instructions:
             wanted.update(self.task_outputs.get(instr, [o.name for o in self.outputs]))
-        # a text output needs its conditioning output too
+        # a text output needs its conditioning output too, an embedding its weights
         for o in self.outputs:
             if isinstance(o, TextOutput) and o.name in wanted:
                 wanted.add(o.memory_output)
+            if isinstance(o, EmbeddingOutput) and o.name in wanted and o.weight_output:
+                wanted.add(o.weight_output)
         return [o.name for o in self.outputs if o.name in wanted]
 
     def engine_outputs(self) -> list[str]:

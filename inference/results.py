@@ -139,6 +139,9 @@ class Results:
     report: Report | None = None
     reconstruction: npt.NDArray[np.float32] | None = None
     """Optional reconstructed image on the source grid."""
+    embedding: npt.NDArray[np.float32] | None = None
+    """Optional image embedding of the whole series ``[D]`` (unit length; a package's
+    ``embedding`` output, pooled over its windows): for report<->image retrieval."""
     timings_s: dict[str, float] = field(default_factory=dict)
     """Stage timings in seconds (``preprocess``, ``inference``, ``postprocess``)."""
     instructions: list[str] = field(default_factory=list)

@@ -2,9 +2,10 @@
 
 :func:`run_model` prepares the volume as the package's ``input`` spec says, runs the engine over
 sliding windows in batches, aggregates window outputs (Gaussian-weighted for dense outputs,
-averaged for global ones), applies activations, maps dense outputs back onto the source grid
-(segmentation probabilities lazily, on first use: then label maps and connected components,
-made from the source-grid probabilities) and runs greedy text decoding, and returns
+averaged for global ones, pooled by :class:`EmbeddingPool` for ``embedding`` ones), applies
+activations, maps dense outputs back onto the source grid (segmentation probabilities lazily,
+on first use: then label maps and connected components, made from the source-grid
+probabilities) and runs greedy text decoding, and returns
 :class:`RawOutputs`.
 Model-specific interpretation (lobe names, report sections, ...) builds
 :class:`inference.results.Results` from it.
@@ -28,6 +29,7 @@ from inference.package import (
     ClassificationOutput,
     ClassSpec,
     DetectionSpec,
+    EmbeddingOutput,
     ImageOutput,
     LabelSpec,
     ModelPackage,
@@ -192,6 +194,8 @@ class RawOutputs:
     text: dict[str, str] = field(default_factory=dict)
     features: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
     """Window-averaged non-dense engine outputs (e.g. a text decoder's memory)."""
+    embedding: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
+    """``embedding`` outputs, one ``[D]`` vector per series (:class:`EmbeddingPool`)."""
     transform: GridTransform | None = None
     engine: str = ""
     provider: str = ""
@@ -284,6 +288,8 @@ def run_model(
         streamed = []
     streams: dict[str, SourceGridStream] = {}
     agg = _Aggregator(padded.shape, spec.input.layout, dense_names)
+    pools = {o.name: EmbeddingPool(o, spec.input.context_slices) for o in outs
+             if isinstance(o, EmbeddingOutput)}
     done = 0  # model slices [0, done) are final (NCHW windows go slice by slice)
     ms = t.model_shape
     try:
@@ -293,7 +299,10 @@ def run_model(
             result = engine.run({spec.input.name: batch})
             agg.add_weights(group)
             for name in engine_needed:
-                agg.add(name, np.asarray(result[name]), group)
+                if name in pools:
+                    pools[name].add(np.asarray(result[name]), batch, result)
+                else:
+                    agg.add(name, np.asarray(result[name]), group)
             pos += len(group)
             if not streamed:
                 continue
@@ -362,7 +371,9 @@ def run_model(
                 probabilities={c.name: float(p[i]) for i, c in enumerate(o.classes)},
             )
     for name in engine_needed:
-        if name not in dense_names:
+        if name in pools:
+            raw.embedding[name] = pools[name].result()
+        elif name not in dense_names:
             raw.features[name] = agg.mean(name)
     timings["postprocess"] = time.perf_counter() - t0
 
@@ -405,6 +416,78 @@ def _recorder(key: tuple[str, str], name: str) -> Callable[[], None]:
         with _READ_LOCK:
             _READ_IN_FULL.setdefault(key, set()).add(name)
     return record
+
+
+class EmbeddingPool:
+    """Pools an ``embedding`` output's window vectors into one vector per series.
+
+    Each window's vector gets a weight (the spec's ``pool``): 1 (``mean``); the fraction of
+    foreground voxels, normalised intensity above ``foreground_above``, in its centre slice
+    (``NCHW``) or whole patch (``NCDHW``) (``foreground``); or the window's mean foreground
+    probability of the softmax segmentation ``weight_output``, one minus channel 0
+    (``segmentation``: e.g. brain, so windows of neck and air count nothing). The weighted mean
+    is scaled to unit L2 norm when the spec says ``normalise``. A series whose every window
+    weighs 0 falls back to the plain mean.
+    """
+
+    def __init__(self, spec: EmbeddingOutput, context_slices: int = 0) -> None:
+        self.spec = spec
+        self._centre = context_slices
+        self._sum: npt.NDArray[np.float64] | None = None
+        self._plain: npt.NDArray[np.float64] | None = None
+        self._weight = 0.0
+        self._count = 0
+
+    def weights(self, batch: npt.NDArray[np.generic],
+                result: dict[str, npt.NDArray[np.generic]] | None = None
+                ) -> npt.NDArray[np.float64]:
+        """Per-window weights ``[N]`` of an input ``batch`` and its engine ``result``.
+
+        ``batch`` is ``[N, C, ...]``; the weights are those the class describes.
+
+        Raises:
+            ValueError: ``pool: segmentation`` and the result lacks ``weight_output``.
+        """
+        x = np.asarray(batch)
+        n = x.shape[0]
+        if self.spec.pool == "mean":
+            return np.ones(n)
+        if self.spec.pool == "segmentation":
+            name = self.spec.weight_output
+            if result is None or name not in result:
+                raise ValueError(f"embedding output {self.spec.name!r} is weighted by "
+                                 f"{name!r}, which the engine did not return")
+            logits = np.asarray(result[name], np.float64).reshape(n, -1, *np.shape(
+                result[name])[2:])
+            bg = activate(logits.astype(np.float32), "softmax", axis=1)[:, 0]
+            return np.asarray(1.0 - bg.reshape(n, -1).mean(axis=1), np.float64)
+        c = min(self._centre, x.shape[1] - 1) if x.ndim == 4 else 0
+        centre = x[:, c].reshape(n, -1)
+        return np.asarray((centre > self.spec.foreground_above).mean(axis=1), np.float64)
+
+    def add(self, out: npt.NDArray[np.generic], batch: npt.NDArray[np.generic],
+            result: dict[str, npt.NDArray[np.generic]] | None = None) -> None:
+        """Add one engine call: ``out`` ``[N, D]``, its input ``batch``, all its outputs."""
+        v = np.asarray(out, np.float64).reshape(np.asarray(out).shape[0], -1)
+        if v.shape[0] != np.asarray(batch).shape[0]:
+            raise ValueError(f"embedding output {self.spec.name!r} has batch {v.shape[0]}, "
+                             f"sent {np.asarray(batch).shape[0]}")
+        w = self.weights(batch, result)
+        s, p = (w[:, None] * v).sum(0), v.sum(0)
+        self._sum = s if self._sum is None else self._sum + s
+        self._plain = p if self._plain is None else self._plain + p
+        self._weight += float(w.sum())
+        self._count += v.shape[0]
+
+    def result(self) -> npt.NDArray[np.float32]:
+        """The pooled ``[D]`` vector (float32)."""
+        if self._sum is None or self._plain is None:
+            raise ValueError(f"embedding output {self.spec.name!r}: no window was run")
+        v = self._sum / self._weight if self._weight > 1e-9 else self._plain / self._count
+        if self.spec.normalise:
+            norm = float(np.linalg.norm(v))
+            v = v / norm if norm > 0 else v
+        return np.asarray(v, np.float32)
 
 
 class _Aggregator:

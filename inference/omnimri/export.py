@@ -4,6 +4,8 @@ Writes::
 
     models/<name>/model.yaml      # inference.package.ModelSpec
     models/<name>/1/model.onnx    # vision encoder + heads, input ``image`` [N, 2c+1, P, P]
+                                  # (outputs: VISION_OUTPUTS; ``embedding`` [N, align_dim] the
+                                  # unit-length image embedding of each window)
     models/<name>/1/decoder.onnx  # report decoder: ``memory`` [N, 5, F], ``tokens`` [N, T]
     models/<name>/1/vocabulary.txt
 
@@ -43,14 +45,18 @@ class _Vision(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         out = self.model(image)
         d = out["diagnosis"]
         dmap = d[:, :, None, None].expand(-1, -1, image.shape[2], image.shape[3])
-        return out["tissue"], out["lesion"], out["recon"], d, dmap
+        return out["tissue"], out["lesion"], out["recon"], d, dmap, out["embedding"]
 
 
-VISION_OUTPUTS = ("tissue", "lesion", "recon", "diagnosis", "diagnosis_map")
+VISION_OUTPUTS = ("tissue", "lesion", "recon", "diagnosis", "diagnosis_map", "embedding")
+"""Outputs of ``model.onnx``, in order. ``embedding`` (unit-length ``[N, align_dim]`` per
+window, pooled per series by :class:`inference.runner.EmbeddingPool`, windows weighted by
+their brain probability from ``tissue``) is what report<->image retrieval reads
+(:mod:`inference.omnimri.retrieval`); packages exported before it lack it."""
 
 
 def export_vision(model: OmniMRI, path: Path) -> None:
@@ -176,12 +182,14 @@ def model_spec(model: OmniMRI, name: str, version: str, *, metrics: dict[str, fl
             {"kind": "classification", "name": "diagnosis", "activation": "softmax",
              "classes": [{"name": n, "code": _code(c)} for n, c in DIAGNOSIS_CODES.items()]},
             {"kind": "image", "name": "recon", "denormalise": True},
+            {"kind": "embedding", "name": "embedding", "pool": "segmentation",
+             "weight_output": "tissue", "normalise": True},
         ],
         "task_outputs": {
             "segment brain tissues": ["tissue"],
             "detect abnormalities": ["lesion", "tissue"],
             "suggest a diagnosis": ["diagnosis_map", "diagnosis", "lesion", "tissue"],
-            "write the report": ["diagnosis_map", "diagnosis", "lesion", "tissue"],
+            "write the report": ["diagnosis_map", "diagnosis", "lesion", "tissue", "embedding"],
             "reconstruct": ["recon"],
         },
         "thresholds": {"lesion": settings.lesion_threshold},

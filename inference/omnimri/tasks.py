@@ -518,9 +518,13 @@ def results_from_raw(package: Any, raw: Any, volume: Any, instructions: list[str
     if writer is None and narrator is None and "write the report" in [
             " ".join(i.lower().split()) for i in instructions]:
         writer = report_writer_for(package.version_folder(), extra)
-    return build_results(heads, instructions, package.model_info(node_version),
-                         settings or TaskSettings.from_dict(extra.get("tasks")), writer,
-                         narrator)
+    res = build_results(heads, instructions, package.model_info(node_version),
+                        settings or TaskSettings.from_dict(extra.get("tasks")), writer,
+                        narrator)
+    embeddings = getattr(raw, "embedding", None) or {}
+    if embeddings:  # the package's embedding output (retrieval), when the instructions ran it
+        res.embedding = next(iter(embeddings.values()))
+    return res
 
 
 def run_omnimri(package: Any, volume: Any, instructions: list[str], engine: Any = None,
