@@ -57,7 +57,6 @@ from inference.engines.flops import (  # noqa: E402
     count_macs,
     measure_peak,
     physical_cores,
-    profile_ops,
 )
 from inference.package import ModelPackage  # noqa: E402
 from inference.preprocess import extract_batch, pad_to_patch, prepare, sliding_windows  # noqa: E402
@@ -284,26 +283,30 @@ def batch_sweep(model_path: Path, package: ModelPackage, volume: Volume, sizes: 
     return {b: {"wall_ms": out[b], "cpu_ms": out_cpu[b]} for b in sizes}
 
 
-def profile_section(model_path: Path, package: ModelPackage, macs_per_window: dict[str, int],
-                    peaks: dict[str, float], precision: str, threads: int) -> dict[str, Any]:
-    """ORT per-operator time on one real batch; the Conv kernels' own rate and % of peak."""
+def profile_section(model_path: Path, package: ModelPackage, peaks: dict[str, float],
+                    precision: str, threads: int, volume: Volume) -> dict[str, Any]:
+    """ORT's profile of one real batch (:mod:`benchmarks.ort_profile`): per operator and node,
+    what the optimised graph runs (integer kernels, Q/DQ left, layout nodes), and the Conv/MatMul
+    kernels' own GFLOP/s and % of the peak of ``precision``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ort_profile import graph_summary, profile, report
+
     spec = package.spec.input
-    x = np.random.default_rng(0).standard_normal(
-        (spec.batch_size, spec.channels, *spec.patch_size)).astype(np.float32)
-    ops = profile_ops(model_path, {spec.name: x}, threads=threads)
-    total = sum(ops.values())
-    print(f"  profile {model_path.name}, batch {spec.batch_size}: kernels {total:.0f} ms/run")
-    for op, ms in list(ops.items())[:10]:
-        print(f"    {op:28s} {ms:8.1f} ms {100 * ms / total:5.1f} %")
-    conv_ms = sum(ms for op, ms in ops.items() if "Conv" in op)
-    conv_macs = sum(v for k, v in macs_per_window.items() if "Conv" in k) * spec.batch_size
-    conv_rate = 2 * conv_macs / 1e9 / (conv_ms / 1000) if conv_ms else 0.0
+    prepared = prepare(volume.array, volume.affine, spec)
+    padded = pad_to_patch(prepared.array, spec)
+    windows = sliding_windows(prepared.transform.model_shape, spec)
+    mid = max(0, len(windows) // 2 - spec.batch_size // 2)
+    x = np.asarray(extract_batch(padded, windows[mid:mid + spec.batch_size], spec),
+                   dtype=np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        prof, optimised = profile(model_path, x, spec.name, threads=threads, runs=5,
+                                  tmp=Path(tmp))
+        summary = graph_summary(model_path, optimised)
+    out: dict[str, Any] = report(f"profile {model_path.name}, batch {spec.batch_size}", prof,
+                                 summary, 12, peaks.get(precision, 0.0))
     peak = peaks.get(precision, 0.0)
-    pct = 100 * conv_rate / peak if peak else 0.0
-    print(f"    Conv kernels: {conv_rate:.1f} GFLOP/s = {pct:.1f} % of the {precision} peak; "
-          f"Conv is {100 * conv_ms / total:.0f} % of kernel time")
-    return {"ops_ms": ops, "conv_gflops": conv_rate, "conv_pct_peak": pct,
-            "conv_share_of_time": conv_ms / total if total else 0.0}
+    out["mac_kernels_pct_peak"] = 100 * out["mac_kernels_gflops"] / peak if peak else 0.0
+    return out
 
 
 def main() -> None:
@@ -433,14 +436,13 @@ def main() -> None:
                   f"{'met' if ratio <= 0.5 else 'NOT met'}")
             results[f"cpu:{package.name}"] = res
             if args.profile:
-                macs_by = dict(cost.by_op)
                 res["profile"] = {}
                 for variant in package.variant_names():
                     path = package.model_path(variant=variant)
                     if path.is_file():
                         prec = "float32" if variant == "fp32" else "int8"
                         res["profile"][variant] = profile_section(
-                            path, package, macs_by, peaks, prec, args.threads)
+                            path, package, peaks, prec, args.threads, volume)
             if args.batch_sizes:
                 sizes = [int(b) for b in args.batch_sizes.split(",")]
                 res["batch_sweep"] = {}

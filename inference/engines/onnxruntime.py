@@ -90,6 +90,29 @@ def optimized_model_path(model_path: Path, cache_dir: Path, provider: str) -> Pa
                         f"cpu{_cpu_key()}.onnx")
 
 
+def session_options(threads: int = 0, *, allow_spinning: bool = False,
+                    mem_arena: bool = True) -> Any:
+    """The ``ort.SessionOptions`` every CPU session of the node uses (see the module notes).
+
+    Args:
+        threads: Intra-op threads (0 = :func:`~inference.engines.flops.physical_cores`).
+        allow_spinning: Let idle ORT threads spin-wait.
+        mem_arena: CPU memory arena and memory-pattern planning.
+    """
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads if threads > 0 else physical_cores()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.enable_cpu_mem_arena = mem_arena
+    opts.enable_mem_pattern = mem_arena
+    opts.log_severity_level = 3
+    spin = "1" if allow_spinning else "0"
+    opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    return opts
+
+
 class OnnxRuntimeEngine(NamedIO):
     """An ``onnxruntime.InferenceSession`` behind the :class:`~inference.engines.Engine` Protocol.
 
@@ -132,18 +155,9 @@ class OnnxRuntimeEngine(NamedIO):
         wanted = providers if providers is not None else available_providers()
         if not wanted:
             raise EngineUnavailable("no usable ONNX Runtime execution provider")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.intra_op_threads = intra_op_threads if intra_op_threads > 0 else physical_cores()
-        opts.intra_op_num_threads = self.intra_op_threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.enable_cpu_mem_arena = mem_arena
-        opts.enable_mem_pattern = mem_arena
-        opts.log_severity_level = 3
-        spin = "1" if allow_spinning else "0"
-        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        opts = session_options(self.intra_op_threads, allow_spinning=allow_spinning,
+                               mem_arena=mem_arena)
         load_path = model_path
         self.optimized_path: Path | None = None
         """The cached optimised graph this session loaded or wrote (``None``: not cached)."""
