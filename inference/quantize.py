@@ -40,8 +40,17 @@ _log = structlog.get_logger(__name__)
 INT8_FILE = "model.int8.onnx"
 """File name of the INT8 (QDQ) variant in the version folder."""
 
-DEFAULT_OPS = ("Conv", "MatMul", "Gemm")
-"""Node types quantised by default."""
+DEFAULT_OPS = ("Conv", "Concat", "Resize")
+"""Node types quantised by default: the convolutions, and the decoders' upsampling and skip
+concatenations in front of them.
+
+Chosen by profile (``benchmarks/ort_profile.py``; docs/engines.md): ONNX Runtime fuses each
+``DequantizeLinear -> op -> QuantizeLinear`` group into an integer kernel (``QLinearConv``,
+``QLinearConcat``, a uint8 ``Resize``), so quantising ``Concat`` and ``Resize`` moves the
+activations' quantisation in front of the 2× upsampling (a quarter of the elements) and drops a
+float concatenation of the full-resolution skip. ``MatMul``/``Gemm`` (the ViT at 1/8
+resolution, the heads) stay float: their ``QLinearMatMul`` saved less than the
+``QuantizeLinear``/``DequantizeLinear`` around the attention scores cost."""
 
 
 def window_tensors(array: npt.NDArray[np.float32], affine: npt.NDArray[np.float64],
