@@ -270,6 +270,12 @@ models of :mod:`inference.omnimri.language`, whose files live in ``1/language/``
 of the vision model keeps them."""
 
 
+ALIGNED_LANGUAGE_KEYS = ("report_encoder", "align_seed", "align_train_cases",
+                         "align_train_seconds", "align_onnx_max_abs_diff")
+"""``extra.language`` keys of ``train align-text``: its report encoder is aligned with *these*
+vision weights' image embedding, so a re-export drops them (and the files; run it again)."""
+
+
 def _keep_foreign_extra(old_yaml: Path, spec: dict[str, Any]) -> None:
     if not old_yaml.is_file():
         return
@@ -277,6 +283,13 @@ def _keep_foreign_extra(old_yaml: Path, spec: dict[str, Any]) -> None:
     for key in KEPT_EXTRA:
         if key in (old.get("extra") or {}):
             spec["extra"][key] = old["extra"][key]
+    lang = spec["extra"].get("language")
+    if isinstance(lang, dict) and lang.get("report_encoder"):
+        folder = old_yaml.parent / "1" / str(lang.get("folder", "language"))
+        for name in (str(lang["report_encoder"]), "align.json"):
+            (folder / name).unlink(missing_ok=True)
+        spec["extra"]["language"] = {k: v for k, v in lang.items()
+                                     if k not in ALIGNED_LANGUAGE_KEYS}
 
 
 def _drop_stale_variants(folder: Path) -> None:
