@@ -315,12 +315,17 @@ def train_align_text(package: Path, s: AlignSettings | None = None, *,
     keys = [r.key for r in recs]
     proj = train_projection(images, feats, keys, s, say)
     train_s = time.perf_counter() - t0
+    with torch.no_grad():  # how well it fits its own training cases (first style)
+        fit = rv.recall_at_1(proj(torch.from_numpy(feats[:, 0])).numpy() @ images.T, keys)
+    say(f"training cases: recall@1 report->image {fit['report_to_image']:.3f}, image->report "
+        f"{fit['image_to_report']:.3f} (chance {fit['chance']:.3f})")
     check_texts = [t[k % STYLES] for k, t in enumerate(texts[:40])]
     diff = export_report_encoder(proj, features, folder, str(lang["encoder"]), check_texts)
     say(f"report encoder: onnx vs pytorch max |diff| {diff:.2e}")
     summary = {"settings": asdict(s), "image_seconds": round(image_s, 1),
                "train_seconds": round(train_s, 1), "onnx_max_abs_diff": diff,
                "training_cases": len(recs), "distinct_training_reports": len(set(keys)),
+               "training_recall_at_1": {k: round(v, 4) for k, v in fit.items()},
                "training_set": "heldout_case(k, seed=0), k < train_cases (held-out layout)"}
     (folder / "align.json").write_text(json.dumps(summary, indent=1))
     return {"report_encoder": REPORT_ENCODER_FILE, "align_seed": s.seed,
