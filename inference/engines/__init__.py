@@ -54,8 +54,14 @@ class Engine(Protocol):
         """Graph output names."""
         ...
 
-    def run(self, inputs: Tensors) -> Tensors:
-        """Run one batch; returns every graph output as a numpy array (float outputs float32)."""
+    def run(self, inputs: Tensors, outputs: Sequence[str] | None = None) -> Tensors:
+        """Run one batch; returns graph outputs as numpy arrays (float outputs float32).
+
+        ``outputs``: the outputs the caller reads; ``None`` = all. With a subset an engine
+        returns at least those (ONNX Runtime computes only them, on a pruned graph; TensorRT
+        and PyTorch compute and return every output; Triton returns only them). An output
+        the graph lacks raises ``KeyError``.
+        """
         ...
 
     def close(self) -> None:

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+
+
+def check_outputs(outputs: Sequence[str] | None, known: Collection[str]) -> None:
+    """Raise ``KeyError`` when ``outputs`` names an output not in ``known`` (``None``: all)."""
+    if outputs is None:
+        return
+    unknown = sorted(set(outputs).difference(known))
+    if unknown:
+        raise KeyError(f"unknown outputs {unknown}; the graph returns {list(known)}")
 
 
 class NamedIO:

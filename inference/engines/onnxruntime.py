@@ -15,12 +15,22 @@ CPU tuning (measurements in docs/engines.md):
 * intra-op threads = the physical cores this process may use (affinity mask, SMT siblings once)
   unless set; inter-op threads 1, sequential execution (the graphs are chains).
 * thread spinning off (the node shares its cores with the listener and other workers).
+
+Only the outputs a job reads (``run(inputs, outputs=[...])``): ORT executes the whole graph
+whatever is fetched, so a subset that leaves graph outputs out runs a second session on the
+graph *pruned* to those outputs (:func:`prune_graph`: ``onnx.utils.Extractor``, initializers and
+opset kept), built once per output set on first use, and cached on disk like the optimised graph
+(:func:`pruned_model_path`: same digest/ORT/provider/CPU name plus a key of the kept outputs). If
+pruning fails the engine logs one line and runs the full graph for that set.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +39,7 @@ import onnxruntime as ort
 import structlog
 
 from inference.engines import EngineUnavailable, Tensors
-from inference.engines._io import NamedIO
+from inference.engines._io import NamedIO, check_outputs
 from inference.engines.flops import physical_cores
 
 _log = structlog.get_logger(__name__)
@@ -88,6 +98,39 @@ def optimized_model_path(model_path: Path, cache_dir: Path, provider: str) -> Pa
     prov = provider.removesuffix("ExecutionProvider").lower()
     return cache_dir / (f"{Path(model_path).stem}.{digest}.ort{ort.__version__}.{prov}."
                         f"cpu{_cpu_key()}.onnx")
+
+
+def pruned_model_path(model_path: Path, cache_dir: Path, provider: str,
+                      outputs: Sequence[str]) -> Path:
+    """Where the optimised copy of ``model_path`` pruned to ``outputs`` lives.
+
+    The name is :func:`optimized_model_path`'s plus ``keep-<8 hex>`` (SHA-256 of the sorted
+    output names), so a new model, ORT, provider or CPU never loads a stale pruned graph.
+    """
+    full = optimized_model_path(model_path, cache_dir, provider)
+    key = hashlib.sha256("\0".join(sorted(outputs)).encode()).hexdigest()[:8]
+    return full.with_name(f"{full.stem}.keep-{key}.onnx")
+
+
+def prune_graph(model_path: Path, outputs: Sequence[str]) -> bytes:
+    """The serialised ONNX graph of ``model_path`` cut down to the nodes ``outputs`` need.
+
+    Every graph input is kept (the engine feeds them all); initializers the kept nodes use,
+    the opset imports, IR version and local functions are kept (``onnx.utils.Extractor``).
+
+    Raises:
+        ImportError: The ``onnx`` package is missing.
+        ValueError: An output is not a tensor of the graph.
+    """
+    import onnx
+    from onnx.utils import Extractor
+
+    model = onnx.load(str(model_path))
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in inits]
+    pruned = Extractor(model).extract_model(inputs, list(outputs))
+    pruned.metadata_props.extend(model.metadata_props)
+    return bytes(pruned.SerializeToString())
 
 
 def session_options(threads: int = 0, *, allow_spinning: bool = False,
@@ -193,6 +236,14 @@ class OnnxRuntimeEngine(NamedIO):
             i.name: _NP_TYPES.get(i.type, np.float32) for i in self._session.get_inputs()
         }
         self._outputs = [o.name for o in self._session.get_outputs()]
+        self._session_args = (self.intra_op_threads, allow_spinning, mem_arena)
+        self._providers = prov
+        self._prune_cache = optimized_dir if wanted == ["CPUExecutionProvider"] else None
+        self._pruned: dict[frozenset[str], Any] = {}
+        self._prune_lock = threading.Lock()
+        self.pruned_paths: dict[frozenset[str], Path | None] = {}
+        """Per output set: the cached pruned graph its session loaded or wrote (``None``: not
+        cached); a set whose pruning failed (runs the full graph) is absent."""
 
     def _use_cache(self, model_path: Path, cache: Path, opts: Any) -> Path:
         """Load the cached optimised graph, or have this session write it; returns what to load."""
@@ -204,8 +255,10 @@ class OnnxRuntimeEngine(NamedIO):
         try:
             cache.mkdir(parents=True, exist_ok=True)
             mine = re.compile(re.escape(model_path.stem) + r"\.[0-9a-f]{12}\.ort.*\.onnx")
+            same = optimized_model_path(model_path, cache, "CPUExecutionProvider").stem + "."
             for old in cache.iterdir():  # this graph's copies for another digest/ORT/CPU
-                if old.name != target.name and mine.fullmatch(old.name):
+                if (old.name != target.name and mine.fullmatch(old.name)
+                        and not old.name.startswith(same)):
                     old.unlink(missing_ok=True)
             probe = cache / f".{target.name}.probe"
             probe.write_bytes(b"")
@@ -218,21 +271,117 @@ class OnnxRuntimeEngine(NamedIO):
         self.optimized_path = target
         return model_path
 
-    def run(self, inputs: Tensors) -> Tensors:
-        """Run the session; inputs are cast to the graph's element types."""
+    def run(self, inputs: Tensors, outputs: Sequence[str] | None = None) -> Tensors:
+        """Run one batch; inputs are cast to the graph's element types.
+
+        Args:
+            inputs: One array per graph input.
+            outputs: Graph outputs to compute; ``None``: all. A subset that leaves graph
+                outputs out runs on the graph pruned to it (see the module notes); exactly
+                these are returned.
+
+        Raises:
+            KeyError: An input is missing, or an output is not one of the graph's.
+            ValueError: ``outputs`` is empty.
+        """
         missing = [n for n in self._inputs if n not in inputs]
         if missing:
             raise KeyError(f"missing inputs {missing}; the graph takes {self.input_names}")
+        session, names = self._session, self._outputs
+        if outputs is not None:
+            check_outputs(outputs, self._outputs)
+            asked = frozenset(outputs)
+            if not asked:
+                raise ValueError("outputs is empty: name at least one graph output")
+            if len(asked) < len(self._outputs):
+                names = [n for n in self._outputs if n in asked]
+                session = self._session_for(asked) or session
         feed: dict[str, Any] = {
             n: np.ascontiguousarray(inputs[n], dtype=t) for n, t in self._inputs.items()
         }
-        results = self._session.run(self._outputs, feed)
+        results = session.run(names, feed)
         out: Tensors = {}
-        for name, value in zip(self._outputs, results, strict=True):
+        for name, value in zip(names, results, strict=True):
             arr = np.asarray(value)
             out[name] = arr.astype(np.float32) if arr.dtype == np.float16 else arr
         return out
 
+    def _session_for(self, outputs: frozenset[str]) -> Any:
+        """The session of the graph pruned to ``outputs`` (built once); ``None``: run the full one.
+
+        Thread-safe: the first caller of a set builds it under a lock, later callers (and
+        other threads waiting) reuse it. A failure is logged once per set.
+        """
+        try:
+            return self._pruned[outputs]
+        except KeyError:
+            pass
+        with self._prune_lock:
+            if outputs not in self._pruned:
+                try:
+                    self._pruned[outputs] = self._build_pruned(outputs)
+                except Exception as err:  # onnx missing, Extractor or ORT failing on the cut
+                    _log.warning("pruned graph not built; running the full graph",
+                                 model=self.model_path.name, outputs=sorted(outputs),
+                                 error=f"{type(err).__name__}: {err}")
+                    self._pruned[outputs] = None
+            return self._pruned[outputs]
+
+    def _build_pruned(self, outputs: frozenset[str]) -> Any:
+        """A session on the graph pruned to ``outputs``: from the disk cache, else cut now."""
+        names = [n for n in self._outputs if n in outputs]
+        threads, spinning, arena = self._session_args
+        opts = session_options(threads, allow_spinning=spinning, mem_arena=arena)
+        target = (None if self._prune_cache is None else
+                  pruned_model_path(self.model_path, self._prune_cache, "CPUExecutionProvider",
+                                    names))
+        if target is not None and target.is_file():
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            try:
+                session = ort.InferenceSession(str(target), sess_options=opts,
+                                               providers=self._providers)
+            except Exception:  # a damaged cached graph: cut and optimise it again
+                _log.warning("cached pruned graph unreadable; rebuilding", file=target.name)
+                target.unlink(missing_ok=True)
+                opts = session_options(threads, allow_spinning=spinning, mem_arena=arena)
+            else:
+                self._check_outputs(session, names)
+                self.pruned_paths[outputs] = target
+                return session
+        data = prune_graph(self.model_path, names)
+        tmp: Path | None = None
+        if target is not None:
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_bytes(b"")
+                opts.optimized_model_filepath = str(tmp)
+            except OSError:
+                tmp = None
+        session = ort.InferenceSession(data, sess_options=opts, providers=self._providers)
+        self._check_outputs(session, names)
+        cached: Path | None = None
+        if tmp is not None and target is not None:
+            try:
+                if tmp.stat().st_size > 0:  # ORT wrote the optimised pruned graph
+                    os.replace(tmp, target)
+                    cached = target
+            except OSError:
+                pass
+            tmp.unlink(missing_ok=True)
+        self.pruned_paths[outputs] = cached
+        _log.info("pruned graph built", model=self.model_path.name, outputs=names,
+                  cached=cached.name if cached is not None else None)
+        return session
+
+    @staticmethod
+    def _check_outputs(session: Any, names: list[str]) -> None:
+        got = [o.name for o in session.get_outputs()]
+        if got != names:
+            raise ValueError(f"pruned graph returns {got}, expected {names}")
+
     def close(self) -> None:
-        """Drop the session (ORT frees it when unreferenced)."""
+        """Drop the sessions (ORT frees them when unreferenced)."""
         self._session = None
+        with self._prune_lock:
+            self._pruned.clear()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ import numpy as np
 import structlog
 
 from inference.engines import EngineUnavailable, Tensors
-from inference.engines._io import NamedIO
+from inference.engines._io import NamedIO, check_outputs
 from inference.package import ModelPackage
 
 _log = structlog.get_logger(__name__)
@@ -268,8 +269,13 @@ class TensorRTEngine(NamedIO):
         np_type = np.dtype(self._trt.nptype(self._engine.get_tensor_dtype(name)))
         return getattr(self._torch, _TORCH_DTYPES[np_type.name])
 
-    def run(self, inputs: Tensors) -> Tensors:
-        """Copy inputs to the GPU, execute on a CUDA stream, copy outputs back."""
+    def run(self, inputs: Tensors, outputs: Sequence[str] | None = None) -> Tensors:
+        """Copy inputs to the GPU, execute on a CUDA stream, copy outputs back.
+
+        ``outputs`` is checked and otherwise ignored: the plan computes every output (each
+        needs a device buffer) and all are returned.
+        """
+        check_outputs(outputs, self._outputs)
         torch = self._torch
         with self._lock, torch.cuda.stream(self._stream):
             keep = []

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from inference.engines import EngineUnavailable, Tensors
-from inference.engines._io import NamedIO
+from inference.engines._io import NamedIO, check_outputs
 from inference.package import ModelPackage
 
 
@@ -95,8 +95,13 @@ class TorchEngine(NamedIO):
         )
 
 
-    def run(self, inputs: Tensors) -> Tensors:
-        """Run the module under ``torch.inference_mode``; outputs back as numpy (float32)."""
+    def run(self, inputs: Tensors, outputs: Sequence[str] | None = None) -> Tensors:
+        """Run the module under ``torch.inference_mode``; outputs back as numpy (float32).
+
+        ``outputs`` is checked against the module's names and otherwise ignored: the module
+        computes (and this returns) every output.
+        """
+        check_outputs(outputs, self._outputs)
         torch = self._torch
         args = [torch.from_numpy(np.ascontiguousarray(inputs[n])).to(self._device)
                 for n in self._inputs]

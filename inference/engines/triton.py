@@ -9,12 +9,13 @@ not thread-safe, so calls are serialised by a lock (run several engines for conc
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from inference.engines import EngineUnavailable, Tensors
-from inference.engines._io import NamedIO
+from inference.engines._io import NamedIO, check_outputs
 from inference.package import ModelPackage
 
 _TRITON_DTYPES = {
@@ -107,8 +108,15 @@ class TritonEngine(NamedIO):
         return cls(url, package.folder.name, "" if version is None else str(version))
 
 
-    def run(self, inputs: Tensors) -> Tensors:
-        """One inference request with binary tensors; outputs as numpy."""
+    def run(self, inputs: Tensors, outputs: Sequence[str] | None = None) -> Tensors:
+        """One inference request with binary tensors; outputs as numpy.
+
+        ``outputs``: request (and return) only these (``None``: all); the server's back end
+        may still compute the whole graph, but only these travel back.
+        """
+        check_outputs(outputs, self._outputs)
+        names = self._outputs if outputs is None else [
+            n for n in self._outputs if n in set(outputs)]
         mod = self._mod
         reqs = []
         for name, datatype in self._inputs.items():
@@ -123,12 +131,12 @@ class TritonEngine(NamedIO):
         outs = [
             mod.InferRequestedOutput(n) if self._grpc
             else mod.InferRequestedOutput(n, binary_data=True)
-            for n in self._outputs
+            for n in names
         ]
         with self._lock:
             res = self._client.infer(self._model, reqs, model_version=self._version, outputs=outs)
         result: Tensors = {}
-        for n in self._outputs:
+        for n in names:
             arr = np.asarray(res.as_numpy(n))
             result[n] = arr.astype(np.float32) if arr.dtype == np.float16 else arr
         return result
