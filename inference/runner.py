@@ -296,7 +296,7 @@ def run_model(
         pos = 0
         for group in batches(windows, spec.input.batch_size):
             batch = extract_batch(padded, group, spec.input)
-            result = engine.run({spec.input.name: batch})
+            result = engine.run({spec.input.name: batch}, outputs=engine_needed or None)
             agg.add_weights(group)
             for name in engine_needed:
                 if name in pools:

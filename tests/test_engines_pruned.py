@@ -212,3 +212,25 @@ def test_omnimri_without_recon_equals_full(tmp_path: Path) -> None:
     assert path is not None
     full_nodes = len(onnx.load(str(eng.optimized_path)).graph.node)
     assert len(onnx.load(str(path)).graph.node) < full_nodes  # the recon decoder is gone
+
+
+def test_run_model_asks_only_for_the_outputs_its_instructions_need(tmp_path: Path) -> None:
+    from inference.engines import create_engine
+    from inference.runner import run_model
+    from inference.volume import SliceRef, Volume
+    from tests.fixtures.tiny_model import identity_package
+
+    pkg = identity_package(tmp_path / "identity")
+    arr = np.random.default_rng(3).uniform(0, 100, (10, 12, 9)).astype(np.float32)
+    vol = Volume(array=arr, affine=np.eye(4),
+                 slices=[SliceRef(f"1.2.3.{k}", "1.2.840.10008.5.1.4.1.1.4")
+                         for k in range(arr.shape[0])])
+    engine = create_engine("onnxruntime", pkg, intra_op_threads=1)
+    assert isinstance(engine, OnnxRuntimeEngine)
+    everything = run_model(pkg, vol, engine)
+    assert engine.pruned_paths == {}  # all outputs: the full graph
+    seg = run_model(pkg, vol, engine, ["segment"])
+    assert list(seg.segmentation) == ["mask"] and not seg.image
+    assert set(engine.pruned_paths) == {frozenset({"mask"})}
+    np.testing.assert_array_equal(seg.segmentation["mask"].probabilities,
+                                  everything.segmentation["mask"].probabilities)
