@@ -11,7 +11,13 @@ Prints, in one run:
    × windows), then every engine on the whole :func:`inference.runner.run_model` pipeline on
    the same volume, same windows, runs interleaved (A, B, C, A, B, C, ...): median inference
    and total ms, CPU seconds, achieved GFLOP/s and **% of the peak** of the engine's precision,
-   and the **ratio** to PyTorch eager at its best thread count;
+   and the **ratio** to PyTorch eager at its best thread count; twice, like for like:
+   **(a) all outputs** (every engine computes every graph output) and **(b) the served
+   outputs** of the default tasks (the node's ``config.yaml`` pipeline instructions for this
+   model, e.g. the brain pipeline's, or ``--instruction``): ONNX Runtime on the graph pruned to
+   those outputs (``run(..., outputs=)``, what a job runs) vs PyTorch eager computing the same
+   heads (``OmniMRI.forward(heads=)``); skipped when the tasks read every output or the
+   baseline is TorchScript (it cannot skip heads);
 4. with ``--profile``: ORT's per-operator kernel time, and the Conv kernels' own GFLOP/s and %
    of peak (the dominant kernels);
 5. with ``--batch-sizes``: ms per window of ONNX Runtime on the volume's real windows per batch
@@ -32,6 +38,7 @@ Usage::
     python3 benchmarks/engines.py [--package models/omnimri-tiny] [--net unet|tiny|all]
         [--repeats 3] [--threads N] [--profile] [--batch-sizes 1,2,4,8,16,32] [--no-peak]
         [--peak-from EARLIER.json] [--torch-bf16] [--gpu] [--json F]
+        [--instruction "segment brain tissues" ...]
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ from inference.runner import run_model  # noqa: E402
 from inference.volume import SliceRef, Volume  # noqa: E402
 
 PATCH = (48, 48, 48)
+REPO = Path(__file__).resolve().parents[1]
 
 PRECISION_OF_VARIANT = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8",
                         "fp16": "float32", "fp8": "int8"}
@@ -189,7 +197,7 @@ def machine() -> dict[str, Any]:
 def compare(
     engines: dict[str, Callable[[], Engine]], package: ModelPackage, volume: Volume,
     repeats: int, gflop_per_volume: float, peaks: dict[str, float], precisions: dict[str, str],
-    baseline: list[str], threads: int = 1,
+    baseline: list[str], threads: int = 1, instructions: list[str] | None = None,
 ) -> dict[str, Any]:
     """Interleaved :func:`run_model` runs of every engine; medians, % of peak, ratios.
 
@@ -203,6 +211,7 @@ def compare(
         precisions: Label → precision (``float32`` / ``bfloat16`` / ``int8``).
         baseline: Labels of the PyTorch eager runs; the fastest is the ratio's denominator.
         threads: Threads the peak was measured with (for the per-core share).
+        instructions: Passed to :func:`run_model` (``None``: every output).
     """
     made = {label: make() for label, make in engines.items()}
     times: dict[str, dict[str, list[float]]] = {
@@ -212,7 +221,7 @@ def compare(
         for label, eng in made.items():
             c0 = time.process_time()
             t0 = time.perf_counter()
-            raw = run_model(package, volume, eng)
+            raw = run_model(package, volume, eng, instructions)
             total = time.perf_counter() - t0
             cpu = time.process_time() - c0
             windows = raw.windows
@@ -332,9 +341,11 @@ def main() -> None:
                          "ONNX Runtime's CPU provider has no bf16 Conv/MatMul kernels)")
     ap.add_argument("--gpu", action="store_true", help="also TensorRT vs torch eager on CUDA")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--instruction", action="append", dest="instructions",
+                    help="(b) the tasks whose served outputs are timed (repeat it); default: "
+                         "the config.yaml pipeline's instructions for the package's model")
     args = ap.parse_args()
 
-    from inference.engines.onnxruntime import OnnxRuntimeEngine
     from inference.engines.torch import TorchEngine
 
     info = machine()
@@ -389,32 +400,10 @@ def main() -> None:
             print(f"CPU: {package.name} (runs variant {package.spec.variant!r}), volume "
                   f"{volume.shape}: {cost.gflops:.3f} GFLOP per window ({shares}) × "
                   f"{n_windows} windows = {gflop_volume:.1f} GFLOP per volume")
-            engines: dict[str, Callable[[], Engine]] = {}
-            precisions: dict[str, str] = {}
-            for variant in package.variant_names():
-                path = package.model_path(variant=variant)
-                if not path.is_file():
-                    continue
-                prec = PRECISION_OF_VARIANT.get(
-                    "fp32" if variant == "fp32" else package.spec.variant_spec(variant)
-                    .precision, "float32")  # type: ignore[union-attr]
-                label = f"onnxruntime {variant} ({args.threads} thr)"
-                cache_dir = package.ort_cache_dir()
-                engines[label] = lambda p=path, c=cache_dir: (  # type: ignore[misc]
-                    OnnxRuntimeEngine(p, providers=["CPUExecutionProvider"],
-                                      intra_op_threads=args.threads, optimized_dir=c))
-                precisions[label] = prec
-            baseline = []
-            for t in sorted({1, args.threads}):
-                label = f"{torch_label} ({t} thr)"
-
-                def make(m: Any = module, t: int = t, i: list[str] = inp,
-                         o: list[str] = outs) -> Engine:
-                    return _ThreadedTorch(TorchEngine(m, i, o, device="cpu"), t)
-
-                engines[label] = make
-                precisions[label] = "float32"
-                baseline.append(label)
+            print(f"  (a) all outputs {package.spec.engine_outputs()}")
+            engines, precisions = ort_factories(package, args.threads)
+            baseline = add_eager(engines, precisions, module, torch_label, inp, outs,
+                                 args.threads)
             if args.torch_bf16:
                 label = f"{torch_label.replace('fp32', 'bf16 autocast')} ({args.threads} thr)"
 
@@ -435,6 +424,9 @@ def main() -> None:
             print(f"  best ONNX Runtime: {best_ort}, {ratio:.3f}x PyTorch eager; target <= 0.5x: "
                   f"{'met' if ratio <= 0.5 else 'NOT met'}")
             results[f"cpu:{package.name}"] = res
+            served = served_section(package, module, torch_label, volume, args, peaks)
+            if served:
+                res["served"] = served
             if args.profile:
                 res["profile"] = {}
                 for variant in package.variant_names():
@@ -461,6 +453,137 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2, default=str))
+
+
+def ort_factories(package: ModelPackage, threads: int
+                  ) -> tuple[dict[str, Callable[[], Engine]], dict[str, str]]:
+    """The tuned ONNX Runtime engine of every graph variant of ``package``, and its precision."""
+    from inference.engines.onnxruntime import OnnxRuntimeEngine
+
+    engines: dict[str, Callable[[], Engine]] = {}
+    precisions: dict[str, str] = {}
+    for variant in package.variant_names():
+        path = package.model_path(variant=variant)
+        if not path.is_file():
+            continue
+        prec = PRECISION_OF_VARIANT.get(
+            "fp32" if variant == "fp32" else package.spec.variant_spec(variant)
+            .precision, "float32")  # type: ignore[union-attr]
+        label = f"onnxruntime {variant} ({threads} thr)"
+        cache_dir = package.ort_cache_dir()
+        engines[label] = lambda p=path, c=cache_dir: (  # type: ignore[misc]
+            OnnxRuntimeEngine(p, providers=["CPUExecutionProvider"],
+                              intra_op_threads=threads, optimized_dir=c))
+        precisions[label] = prec
+    return engines, precisions
+
+
+def add_eager(engines: dict[str, Callable[[], Engine]], precisions: dict[str, str],
+              module: Any, torch_label: str, inp: list[str], outs: list[str],
+              threads: int) -> list[str]:
+    """Add PyTorch eager float32 at 1 and ``threads`` threads; returns their labels."""
+    from inference.engines.torch import TorchEngine
+
+    baseline = []
+    for t in sorted({1, threads}):
+        label = f"{torch_label} ({t} thr)"
+
+        def make(m: Any = module, t: int = t, i: list[str] = inp, o: list[str] = outs
+                 ) -> Engine:
+            return _ThreadedTorch(TorchEngine(m, i, o, device="cpu"), t)
+
+        engines[label] = make
+        precisions[label] = "float32"
+        baseline.append(label)
+    return baseline
+
+
+def default_instructions(package: ModelPackage, config: Path = REPO / "config.yaml"
+                         ) -> list[str]:
+    """The instructions the node's ``config.yaml`` runs this model with (its first pipeline
+    naming the package's folder or model name); the package's tasks when none does."""
+    try:
+        pipelines = (yaml.safe_load(config.read_text()) or {}).get("pipelines") or {}
+    except OSError:
+        pipelines = {}
+    for p in pipelines.values():
+        if isinstance(p, dict) and p.get("model") in (package.folder.name, package.spec.name):
+            return [str(i) for i in p.get("instructions") or []]
+    return list(package.spec.tasks)
+
+
+def served_heads_module(module: Any, names: list[str]) -> Any | None:
+    """PyTorch eager computing only the heads ``names`` need (``OmniMRI.forward(heads=)``),
+    returning them in ``names`` order; ``None`` when ``module`` cannot skip heads
+    (TorchScript, other networks)."""
+    import torch
+
+    from inference.omnimri.model import OmniMRI
+
+    found = getattr(module, "model", None)
+    if not isinstance(found, OmniMRI):
+        return None
+    inner: OmniMRI = found
+    heads = frozenset("diagnosis" if n == "diagnosis_map" else n for n in names)
+
+    class Heads(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model: OmniMRI = inner
+
+        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            out = self.model(image, heads=heads)
+            if "diagnosis" in out:  # as the export wrapper builds it
+                d = out["diagnosis"]
+                out["diagnosis_map"] = d[:, :, None, None].expand(
+                    -1, -1, image.shape[2], image.shape[3])
+            return tuple(out[n] for n in names)
+
+    return Heads().eval()
+
+
+def served_section(package: ModelPackage, module: Any, torch_label: str, volume: Volume,
+                   args: argparse.Namespace, peaks: dict[str, float]) -> dict[str, Any] | None:
+    """(b): ONNX Runtime on the graph pruned to the default tasks' outputs vs PyTorch eager
+    computing the same heads, interleaved on the same volume and windows."""
+    from inference.engines.onnxruntime import prune_graph
+    from inference.package import TextOutput
+
+    instructions = args.instructions or default_instructions(package)
+    wanted = package.spec.outputs_for(instructions)
+    served = [n for n in wanted if not isinstance(package.spec.output(n), TextOutput)]
+    every = package.spec.engine_outputs()
+    head = f"  (b) served outputs of {instructions}: {served}"
+    if set(served) >= set(every):
+        print(f"{head}: every output, (b) = (a)")
+        return None
+    eager = served_heads_module(module, served)
+    if eager is None:
+        print(f"{head}: skipped, the PyTorch baseline ({torch_label}) cannot skip heads")
+        return {"skipped": "baseline cannot skip heads", "outputs": served}
+    print(f"{head} (ONNX Runtime on the pruned graph, PyTorch eager on the same heads)")
+    with tempfile.TemporaryDirectory() as tmp:
+        cut = Path(tmp) / "served.onnx"
+        cut.write_bytes(prune_graph(package.onnx_path(), served))
+        cost = count_macs(cut)
+    spec_in = package.spec.input
+    prepared = prepare(volume.array, volume.affine, spec_in)
+    gflop_volume = cost.gflops * len(sliding_windows(prepared.transform.model_shape, spec_in))
+    print(f"  pruned graph: {cost.gflops:.3f} GFLOP per window, {gflop_volume:.1f} per volume")
+    engines, precisions = ort_factories(package, args.threads)
+    baseline = add_eager(engines, precisions, eager,
+                         torch_label.replace("(same arch)", "(same heads)"),
+                         [spec_in.name], served, args.threads)
+    res = compare(engines, package, volume, args.repeats, gflop_volume, peaks, precisions,
+                  baseline, args.threads, instructions)
+    best = min((k for k in res["engines"] if k.startswith("onnxruntime")),
+               key=lambda k: res["engines"][k]["inference"])
+    ratio = res["engines"][best]["ratio_vs_best_torch"]
+    print(f"  (b) best ONNX Runtime: {best}, {ratio:.3f}x PyTorch eager on the same heads; "
+          f"target <= 0.5x: {'met' if ratio <= 0.5 else 'NOT met'}")
+    res.update({"instructions": instructions, "outputs": served,
+                "gflop_per_window": cost.gflops, "gflop_per_volume": gflop_volume})
+    return res
 
 
 def _bf16_module(module: Any) -> Any:
@@ -504,11 +627,11 @@ class _ThreadedTorch:
     def output_names(self) -> list[str]:
         return list(self._engine.output_names)
 
-    def run(self, inputs: dict[str, Any]) -> dict[str, Any]:
+    def run(self, inputs: dict[str, Any], outputs: Any = None) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(self._threads)
-        return dict(self._engine.run(inputs))
+        return dict(self._engine.run(inputs, outputs))
 
     def close(self) -> None:
         self._engine.close()
