@@ -234,3 +234,34 @@ def test_run_model_asks_only_for_the_outputs_its_instructions_need(tmp_path: Pat
     assert set(engine.pruned_paths) == {frozenset({"mask"})}
     np.testing.assert_array_equal(seg.segmentation["mask"].probabilities,
                                   everything.segmentation["mask"].probabilities)
+
+
+@pytest.mark.skipif(not OMNIMRI.is_file(), reason="the shipped OmniMRI package is not here")
+def test_benchmark_served_baseline_is_like_for_like() -> None:
+    """benchmarks/engines.py (b): the brain pipeline's outputs, and PyTorch eager computing
+    exactly those heads (values equal to the all-heads module's)."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_engines",
+                                                  REPO / "benchmarks" / "engines.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pkg = ModelPackage.load(OMNIMRI.parents[1])
+    instructions = bench.default_instructions(pkg)
+    assert "reconstruct" not in instructions and instructions  # config.yaml's brain pipeline
+    served = [n for n in pkg.spec.outputs_for(instructions) if n in pkg.spec.engine_outputs()]
+    assert "recon" not in served and {"tissue", "lesion"} <= set(served)
+    module, _, names = bench.eager_module(pkg)
+    heads = bench.served_heads_module(module, served)
+    assert heads is not None
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        full = dict(zip(names, module(x), strict=True))
+        cut = heads(x)
+    assert len(cut) == len(served)
+    for name, value in zip(served, cut, strict=True):
+        torch.testing.assert_close(value, full[name], rtol=0, atol=0)
+    assert bench.served_heads_module(torch.nn.Identity(), served) is None  # cannot skip heads
