@@ -142,3 +142,74 @@ def test_a_vision_reexport_drops_the_alignment_but_keeps_the_language_models(
     assert spec["extra"]["language"] == {"folder": "language", "tokenizer": "tokenizer.json"}
     assert (lang / "tokenizer.json").is_file()
     assert not (lang / "report_encoder.onnx").exists() and not (lang / "align.json").exists()
+
+
+def _fake_records(cache: Path, seed: int, n: int, dim: int) -> None:
+    """Cached records for ``heldout-s{seed}-k`` (no case is generated): facts sampled, the
+    image embedding a random unit vector."""
+    import json
+
+    from inference.omnimri.language.evaluate import random_facts
+    from inference.omnimri.language.facts import SeriesFacts
+
+    rng = random.Random(seed)
+    vecs = np.random.default_rng(seed).normal(size=(n, dim))
+    cache.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        f = random_facts(rng)
+        f = SeriesFacts(lesions=f.lesions, diagnosis=f.diagnosis, tasks=("detect abnormalities",))
+        (cache / f"heldout-s{seed}-{k}.json").write_text(json.dumps({
+            "name": f"heldout-s{seed}-{k}", "embedding": (vecs[k] / np.linalg.norm(vecs[k])
+                                                          ).tolist(),
+            "facts": f.to_dict(), "key": [["kind", f.report_kind], ["text", rv.report_text(f)]],
+            "contrast": "T1"},
+            default=str))
+
+
+@pytest.mark.skipif(not (SHIPPED_LANGUAGE / "text_encoder.onnx").is_file(),
+                    reason="shipped text encoder missing")
+def test_align_text_then_language_eval_retrieval_on_a_package(tmp_path: Path) -> None:
+    import torch
+    import yaml
+
+    from dicom_node.cli import app
+    from inference.omnimri.config import preset
+    from inference.omnimri.export import export_vision, model_spec
+    from inference.omnimri.model import OmniMRI
+    from inference.package import ModelPackage
+
+    torch.manual_seed(0)
+    cfg = preset("tiny", conv_channels=(4, 8, 8), embed_dim=16, depth=1, heads=2, text_dim=16,
+                 text_layers=1, text_heads=2, align_dim=8, patch_size=64)
+    pkg = tmp_path / "pkg"
+    export_vision(OmniMRI(cfg).eval(), pkg / "1" / "model.onnx")
+    spec = model_spec(OmniMRI(cfg), "t", "1")
+    spec["extra"]["language"] = {"folder": "language", "tokenizer": "tokenizer.json",
+                                 "encoder": "text_encoder.onnx", "max_tokens": 64}
+    (pkg / "model.yaml").write_text(yaml.safe_dump(spec))
+    shutil.copytree(SHIPPED_LANGUAGE, pkg / "1" / "language",
+                    ignore=shutil.ignore_patterns("report_encoder.onnx", "align.json"))
+    cache = tmp_path / "cache"
+    sub = cache / rv.package_fingerprint(pkg)
+    _fake_records(sub, 0, 8, cfg.align_dim)  # training set 0
+    _fake_records(sub, 1, 5, cfg.align_dim)  # held-out set 1
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "align-text", "--model", str(pkg), "--cases", "8",
+                              "--steps", "200", "--cache", str(cache)])
+    assert res.exit_code == 0, res.output
+    assert "training cases: recall@1 report->image" in res.output
+    lang = ModelPackage.load(pkg).spec.extra["language"]
+    assert lang["report_encoder"] == "report_encoder.onnx" and lang["align_train_cases"] == 8
+    assert lang["align_onnx_max_abs_diff"] <= 1e-4 and lang["encoder"] == "text_encoder.onnx"
+    assert (pkg / "1" / "language" / "report_encoder.onnx").is_file()
+    res = runner.invoke(app, ["train", "language-eval", "--model", str(pkg), "--texts", "20",
+                              "--reports", "3", "--retrieval-cases", "5", "--seed", "1",
+                              "--cache", str(cache), "--json", str(tmp_path / "e.json")])
+    assert res.exit_code == 0, res.output
+    assert "report<->image retrieval: 5 held-out cases (seed 1)" in res.output
+    assert "target >= 0.9" in res.output and "chance: " in res.output
+    import json
+
+    got = json.loads((tmp_path / "e.json").read_text())["retrieval"]["metrics"]
+    assert got["chance_strict"] == pytest.approx(0.2)
+    assert 0.0 <= got["report_to_image"] <= 1.0
