@@ -1,10 +1,10 @@
 """Draw ``models/<package>/real_mr.png``: real MR through the served path, image beside segments.
 
-One row per scan (the MNI152 template as 1 mm DICOM, dipy's ``aniso_vox``, nibabel's
-``anatomical.nii``; the acceptance list of :mod:`inference.omnimri.real_mr`), the middle axial
-slice of each: left the image, right the model's segments over it (CSF blue, grey matter grey,
-white matter white, lesions red). Each panel is scaled to the same width with the scan's
-in-plane aspect (pixel spacing, mm) kept.
+One row per scan (the MNI152 template as 1 mm DICOM, Colin27 with skull, dipy's
+``aniso_vox``, nibabel's ``anatomical.nii``; the acceptance list of
+:mod:`inference.omnimri.real_mr`), the middle axial slice of each: left the image, right the
+model's segments over it (CSF blue, grey matter grey, white matter white, lesions red). Each
+panel is scaled to the same width with the scan's in-plane aspect (pixel spacing, mm) kept.
 
 Usage: ``python3 scripts/real_mr_picture.py [--model models/omnimri-tiny] [--out PNG]``.
 """
@@ -30,7 +30,7 @@ COLOURS = {"CSF": (40, 90, 230), "Grey matter": (150, 150, 150), "White matter":
            "WM hyperintensity": (230, 30, 30), "Mass": (230, 30, 30), "Oedema": (230, 120, 40)}
 """sRGB of each drawn segment (lesions last, over the tissues)."""
 
-ROWS = ("MNI152", "dipy", "nibabel")
+ROWS = ("MNI152", "Colin27 ch2.nii", "dipy", "nibabel")
 """Which sources are drawn, by the start of their names, top to bottom."""
 
 

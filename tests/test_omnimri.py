@@ -135,24 +135,25 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_the_soup_is_the_mean_of_finetune_and_refine(tiny_run: Path) -> None:
+def test_the_soup_is_the_mean_of_finetune_refine_and_refine2(tiny_run: Path) -> None:
     import torch
 
     from inference.omnimri.train import SOUP_OF
 
-    assert SOUP_OF == ("finetune", "refine")
-    a, b, soup = (torch.load(tiny_run / f"{k}.pt", weights_only=False)["modules"]
-                  for k in (*SOUP_OF, "soup"))
+    assert SOUP_OF == ("finetune", "refine", "refine2")
+    a, b, c, soup = (torch.load(tiny_run / f"{k}.pt", weights_only=False)["modules"]
+                     for k in (*SOUP_OF, "soup"))
+    w = 1.0 / 3.0
     differs = 0
     for group, tensors in soup.items():
         for name, t in tensors.items():
-            ta, tb = a[group][name], b[group][name]
+            ta, tb, tc = a[group][name], b[group][name], c[group][name]
             if t.is_floating_point():
-                assert torch.equal(t, ta * 0.5 + tb * 0.5), f"{group}.{name}"
-                differs += int(not torch.equal(t, tb))
+                assert torch.equal(t, ta * w + tb * w + tc * w), f"{group}.{name}"
+                differs += int(not torch.equal(t, tc))
             else:
-                assert torch.equal(t, tb)
-    assert differs > 0  # the two stages' weights differ, so the soup is neither of them
+                assert torch.equal(t, tc)
+    assert differs > 0  # the stages' weights differ, so the soup is none of them
 
 
 def test_every_stage_runs_and_resumes(tiny_run: Path) -> None:

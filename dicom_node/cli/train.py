@@ -2,7 +2,7 @@
 
 Examples::
 
-    omnimri-node train all --seed 0                       # six stages, then train language
+    omnimri-node train all --seed 0                       # seven stages, then train language
     omnimri-node train multimodal --out training-runs/x   # one stage (resumes if interrupted)
     omnimri-node train export --out models/omnimri-tiny   # ONNX package, verified vs PyTorch
     omnimri-node train calibrate --model models/omnimri-tiny  # post-processing, validation set
@@ -27,7 +27,7 @@ train_app = typer.Typer(help="Train, export and evaluate the OmniMRI model famil
 
 
 class Stage(enum.StrEnum):
-    """Training stages (``all`` runs the six in order, then ``train language``).
+    """Training stages (``all`` runs the seven in order, then ``train language``).
 
     The same as :data:`inference.omnimri.train.STAGES`, kept here so that the CLI loads without
     torch; a test holds the two equal.
@@ -39,6 +39,7 @@ class Stage(enum.StrEnum):
     instruct = "instruct"
     finetune = "finetune"
     refine = "refine"
+    refine2 = "refine2"
     all = "all"
 
 
@@ -141,7 +142,7 @@ def train_language_after(model: Path, seed: int, steps: int | None = None,
 def train_everything(s: TrainSettings, steps: dict[str, int] | None, model: Path | None,
                      language_steps: int | None = None,
                      progress: Callable[[str], None] | None = None) -> Path:
-    """What ``train all`` runs: the six stages, then the language half into ``model``.
+    """What ``train all`` runs: the seven stages, then the language half into ``model``.
 
     The stages (:func:`inference.omnimri.train.train_all`, seed ``s.seed``, ``steps`` per
     stage) skip finished ones; then :func:`train_language_after` with the same seed (``model``
@@ -199,7 +200,7 @@ def all_cmd(
     language_steps: Annotated[int | None, typer.Option(help="Language training steps "
                                                             "(default 2500).")] = None,
 ) -> None:
-    """Run the six stages in order, then 'train language' (each skipped when finished).
+    """Run the seven stages in order, then 'train language' (each skipped when finished).
 
     The stages write the run folder (``train export`` makes the package of it); the language
     half is written into the package ``--model`` (a re-export keeps it), skipped when that
@@ -214,7 +215,7 @@ def soup_cmd(
     run: Annotated[Path, typer.Option(help="Run folder with the finished stages.")
                    ] = Path("training-runs/omnimri-tiny-seed0"),
 ) -> None:
-    """Average the finetune and refine weights into soup.pt ('train all' does this last)."""
+    """Average the finetune, refine and refine2 weights into soup.pt (the end of 'train all')."""
     from inference.omnimri.train import SOUP_OF, make_soup
 
     missing = [k for k in SOUP_OF if not (run / f"{k}.pt").is_file()]
