@@ -99,21 +99,24 @@ def feature_graph(encoder_onnx: Path) -> Any:
     return sub
 
 
-class _Features:
-    """The served encoder's pooled states on ONNX Runtime."""
+class _TextGraph:
+    """A text graph ``(input_ids, attention_mask) -> output`` on ONNX Runtime (CPU).
 
-    def __init__(self, language_folder: Path, encoder: str, tokenizer: str,
-                 max_tokens: int) -> None:
+    Called on texts: tokenised, run in batches of 64, ``[N, D]`` float32 rows, one per text.
+    """
+
+    def __init__(self, model: Path | bytes, output: str, language_folder: Path, tokenizer: str,
+                 max_tokens: int, threads: int = 1) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
+        opts.intra_op_num_threads = threads
         self.tok = Tokenizer.from_file(str(language_folder / tokenizer))
         self.max_tokens = max_tokens
-        graph = feature_graph(language_folder / encoder)
-        self.sess = ort.InferenceSession(graph.SerializeToString(), opts,
-                                         providers=["CPUExecutionProvider"])
+        self.output = output
+        self.sess = ort.InferenceSession(model if isinstance(model, bytes) else str(model),
+                                         opts, providers=["CPUExecutionProvider"])
 
     def __call__(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         from inference.omnimri.language.textmodel import encode_batch
@@ -121,9 +124,19 @@ class _Features:
         out = []
         for i in range(0, len(texts), 64):
             ids, mask = encode_batch(self.tok, list(texts[i:i + 64]), self.max_tokens)
-            out.append(self.sess.run(["pooled"], {"input_ids": ids,
-                                                  "attention_mask": mask})[0])
+            out.append(self.sess.run([self.output], {"input_ids": ids,
+                                                     "attention_mask": mask})[0])
         return np.concatenate(out).astype(np.float32)
+
+
+class _Features(_TextGraph):
+    """The served encoder's pooled states on ONNX Runtime."""
+
+    def __init__(self, language_folder: Path, encoder: str, tokenizer: str,
+                 max_tokens: int) -> None:
+        graph = feature_graph(language_folder / encoder)
+        super().__init__(graph.SerializeToString(), "pooled", language_folder, tokenizer,
+                         max_tokens)
 
 
 # --------------------------------------------------------------------------- training
@@ -336,32 +349,17 @@ def train_align_text(package: Path, s: AlignSettings | None = None, *,
 # --------------------------------------------------------------------------- serving
 
 
-class ReportEmbedder:
-    """The package's aligned report encoder on ONNX Runtime (CPU): texts -> unit vectors."""
+class ReportEmbedder(_TextGraph):
+    """The package's aligned report encoder on ONNX Runtime (CPU).
+
+    Called on texts: ``[N, D]`` unit-length report embeddings.
+    """
 
     def __init__(self, language_folder: Path, encoder: str = REPORT_ENCODER_FILE,
                  tokenizer: str = "tokenizer.json", max_tokens: int = 64,
                  threads: int = 1) -> None:
-        import onnxruntime as ort
-        from tokenizers import Tokenizer
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        self.tok = Tokenizer.from_file(str(language_folder / tokenizer))
-        self.max_tokens = max_tokens
-        self.sess = ort.InferenceSession(str(language_folder / encoder), opts,
-                                         providers=["CPUExecutionProvider"])
-
-    def __call__(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        """``[N, D]`` unit-length report embeddings."""
-        from inference.omnimri.language.textmodel import encode_batch
-
-        out = []
-        for i in range(0, len(texts), 64):
-            ids, mask = encode_batch(self.tok, list(texts[i:i + 64]), self.max_tokens)
-            out.append(self.sess.run(["embedding"], {"input_ids": ids,
-                                                     "attention_mask": mask})[0])
-        return np.concatenate(out).astype(np.float32)
+        super().__init__(language_folder / encoder, "embedding", language_folder, tokenizer,
+                         max_tokens, threads)
 
 
 def report_embedder_for(package: Any) -> ReportEmbedder | None:
