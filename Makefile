@@ -58,7 +58,7 @@ bench: install-test
 	$(PYTHON) benchmarks/ingest.py
 
 ## Rebuild the shipped reference model from seed 0 (about 3 h of training on a shared 2-core
-## CPU, one torch thread; torch extra): the seven training stages, ONNX export, calibration on
+## CPU, one torch thread; torch extra): the eight training stages, ONNX export, calibration on
 ## validation cases, held-out evaluation on seeds 1 and 2, the INT8 variant (served only if it
 ## passes its accuracy check).
 MODEL_RUN ?= training-runs/omnimri-tiny-seed0

@@ -161,3 +161,48 @@ def test_textured_neck_is_brain_like_but_background_and_leaves_marble_cases_alon
     assert (t.tissue[low] == 0).all()
     with pytest.raises(ValueError, match="unknown neck"):
         syn.make_case(1, neck="plaid")  # type: ignore[arg-type]
+
+
+def test_tilt_rotates_the_head_and_keeps_volumes_and_the_defaults() -> None:
+    """``tilt_deg`` tilts the whole head (labels and image together) about the grid centre.
+
+    The brain's principal axis turns by more than the warp's 10 degrees and its volume stays
+    within a few per cent (voxels rotate out of the box only at its corners); ``tilt_deg=0``
+    gives exactly the case it gave before the option existed.
+    """
+    plain = syn.make_case(6, diagnosis=0, contrast="T1", augment=0.0)
+    same = syn.make_case(6, diagnosis=0, contrast="T1", augment=0.0, tilt_deg=0.0)
+    np.testing.assert_array_equal(plain.image, same.image)
+    # seed 6 draws a pitch of -30.9 degrees (its own stream: [seed, 13])
+    tilted = syn.make_case(6, diagnosis=0, contrast="T1", augment=0.0, tilt_deg=35.0)
+
+    def pitch_deg(c: syn.Case) -> float:
+        """Angle (degrees) of the brain's longest axis in the k-j (sagittal) plane."""
+        kj = np.argwhere(c.tissue > 0)[:, :2].astype(np.float64)
+        w, v = np.linalg.eigh(np.cov((kj - kj.mean(0)).T))
+        axis = v[:, int(np.argmax(w))]
+        return float(np.degrees(np.arctan2(axis[0], axis[1])))
+
+    turn = abs(((pitch_deg(tilted) - pitch_deg(plain)) + 90.0) % 180.0 - 90.0)
+    assert 20.0 < turn < 40.0
+    ratio = (tilted.tissue > 0).sum() / (plain.tissue > 0).sum()
+    assert 0.95 < ratio < 1.05
+    # The image moved with the labels: brain voxels are still bright in T1, air dark.
+    assert float(tilted.image[tilted.tissue == 3].mean()) > 2.0 * float(
+        tilted.image[tilted.tissue == 0].mean())
+
+
+def test_fat_sat_darkens_fat_and_marrow_only_when_drawn() -> None:
+    """``fat_sat=1`` suppresses fat (scalp, orbit, marrow); labels unchanged; ``0``: as before."""
+    a = syn.make_case(5, diagnosis=0, contrast="T1", augment=0.0)
+    b = syn.make_case(5, diagnosis=0, contrast="T1", augment=0.0, fat_sat=0.0)
+    np.testing.assert_array_equal(a.image, b.image)
+    f = syn.make_case(5, diagnosis=0, contrast="T1", augment=0.0, fat_sat=1.0)
+    assert f.meta.get("fat_suppressed") == 1.0 and "fat_suppressed" not in a.meta
+    np.testing.assert_array_equal(f.tissue, a.tissue)
+    brain = a.tissue > 0
+    np.testing.assert_allclose(f.image[brain], a.image[brain], rtol=1e-5, atol=1e-3)
+    # T1 fat is the brightest tissue (0.95): the head's brightest voxels go dark.
+    head = ~brain & (a.image > 0.85 * 1000.0)
+    assert head.sum() > 1000
+    assert float(f.image[head].mean()) < 0.5 * float(a.image[head].mean())

@@ -2,7 +2,7 @@
 
 Examples::
 
-    omnimri-node train all --seed 0                       # seven stages, then train language
+    omnimri-node train all --seed 0                       # eight stages, then train language
     omnimri-node train multimodal --out training-runs/x   # one stage (resumes if interrupted)
     omnimri-node train export --out models/omnimri-tiny   # ONNX package, verified vs PyTorch
     omnimri-node train calibrate --model models/omnimri-tiny  # post-processing, validation set
@@ -27,7 +27,7 @@ train_app = typer.Typer(help="Train, export and evaluate the OmniMRI model famil
 
 
 class Stage(enum.StrEnum):
-    """Training stages (``all`` runs the seven in order, then ``train language``).
+    """Training stages (``all`` runs the eight in order, then ``train language``).
 
     The same as :data:`inference.omnimri.train.STAGES`, kept here so that the CLI loads without
     torch; a test holds the two equal.
@@ -40,6 +40,7 @@ class Stage(enum.StrEnum):
     finetune = "finetune"
     refine = "refine"
     refine2 = "refine2"
+    refine3 = "refine3"
     all = "all"
 
 
@@ -142,7 +143,7 @@ def train_language_after(model: Path, seed: int, steps: int | None = None,
 def train_everything(s: TrainSettings, steps: dict[str, int] | None, model: Path | None,
                      language_steps: int | None = None,
                      progress: Callable[[str], None] | None = None) -> Path:
-    """What ``train all`` runs: the seven stages, then the language half into ``model``.
+    """What ``train all`` runs: the eight stages, then the language half into ``model``.
 
     The stages (:func:`inference.omnimri.train.train_all`, seed ``s.seed``, ``steps`` per
     stage) skip finished ones; then :func:`train_language_after` with the same seed (``model``
@@ -200,7 +201,7 @@ def all_cmd(
     language_steps: Annotated[int | None, typer.Option(help="Language training steps "
                                                             "(default 2500).")] = None,
 ) -> None:
-    """Run the seven stages in order, then 'train language' (each skipped when finished).
+    """Run the eight stages in order, then 'train language' (each skipped when finished).
 
     The stages write the run folder (``train export`` makes the package of it); the language
     half is written into the package ``--model`` (a re-export keeps it), skipped when that

@@ -246,6 +246,29 @@ def _random_warp(
     return coords.astype(np.float32)
 
 
+def _tilted(rng: np.random.Generator, coords: npt.NDArray[np.float32], tilt_deg: float
+            ) -> npt.NDArray[np.float32]:
+    """Sampling coordinates ``[3, k, j, i]`` rotated about the grid centre.
+
+    Pitch (about the ``i`` = left-right axis) in ``[-tilt_deg, tilt_deg]`` degrees, roll
+    (about ``j``) and yaw (about ``k``) in a third of that.
+    """
+    share = np.array([1.0, 1.0 / 3.0, 1.0 / 3.0])
+    pitch, roll, yaw = np.deg2rad(rng.uniform(-1.0, 1.0, 3) * tilt_deg * share)
+
+    def rot(a: float, p: int, q: int) -> npt.NDArray[np.float64]:
+        m = np.eye(3)
+        m[p, p] = m[q, q] = np.cos(a)
+        m[p, q], m[q, p] = -np.sin(a), np.sin(a)
+        return m
+
+    mat = rot(pitch, 0, 1) @ rot(roll, 0, 2) @ rot(yaw, 1, 2)
+    centre = (np.array(coords.shape[1:], np.float64) - 1) / 2.0
+    flat = coords.reshape(3, -1).astype(np.float64) - centre[:, None]
+    out = (mat @ flat + centre[:, None]).reshape(coords.shape)
+    return out.astype(np.float32)
+
+
 @functools.lru_cache(maxsize=32)
 def _spline_zoom_matrix(n_in: int, n_out: int) -> npt.NDArray[np.float64]:
     """``[n_out, n_in]`` matrix of 1-D cubic-spline zoom (``ndimage.zoom(order=3)``).
@@ -676,7 +699,8 @@ def _field_of_view(rng: np.random.Generator, brain: npt.NDArray[np.bool_]
 def make_case(
     seed: int, *, layout: Layout = "training", diagnosis: int | None = None,
     contrast: str | None = None, augment: float = 1.0, strip: float = 0.0,
-    max_in_plane_mm: float = 3.0, neck: Neck = "marble",
+    max_in_plane_mm: float = 3.0, neck: Neck = "marble", tilt_deg: float = 0.0,
+    fat_sat: float = 0.0,
 ) -> Case:
     """Generate one synthetic case (SynthSeg-style domain randomisation from label maps).
 
@@ -700,18 +724,30 @@ def make_case(
             planes between compartments of muscle-, grey- and white-matter-like intensity,
             drawn from their own random stream; :func:`_textured_soft_tissue`). Either way
             they are background for the tissue head.
+        tilt_deg: Largest extra head tilt (degrees): pitch (nodding, about the left-right
+            axis) drawn in ``[-tilt_deg, tilt_deg]``, roll and yaw in a third of that, on top
+            of the warp's 10 degrees. Real heads lie tilted in the coil and many series are
+            planned oblique (dipy's ``aniso_vox`` is tilted ~35 degrees); the node reorients to
+            the nearest axes only, so the model sees such slices as they are. Drawn from its
+            own random stream: ``0`` gives exactly the cases of the stages before ``refine3``.
+        fat_sat: Probability that fat (subcutaneous, orbital, marrow) is suppressed to 0-0.12,
+            as in fat-saturated and EPI series. Own random stream; ``0``: as before.
     """
     rng = np.random.default_rng(seed)
     tpl = load_template()
     shape = (int(tpl.t1.shape[0]), int(tpl.t1.shape[1]), int(tpl.t1.shape[2]))
     if augment > 0:
         coords = _random_warp(rng, shape, augment)
+    else:
+        coords = np.indices(shape, dtype=np.float32)
+    if tilt_deg > 0:
+        coords = _tilted(np.random.default_rng([seed, 13]), coords, tilt_deg)
+    if augment > 0 or tilt_deg > 0:
         probs3 = np.stack([_warp(p, coords) for p in tpl.probs[1:]])
         tex = _warp(tpl.texture, coords)
         signed = _warp(tpl.dist_out - tpl.dist_in, coords, mode="nearest")
         dist_out, dist_in = np.maximum(signed, 0.0), np.maximum(-signed, 0.0)
     else:
-        coords = np.indices(shape, dtype=np.float32)
         probs3 = tpl.probs[1:].copy()
         tex = tpl.texture.copy()
         dist_out, dist_in = tpl.dist_out.copy(), tpl.dist_in.copy()
@@ -811,6 +847,12 @@ def make_case(
 
     # Image formation: every label its own mean; partial volumes from the soft maps.
     means = _draw_means(rng, contrast, augment)
+    if fat_sat > 0:
+        frng = np.random.default_rng([seed, 14])
+        if frng.random() < fat_sat:
+            for label in ("fat", "marrow"):
+                means[LABELS.index(label)] = frng.uniform(0.0, 0.12)
+            meta["fat_suppressed"] = 1.0
     xyz = (np.tensordot(tpl.affine[:3, :3], coords, axes=(1, 0))
            + tpl.affine[:3, 3, None, None, None]).astype(np.float32) * np.array(
                [-1.0, -1.0, 1.0], np.float32)[:, None, None, None]

@@ -18,6 +18,9 @@
    of stochastic weight averaging) on new data that adds neck and face soft tissue of grey- and
    white-matter-like intensity (``make_case(neck="textured")``: Colin27, a real head with
    skull, read its neck as brain).
+8. ``refine3``    - a third cycle from ``refine2`` on heads tilted up to 35 degrees (pitch; roll
+   and yaw a third of it: oblique series, dipy's ``aniso_vox``) and, in 30 % of the cases,
+   fat-suppressed (EPI and fat-saturated series: dark scalp and marrow).
 
 Each stage reads the previous stage's checkpoint, saves ``<out>/<stage>.pt`` every
 ``save_every`` steps (model, optimiser, data-pool seeds, step) and writes ``<out>/<stage>.done``
@@ -52,26 +55,31 @@ from inference.omnimri.model import OmniMRI, ReportDecoder, TextEncoder
 
 log = structlog.get_logger(__name__)
 
-STAGES = ("pretrain", "align", "multimodal", "instruct", "finetune", "refine", "refine2")
+STAGES = ("pretrain", "align", "multimodal", "instruct", "finetune", "refine", "refine2",
+          "refine3")
 
 DEFAULT_STEPS: dict[str, int] = {"pretrain": 150, "align": 80, "multimodal": 3000,
                                  "instruct": 2500, "finetune": 7000, "refine": 6000,
-                                 "refine2": 6000}
+                                 "refine2": 6000, "refine3": 4500}
 """Steps of the shipped ``tiny`` run (batch 12 crops of 96x96 pixels), head synthesis
 included: about 90 minutes of one CPU core shared with other work (v3.2.0: 48 + 13 + 1 267 +
 756 + 3 254 s); ``finetune`` alone is 0.43 s per step."""
 
 SEG_HEADS = frozenset({"tissue", "lesion", "diagnosis"})
 """Heads trained from one forward pass of the image (one shared segmentation decoder)."""
-STRIP_STAGES = frozenset({"instruct", "finetune", "refine", "refine2"})
+STRIP_STAGES = frozenset({"instruct", "finetune", "refine", "refine2", "refine3"})
 """Stages whose pools hold skull-stripped cases (:attr:`TrainSettings.strip_fraction`)."""
 STAGE_SYNTHESIS: dict[str, dict[str, Any]] = {
     "refine": {"layout": "anywhere", "max_in_plane_mm": 5.0},
-    "refine2": {"layout": "anywhere", "max_in_plane_mm": 5.0, "neck": "textured"}}
+    "refine2": {"layout": "anywhere", "max_in_plane_mm": 5.0, "neck": "textured"},
+    "refine3": {"layout": "anywhere", "max_in_plane_mm": 5.0, "neck": "textured",
+                "tilt_deg": 35.0, "fat_sat": 0.3}}
 """Per-stage :func:`inference.omnimri.synthetic.make_case` options (the other stages: its
 defaults, the training layout, 2-3 mm in-plane, the fat/muscle marble neck). ``refine2``, a
 second cosine cycle from ``refine``, adds neck and face soft tissue of brain-like intensity
-(Colin27 with skull, a real head: the neck below the cerebellum read as brain)."""
+(Colin27 with skull, a real head: the neck below the cerebellum read as brain). ``refine3``, a
+third cycle, adds heads tilted up to 35 degrees (oblique series: dipy's ``aniso_vox``) and
+fat-suppressed contrasts (EPI, fat-saturated series)."""
 
 
 @dataclass
@@ -608,9 +616,9 @@ def _step_finetune(m: Modules, pool: CasePool, rng: np.random.Generator, step: i
 _STEP_FNS: dict[str, StepFn] = {"pretrain": _step_pretrain, "align": _step_align,
                                 "multimodal": _step_multimodal, "instruct": _step_instruct,
                                 "finetune": _step_finetune, "refine": _step_finetune,
-                                "refine2": _step_finetune}
+                                "refine2": _step_finetune, "refine3": _step_finetune}
 _LR = {"pretrain": 2e-3, "align": 1e-3, "multimodal": 2e-3, "instruct": 1e-3, "finetune": 1e-3,
-       "refine": 5e-4, "refine2": 5e-4}
+       "refine": 5e-4, "refine2": 5e-4, "refine3": 5e-4}
 
 
 def _ckpt(out: Path, stage: str) -> Path:
