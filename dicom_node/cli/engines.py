@@ -13,6 +13,9 @@
 * ``quantize MODEL``: write the INT8 QDQ variant (``1/model.int8.onnx``, calibrated on
   validation cases), run the accuracy check and declare the variant in ``model.yaml``; with
   ``--make-default`` it becomes the variant that runs, if it passed and is faster.
+  ``--auto-exclude`` keeps the most quantisation-sensitive nodes in float (ranked on
+  validation windows, as few as pass on validation cases; ``quantize.auto_exclude``) and
+  records them, and why, in the variant's ``quantisation``.
 """
 
 from __future__ import annotations
@@ -242,6 +245,19 @@ def register(app: typer.Typer) -> None:
         exclude_light: Annotated[bool, typer.Option(
             "--exclude-light", help="Keep stems, 1x1 heads and attention MatMuls in float.")]
         = False,
+        auto_exclude: Annotated[bool, typer.Option(
+            "--auto-exclude", help="Keep the most quantisation-sensitive nodes in float: the "
+            "fewest that pass the accuracy rule on validation cases (layer-wise sensitivity).")]
+        = False,
+        sensitivity_mode: Annotated[str, typer.Option(
+            help="--auto-exclude: quantise each node 'alone' or 'all-but-one' to rank it.")]
+        = "alone",
+        select_cases: Annotated[int, typer.Option(
+            help="--auto-exclude: validation cases (seed 1) that choose how many stay float.")]
+        = 6,
+        margin: Annotated[float, typer.Option(
+            help="--auto-exclude: fraction of the 0.005 tissue-Dice tolerance allowed on the "
+                 "validation cases (headroom for the held-out check).")] = 0.5,
         make_default: Annotated[bool, typer.Option(
             "--make-default", help="Run the variant by default if it passed and is faster.")]
         = False,
@@ -251,8 +267,19 @@ def register(app: typer.Typer) -> None:
 
         settings = load_or_exit(config)
         pkg = _resolve_package(model, settings)
-        path, info = quantize_package(pkg, cases=cases, every=every, method=method,
-                                      exclude_light=exclude_light)
+        if auto_exclude:
+            from inference.quantize import auto_exclude as search
+
+            path, info = search(pkg, cases=cases, every=every, method=method,
+                                mode=sensitivity_mode, select_cases=select_cases, margin=margin,
+                                threads=1, progress=lambda m: typer.echo(m, err=True))
+            found = info["auto_exclude"]
+            typer.echo(f"{found['k']} of {found['quantisable_nodes']} quantisable nodes stay "
+                       f"float: {', '.join(info['excluded_nodes']) or 'none'} "
+                       f"({info['seconds']} s)")
+        else:
+            path, info = quantize_package(pkg, cases=cases, every=every, method=method,
+                                          exclude_light=exclude_light)
         typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {info['seconds']} s, "
                    f"{info['calibration_windows']} validation windows)")
         add_variant(pkg.folder, "int8", INT8_FILE, "int8", quantisation=info, check=None,
