@@ -226,6 +226,45 @@ def soup_cmd(
     typer.echo(f"checkpoint: {make_soup(run)} (average of {', '.join(SOUP_OF)})")
 
 
+@train_app.command("embed")
+def embed_cmd(
+    run: Annotated[Path, typer.Option(help="Run folder with the checkpoint to add the head to.")
+                   ] = Path("training-runs/omnimri-tiny-seed0"),
+    source: Annotated[str, typer.Option(help="Checkpoint whose frozen vision model the head "
+                                             "reads (soup: the shipped weights).")] = "soup",
+    cases: Annotated[int | None, typer.Option(
+        help="Training cases (held-out-layout cases of set 0, as align-text; default 120).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps (default 600).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed of the head's training.")] = 0,
+    cache: Annotated[Path, typer.Option(
+        help="Folder caching the training cases' window features (per vision weights).")
+    ] = Path("/tmp/omnimri-embed-cache"),
+) -> None:
+    """Train the findings-aware embedding head on the frozen vision model: RUN/embed.pt.
+
+    Only the ``embedding`` output changes (every other output keeps its weights and values);
+    next: ``train export --run RUN --stage embed``, then ``train align-text`` on the package.
+    Cost: the window features of each training case (tens of seconds a case, cached), then
+    about a minute of training.
+    """
+    from inference.omnimri.embed_head import EmbedSettings, embed_run
+
+    s = EmbedSettings(seed=seed)
+    if cases is not None:
+        if cases < 2:
+            raise typer.BadParameter("at least 2", param_hint="--cases")
+        s.train_cases = cases
+    if steps:
+        s.steps = steps
+    try:
+        ck = embed_run(run, source, s, cache=cache, progress=_echo)
+    except FileNotFoundError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"checkpoint: {ck}; next: omnimri-node train export --run {run} --stage embed")
+
+
 @train_app.command("export")
 def export_cmd(
     run: Annotated[
@@ -239,7 +278,8 @@ def export_cmd(
     name: Annotated[str, typer.Option()] = "omnimri-tiny",
     version: Annotated[str, typer.Option()] = "1.0.0",
     stage: Annotated[str, typer.Option(help="Checkpoint to export: soup (the shipped weights, "
-                                             "made by 'train all' or 'train soup') or a stage.")
+                                             "made by 'train all' or 'train soup'), embed "
+                                             "(soup with 'train embed''s head) or a stage.")
                      ] = "soup",
 ) -> None:
     """Export a checkpoint to an ONNX model package (verified against PyTorch).

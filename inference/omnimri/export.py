@@ -246,6 +246,8 @@ def export_package(checkpoint: Path, out_dir: Path, *, name: str = "omnimri-tiny
         "stages": list(runs),
         "stage_runs": runs,
         **({"averaged_stages": list(st["of"])} if "of" in st else {}),
+        **({"embedding_head": f"findings ('train embed' on {st['embed_of']})"}
+           if "embed_of" in st else {}),
         "weights_sha256": weights_sha256(mods),
         "code_version": "inference.omnimri",
         "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from inference.omnimri.config import OmniMRIConfig
+from inference.omnimri.embed_head import FindingsHead, head_for_state
 from inference.omnimri.report_text import FACT_DIM, SLOTS, VOCAB
 
 
@@ -177,6 +178,16 @@ class OmniMRI(nn.Module):
         self.cls = nn.Sequential(nn.LayerNorm(2 * cfg.embed_dim), nn.Linear(2 * cfg.embed_dim,
                                                                              cfg.n_diagnosis))
         self.proj = nn.Linear(2 * cfg.embed_dim, cfg.align_dim)
+        # Optional findings-aware embedding head (``train embed``); None: ``proj`` as before.
+        self.findings: FindingsHead | None = None
+        self.register_load_state_dict_pre_hook(self._attach_findings)
+
+    def _attach_findings(self, module: nn.Module, state: dict[str, Tensor], prefix: str,
+                         *args: object) -> None:
+        """Loading a state with ``findings.*`` tensors adds a :class:`FindingsHead` first."""
+        if self.findings is None:
+            self.findings = head_for_state(state, f"{prefix}findings.", self.cfg.embed_dim,
+                                           self.cfg.align_dim)
 
     def pooled(self, tokens: Tensor) -> Tensor:
         """Mean and max pooled tokens ``[N, 2D]``."""
@@ -204,7 +215,12 @@ class OmniMRI(nn.Module):
         pooled = self.pooled(feats[3])
         if "diagnosis" in want:
             out["diagnosis"] = self.cls(pooled)
-        if "embedding" in want:
+        if "embedding" in want and self.findings is not None:  # frozen features, own head
+            seg = self.seg(feats) if "tissue" not in out else torch.cat(
+                [out["tissue"], out["lesion"]], 1)
+            t = self.cfg.n_tissue
+            out["embedding"] = self.findings(feats[3], seg[:, :t], seg[:, t:])
+        elif "embedding" in want:
             out["embedding"] = F.normalize(self.proj(pooled), dim=1)
         return out
 
