@@ -366,6 +366,11 @@ def node_sensitivity(
     return ranking
 
 
+SELECT_ON = ("tissue", "all")
+"""What a candidate must meet on the validation cases of :func:`auto_exclude`: the tissue
+Dice tolerance only, or the accuracy check's whole rule (also detections and diagnoses)."""
+
+
 def _exclusion_steps(n: int) -> Iterator[int]:
     """The doubling phase of the search: k = 0, 1, 2, 4, ... up to ``n``."""
     k = 0
@@ -487,18 +492,21 @@ def auto_exclude(
     every: int = 3, op_types: Sequence[str] = DEFAULT_OPS, method: str = "percentile",
     version: int | None = None, mode: str = "alone", sensitivity_cases: int = 2,
     sensitivity_every: int = 12, select_cases: int = 6, select_seed: int = 1,
-    margin: float = 0.5, output: str | None = None, threads: int = 1, progress: Any = None,
+    margin: float = 0.5, select_on: str = "tissue", output: str | None = None,
+    threads: int = 1, progress: Any = None,
 ) -> tuple[Path, dict[str, Any]]:
     """The INT8 variant of an OmniMRI package with its most sensitive nodes kept float.
 
     :func:`mixed_precision` on validation data only: calibrated on ``cases`` validation cases
     of ``seed`` (every ``every``-th window), nodes ranked on the tissue probabilities of
     ``sensitivity_cases`` of them (every ``sensitivity_every``-th window), and a candidate
-    passes when it meets the accuracy check's rule (:func:`_compare`) through the served path
-    on ``select_cases`` validation cases of set ``select_seed`` (not the calibration cases)
-    with a tissue-Dice tolerance of ``margin`` × :data:`TISSUE_DICE_TOLERANCE` (headroom for
-    the held-out check). Held-out cases stay for :func:`accuracy_check`, which the caller runs
-    once on the result.
+    passes when, through the served path on ``select_cases`` validation cases of set
+    ``select_seed`` (not the calibration cases), every tissue class's mean Dice moves by at
+    most ``margin`` × :data:`TISSUE_DICE_TOLERANCE` (headroom for the held-out check) and,
+    with ``select_on="all"``, every case also has the same detections and diagnosis (the
+    accuracy check's whole rule, :func:`_compare`); with ``"tissue"`` those are recorded, not
+    required. Held-out cases stay for :func:`accuracy_check`, which the caller runs once on
+    the result and which requires all three.
 
     Returns:
         ``(path, info)``: :func:`quantize_package`'s info (``excluded_nodes`` the top k) with
@@ -509,6 +517,8 @@ def auto_exclude(
     from inference.omnimri.calibrate import validation_case
     from inference.omnimri.evaluate import ServedModel
 
+    if select_on not in SELECT_ON:
+        raise ValueError(f"unknown select_on {select_on!r}; one of {', '.join(SELECT_ON)}")
     t0 = time.perf_counter()
     out_path = Path(out_path or package.file(INT8_FILE, version))
     seg = [o for o in package.spec.outputs if o.kind == "segmentation"]
@@ -536,6 +546,8 @@ def auto_exclude(
         finally:
             var.close()
         res = _compare(ref_out, got, "int8", tolerance)
+        if select_on == "tissue":
+            res["passed"] = res["tissue_dice_max_mean_delta"] <= tolerance
         return {k: res[k] for k in ("passed", "tissue_dice_max_mean_delta",
                                     "same_detections_cases", "same_diagnosis_cases")}
 
@@ -546,11 +558,12 @@ def auto_exclude(
     auto = found["auto_exclude"]
     auto.update({
         "rule": (f"the k most sensitive of {auto['quantisable_nodes']} quantisable nodes stay "
-                 f"float; k the smallest whose variant passes the accuracy-check rule (tissue "
-                 f"Dice within {tolerance:g}, same detections and diagnoses) on "
-                 f"{select_cases} validation cases of seed {select_seed}"),
-        "sensitivity_cases": sensitivity_cases, "select_cases": select_cases,
-        "select_seed": select_seed, "margin": margin})
+                 f"float; k the smallest whose variant keeps every tissue class's mean Dice "
+                 f"within {tolerance:g}"
+                 + (", the same detections and the same diagnoses" if select_on == "all"
+                    else "") + f" on {select_cases} validation cases of seed {select_seed}"),
+        "select_on": select_on, "sensitivity_cases": sensitivity_cases,
+        "select_cases": select_cases, "select_seed": select_seed, "margin": margin})
     info: dict[str, Any] = {
         "format": "QDQ", "weights": "int8 per-channel symmetric",
         "activations": "uint8 per-tensor asymmetric", "op_types": list(op_types),

@@ -258,6 +258,10 @@ def register(app: typer.Typer) -> None:
         margin: Annotated[float, typer.Option(
             help="--auto-exclude: fraction of the 0.005 tissue-Dice tolerance allowed on the "
                  "validation cases (headroom for the held-out check).")] = 0.5,
+        select_on: Annotated[str, typer.Option(
+            help="--auto-exclude: what a candidate must meet on the validation cases: "
+                 "'tissue' (Dice) or 'all' (also the same detections and diagnoses).")]
+        = "tissue",
         make_default: Annotated[bool, typer.Option(
             "--make-default", help="Run the variant by default if it passed and is faster.")]
         = False,
@@ -272,7 +276,8 @@ def register(app: typer.Typer) -> None:
 
             path, info = search(pkg, cases=cases, every=every, method=method,
                                 mode=sensitivity_mode, select_cases=select_cases, margin=margin,
-                                threads=1, progress=lambda m: typer.echo(m, err=True))
+                                select_on=select_on, threads=1,
+                                progress=lambda m: typer.echo(m, err=True))
             found = info["auto_exclude"]
             typer.echo(f"{found['k']} of {found['quantisable_nodes']} quantisable nodes stay "
                        f"float: {', '.join(info['excluded_nodes']) or 'none'} "
