@@ -408,7 +408,7 @@ def mixed_precision(
     windows: Sequence[npt.NDArray[np.generic]], input_name: str, output: str,
     passes: Callable[[Path], dict[str, Any]], *, op_types: Sequence[str] = DEFAULT_OPS,
     method: str = "percentile", mode: str = "alone", activation: str = "softmax",
-    threads: int = 1, progress: Any = None,
+    threads: int = 1, calibration_cache: Path | None = None, progress: Any = None,
 ) -> dict[str, Any]:
     """Quantise ``model_path`` keeping its most sensitive nodes float, as few as ``passes``.
 
@@ -436,6 +436,8 @@ def mixed_precision(
         mode: :data:`SENSITIVITY_MODES`.
         activation: ``output``'s activation.
         threads: ORT intra-op threads of the sensitivity runs.
+        calibration_cache: Keep the calibration ranges in this file: read when it exists
+            (``calibration`` is then not run), written otherwise; ``None``: a temporary file.
         progress: Called with a line per step.
 
     Returns:
@@ -450,12 +452,25 @@ def mixed_precision(
     out_path = Path(out_path).resolve()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        pre, cache, candidate = tmp / "pre.onnx", tmp / "calibration.json", tmp / "k.onnx"
+        pre, candidate = tmp / "pre.onnx", tmp / "k.onnx"
+        cache = calibration_cache or tmp / "calibration.json"
+        cached = cache.is_file()
         _preprocess(Path(model_path).resolve(), pre)
-        _quantize_static(pre, candidate, _Reader(input_name, calibration), op_types=op_types,
-                         method=method, calibration_cache=cache)
+        try:
+            _quantize_static(pre, candidate, _Reader(input_name, calibration),
+                             op_types=op_types, method=method, calibration_cache=cache)
+        except (OSError, ValueError) as err:  # a damaged or unwritable cache: calibrate afresh
+            _log.warning("calibration cache unusable; calibrating", error=str(err))
+            with contextlib.suppress(OSError):
+                cache.unlink(missing_ok=True)
+            if not cached or cache.exists():  # unwritable, or undeletable: a temporary file
+                cache = tmp / "calibration.json"
+            cached = False
+            _quantize_static(pre, candidate, _Reader(input_name, calibration),
+                             op_types=op_types, method=method, calibration_cache=cache)
         t_calib = time.perf_counter() - t0
-        say(f"calibrated on {len(calibration)} windows ({t_calib:.0f} s)")
+        say(f"{'calibration ranges from ' + cache.name if cached else 'calibrated'} on "
+            f"{len(calibration)} windows ({t_calib:.0f} s)")
         ranking = node_sensitivity(pre, windows, input_name, output, calibration_cache=cache,
                                    op_types=op_types, method=method, mode=mode,
                                    activation=activation, threads=threads, progress=say)
@@ -481,10 +496,34 @@ def mixed_precision(
             "sensitivity_windows": len(windows), "k": k, "quantisable_nodes": len(ranking),
             "float_nodes": ranking[:k], "next_most_sensitive": ranking[k:k + 5],
             "tried": [tried[j] for j in sorted(tried)],
+            "calibration_cache": "read" if cached else "computed",
             "seconds": {"calibration": round(t_calib, 1), "sensitivity": round(t_sens, 1),
                         "selection": round(time.perf_counter() - t0 - t_calib - t_sens, 1)},
         },
     }
+
+
+def _calibration_cache_path(package: ModelPackage, version: int | None, method: str,
+                            op_types: Sequence[str], cases: int, seed: int, every: int
+                            ) -> Path | None:
+    """Where :func:`auto_exclude` keeps a package's calibration ranges (``ort_cache``).
+
+    Keyed by the graph's SHA-256, the ORT version and every calibration setting, so a new
+    model or setting never reads stale ranges; ``None`` when the folder is not writable.
+    """
+    import hashlib
+
+    import onnxruntime as ort
+
+    folder = package.ort_cache_dir(version)
+    digest = hashlib.sha256(package.onnx_path(version).read_bytes()).hexdigest()[:12]
+    ops = "-".join(sorted(op_types)).lower()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return folder / (f"calibration.{digest}.ort{ort.__version__}.{method}.{ops}."
+                     f"c{cases}s{seed}e{every}.json")
 
 
 def auto_exclude(
@@ -554,6 +593,8 @@ def auto_exclude(
     found = mixed_precision(package.onnx_path(version), out_path, calib, windows,
                             package.spec.input.name, spec_out.name, passes, op_types=op_types,
                             method=method, mode=mode, activation=activation, threads=threads,
+                            calibration_cache=_calibration_cache_path(
+                                package, version, method, op_types, cases, seed, every),
                             progress=progress)
     auto = found["auto_exclude"]
     auto.update({

@@ -114,10 +114,25 @@ def test_mixed_precision_keeps_the_fragile_conv_float_and_records_why(
         agree = float(np.mean(got.argmax(1) == want))
         return {"passed": agree >= 0.99, "argmax_agreement": round(agree, 4)}
 
-    out = tmp_path / INT8_FILE
+    out, cal = tmp_path / INT8_FILE, tmp_path / "calibration.json"
     info = mixed_precision(graph, out, _windows(16, 1), _windows(8, 2), "image", "tissue",
-                           passes, op_types=OPS, method="minmax")
+                           passes, op_types=OPS, method="minmax", calibration_cache=cal)
     auto = info["auto_exclude"]
+    assert cal.is_file() and auto["calibration_cache"] == "computed"
+    # a second search reads the ranges (no calibration data given) and chooses the same
+    again = mixed_precision(graph, tmp_path / "again.onnx", [], _windows(8, 2), "image",
+                            "tissue", passes, op_types=OPS, method="minmax",
+                            calibration_cache=cal)
+    assert again["auto_exclude"]["calibration_cache"] == "read"
+    assert again["excluded_nodes"] == info["excluded_nodes"]
+    assert (tmp_path / "again.onnx").read_bytes() == out.read_bytes()
+    cal.write_text("not json")  # a damaged cache is recomputed, not fatal
+    third = mixed_precision(graph, tmp_path / "third.onnx", _windows(16, 1), _windows(8, 2),
+                            "image", "tissue", passes, op_types=OPS, method="minmax",
+                            calibration_cache=cal)
+    assert third["excluded_nodes"] == ["conv_fragile"]
+    assert third["auto_exclude"]["calibration_cache"] == "computed"
+    assert cal.read_text().startswith("{")  # and written again
     assert info["excluded_nodes"] == ["conv_fragile"] and auto["k"] == 1
     assert [t["k"] for t in auto["tried"]] == [0, 1]
     assert not auto["tried"][0]["passed"] and auto["tried"][1]["passed"]
