@@ -806,8 +806,8 @@ def accuracy_check(
             ref_out.append(_outcome(ref, case, instr))
             var_out.append(_outcome(var, case, instr))
             if progress:
-                progress(f"case {n + 1}/{cases}: "
-                         f"{_compare(ref_out[-1:], var_out[-1:], variant)['per_case'][0]}")
+                row = _compare(ref_out[-1:], var_out[-1:], variant)["per_case"][0]
+                progress(f"case {n + 1}/{cases}: {dict(row, case=n)}")
     finally:
         ref.close()
         var.close()
