@@ -156,3 +156,41 @@ def test_mixed_precision_keeps_the_fragile_conv_float_and_records_why(
     assert entry.quantisation["excluded_nodes"] == ["conv_fragile"]
     assert entry.quantisation["auto_exclude"]["float_nodes"][0]["score"] > 0
     assert loaded.spec.variant == "fp32"
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "omnimri-tiny"
+
+
+@pytest.mark.slow
+def test_auto_exclude_on_the_shipped_model(tmp_path: Path) -> None:
+    """The OmniMRI search on a copy, shrunk (1 calibration case, 1 selection case)."""
+    from inference.quantize import auto_exclude
+
+    shutil.copytree(SHIPPED, tmp_path / "pkg", ignore=shutil.ignore_patterns("ort_cache"))
+    pkg = ModelPackage.load(tmp_path / "pkg")
+    path, info = auto_exclude(pkg, cases=1, every=10, sensitivity_cases=1,
+                              sensitivity_every=40, select_cases=1)
+    auto = info["auto_exclude"]
+    assert path == pkg.file(INT8_FILE) and info["calibration_set"] == "validation"
+    assert auto["select_seed"] != info["calibration_seed"] and auto["select_on"] == "tissue"
+    k = auto["k"]
+    assert info["excluded_nodes"] == [r["node"] for r in auto["float_nodes"]] and len(
+        info["excluded_nodes"]) == k <= auto["quantisable_nodes"]
+    scores = [r["score"] for r in auto["float_nodes"] + auto["next_most_sensitive"]]
+    assert scores == sorted(scores, reverse=True)
+    tried = {t["k"]: t["passed"] for t in auto["tried"]}
+    assert not any(p for j, p in tried.items() if j < k)  # the smallest that passed
+    assert k == auto["quantisable_nodes"] or tried[k]
+    assert auto["calibration_cache"] == "computed"
+    assert [p.name for p in pkg.ort_cache_dir().glob("calibration.*.json")]
+    model = onnx.load(str(path))
+    inits = {i.name for i in model.graph.initializer}
+    by_name = {n.name: n for n in model.graph.node}
+    for name in info["excluded_nodes"]:
+        if by_name[name].op_type == "Conv":
+            assert by_name[name].input[1] in inits  # float weight, no DequantizeLinear
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) > 0
+    add_variant(pkg.folder, "int8", INT8_FILE, "int8", quantisation=info, check=None,
+                make_default=False)
+    entry = ModelPackage.load(pkg.folder).spec.variants[0]
+    assert entry.quantisation["auto_exclude"]["k"] == k
