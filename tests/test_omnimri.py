@@ -135,24 +135,24 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_the_soup_is_the_mean_of_finetune_refine_and_refine2(tiny_run: Path) -> None:
+def test_the_soup_is_the_mean_of_finetune_refine_refine2_and_refine3(tiny_run: Path) -> None:
     import torch
 
     from inference.omnimri.train import SOUP_OF
 
-    assert SOUP_OF == ("finetune", "refine", "refine2")
-    a, b, c, soup = (torch.load(tiny_run / f"{k}.pt", weights_only=False)["modules"]
-                     for k in (*SOUP_OF, "soup"))
-    w = 1.0 / 3.0
+    assert SOUP_OF == ("finetune", "refine", "refine2", "refine3")
+    a, b, c, d, soup = (torch.load(tiny_run / f"{k}.pt", weights_only=False)["modules"]
+                        for k in (*SOUP_OF, "soup"))
+    w = 1.0 / 4.0
     differs = 0
     for group, tensors in soup.items():
         for name, t in tensors.items():
-            ta, tb, tc = a[group][name], b[group][name], c[group][name]
+            ta, tb, tc, td = a[group][name], b[group][name], c[group][name], d[group][name]
             if t.is_floating_point():
-                assert torch.equal(t, ta * w + tb * w + tc * w), f"{group}.{name}"
-                differs += int(not torch.equal(t, tc))
+                assert torch.equal(t, ta * w + tb * w + tc * w + td * w), f"{group}.{name}"
+                differs += int(not torch.equal(t, td))
             else:
-                assert torch.equal(t, tc)
+                assert torch.equal(t, td)
     assert differs > 0  # the stages' weights differ, so the soup is none of them
 
 

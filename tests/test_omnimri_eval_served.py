@@ -127,3 +127,17 @@ def test_training_layout_is_the_same_case_with_lesions_elsewhere(served: E.Serve
     assert rep.layout == "training" and "a diagnostic" in "\n".join(rep.lines())
     with pytest.raises(ValueError, match="different lesion layouts"):
         E.merge_reports([rep, E.evaluate(served, 1, seed=5, recon_cases=0)])
+
+
+def test_calibration_breaks_ties_towards_fewer_false_positives_then_higher_thresholds() -> None:
+    """Equal CSI: fewer false positives win, then the higher threshold, then the larger size."""
+    from inference.omnimri.calibrate import detection_key
+
+    def row(thr: float, mn: float, csi: float, fp: float) -> dict[str, float]:
+        return {"threshold": thr, "min_lesion_mm3": mn, "csi": csi, "fp_per_volume": fp}
+
+    grid = [row(0.7, 128, 10 / 18, 0.17), row(0.8, 64, 10 / 18, 0.17),
+            row(0.8, 128, 10 / 18, 0.17), row(0.5, 128, 10 / 18, 0.08), row(0.9, 128, 0.5, 0.0)]
+    assert max(grid, key=detection_key) == grid[3]  # same CSI, fewer false positives
+    del grid[3]
+    assert max(grid, key=detection_key) == grid[2]  # then the higher threshold, larger size

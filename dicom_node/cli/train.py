@@ -216,7 +216,7 @@ def soup_cmd(
     run: Annotated[Path, typer.Option(help="Run folder with the finished stages.")
                    ] = Path("training-runs/omnimri-tiny-seed0"),
 ) -> None:
-    """Average the finetune, refine and refine2 weights into soup.pt (the end of 'train all')."""
+    """Average the finetune, refine, refine2 and refine3 weights into soup.pt ('train all')."""
     from inference.omnimri.train import SOUP_OF, make_soup
 
     missing = [k for k in SOUP_OF if not (run / f"{k}.pt").is_file()]

@@ -20,7 +20,10 @@ Sources (``SOURCES``; a missing optional package skips its scans, said so in the
   et al. 1998), one real adult's T1 **with scalp, skull, face and the top of the neck**
   (27 scans averaged, 1 mm, 181x217x181), and ``ch2better.nii.gz``, the same head at 0.5 mm;
   ``ch2bet.nii.gz`` is its brain extracted by FSL BET, against which the model's Brain segment
-  is scored (Dice; BET's mask is a reference, not ground truth: it keeps some sulcal CSF).
+  is scored (Dice; BET's mask is a reference, not ground truth: it keeps some sulcal CSF);
+* the same Colin27 head **pitched 20 degrees** on the same axial grid (resampled, linear; BET's
+  mask pitched with it): a head tilted in the coil, whose slices stay oblique to the anatomy
+  after the node's reorientation to the nearest axes (it does not rotate).
 
 Looked at and left out: ``pydicom-data``'s ``emri_small.dcm`` (Enhanced MR, a 64x64 sagittal
 crop of a head) carries no geometry at all, and the volume builder refuses it by name;
@@ -113,6 +116,46 @@ def colin27_brain_mask() -> npt.NDArray[np.bool_]:
     return out
 
 
+COLIN27_PITCH_DEG = 20.0
+"""Pitch of the tilted Colin27 source (degrees, about the left-right axis)."""
+
+
+def _pitched(array: npt.NDArray[np.floating], degrees: float, order: int) -> npt.NDArray[Any]:
+    """``array`` ``[k, j, i]`` rotated by ``degrees`` in the k-j (sagittal) plane about its centre.
+
+    The grid stays axial: the head, not the scanner, is tilted (a patient lying with the head
+    tilted in the coil), so the node's reorientation to the nearest axes leaves the slices oblique
+    to the anatomy, as in many clinical series.
+    """
+    from scipy import ndimage
+
+    a = np.deg2rad(degrees)
+    rot = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    centre = (np.array(array.shape, np.float64) - 1) / 2.0
+    out: npt.NDArray[Any] = ndimage.affine_transform(array, rot, offset=centre - rot @ centre,
+                                                     order=order, mode="constant", cval=0.0)
+    return out
+
+
+def colin27_pitched() -> Any:
+    """Colin27 (``ch2.nii.gz``, 1 mm, with skull), the head pitched on the same axial grid.
+
+    By :data:`COLIN27_PITCH_DEG` (linear interpolation).
+    """
+    from inference.volume import Volume
+
+    vol = colin27()
+    arr = _pitched(vol.array, COLIN27_PITCH_DEG, 1).astype(np.float32)
+    return Volume(arr, vol.affine, vol.slices, metadata=dict(vol.metadata))
+
+
+def colin27_pitched_brain_mask() -> npt.NDArray[np.bool_]:
+    """BET's brain of Colin27 pitched as :func:`colin27_pitched` (nearest neighbour)."""
+    out: npt.NDArray[np.bool_] = _pitched(colin27_brain_mask().astype(np.uint8),
+                                          COLIN27_PITCH_DEG, 0) > 0
+    return out
+
+
 def mni_brain_series(folder: Path) -> Any:
     """The MNI152 template written as a 1 mm DICOM series into ``folder``, read back."""
     from inference.volume import build_volume
@@ -145,6 +188,8 @@ SOURCES: tuple[Source, ...] = (
            lambda _: colin27("ch2.nii.gz"), colin27_brain_mask),
     Source("Colin27 ch2better.nii.gz (T1 with skull; 0.5 mm)", True,
            lambda _: colin27("ch2better.nii.gz")),
+    Source(f"Colin27 pitched {COLIN27_PITCH_DEG:.0f} degrees (ch2.nii.gz resampled; axial)", True,
+           lambda _: colin27_pitched(), colin27_pitched_brain_mask),
 )
 
 
