@@ -176,6 +176,8 @@ def _quantize_static(
 
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                "entropy": CalibrationMethod.Entropy}
+    # ``calibration_cache_path`` is recent (ORT 1.31 has it, 1.24 not): passed only when asked
+    cache = {"calibration_cache_path": str(calibration_cache)} if calibration_cache else {}
     with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
         quantize_static(
             str(pre), str(out_path), reader,
@@ -183,9 +185,9 @@ def _quantize_static(
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             op_types_to_quantize=list(op_types), nodes_to_exclude=list(exclude_nodes),
             nodes_to_quantize=list(only_nodes), calibrate_method=methods[method],
-            calibration_cache_path=str(calibration_cache) if calibration_cache else None,
             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
                            "CalibPercentile": 99.999},
+            **cache,
         )
 
 
@@ -445,8 +447,17 @@ def mixed_precision(
         float with its sensitivity, the next most sensitive, each k tried with its numbers and
         the seconds of each phase.
     """
+    import inspect
+
+    import onnxruntime as ort
+    from onnxruntime.quantization import quantize_static
+
     if method not in _METHODS:
         raise ValueError(f"unknown calibration method {method!r}; one of {', '.join(_METHODS)}")
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        raise RuntimeError(f"the sensitivity search needs an onnxruntime whose quantize_static "
+                           f"reuses calibration ranges (calibration_cache_path; 1.31 has it), "
+                           f"not {ort.__version__}")
     t0 = time.perf_counter()
     say = progress or (lambda _m: None)
     out_path = Path(out_path).resolve()
@@ -558,6 +569,11 @@ def auto_exclude(
 
     if select_on not in SELECT_ON:
         raise ValueError(f"unknown select_on {select_on!r}; one of {', '.join(SELECT_ON)}")
+    if mode not in SENSITIVITY_MODES:
+        raise ValueError(f"unknown sensitivity mode {mode!r}; one of "
+                         f"{', '.join(SENSITIVITY_MODES)}")
+    if method not in _METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; one of {', '.join(_METHODS)}")
     t0 = time.perf_counter()
     out_path = Path(out_path or package.file(INT8_FILE, version))
     seg = [o for o in package.spec.outputs if o.kind == "segmentation"]

@@ -274,10 +274,14 @@ def register(app: typer.Typer) -> None:
         if auto_exclude:
             from inference.quantize import auto_exclude as search
 
-            path, info = search(pkg, cases=cases, every=every, method=method,
-                                mode=sensitivity_mode, select_cases=select_cases, margin=margin,
-                                select_on=select_on, threads=1,
-                                progress=lambda m: typer.echo(m, err=True))
+            try:
+                path, info = search(pkg, cases=cases, every=every, method=method,
+                                    mode=sensitivity_mode, select_cases=select_cases,
+                                    margin=margin, select_on=select_on, threads=1,
+                                    progress=lambda m: typer.echo(m, err=True))
+            except (RuntimeError, ValueError) as err:
+                typer.echo(f"cannot search for float nodes: {err}", err=True)
+                raise typer.Exit(EXIT_UNAVAILABLE) from None
             found = info["auto_exclude"]
             typer.echo(f"{found['k']} of {found['quantisable_nodes']} quantisable nodes stay "
                        f"float: {', '.join(info['excluded_nodes']) or 'none'} "
