@@ -63,7 +63,7 @@ bench: install-test
 ## passes its accuracy check).
 MODEL_RUN ?= training-runs/omnimri-tiny-seed0
 MODEL_OUT ?= models/omnimri-tiny
-MODEL_VERSION ?= 3.4.0
+MODEL_VERSION ?= 3.5.0
 model:
 	$(PIP) install -q -e '.[train]'
 	omnimri-node train all --seed 0 --out $(MODEL_RUN) --model $(MODEL_OUT)
@@ -71,4 +71,4 @@ model:
 	omnimri-node train calibrate --model $(MODEL_OUT)
 	omnimri-node eval --model $(MODEL_OUT) --cases 30 --seed 1 --recon-cases 2 --baselines --write-metrics --json $(MODEL_RUN)/eval-seed1.json
 	omnimri-node eval --model $(MODEL_OUT) --cases 30 --seed 2 --recon-cases 2 --baselines --json $(MODEL_RUN)/eval-seed2.json
-	omnimri-node engines quantize $(MODEL_OUT) --cases 4 --check 6 --make-default
+	omnimri-node engines quantize $(MODEL_OUT) --check 6 --auto-exclude --make-default
