@@ -373,6 +373,28 @@ def pad_to_patch(array: Array, spec: InputSpec) -> Array:
     return np.pad(array, pad, mode="constant", constant_values=0.0)
 
 
+@dataclass(frozen=True)
+class WindowedImage:
+    """A source volume as the engine sees it: prepared, padded to a patch, and its windows."""
+
+    prepared: PreparedImage
+    padded: Array
+    """:func:`pad_to_patch` of ``prepared.array``."""
+    windows: list[Window]
+    """:func:`sliding_windows` of the model grid."""
+
+
+def windowed(array: Array, affine: npt.NDArray[np.float64], spec: InputSpec) -> WindowedImage:
+    """:func:`prepare`, :func:`pad_to_patch` and :func:`sliding_windows` of a source volume.
+
+    The one sequence that turns a ``[K, J, I]`` volume (affine in LPS mm) into engine windows,
+    shared by the runner, the INT8 calibration and the embedding head's training features.
+    """
+    prepared = prepare(array, affine, spec)
+    return WindowedImage(prepared, pad_to_patch(prepared.array, spec),
+                         sliding_windows(prepared.transform.model_shape, spec))
+
+
 def extract_batch(padded: Array, windows: list[Window], spec: InputSpec) -> npt.NDArray[np.generic]:
     """Stack patches into the network's input tensor (``NCDHW`` or ``NCHW``), in ``spec.dtype``."""
     if spec.layout == "NCDHW":

@@ -33,7 +33,7 @@ import yaml
 from pydantic import ValidationError
 
 from inference.package import SPEC_FILE, InputSpec, ModelPackage, ModelSpec
-from inference.preprocess import extract_batch, pad_to_patch, prepare, sliding_windows
+from inference.preprocess import extract_batch, windowed
 
 _log = structlog.get_logger(__name__)
 
@@ -66,11 +66,10 @@ def window_tensors(array: npt.NDArray[np.float32], affine: npt.NDArray[np.float6
     Yields:
         ``[1, C, ...]`` tensors in ``spec.dtype``.
     """
-    prepared = prepare(array, affine, spec)
-    padded = pad_to_patch(prepared.array, spec)
-    for n, w in enumerate(sliding_windows(prepared.transform.model_shape, spec)):
+    win = windowed(array, affine, spec)
+    for n, w in enumerate(win.windows):
         if n % every == 0:
-            yield extract_batch(padded, [w], spec)
+            yield extract_batch(win.padded, [w], spec)
 
 
 def validation_inputs(package: ModelPackage, cases: int = 6, *, seed: int = 0, every: int = 3

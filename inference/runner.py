@@ -51,9 +51,7 @@ from inference.preprocess import (
     batches,
     extract_batch,
     gaussian_importance,
-    pad_to_patch,
-    prepare,
-    sliding_windows,
+    windowed,
 )
 from inference.volume import Volume
 
@@ -267,10 +265,9 @@ def run_model(
         )
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    prepared = prepare(volume.array, volume.affine, spec.input)
+    win = windowed(volume.array, volume.affine, spec.input)
+    prepared, padded, windows = win.prepared, win.padded, win.windows
     t = prepared.transform
-    padded = pad_to_patch(prepared.array, spec.input)
-    windows = sliding_windows(t.model_shape, spec.input)
     timings["preprocess"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

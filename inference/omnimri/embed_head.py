@@ -189,19 +189,17 @@ def case_windows(model: Any, spec: Any, case: Any, batch: int = 8) -> CaseFeatur
     """
     from inference.omnimri import retrieval as rv
     from inference.omnimri.evaluate import case_volume
-    from inference.preprocess import extract_batch, pad_to_patch, prepare, sliding_windows
+    from inference.preprocess import batches, extract_batch, windowed
     from inference.runner import EmbeddingPool
 
     vol = case_volume(case)
-    prepared = prepare(vol.array, vol.affine, spec.input)
-    padded = pad_to_patch(prepared.array, spec.input)
-    windows = sliding_windows(prepared.transform.model_shape, spec.input)
+    win = windowed(vol.array, vol.affine, spec.input)
     pool = EmbeddingPool(spec.output("embedding"), spec.input.context_slices)
     toks, brains, less, wts = [], [], [], []
     model.eval()
     with torch.no_grad():
-        for s in range(0, len(windows), batch):
-            x = extract_batch(padded, windows[s : s + batch], spec.input)
+        for group in batches(win.windows, batch):
+            x = extract_batch(win.padded, group, spec.input)
             feats = model.encoder(torch.from_numpy(np.asarray(x, np.float32)))
             seg = model.seg(feats)
             tissue = seg[:, : model.cfg.n_tissue]
