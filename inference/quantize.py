@@ -33,6 +33,7 @@ import yaml
 from pydantic import ValidationError
 
 from inference.package import SPEC_FILE, InputSpec, ModelPackage, ModelSpec
+from inference.postprocess import activate
 from inference.preprocess import extract_batch, windowed
 
 _log = structlog.get_logger(__name__)
@@ -260,17 +261,6 @@ its own error), or quantise **all but one** (the error it removes from the fully
 graph). One quantised graph and one run over the windows per node either way."""
 
 
-def _activate(x: npt.NDArray[np.floating], activation: str) -> npt.NDArray[np.float64]:
-    """A segmentation output's probabilities (channel axis 1)."""
-    x = np.asarray(x, np.float64)
-    if activation == "softmax":
-        e = np.exp(x - x.max(axis=1, keepdims=True))
-        return np.asarray(e / e.sum(axis=1, keepdims=True))
-    if activation == "sigmoid":
-        return np.asarray(1.0 / (1.0 + np.exp(-x)))
-    return np.asarray(x, np.float64)
-
-
 def quantisable_nodes(model_path: Path, op_types: Sequence[str] = DEFAULT_OPS
                       ) -> list[tuple[str, str]]:
     """``(name, op_type)`` of the nodes of ``model_path`` the quantiser would quantise.
@@ -296,7 +286,7 @@ def _run_windows(path: Path, inputs: Sequence[npt.NDArray[np.generic]], input_na
                                 providers=["CPUExecutionProvider"])
     outs = [sess.run([output], {input_name: np.concatenate(inputs[i:i + batch])})[0]
             for i in range(0, len(inputs), batch)]
-    return _activate(np.concatenate(outs), activation)
+    return activate(np.concatenate(outs), activation, axis=1).astype(np.float64)
 
 
 def node_sensitivity(
